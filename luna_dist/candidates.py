@@ -1,0 +1,217 @@
+"""The candidate table: parse and validate the LUNA16 CSVs, join them, assign folds.
+
+`candidates.csv` lists every point to classify (one sample each); `annotations.csv`
+gives the true nodules with their diameters; `annotations_with_malignancy.csv` (the
+LIDC-derived table, optional) adds `mal_bool`. Columns are found by header name, so
+extra columns are fine. A row that cannot be parsed is reported with its file and
+line and left out; the caller decides whether that is fatal.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+N_FOLDS = 10
+"""LUNA16 ships ten subsets; a fold is one subset, so 10-fold cross-validation needs no re-sharding."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    row: int  # 0-based data row in candidates.csv (file line - 2): stable whatever is filtered out
+    series_uid: str
+    center_xyz: tuple[float, float, float]  # mm, patient space
+    is_nodule: bool
+    diameter_mm: float = 0.0  # 0 where unknown or not a nodule
+    is_malignant: bool | None = None  # None where unknown or not a nodule
+
+
+@dataclass(frozen=True)
+class Annotation:
+    series_uid: str
+    center_xyz: tuple[float, float, float]
+    diameter_mm: float
+    is_malignant: bool | None = None
+
+
+@dataclass(frozen=True)
+class BadRow:
+    path: str
+    line: int  # 1-based line in the file, the header being line 1
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.problem}"
+
+
+class CsvError(ValueError):
+    """A CSV that cannot be used at all (missing, or missing a required column)."""
+
+
+_TRUE = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _read_rows(path: Path, required: tuple[str, ...]):
+    """Yield (line number, dict row) for each data row, checking the header first."""
+    path = Path(path)
+    if not path.is_file():
+        raise CsvError(f"{path}: file not found")
+    with path.open(newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise CsvError(f"{path}: empty file, expected a header with {', '.join(required)}")
+        header = [name.strip() for name in header]
+        missing = [name for name in required if name not in header]
+        if missing:
+            raise CsvError(f"{path}:1: header lacks column(s) {', '.join(missing)}; found {', '.join(header)}")
+        for fields in reader:
+            if not fields or all(not field.strip() for field in fields):
+                continue
+            yield reader.line_num, header, fields
+
+
+def _parse(header: list[str], fields: list[str]) -> dict:
+    """Fields by header name, with the centre checked and parsed into `xyz`."""
+    if len(fields) != len(header):
+        raise ValueError(f"expected {len(header)} fields, found {len(fields)}: {','.join(fields)!r}")
+    row = dict(zip(header, (field.strip() for field in fields)))
+    if not row["seriesuid"]:
+        raise ValueError("empty seriesuid")
+    xyz = []
+    for name in ("coordX", "coordY", "coordZ"):
+        try:
+            value = float(row[name])
+        except ValueError:
+            raise ValueError(f"{name} is not a number: {row[name]!r}") from None
+        if not math.isfinite(value):
+            raise ValueError(f"{name} is not finite: {row[name]!r}")
+        xyz.append(value)
+    row["xyz"] = tuple(xyz)
+    return row
+
+
+def read_candidates(path: Path) -> tuple[list[Candidate], list[BadRow]]:
+    """Parse `candidates.csv` (seriesuid, coordX, coordY, coordZ, class)."""
+    required = ("seriesuid", "coordX", "coordY", "coordZ", "class")
+    candidates, bad = [], []
+    for line, header, fields in _read_rows(path, required):
+        try:
+            row = _parse(header, fields)
+            if row["class"] not in ("0", "1"):
+                raise ValueError(f"class must be 0 or 1, found {row['class']!r}")
+        except ValueError as err:
+            bad.append(BadRow(str(path), line, str(err)))
+            continue
+        candidates.append(Candidate(line - 2, row["seriesuid"], row["xyz"], row["class"] == "1"))
+    return candidates, bad
+
+
+def read_annotations(path: Path) -> tuple[list[Annotation], list[BadRow]]:
+    """Parse `annotations.csv`, or the malignancy table when it has a `mal_bool` column."""
+    required = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
+    annotations, bad = [], []
+    for line, header, fields in _read_rows(path, required):
+        try:
+            row = _parse(header, fields)
+            try:
+                diameter = float(row["diameter_mm"])
+            except ValueError:
+                raise ValueError(f"diameter_mm is not a number: {row['diameter_mm']!r}") from None
+            if not (diameter > 0 and math.isfinite(diameter)):
+                raise ValueError(f"diameter_mm must be positive, found {row['diameter_mm']!r}")
+            malignant = None
+            if "mal_bool" in row:
+                if row["mal_bool"].lower() not in _TRUE:
+                    raise ValueError(f"mal_bool must be True or False, found {row['mal_bool']!r}")
+                malignant = _TRUE[row["mal_bool"].lower()]
+        except ValueError as err:
+            bad.append(BadRow(str(path), line, str(err)))
+            continue
+        annotations.append(Annotation(row["seriesuid"], row["xyz"], diameter, malignant))
+    return annotations, bad
+
+
+def _nearest_within_radius(center_xyz: tuple[float, float, float], annotations: list[Annotation]) -> Annotation | None:
+    if not annotations:
+        return None
+    centers = np.array([a.center_xyz for a in annotations])
+    radii = np.array([a.diameter_mm / 2 for a in annotations])
+    distances = np.linalg.norm(centers - np.asarray(center_xyz), axis=1)
+    inside = np.flatnonzero(distances <= radii)
+    if inside.size == 0:
+        return None
+    return annotations[inside[np.argmin(distances[inside])]]
+
+
+def join_annotations(
+    candidates: list[Candidate],
+    annotations: list[Annotation],
+    malignancy: list[Annotation] | None = None,
+) -> list[Candidate]:
+    """Give nodule candidates their diameter and malignancy.
+
+    Matching rule: a nodule candidate (class 1) takes the diameter of the nearest
+    annotation of the same series whose sphere (radius = diameter / 2, in mm) contains
+    the candidate's centre, and its malignancy likewise from the nearest such row of
+    the malignancy table. A nodule candidate with no such annotation keeps diameter 0
+    and unknown malignancy; non-nodule candidates are never matched (diameter 0,
+    malignancy unknown), as LUNA16's candidates near a nodule are labelled class 1.
+    """
+    by_series: dict[str, list[Annotation]] = defaultdict(list)
+    for annotation in annotations:
+        by_series[annotation.series_uid].append(annotation)
+    malignancy_by_series: dict[str, list[Annotation]] = defaultdict(list)
+    for annotation in malignancy or []:
+        malignancy_by_series[annotation.series_uid].append(annotation)
+
+    joined = []
+    for candidate in candidates:
+        if candidate.is_nodule:
+            match = _nearest_within_radius(candidate.center_xyz, by_series[candidate.series_uid])
+            mal_match = _nearest_within_radius(candidate.center_xyz, malignancy_by_series[candidate.series_uid])
+            candidate = replace(
+                candidate,
+                diameter_mm=match.diameter_mm if match else (mal_match.diameter_mm if mal_match else 0.0),
+                is_malignant=mal_match.is_malignant if mal_match else None,
+            )
+        joined.append(candidate)
+    return joined
+
+
+_SUBSET = re.compile(r"subset(\d+)$")
+
+
+def find_series(data_dir: Path) -> dict[str, Path]:
+    """Map each series UID to its `.mhd` file anywhere under `data_dir`."""
+    found: dict[str, Path] = {}
+    for mhd in sorted(Path(data_dir).rglob("*.mhd")):
+        uid = mhd.stem
+        if uid in found:
+            raise CsvError(f"series {uid} is present twice: {found[uid]} and {mhd}; remove one")
+        found[uid] = mhd
+    return found
+
+
+def assign_folds(series: dict[str, Path]) -> dict[str, int]:
+    """One fold per series: its LUNA16 subset (`subset3/` -> fold 3).
+
+    Series outside `subsetN` folders are dealt round-robin into N_FOLDS folds in
+    sorted UID order, so the assignment never depends on how files were listed.
+    """
+    folds, loose = {}, []
+    for uid in sorted(series):
+        match = _SUBSET.match(series[uid].parent.name)
+        if match and int(match.group(1)) < N_FOLDS:
+            folds[uid] = int(match.group(1))
+        else:
+            loose.append(uid)
+    for index, uid in enumerate(loose):
+        folds[uid] = index % N_FOLDS
+    return folds

@@ -1,0 +1,136 @@
+"""Read one CT with SimpleITK and cut fixed-size chunks around candidate centres."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from luna_dist.geometry import Geometry
+
+HU_MIN, HU_MAX = -1000, 1000
+"""Hounsfield range kept: air at -1000; bone and metal above +1000 carry nothing for nodules."""
+
+CHUNK_SHAPE = (32, 48, 48)
+"""Chunk size in voxels, (I, R, C) = (slices, rows, columns)."""
+
+
+class CtError(Exception):
+    """A CT that cannot be read; the message names the file and the problem."""
+
+
+@dataclass
+class Ct:
+    series_uid: str
+    image: sitk.Image  # owns the voxel memory that `hu` views
+    hu: np.ndarray  # (I, R, C) int16 Hounsfield units as stored; chunks are clipped when cut
+    geometry: Geometry
+
+
+def read_ct(mhd_path: Path) -> Ct:
+    """Read a `.mhd/.raw` pair (or any format SimpleITK reads) as int16 HU, without a copy.
+
+    Raises CtError naming the file for a missing, unreadable or truncated image.
+    """
+    mhd_path = Path(mhd_path)
+    if not mhd_path.is_file():
+        raise CtError(f"{mhd_path}: file not found")
+    if mhd_path.suffix.lower() == ".mhd":
+        _check_metaimage(mhd_path)
+    try:
+        image = sitk.ReadImage(str(mhd_path), sitk.sitkInt16)
+    except RuntimeError as err:
+        raise CtError(f"{mhd_path}: cannot read the image: {_itk_reason(err)}") from err
+    if image.GetDimension() != 3:
+        raise CtError(f"{mhd_path}: expected a 3-D image, found {image.GetDimension()}-D")
+    return Ct(
+        series_uid=mhd_path.stem,
+        image=image,
+        hu=sitk.GetArrayViewFromImage(image),
+        geometry=Geometry.of_image(image),
+    )
+
+
+_ELEMENT_BYTES = {"MET_UCHAR": 1, "MET_CHAR": 1, "MET_USHORT": 2, "MET_SHORT": 2, "MET_UINT": 4,
+                  "MET_INT": 4, "MET_FLOAT": 4, "MET_DOUBLE": 8}
+
+
+def _check_metaimage(mhd_path: Path) -> None:
+    """Catch the common faults of a MetaImage pair before ITK reports them obscurely.
+
+    ITK says "No such file or directory" even for a truncated `.raw`; here the user
+    learns which file is missing or how many bytes it lacks.
+    """
+    try:
+        header = dict(
+            (key.strip(), value.strip())
+            for key, sep, value in (line.partition("=") for line in mhd_path.read_text(errors="replace").splitlines())
+            if sep
+        )
+    except OSError as err:
+        raise CtError(f"{mhd_path}: cannot read the header: {err.strerror}") from err
+    missing = [key for key in ("NDims", "DimSize", "ElementType", "ElementDataFile") if key not in header]
+    if missing:
+        raise CtError(f"{mhd_path}: not a MetaImage header (missing {', '.join(missing)})")
+    data_file = header["ElementDataFile"]
+    if data_file in ("LOCAL", "LIST") or "%" in data_file or header.get("CompressedData", "False") == "True":
+        return  # layouts whose size cannot be checked from the header alone: ITK checks them
+    raw_path = mhd_path.parent / data_file
+    if not raw_path.is_file():
+        raise CtError(f"{mhd_path}: its data file {raw_path} is missing")
+    try:
+        voxels = int(np.prod([int(n) for n in header["DimSize"].split()]))
+        channels = int(header.get("ElementNumberOfChannels", "1"))
+        expected = voxels * channels * _ELEMENT_BYTES[header["ElementType"]]
+    except (ValueError, KeyError) as err:
+        raise CtError(f"{mhd_path}: bad DimSize or ElementType in the header ({err})") from err
+    actual = raw_path.stat().st_size
+    if actual < expected:
+        raise CtError(f"{raw_path}: truncated, {actual} bytes where the header needs {expected}")
+
+
+def _itk_reason(err: RuntimeError) -> str:
+    """ITK's exception text on one line, without the source locations it is wrapped in."""
+    lines = [line.strip() for line in str(err).splitlines()]
+    kept = [line for line in lines if line and not line.startswith(("Exception thrown", "Location"))]
+    return "; ".join(kept) or str(err).strip()
+
+
+def chunk_bounds(center_irc: np.ndarray, shape: tuple[int, int, int] = CHUNK_SHAPE) -> np.ndarray:
+    """Start indices (..., 3) of chunks of `shape` centred on `center_irc` (..., 3).
+
+    A chunk of width w around centre c spans [c - w//2, c - w//2 + w) on each axis.
+    """
+    return np.asarray(center_irc, dtype=np.int64) - np.asarray(shape, dtype=np.int64) // 2
+
+
+def cut_chunks(
+    hu: np.ndarray, centers_irc: np.ndarray, shape: tuple[int, int, int] = CHUNK_SHAPE
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cut one chunk per centre, clipped to [HU_MIN, HU_MAX].
+
+    Parts of a chunk outside the volume read as HU_MIN (air): the chunk is padded,
+    never shifted, so the candidate stays at its centre. Returns the chunks
+    (N, *shape) int16 and a boolean (N,) flag telling which chunks needed padding.
+    """
+    centers_irc = np.asarray(centers_irc, dtype=np.int64).reshape(-1, 3)
+    starts = chunk_bounds(centers_irc, shape)
+    ends = starts + np.asarray(shape)
+    volume = np.asarray(hu.shape)
+    outside = np.any((starts < 0) | (ends > volume), axis=1)
+    chunks = np.full((len(centers_irc), *shape), HU_MIN, dtype=np.int16)
+    # One slice copy per candidate (a few hundred per CT): the voxels themselves are never looped over.
+    for n, (start, end) in enumerate(zip(starts, ends)):
+        src_lo = np.maximum(start, 0)
+        src_hi = np.minimum(end, volume)
+        if np.any(src_hi <= src_lo):
+            continue  # entirely outside: all air
+        dst_lo = src_lo - start
+        dst_hi = dst_lo + (src_hi - src_lo)
+        chunks[n, dst_lo[0] : dst_hi[0], dst_lo[1] : dst_hi[1], dst_lo[2] : dst_hi[2]] = hu[
+            src_lo[0] : src_hi[0], src_lo[1] : src_hi[1], src_lo[2] : src_hi[2]
+        ]
+    np.clip(chunks, HU_MIN, HU_MAX, out=chunks)
+    return chunks, outside

@@ -1,0 +1,523 @@
+"""`python -m luna_dist.shard`: turn a LUNA16-format folder into WebDataset shards.
+
+Each CT is read once and every candidate of `candidates.csv` in it is cut into a
+32x48x48 (I, R, C) int16 chunk. Output, under `--out` (see DESIGN.md for the contract):
+
+    fold{K}-neg-NNNNNN.tar   negatives of the series of fold K, written per CT
+    fold{K}-pos-NNNNNN.tar   positives of fold K, packed together once every CT is done
+    manifest.json            counts, shards with sizes and sha256, series per fold,
+                             series skipped or failed and why, CSV rows rejected
+
+Each sample holds `chunk.npy`, `cls` and `json`. CTs are processed in parallel; a
+shard appears under its final name only once complete (written as `.partial`, then
+renamed). Progress is journaled per CT under `.build/`, so a killed build rerun with
+the same command redoes only the unfinished CTs and yields exactly the samples of an
+uninterrupted build. Negative shard numbers are planned from the CSV before any CT
+is read, so a redone CT overwrites its own shards and nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections import defaultdict
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from tqdm import tqdm
+
+from luna_dist import __version__
+from luna_dist.candidates import (
+    Candidate,
+    assign_folds,
+    find_series,
+    join_annotations,
+    read_annotations,
+    read_candidates,
+)
+from luna_dist.ct import CHUNK_SHAPE, HU_MAX, HU_MIN, CtError, cut_chunks, read_ct
+from luna_dist.geometry import xyz_to_irc
+
+FORMAT = "luna_dist-shards"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WORK = ".build"
+CHUNK_BYTES = int(np.prod(CHUNK_SHAPE)) * 2
+SAMPLE_BYTES_MAX = CHUNK_BYTES + 4 * 1024
+"""Upper bound of one sample in a tar: npy payload, three 512-byte headers and padding, json."""
+
+
+class BuildError(Exception):
+    """The build cannot start or finish; the message says what to change."""
+
+
+@dataclass
+class BuildOptions:
+    data: Path
+    out: Path
+    candidates: Path | None = None  # default: data/candidates.csv
+    annotations: Path | None = None  # default: data/annotations.csv
+    malignancy: Path | None = None  # default: data/annotations_with_malignancy.csv, if present
+    workers: int = max(1, os.cpu_count() or 1)
+    max_samples: int = 1000
+    max_mb: float = 1000.0
+    strict: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        self.data, self.out = Path(self.data), Path(self.out)
+        self.candidates = Path(self.candidates or self.data / "candidates.csv")
+        self.annotations = Path(self.annotations or self.data / "annotations.csv")
+        if self.malignancy is None and (self.data / "annotations_with_malignancy.csv").is_file():
+            self.malignancy = self.data / "annotations_with_malignancy.csv"
+        if self.max_samples < 1:
+            raise BuildError(f"--max-samples must be at least 1, got {self.max_samples}")
+        if self.samples_per_shard < 1:
+            raise BuildError(f"--max-mb {self.max_mb} is below one sample ({SAMPLE_BYTES_MAX / 1e6:.2f} MB)")
+
+    @property
+    def samples_per_shard(self) -> int:
+        return min(self.max_samples, int(self.max_mb * 1e6 // SAMPLE_BYTES_MAX))
+
+
+@dataclass
+class ShardRecord:
+    name: str
+    fold: int
+    label: str  # "pos" or "neg"
+    samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class SeriesTask:
+    """Everything a worker needs to shard one CT; pickles for process pools."""
+
+    series_uid: str
+    mhd_path: str
+    fold: int
+    candidates: list[Candidate]
+    out_dir: str
+    neg_first_shard: int
+    samples_per_shard: int
+
+
+@dataclass
+class SeriesResult:
+    series_uid: str
+    fold: int
+    shards: list[ShardRecord]
+    positives: int
+    negatives: int
+    outside_volume: int
+    bytes_read: int
+    seconds: float = field(default=0.0)
+
+
+def sample_key(series_uid: str, row: int) -> str:
+    """WebDataset splits keys at the first dot, and UIDs are full of dots."""
+    return f"{series_uid.replace('.', '_')}_{row}"
+
+
+def encode_sample(candidate: Candidate, fold: int, center_irc: np.ndarray, outside: bool, chunk: np.ndarray) -> dict:
+    buffer = io.BytesIO()
+    np.save(buffer, chunk, allow_pickle=False)
+    meta = {
+        "series_uid": candidate.series_uid,
+        "fold": fold,
+        "center_xyz": list(candidate.center_xyz),
+        "center_irc": [int(v) for v in center_irc],
+        "is_nodule": candidate.is_nodule,
+        "diameter_mm": candidate.diameter_mm,
+        "is_malignant": candidate.is_malignant,
+        "candidate_row": candidate.row,
+        "outside_volume": bool(outside),
+    }
+    return {
+        "__key__": sample_key(candidate.series_uid, candidate.row),
+        "chunk.npy": buffer.getvalue(),
+        "cls": b"1" if candidate.is_nodule else b"0",
+        "json": json.dumps(meta).encode(),
+    }
+
+
+class _HashingFile(io.RawIOBase):
+    """Write-only file that hashes what passes through, so shards are never read back."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "wb")
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self._file.write(data)
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+        super().close()
+
+
+class _AtomicShards:
+    """`opener` and `post` for wds.ShardWriter: write `NAME.partial`, hash it, rename when complete."""
+
+    def __init__(self, fold: int, label: str, counts: list[int]):
+        self.fold, self.label, self.counts = fold, label, counts
+        self.records: list[ShardRecord] = []
+        self._file: _HashingFile | None = None
+
+    def open(self, name: str) -> _HashingFile:
+        self._file = _HashingFile(Path(name + ".partial"))
+        return self._file
+
+    def post(self, name: str) -> None:
+        file, self._file = self._file, None
+        file.close()
+        os.replace(name + ".partial", name)
+        samples = self.counts[len(self.records)]
+        self.records.append(ShardRecord(Path(name).name, self.fold, self.label, samples, file.size, file.sha256.hexdigest()))
+
+
+def write_shards(samples: list[dict], out_dir: Path, fold: int, label: str, first: int, per_shard: int) -> list[ShardRecord]:
+    """Write encoded samples as fold{fold}-{label}-NNNNNN.tar shards numbered from `first`."""
+    if not samples:
+        return []
+    counts = [min(per_shard, len(samples) - start) for start in range(0, len(samples), per_shard)]
+    sink = _AtomicShards(fold, label, counts)
+    pattern = str(out_dir / f"fold{fold}-{label}-%06d.tar")
+    # mtime=0 makes shards byte-identical across builds; the samples are bytes already.
+    with wds.ShardWriter(pattern, maxcount=per_shard, maxsize=math.inf, start_shard=first, verbose=0,
+                         opener=sink.open, post=sink.post, encoder=False, mtime=0) as writer:
+        for sample in samples:
+            writer.write(sample)
+    return sink.records
+
+
+def shard_series(task: SeriesTask) -> SeriesResult:
+    """Read one CT, cut all its candidates, write its negative shards and its positives' tar."""
+    started = time.perf_counter()
+    ct = read_ct(Path(task.mhd_path))
+    centers_xyz = np.array([c.center_xyz for c in task.candidates], dtype=np.float64)
+    centers_irc = xyz_to_irc(centers_xyz, ct.geometry)
+    chunks, outside = cut_chunks(ct.hu, centers_irc)
+    encoded = {True: [], False: []}
+    for candidate, irc, out, chunk in zip(task.candidates, centers_irc, outside, chunks):
+        encoded[candidate.is_nodule].append(encode_sample(candidate, task.fold, irc, out, chunk))
+
+    out_dir = Path(task.out_dir)
+    shards = write_shards(encoded[False], out_dir, task.fold, "neg", task.neg_first_shard, task.samples_per_shard)
+    if encoded[True]:
+        pos_tar = _positives_tar(out_dir, task.series_uid)
+        partial = pos_tar.with_suffix(".tar.partial")
+        with wds.TarWriter(str(partial), encoder=False, mtime=0) as writer:
+            for sample in encoded[True]:
+                writer.write(sample)
+        os.replace(partial, pos_tar)
+    return SeriesResult(
+        series_uid=task.series_uid,
+        fold=task.fold,
+        shards=shards,
+        positives=len(encoded[True]),
+        negatives=len(encoded[False]),
+        outside_volume=int(outside.sum()),
+        bytes_read=ct.hu.nbytes,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _positives_tar(out: Path, series_uid: str) -> Path:
+    """Where a CT's positives wait until every CT is done and they are packed per fold."""
+    return out / WORK / "pos" / f"{series_uid}.tar"
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=1))
+    os.replace(partial, path)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as err:
+        raise BuildError(f"{path}: unreadable ({err}); remove it or build with --overwrite") from err
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _identity(options: BuildOptions) -> dict:
+    """What makes two builds the same: the inputs' content and the shard layout."""
+    inputs = {"candidates": options.candidates, "annotations": options.annotations, "malignancy": options.malignancy}
+    return {
+        "format_version": FORMAT_VERSION,
+        "data": str(options.data.resolve()),
+        "inputs_sha256": {name: _sha256_file(path) if path and path.is_file() else None for name, path in inputs.items()},
+        "chunk_shape": list(CHUNK_SHAPE),
+        "samples_per_shard": options.samples_per_shard,
+    }
+
+
+def _claim_output(options: BuildOptions, identity: dict) -> dict | None:
+    """Refuse an output folder holding another build; return the finished manifest of this one, if any."""
+    out, work = options.out, options.out / WORK
+    manifest = _read_json(out / MANIFEST)
+    plan = _read_json(work / "plan.json")
+    previous = (manifest or {}).get("identity") or (plan or {}).get("identity")
+    if previous is None and out.is_dir() and any(out.glob("fold*.tar")):
+        previous = {"unknown": "shards without a manifest"}
+    if previous is not None and previous != identity:
+        if not options.overwrite:
+            changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
+            raise BuildError(
+                f"{out} holds a different build (differs in: {', '.join(changed)}); "
+                "pass --overwrite to replace it, or choose another --out"
+            )
+        for path in out.glob("fold*.tar*"):
+            path.unlink()
+        (out / MANIFEST).unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
+        manifest = None
+    out.mkdir(parents=True, exist_ok=True)
+    (work / "done").mkdir(parents=True, exist_ok=True)
+    (work / "pos").mkdir(parents=True, exist_ok=True)
+    for partial in list(out.glob("*.partial")) + list(work.rglob("*.partial")):
+        partial.unlink()  # left by a killed build; never part of the result
+    _write_json_atomic(work / "plan.json", {"identity": identity})
+    return manifest
+
+
+def _load_done(work: Path, out: Path, uid: str) -> SeriesResult | None:
+    """A CT's journal entry, if every file it names is still there with its size."""
+    record = _read_json(work / "done" / f"{uid}.json")
+    if record is None:
+        return None
+    result = SeriesResult(**{**record, "shards": [ShardRecord(**s) for s in record["shards"]]})
+    files = [(out / s.name, s.bytes) for s in result.shards]
+    if result.positives and not _positives_tar(out, uid).is_file():
+        return None
+    if any(not path.is_file() or path.stat().st_size != size for path, size in files):
+        return None
+    return result
+
+
+def plan_tasks(candidates: list[Candidate], series: dict, folds: dict, options: BuildOptions) -> list[SeriesTask]:
+    """One task per CT; negative shard numbers are fixed here, per fold, in UID order."""
+    by_series: dict[str, list[Candidate]] = defaultdict(list)
+    for candidate in candidates:
+        by_series[candidate.series_uid].append(candidate)
+    next_shard = defaultdict(int)
+    tasks = []
+    for uid in sorted(by_series, key=lambda u: (folds[u], u)):
+        negatives = sum(not c.is_nodule for c in by_series[uid])
+        tasks.append(SeriesTask(uid, str(series[uid]), folds[uid], by_series[uid], str(options.out),
+                                next_shard[folds[uid]], options.samples_per_shard))
+        next_shard[folds[uid]] += math.ceil(negatives / options.samples_per_shard)
+    return tasks
+
+
+def pack_positives(results: list[SeriesResult], out: Path, per_shard: int) -> list[ShardRecord]:
+    """Gather each fold's positives, a few per CT, into fold{K}-pos-NNNNNN.tar shards."""
+    records = []
+    by_fold = defaultdict(list)
+    for result in sorted(results, key=lambda r: r.series_uid):
+        if result.positives:
+            by_fold[result.fold].append(str(_positives_tar(out, result.series_uid)))
+    for path in out.glob("fold*-pos-*.tar"):
+        path.unlink()  # an earlier packing, maybe with fewer CTs
+    for fold, tars in sorted(by_fold.items()):
+        samples = [
+            {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
+            for sample in wds.DataPipeline(wds.SimpleShardList(tars), wds.tarfile_to_samples())
+        ]
+        records += write_shards(samples, out, fold, "pos", 0, per_shard)
+    return records
+
+
+def build(options: BuildOptions) -> dict:
+    """Build (or finish, or confirm) the shard set; returns the manifest."""
+    identity = _identity(options)
+    finished = _claim_output(options, identity)
+    if finished is not None and not finished["failed"]:
+        print(f"{options.out}: build already complete ({finished['counts']['samples']} samples); nothing to do")
+        return finished
+
+    candidates, bad_rows = read_candidates(options.candidates)
+    annotations, bad_annotations = read_annotations(options.annotations)
+    malignancy, bad_malignancy = read_annotations(options.malignancy) if options.malignancy else ([], [])
+    bad_rows += bad_annotations + bad_malignancy
+    if bad_rows:
+        shown = "\n  ".join(str(row) for row in bad_rows[:20])
+        more = f"\n  ... and {len(bad_rows) - 20} more" if len(bad_rows) > 20 else ""
+        message = f"{len(bad_rows)} malformed CSV row(s):\n  {shown}{more}"
+        if options.strict:
+            raise BuildError(message + "\n(--strict) fix the rows or run without --strict to leave them out")
+        print(f"warning: {message}\nthose rows are left out and listed in the manifest", file=sys.stderr)
+    candidates = join_annotations(candidates, annotations, malignancy)
+
+    series = find_series(options.data)
+    listed = sorted({c.series_uid for c in candidates})
+    skipped = [{"series_uid": uid, "reason": f"no {uid}.mhd under {options.data}"} for uid in listed if uid not in series]
+    if skipped:
+        if options.strict:
+            raise BuildError(f"{len(skipped)} series of {options.candidates} have no .mhd under {options.data}, "
+                             f"e.g. {skipped[0]['series_uid']} (--strict)")
+        print(f"warning: {len(skipped)} series of {options.candidates} have no .mhd under {options.data}; "
+              "skipped and listed in the manifest", file=sys.stderr)
+    folds = assign_folds({uid: series[uid] for uid in listed if uid in series})
+    tasks = plan_tasks([c for c in candidates if c.series_uid in folds], series, folds, options)
+
+    work = options.out / WORK
+    results: dict[str, SeriesResult] = {}
+    for task in tasks:
+        if (done := _load_done(work, options.out, task.series_uid)) is not None:
+            results[task.series_uid] = done
+    todo = [t for t in tasks if t.series_uid not in results]
+    if results:
+        print(f"resuming: {len(results)} of {len(tasks)} CTs already sharded, {len(todo)} to go")
+    failed = _run_tasks(todo, results, options)
+
+    shards = [s for r in results.values() for s in r.shards]
+    shards += pack_positives(list(results.values()), options.out, options.samples_per_shard)
+    manifest = _manifest(options, identity, results, folds, shards, skipped, failed, bad_rows)
+    _write_json_atomic(options.out / MANIFEST, manifest)
+    if failed:
+        listing = "\n  ".join(f"{f['series_uid']}: {f['error']}" for f in failed)
+        raise BuildError(f"{len(failed)} CT(s) could not be sharded; the others are in {options.out}:\n  {listing}\n"
+                         "fix or remove those files and rerun the same command to add them")
+    shutil.rmtree(work)
+    return manifest
+
+
+def _run_tasks(todo: list[SeriesTask], results: dict, options: BuildOptions) -> list[dict]:
+    """Shard the CTs in parallel, journaling each finished CT; returns the failures."""
+    failed = []
+    work = options.out / WORK
+    bar = tqdm(total=len(todo), unit="CT", disable=not options.progress or not todo, dynamic_ncols=True)
+    started, samples, megabytes = time.perf_counter(), 0, 0.0
+
+    def finish(task: SeriesTask, result: SeriesResult | None, error: BaseException | None) -> None:
+        nonlocal samples, megabytes
+        if error is not None:
+            if not isinstance(error, CtError):
+                error = f"{type(error).__name__}: {error}"
+            failed.append({"series_uid": task.series_uid, "path": task.mhd_path, "error": str(error)})
+            bar.write(f"error: {error}")
+        else:
+            _write_json_atomic(work / "done" / f"{task.series_uid}.json", asdict(result))
+            results[task.series_uid] = result
+            samples += result.positives + result.negatives
+            megabytes += (result.positives + result.negatives) * CHUNK_BYTES / 1e6
+        elapsed = time.perf_counter() - started
+        bar.set_postfix_str(f"{samples / elapsed:,.0f} samples/s, {megabytes / elapsed:,.0f} MB/s")
+        bar.update()
+
+    try:
+        if options.workers <= 1:
+            for task in todo:
+                try:
+                    finish(task, shard_series(task), None)
+                except Exception as error:  # reported per CT; the other CTs go on
+                    finish(task, None, error)
+        else:
+            with ProcessPoolExecutor(options.workers) as pool:
+                pending = {pool.submit(shard_series, task): task for task in todo}
+                while pending:
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        task = pending.pop(future)
+                        error = future.exception()
+                        finish(task, None if error else future.result(), error)
+    except KeyboardInterrupt:
+        bar.close()
+        raise BuildError(f"interrupted: {len(results)} CTs are kept; rerun the same command to resume") from None
+    bar.close()
+    return failed
+
+
+def _manifest(options, identity, results, folds, shards, skipped, failed, bad_rows) -> dict:
+    fold_counts = {}
+    for fold in range(max(folds.values(), default=-1) + 1):
+        members = [r for r in results.values() if r.fold == fold]
+        fold_counts[str(fold)] = {
+            "series": sorted(r.series_uid for r in members),
+            "positives": sum(r.positives for r in members),
+            "negatives": sum(r.negatives for r in members),
+            "samples": sum(r.positives + r.negatives for r in members),
+        }
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created_by": f"luna_dist {__version__}",
+        "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
+        "identity": identity,
+        "chunk": {"shape": list(CHUNK_SHAPE), "dtype": "int16", "axes": "IRC", "hu_range": [HU_MIN, HU_MAX]},
+        "counts": {
+            "samples": sum(f["samples"] for f in fold_counts.values()),
+            "positives": sum(f["positives"] for f in fold_counts.values()),
+            "negatives": sum(f["negatives"] for f in fold_counts.values()),
+            "outside_volume": sum(r.outside_volume for r in results.values()),
+        },
+        "folds": fold_counts,
+        "shards": sorted((asdict(s) for s in shards), key=lambda s: s["name"]),
+        "skipped": skipped,
+        "failed": failed,
+        "bad_rows": [asdict(row) for row in bad_rows],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m luna_dist.shard", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, required=True, help="LUNA16-format folder (subset*/ with .mhd/.raw, CSVs)")
+    parser.add_argument("--out", type=Path, help="output folder (default: shards/<name of --data>)")
+    parser.add_argument("--candidates", type=Path, help="default: DATA/candidates.csv")
+    parser.add_argument("--annotations", type=Path, help="default: DATA/annotations.csv")
+    parser.add_argument("--malignancy", type=Path,
+                        help="malignancy table with mal_bool (default: DATA/annotations_with_malignancy.csv if present)")
+    parser.add_argument("--workers", type=int, default=BuildOptions.workers, help="parallel CT readers (default: cores)")
+    parser.add_argument("--max-samples", type=int, default=BuildOptions.max_samples, help="samples per shard at most")
+    parser.add_argument("--max-mb", type=float, default=BuildOptions.max_mb, help="shard size at most, in MB")
+    parser.add_argument("--strict", action="store_true", help="fail on malformed CSV rows and series without .mhd")
+    parser.add_argument("--overwrite", action="store_true", help="replace a different build found in --out")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    args = parser.parse_args(argv)
+    options = BuildOptions(**{**vars(args), "out": args.out or Path("shards") / args.data.resolve().name})
+    try:
+        manifest = build(options)
+    except (BuildError, CtError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    counts = manifest["counts"]
+    print(f"{options.out}: {counts['samples']} samples ({counts['positives']} pos, {counts['negatives']} neg) "
+          f"in {len(manifest['shards'])} shards from {sum(len(f['series']) for f in manifest['folds'].values())} CTs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
