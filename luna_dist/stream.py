@@ -1,0 +1,206 @@
+"""WebDataset pipelines from a shard set to int16 batches on the host.
+
+Training: every (rank, worker) draws shards at random with replacement from all the
+training shards of its class, shuffles samples in a buffer, mixes the positive and
+negative streams at the requested ratio and stops after a fixed number of batches,
+so every rank runs the same number of steps whatever the shard count: no DDP hang.
+
+Validation: the shard list is split by node, then by worker, and read once, so each
+validation sample is scored by exactly one process. Ranks may get unequal numbers of
+batches; the training loop gathers with padding.
+
+Workers do as little per sample as possible: the raw `.npy` bytes are copied into
+one preallocated int16 batch (no np.load, no per-sample tensors); conversion to
+float and augmentation happen on the training device. Every stage is a module-level
+function or a partial of one, so pipelines pickle for `spawn` workers (macOS).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from luna_dist.ct import CHUNK_SHAPE
+from luna_dist.shard import FORMAT, FORMAT_VERSION, MANIFEST
+
+_NPY_HEADER_CACHE: dict[bytes, int] = {}
+
+
+class ShardSetError(Exception):
+    """A shard folder that training must not use; the message says why and what to do."""
+
+
+@dataclass
+class ShardSet:
+    """A checked shard folder: its manifest and the shards of each fold and class."""
+
+    root: Path
+    manifest: dict
+
+    def shards(self, folds: Iterable[int], label: str) -> list[str]:
+        folds = set(folds)
+        return [str(self.root / s["name"]) for s in self.manifest["shards"] if s["fold"] in folds and s["label"] == label]
+
+    def count(self, folds: Iterable[int], label: str) -> int:
+        folds = set(folds)
+        return sum(s["samples"] for s in self.manifest["shards"] if s["fold"] in folds and s["label"] == label)
+
+    @property
+    def folds(self) -> list[int]:
+        return sorted(int(k) for k in self.manifest["folds"])
+
+
+def open_shard_set(root: Path) -> ShardSet:
+    """Read and check `manifest.json`: format, chunk layout, and every shard's presence and size."""
+    root = Path(root)
+    path = root / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ShardSetError(f"{path} not found: is {root} a finished shard build? "
+                            "Run `python -m luna_dist.shard --data DIR --out {root}` (again) to finish it.") from None
+    except json.JSONDecodeError as err:
+        raise ShardSetError(f"{path}: not valid JSON ({err}); rebuild the shards") from None
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise ShardSetError(f"{path}: format {manifest.get('format')} v{manifest.get('format_version')}, "
+                            f"this version reads {FORMAT} v{FORMAT_VERSION}; rebuild the shards")
+    chunk = manifest.get("chunk", {})
+    if tuple(chunk.get("shape", ())) != CHUNK_SHAPE or chunk.get("dtype") != "int16":
+        raise ShardSetError(f"{path}: chunks are {chunk.get('shape')} {chunk.get('dtype')}, "
+                            f"expected {list(CHUNK_SHAPE)} int16; rebuild the shards")
+    problems = []
+    for shard in manifest["shards"]:
+        file = root / shard["name"]
+        if not file.is_file():
+            problems.append(f"{file}: missing")
+        elif file.stat().st_size != shard["bytes"]:
+            problems.append(f"{file}: {file.stat().st_size} bytes, the manifest says {shard['bytes']} (truncated?)")
+    if problems:
+        raise ShardSetError(f"{root} does not match its manifest:\n  " + "\n  ".join(problems[:20])
+                            + "\nrebuild with `python -m luna_dist.shard ... --overwrite`")
+    return ShardSet(root, manifest)
+
+
+def _chunk_offset(data: bytes, key: str) -> int:
+    """Byte offset of the int16 payload in a `.npy` blob, checking its header once per distinct header."""
+    header_len = 10 + int.from_bytes(data[8:10], "little")
+    header = data[:header_len]
+    if header not in _NPY_HEADER_CACHE:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+        if array.dtype != np.int16 or array.shape != CHUNK_SHAPE or not array.flags.c_contiguous:
+            raise ShardSetError(f"sample {key}: chunk.npy is {array.dtype} {array.shape}, expected int16 {CHUNK_SHAPE}")
+        _NPY_HEADER_CACHE[header] = header_len
+    return header_len
+
+
+def collate(samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw samples -> (chunks (N, 1, I, R, C) int16, labels (N,) int64), one copy per chunk."""
+    chunks = torch.empty((len(samples), 1, *CHUNK_SHAPE), dtype=torch.int16)
+    flat = chunks.numpy().reshape(len(samples), -1)
+    labels = torch.empty(len(samples), dtype=torch.int64)
+    for n, sample in enumerate(samples):
+        data = sample["chunk.npy"]
+        offset = _chunk_offset(data, sample["__key__"])
+        flat[n] = np.frombuffer(data, dtype=np.int16, count=flat.shape[1], offset=offset)
+        labels[n] = sample["cls"] == b"1"
+    return chunks, labels
+
+
+def batched(samples: Iterator[dict], batch_size: int, partial_last: bool = True) -> Iterator[tuple]:
+    """Pipeline stage: group raw samples and collate each group once."""
+    group = []
+    for sample in samples:
+        group.append(sample)
+        if len(group) == batch_size:
+            yield collate(group)
+            group = []
+    if group and partial_last:
+        yield collate(group)
+
+
+def shuffled(samples: Iterator[dict], buffer: int, seed: int) -> Iterator[dict]:
+    """Pipeline stage: buffer shuffle seeded per (seed, rank, worker), decided when iteration starts."""
+    rng = random.Random(wds.utils.make_seed(seed, wds.utils.pytorch_worker_seed()))
+    yield from wds.shuffle(buffer, initial=buffer, rng=rng)(samples)
+
+
+def _class_stream(urls: list[str], seed: int, buffer: int) -> wds.DataPipeline:
+    return wds.DataPipeline(
+        wds.ResampledShards(urls, seed=seed, deterministic=True),
+        wds.tarfile_to_samples(),
+        partial(shuffled, buffer=buffer, seed=seed),
+    )
+
+
+@dataclass(frozen=True)
+class TrainStreamConfig:
+    folds: tuple[int, ...]
+    batch_size: int  # per process
+    steps: int  # per process per epoch; split evenly over the workers
+    num_workers: int
+    neg_per_pos: float  # 0 = natural class frequencies
+    shuffle_buffer: int = 1000
+    seed: int = 0
+
+
+def train_pipeline(shards: ShardSet, config: TrainStreamConfig, epoch: int) -> wds.DataPipeline:
+    """What each worker runs: class-mixed, shuffled batches, `steps / workers` of them (rounded up)."""
+    pos, neg = shards.shards(config.folds, "pos"), shards.shards(config.folds, "neg")
+    if not pos or not neg:
+        raise ShardSetError(f"{shards.root}: training folds {list(config.folds)} have {len(pos)} positive and "
+                            f"{len(neg)} negative shards; both classes are needed (change --val-folds?)")
+    if config.neg_per_pos > 0:
+        probs = [1.0, float(config.neg_per_pos)]
+    else:
+        probs = [shards.count(config.folds, "pos"), shards.count(config.folds, "neg")]
+    seed = wds.utils.make_seed(config.seed, epoch)
+    mixed = wds.RandomMix(
+        [_class_stream(pos, wds.utils.make_seed(seed, 1), max(1, config.shuffle_buffer // 10)),
+         _class_stream(neg, wds.utils.make_seed(seed, 0), config.shuffle_buffer)],
+        probs=probs,
+    )
+    workers = max(1, config.num_workers)
+    per_worker = math.ceil(config.steps / workers)
+    return wds.DataPipeline(mixed, partial(batched, batch_size=config.batch_size)).with_epoch(per_worker)
+
+
+def train_loader(shards: ShardSet, config: TrainStreamConfig, epoch: int, pin_memory: bool = False) -> wds.WebLoader:
+    """Batches of (int16 chunks, labels) for one epoch: exactly `steps_per_epoch(config.steps, workers)`."""
+    return wds.WebLoader(train_pipeline(shards, config, epoch), batch_size=None, num_workers=config.num_workers,
+                         pin_memory=pin_memory)
+
+
+def steps_per_epoch(requested: int, workers: int) -> int:
+    """Steps a rank really runs: every worker yields the same number of batches."""
+    workers = max(1, workers)
+    return workers * math.ceil(requested / workers)
+
+
+def val_pipeline(shards: ShardSet, folds: Iterable[int], batch_size: int) -> wds.DataPipeline:
+    """Every validation sample once across all ranks and workers: split by node, then by worker, no resampling."""
+    urls = sorted(shards.shards(folds, "pos") + shards.shards(folds, "neg"))
+    if not urls:
+        raise ShardSetError(f"{shards.root}: no shards in validation folds {sorted(folds)}")
+    return wds.DataPipeline(
+        wds.SimpleShardList(urls),
+        wds.split_by_node,
+        wds.split_by_worker,
+        wds.tarfile_to_samples(),
+        partial(batched, batch_size=batch_size),
+    )
+
+
+def val_loader(shards: ShardSet, folds: Iterable[int], batch_size: int, num_workers: int,
+               pin_memory: bool = False) -> wds.WebLoader:
+    return wds.WebLoader(val_pipeline(shards, folds, batch_size), batch_size=None, num_workers=num_workers,
+                         pin_memory=pin_memory)
