@@ -70,7 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--run-name", default=None, help="folder under --out (default: a time stamp)")
     parser.add_argument("--out", type=Path, default=Path("runs"))
     parser.add_argument("--resume", action="store_true", help="continue run --run-name (default: the latest) from its last state")
-    parser.add_argument("--checkpoint", type=Path, default=None, help="model weights (best.pt) to start from or to evaluate")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="model weights to start from or to evaluate: a best.pt or a run's state/ folder")
     parser.add_argument("--eval-only", action="store_true", help="validate the resumed or given checkpoint; no training")
     parser.add_argument("--metrics-json", type=Path, default=None, help="also write the last validation metrics here")
     parser.add_argument("--max-steps", type=int, default=None, help="cap training steps per epoch (quick checks)")
@@ -115,6 +116,20 @@ class Progress:
         self.epoch, self.samples_seen, self.best_f1 = state["epoch"], state["samples_seen"], state["best_f1"]
 
 
+def load_weights(path: Path) -> dict:
+    """Model weights from a best-model file (best.pt) or a saved training state folder."""
+    if path.is_dir():
+        from safetensors.torch import load_file
+
+        weights = path / "model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"{path}: no model.safetensors; pass a run's state/ folder or its best.pt")
+        return load_file(weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
 def default_workers(device: torch.device, local_processes: int) -> int:
     """Enough workers to feed a GPU (one decodes ~thousands of samples/s); none needed for CPU compute."""
     if device.type == "cuda":
@@ -145,7 +160,7 @@ class Trainer:
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last_3d)
         if args.checkpoint:
-            model.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True)["model"])
+            model.load_state_dict(load_weights(args.checkpoint))
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.progress = Progress()

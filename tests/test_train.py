@@ -1,0 +1,131 @@
+"""Training end to end on CPU ranks: equal steps, exact-once validation, TensorBoard, resume.
+
+Multi-process runs go through torchrun with gloo (what works on a machine with no
+accelerator); each has a timeout so that a hang fails the test instead of blocking.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from luna_dist.stream import open_shard_set
+
+RUN_TIMEOUT = 300
+SCALARS = ["loss/all", "loss/neg", "loss/pos", "correct/all", "correct/neg", "correct/pos",
+           "pr/precision", "pr/recall", "pr/f1_score"]
+
+
+def train(args: list[str], processes: int = 1, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the training script in `processes` CPU ranks; fail on a non-zero exit or a hang."""
+    if processes == 1:
+        command = [sys.executable, "-m", "luna_dist.train", *args]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                   "launch/train.py", *args]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(command, cwd=cwd or root, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(shard_dir, tmp_path_factory) -> Path:
+    """One epoch on 2 CPU ranks with a data worker each, a few steps, balanced and augmented."""
+    out = tmp_path_factory.mktemp("runs")
+    train(["--shards", str(shard_dir), "--out", str(out), "--run-name", "r", "--epochs", "1", "--max-steps", "3",
+           "--batch-size", "8", "--num-workers", "1", "--balanced", "1", "--augment",
+           "--metrics-json", str(out / "metrics.json")], processes=2)
+    return out / "r"
+
+
+def test_train_shards_are_odd_and_uneven(shard_dir):
+    """The set the 2-rank run trains on cannot be split evenly over ranks and workers."""
+    shards = open_shard_set(shard_dir)
+    train_shards = [s for s in shards.manifest["shards"] if s["fold"] != 9]
+    assert len(train_shards) % 2 == 1
+    assert len({s["samples"] for s in train_shards}) > 1
+
+
+def test_two_rank_epoch_finishes_with_equal_steps(two_rank_run):
+    metrics = json.loads((two_rank_run.parent / "metrics.json").read_text())
+    assert metrics["processes"] == 2
+    # 3 steps x 8 samples x 2 ranks, counted after the gather.
+    assert metrics["samples_seen"] == 48
+    assert (two_rank_run / "state" / "model.safetensors").is_file()
+
+
+def test_validation_counts_identical_on_one_and_two_ranks(shard_dir, two_rank_run, tmp_path):
+    results = {}
+    for processes in (1, 2):
+        out = tmp_path / f"m{processes}.json"
+        train(["--shards", str(shard_dir), "--eval-only", "--checkpoint", str(two_rank_run / "state"),
+               "--out", str(tmp_path), "--run-name", f"eval{processes}", "--batch-size", "16",
+               "--val-folds", "8", "9", "--metrics-json", str(out)], processes=processes)
+        results[processes] = json.loads(out.read_text())
+    one, two = results[1], results[2]
+    shards = open_shard_set(shard_dir)
+    assert one["count/all"] == shards.count([8, 9], "pos") + shards.count([8, 9], "neg")
+    for key in ("count/all", "count/pos", "count/neg", "correct_count/pos", "correct_count/neg"):
+        assert one[key] == two[key], key
+    for key in ("loss/all", "loss/neg", "loss/pos"):
+        assert abs(one[key] - two[key]) <= 1e-5 * max(1.0, abs(one[key])), key
+
+
+def test_tensorboard_holds_scalars_pr_curve_and_histograms(two_rank_run):
+    logs = {}
+    for mode in ("trn", "val"):
+        accumulator = EventAccumulator(str(two_rank_run / mode), size_guidance={"tensors": 0, "histograms": 0})
+        accumulator.Reload()
+        logs[mode] = accumulator
+    for mode in ("trn", "val"):
+        tags = logs[mode].Tags()
+        present = set(tags["scalars"])
+        expected = set(SCALARS)
+        # Precision is undefined when no sample is predicted positive: then it is left out, not logged as NaN.
+        assert expected - {"pr/precision", "pr/f1_score"} <= present, (mode, present)
+        for tag in present:
+            events = logs[mode].Scalars(tag)
+            assert [e.step for e in events] == [48], (mode, tag)  # x axis: training samples, all ranks
+    val_tags = logs["val"].Tags()
+    assert val_tags["tensors"] == ["pr"], val_tags
+    curve = logs["val"].Tensors("pr")[0]
+    assert curve.step == 48
+    assert len(curve.tensor_proto.tensor_shape.dim) == 2  # the PR curve's table: 6 rows x thresholds
+    assert set(val_tags["histograms"]) == {"is_neg", "is_pos"}, val_tags
+    for tag in ("is_neg", "is_pos"):
+        histogram = logs["val"].Histograms(tag)[0].histogram_value
+        assert 0 <= histogram.min <= histogram.max <= 1
+        assert histogram.num > 0
+
+
+def test_resume_continues_step_and_sample_counters(shard_dir, two_rank_run, tmp_path):
+    run = tmp_path / "r"
+    shutil.copytree(two_rank_run, run)
+    train(["--shards", str(shard_dir), "--out", str(tmp_path), "--run-name", "r", "--resume", "--epochs", "2",
+           "--max-steps", "3", "--batch-size", "8", "--balanced", "1", "--metrics-json", str(tmp_path / "m.json")])
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["epoch"] == 2
+    assert metrics["samples_seen"] == 48 + 3 * 8  # the second epoch ran on one rank
+    accumulator = EventAccumulator(str(run / "val"))
+    accumulator.Reload()
+    assert [e.step for e in accumulator.Scalars("loss/all")] == [48, 72]  # same run, counter continued
+    # Asking again for 2 epochs does nothing more.
+    result = train(["--shards", str(shard_dir), "--out", str(tmp_path), "--run-name", "r", "--resume",
+                    "--epochs", "2", "--max-steps", "3", "--batch-size", "8"])
+    assert "already trained for 2 epoch" in result.stderr + result.stdout
+
+
+def test_bad_shard_folder_is_a_clear_error(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "luna_dist.train", "--shards", str(tmp_path / "nowhere"),
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert result.returncode == 1
+    assert "manifest.json not found" in result.stderr
