@@ -24,8 +24,7 @@ class CtError(Exception):
 @dataclass
 class Ct:
     series_uid: str
-    image: sitk.Image  # owns the voxel memory that `hu` views
-    hu: np.ndarray  # (I, R, C) int16 Hounsfield units as stored; chunks are clipped when cut
+    hu: np.ndarray  # (I, R, C) int16 Hounsfield units as stored, a view of the image; chunks are clipped when cut
     geometry: Geometry
 
 
@@ -45,12 +44,20 @@ def read_ct(mhd_path: Path) -> Ct:
         raise CtError(f"{mhd_path}: cannot read the image: {_itk_reason(err)}") from err
     if image.GetDimension() != 3:
         raise CtError(f"{mhd_path}: expected a 3-D image, found {image.GetDimension()}-D")
-    return Ct(
-        series_uid=mhd_path.stem,
-        image=image,
-        hu=sitk.GetArrayViewFromImage(image),
-        geometry=Geometry.of_image(image),
-    )
+    return Ct(series_uid=mhd_path.stem, hu=np.asarray(_ImageBuffer(image)), geometry=Geometry.of_image(image))
+
+
+class _ImageBuffer:
+    """Exposes an image's voxels to numpy without a copy while keeping the image alive.
+
+    `sitk.GetArrayViewFromImage` alone returns a view that does not own the image: once
+    the image is collected, the view reads freed memory. An array made from this object
+    holds it (and so the image) as its base.
+    """
+
+    def __init__(self, image: sitk.Image):
+        self.image = image
+        self.__array_interface__ = sitk.GetArrayViewFromImage(image).__array_interface__
 
 
 _ELEMENT_BYTES = {"MET_UCHAR": 1, "MET_CHAR": 1, "MET_USHORT": 2, "MET_SHORT": 2, "MET_UINT": 4,

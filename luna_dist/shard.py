@@ -10,9 +10,10 @@ Each CT is read once and every candidate of `candidates.csv` in it is cut into a
 
 Each sample holds `chunk.npy`, `cls` and `json`. CTs are processed in parallel; a
 shard appears under its final name only once complete (written as `.partial`, then
-renamed). Progress is journaled per CT under `.build/`, so a killed build rerun with
-the same command redoes only the unfinished CTs and yields exactly the samples of an
-uninterrupted build. Negative shard numbers are planned from the CSV before any CT
+renamed). Progress is journaled per CT under `.build/` (kept after the build), so a
+killed build rerun with the same command redoes only the unfinished CTs and yields
+exactly the samples of an uninterrupted build, and a series that failed or had no
+`.mhd` is added later by a rerun that reads only that CT. Negative shard numbers are planned from the CSV before any CT
 is read, so a redone CT overwrites its own shards and nothing else.
 """
 
@@ -284,45 +285,65 @@ def _identity(options: BuildOptions) -> dict:
     }
 
 
-def _claim_output(options: BuildOptions, identity: dict) -> dict | None:
-    """Refuse an output folder holding another build; return the finished manifest of this one, if any."""
+def _check_output(options: BuildOptions, identity: dict) -> dict | None:
+    """Refuse an output folder holding another build (or clear it with --overwrite); return its manifest, if any."""
     out, work = options.out, options.out / WORK
     manifest = _read_json(out / MANIFEST)
     plan = _read_json(work / "plan.json")
     previous = (manifest or {}).get("identity") or (plan or {}).get("identity")
     if previous is None and out.is_dir() and any(out.glob("fold*.tar")):
         previous = {"unknown": "shards without a manifest"}
-    if previous is not None and previous != identity:
-        if not options.overwrite:
-            changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
-            raise BuildError(
-                f"{out} holds a different build (differs in: {', '.join(changed)}); "
-                "pass --overwrite to replace it, or choose another --out"
-            )
+    if previous is None:
+        return None
+    if previous != identity and not options.overwrite:
+        changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
+        raise BuildError(
+            f"{out} holds a different build (differs in: {', '.join(changed)}); "
+            "pass --overwrite to replace it, or choose another --out"
+        )
+    if options.overwrite:
         for path in out.glob("fold*.tar*"):
             path.unlink()
         (out / MANIFEST).unlink(missing_ok=True)
         shutil.rmtree(work, ignore_errors=True)
-        manifest = None
-    out.mkdir(parents=True, exist_ok=True)
-    (work / "done").mkdir(parents=True, exist_ok=True)
-    (work / "pos").mkdir(parents=True, exist_ok=True)
-    for partial in list(out.glob("*.partial")) + list(work.rglob("*.partial")):
-        partial.unlink()  # left by a killed build; never part of the result
-    _write_json_atomic(work / "plan.json", {"identity": identity})
+        return None
     return manifest
 
 
-def _load_done(work: Path, out: Path, uid: str) -> SeriesResult | None:
-    """A CT's journal entry, if every file it names is still there with its size."""
-    record = _read_json(work / "done" / f"{uid}.json")
+def _is_complete(manifest: dict | None, series: dict[str, Path]) -> bool:
+    """Nothing left to do: no CT failed, and no skipped series has found its .mhd since."""
+    if manifest is None or manifest["failed"]:
+        return False
+    return not any(skipped["series_uid"] in series for skipped in manifest["skipped"])
+
+
+def _prepare_work(options: BuildOptions, identity: dict) -> None:
+    work = options.out / WORK
+    (work / "done").mkdir(parents=True, exist_ok=True)
+    (work / "pos").mkdir(parents=True, exist_ok=True)
+    for partial in list(options.out.glob("*.partial")) + list(work.rglob("*.partial")):
+        partial.unlink()  # left by a killed build; never part of the result
+    _write_json_atomic(work / "plan.json", {"identity": identity})
+
+
+def _load_done(work: Path, out: Path, task: SeriesTask) -> SeriesResult | None:
+    """A CT's journal entry, if it matches today's plan and every file it names is still there.
+
+    The plan moves a CT's shard numbers when another series of its fold appears (a
+    restored `.mhd`), so an entry for other numbers is redone rather than trusted.
+    """
+    record = _read_json(work / "done" / f"{task.series_uid}.json")
     if record is None:
         return None
     result = SeriesResult(**{**record, "shards": [ShardRecord(**s) for s in record["shards"]]})
-    files = [(out / s.name, s.bytes) for s in result.shards]
-    if result.positives and not _positives_tar(out, uid).is_file():
+    negatives = sum(not c.is_nodule for c in task.candidates)
+    planned = [f"fold{task.fold}-neg-{task.neg_first_shard + i:06d}.tar"
+               for i in range(math.ceil(negatives / task.samples_per_shard))]
+    if [s.name for s in result.shards] != planned or result.positives + result.negatives != len(task.candidates):
         return None
-    if any(not path.is_file() or path.stat().st_size != size for path, size in files):
+    if result.positives and not _positives_tar(out, task.series_uid).is_file():
+        return None
+    if any(not (out / s.name).is_file() or (out / s.name).stat().st_size != s.bytes for s in result.shards):
         return None
     return result
 
@@ -363,10 +384,12 @@ def pack_positives(results: list[SeriesResult], out: Path, per_shard: int) -> li
 def build(options: BuildOptions) -> dict:
     """Build (or finish, or confirm) the shard set; returns the manifest."""
     identity = _identity(options)
-    finished = _claim_output(options, identity)
-    if finished is not None and not finished["failed"]:
+    finished = _check_output(options, identity)
+    series = find_series(options.data)
+    if _is_complete(finished, series):
         print(f"{options.out}: build already complete ({finished['counts']['samples']} samples); nothing to do")
         return finished
+    _prepare_work(options, identity)
 
     candidates, bad_rows = read_candidates(options.candidates)
     annotations, bad_annotations = read_annotations(options.annotations)
@@ -381,7 +404,6 @@ def build(options: BuildOptions) -> dict:
         print(f"warning: {message}\nthose rows are left out and listed in the manifest", file=sys.stderr)
     candidates = join_annotations(candidates, annotations, malignancy)
 
-    series = find_series(options.data)
     listed = sorted({c.series_uid for c in candidates})
     skipped = [{"series_uid": uid, "reason": f"no {uid}.mhd under {options.data}"} for uid in listed if uid not in series]
     if skipped:
@@ -396,7 +418,7 @@ def build(options: BuildOptions) -> dict:
     work = options.out / WORK
     results: dict[str, SeriesResult] = {}
     for task in tasks:
-        if (done := _load_done(work, options.out, task.series_uid)) is not None:
+        if (done := _load_done(work, options.out, task)) is not None:
             results[task.series_uid] = done
     todo = [t for t in tasks if t.series_uid not in results]
     if results:
@@ -404,6 +426,10 @@ def build(options: BuildOptions) -> dict:
     failed = _run_tasks(todo, results, options)
 
     shards = [s for r in results.values() for s in r.shards]
+    named = {s.name for s in shards}
+    for stale in options.out.glob("fold*-neg-*.tar"):
+        if stale.name not in named:
+            stale.unlink()  # numbered by an earlier plan, before a series appeared
     shards += pack_positives(list(results.values()), options.out, options.samples_per_shard)
     manifest = _manifest(options, identity, results, folds, shards, skipped, failed, bad_rows)
     _write_json_atomic(options.out / MANIFEST, manifest)
@@ -411,7 +437,6 @@ def build(options: BuildOptions) -> dict:
         listing = "\n  ".join(f"{f['series_uid']}: {f['error']}" for f in failed)
         raise BuildError(f"{len(failed)} CT(s) could not be sharded; the others are in {options.out}:\n  {listing}\n"
                          "fix or remove those files and rerun the same command to add them")
-    shutil.rmtree(work)
     return manifest
 
 

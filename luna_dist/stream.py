@@ -21,6 +21,7 @@ import io
 import json
 import math
 import random
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -88,6 +89,10 @@ def open_shard_set(root: Path) -> ShardSet:
     if problems:
         raise ShardSetError(f"{root} does not match its manifest:\n  " + "\n  ".join(problems[:20])
                             + "\nrebuild with `python -m luna_dist.shard ... --overwrite`")
+    if manifest["failed"]:
+        warnings.warn(f"{root}: {len(manifest['failed'])} CT(s) failed to shard and are left out "
+                      f"(e.g. {manifest['failed'][0]['path']}); fix them and rerun the shard build to add them",
+                      stacklevel=2)
     return ShardSet(root, manifest)
 
 

@@ -1,0 +1,397 @@
+"""`python -m luna_dist.bench {shard,loader,train,all}`: the project's speed claims, measured in one run.
+
+- shard:  build time against the time of only reading the same CTs with SimpleITK.
+- loader: samples/s delivered as batched tensors from shards (0, 1, 2 workers) against
+          a per-candidate `Dataset` like the book's (a small LRU cache of CTs, read in
+          random and in series order, and with a warm per-candidate disk cache), and
+          against a plain tarfile + np.load loop.
+- train:  end-to-end training samples/s (shards -> loss.backward -> step) against the
+          pure-compute ceiling (same model and batch on tensors already on the device),
+          layout and precision variants, and 1 against 2 CPU ranks.
+
+Without --data/--shards it makes a synthetic data set first. Figures print as one
+table; --json writes them, --plot draws them (needs matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import io
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from luna_dist.candidates import Candidate, find_series, read_candidates
+from luna_dist.ct import CHUNK_SHAPE, HU_MAX, HU_MIN, cut_chunks, read_ct
+from luna_dist.geometry import xyz_to_irc
+from luna_dist.model import LunaModel
+from luna_dist.shard import BuildOptions, build
+from luna_dist.stream import TrainStreamConfig, open_shard_set, train_loader
+from luna_dist.synth import make_dataset
+
+
+# -- shard -----------------------------------------------------------------------------------------
+def _read_only(path: str) -> int:
+    return read_ct(Path(path)).hu.nbytes
+
+
+def bench_shard(data: Path, out: Path, workers: int) -> dict:
+    """Build shards from `data` and compare with only reading its CTs, same number of processes."""
+    candidates, _ = read_candidates(data / "candidates.csv")
+    wanted = {c.series_uid for c in candidates}
+    paths = [str(p) for uid, p in find_series(data).items() if uid in wanted]
+    with ProcessPoolExecutor(workers) as pool:
+        list(pool.map(_read_only, paths))  # warm the page cache: both timings read from memory
+        started = time.perf_counter()
+        input_bytes = sum(pool.map(_read_only, paths))
+        read_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    manifest = build(BuildOptions(data=data, out=out, workers=workers, progress=False))
+    build_seconds = time.perf_counter() - started
+    samples = manifest["counts"]["samples"]
+    disk_bytes = sum(s["bytes"] for s in manifest["shards"])
+    return {
+        "cts": len(paths),
+        "workers": workers,
+        "samples": samples,
+        "input_mb": input_bytes / 1e6,
+        "read_seconds": read_seconds,
+        "build_seconds": build_seconds,
+        "build_to_read_ratio": build_seconds / read_seconds,
+        "cts_per_s": len(paths) / build_seconds,
+        "samples_per_s": samples / build_seconds,
+        "chunk_mb_per_s": samples * np.prod(CHUNK_SHAPE) * 2 / 1e6 / build_seconds,
+        "input_mb_per_s": input_bytes / 1e6 / build_seconds,
+        "bytes_per_sample": disk_bytes / samples,
+    }
+
+
+# -- loader ----------------------------------------------------------------------------------------
+class PerCandidateDataset(Dataset):
+    """The approach shards replace: each item opens its CT (through a small LRU cache) and cuts one chunk."""
+
+    def __init__(self, data: Path, candidates: list[Candidate], cached_cts: int = 2, disk_cache: Path | None = None):
+        self.series = {uid: str(path) for uid, path in find_series(data).items()}
+        self.candidates = [c for c in candidates if c.series_uid in self.series]
+        self.disk_cache = disk_cache
+        self._read = functools.lru_cache(maxsize=cached_cts)(read_ct)
+
+    def __len__(self) -> int:
+        return len(self.candidates)
+
+    def _cut(self, candidate: Candidate) -> np.ndarray:
+        ct = self._read(Path(self.series[candidate.series_uid]))
+        chunks, _ = cut_chunks(ct.hu, xyz_to_irc(np.array(candidate.center_xyz), ct.geometry))
+        return chunks[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        candidate = self.candidates[index]
+        if self.disk_cache is None:
+            chunk = self._cut(candidate)
+        else:
+            path = self.disk_cache / f"{candidate.series_uid}_{candidate.row}.npy"
+            if path.is_file():
+                chunk = np.load(path)
+            else:
+                chunk = self._cut(candidate)
+                np.save(path, chunk)
+        return torch.from_numpy(chunk).unsqueeze(0).float(), int(candidate.is_nodule)
+
+
+class SeriesOrderSampler(torch.utils.data.Sampler):
+    """Candidates grouped by series (the LRU cache's best case), series in random order."""
+
+    def __init__(self, dataset: PerCandidateDataset, seed: int = 0):
+        self.groups: dict[str, list[int]] = {}
+        for index, candidate in enumerate(dataset.candidates):
+            self.groups.setdefault(candidate.series_uid, []).append(index)
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return sum(len(g) for g in self.groups.values())
+
+    def __iter__(self):
+        order = sorted(self.groups)
+        random.Random(self.seed).shuffle(order)
+        for uid in order:
+            yield from self.groups[uid]
+
+
+def _rate(batches, limit_samples: int) -> float:
+    """Samples/s after the first batch (worker start-up excluded), up to `limit_samples`."""
+    iterator = iter(batches)
+    first = next(iterator)
+    started, seen = time.perf_counter(), 0
+    for batch in iterator:
+        seen += len(batch[1])
+        if seen >= limit_samples:
+            break
+    del first
+    return seen / (time.perf_counter() - started)
+
+
+def plain_tar_loop(shard_paths: list[str], limit_samples: int) -> float:
+    """The naive reader: tarfile + np.load + float tensor, one sample at a time."""
+    started, seen = time.perf_counter(), 0
+    for path in shard_paths:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.name.endswith(".npy"):
+                    array = np.load(io.BytesIO(tar.extractfile(member).read()))
+                    torch.from_numpy(array).float()
+                    seen += 1
+                    if seen >= limit_samples:
+                        return seen / (time.perf_counter() - started)
+    return seen / (time.perf_counter() - started)
+
+
+def bench_loader(data: Path, shards_dir: Path, workers: list[int], batch_size: int, samples: int,
+                 baseline_samples: int, cache_dir: Path) -> dict:
+    shards = open_shard_set(shards_dir)
+    folds = shards.folds
+    result = {"batch_size": batch_size, "shards": {}, "per_candidate_random": {}, "per_candidate_series_order": {},
+              "per_candidate_disk_cache": {}}
+    for w in workers:
+        steps = max(2, samples // batch_size)
+        config = TrainStreamConfig(tuple(folds), batch_size, steps, w, neg_per_pos=1, shuffle_buffer=500)
+        result["shards"][str(w)] = _rate(train_loader(shards, config, epoch=0), (steps - 1) * batch_size)
+    result["plain_tar_loop"] = plain_tar_loop(shards.shards(folds, "neg"), samples)
+
+    candidates, _ = read_candidates(data / "candidates.csv")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for w in workers:
+        dataset = PerCandidateDataset(data, candidates)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=w)
+        result["per_candidate_random"][str(w)] = _rate(loader, baseline_samples)
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=SeriesOrderSampler(dataset), num_workers=w)
+        result["per_candidate_series_order"][str(w)] = _rate(loader, samples)
+    cached = PerCandidateDataset(data, candidates, disk_cache=cache_dir)
+    for _ in DataLoader(cached, batch_size=batch_size, num_workers=max(workers)):
+        pass  # warm the disk cache, as the book's prepcache step does
+    for w in workers:
+        loader = DataLoader(cached, batch_size=batch_size, shuffle=True, num_workers=w)
+        result["per_candidate_disk_cache"][str(w)] = _rate(loader, samples)
+    result["shards_vs_random_baseline"] = {
+        w: result["shards"][w] / result["per_candidate_random"][w] for w in result["shards"]}
+    result["shards_vs_disk_cache"] = {
+        w: result["shards"][w] / result["per_candidate_disk_cache"][w] for w in result["shards"]}
+    return result
+
+
+# -- train -----------------------------------------------------------------------------------------
+def _trainer(shards_dir: Path, out: Path, batch_size: int, steps: int, extra: list[str]):
+    from luna_dist.train import Trainer, parse_args
+
+    args = parse_args(["--shards", str(shards_dir), "--batch-size", str(batch_size), "--max-steps", str(steps),
+                       "--out", str(out), "--run-name", f"bench-{batch_size}", "--balanced", "1", *extra])
+    return Trainer(args)
+
+
+def compute_ceiling(device: torch.device, batch_size: int, steps: int, channels_last: bool, bf16: bool) -> float:
+    """Train steps on one int16 batch already on the device: what the model alone can do.
+
+    Each step does what a training step does to its input (float conversion, layout),
+    so the ratio to end-to-end isolates the cost of feeding the model.
+    """
+    model = LunaModel().to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.99)
+    chunks = torch.randint(HU_MIN, HU_MAX, (batch_size, 1, *CHUNK_SHAPE), dtype=torch.int16, device=device)
+    labels = torch.randint(0, 2, (batch_size,), device=device)
+
+    def step():
+        x = chunks.float()
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits, _ = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step()  # warm-up: kernel selection, allocator
+    _synchronize(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _synchronize(device)
+    return steps * batch_size / (time.perf_counter() - started)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def end_to_end(trainer, epoch: int) -> float:
+    started = time.perf_counter()
+    metrics = trainer.train_epoch(epoch)
+    _synchronize(trainer.device)
+    return metrics["count/all"] / (time.perf_counter() - started)
+
+
+def bench_train(shards_dir: Path, out: Path, batch_sizes: list[int], steps: int, ranks: bool,
+                variants: list[str], extra: list[str]) -> dict:
+    result = {"steps": steps, "end_to_end": {}, "ceiling": {}, "ratio": {}, "variants": {}}
+    for batch_size in batch_sizes:
+        trainer = _trainer(shards_dir, out, batch_size, steps, extra)
+        end_to_end(trainer, 0)  # warm-up epoch: first-touch costs of the loader and the model
+        key = str(batch_size)
+        result["end_to_end"][key] = end_to_end(trainer, 1)
+        result["ceiling"][key] = compute_ceiling(trainer.device, batch_size, steps, trainer.channels_last,
+                                                 trainer.accelerator.mixed_precision == "bf16")
+        result["ratio"][key] = result["end_to_end"][key] / result["ceiling"][key]
+        device = trainer.device
+        trainer.close()
+    for variant in variants:
+        layout, precision = variant.split("+")
+        result["variants"][variant] = compute_ceiling(device, batch_sizes[0], max(3, steps // 2), layout == "cl3d",
+                                                      precision == "bf16")
+    if ranks:
+        result["ranks"] = {str(n): _rank_rate(shards_dir, out, n, batch_sizes[0], steps) for n in (1, 2)}
+        result["ranks"]["2_vs_1"] = result["ranks"]["2"] / result["ranks"]["1"]
+    return result
+
+
+def _rank_rate(shards_dir: Path, out: Path, processes: int, batch_size: int, steps: int) -> float:
+    """Total training samples/s of `processes` CPU ranks (torchrun, gloo), from the run's own figures."""
+    metrics = out / f"ranks-{processes}.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+               "-m", "luna_dist.train", "--shards", str(shards_dir), "--batch-size", str(batch_size),
+               "--max-steps", str(steps), "--epochs", "2", "--out", str(out), "--run-name", f"ranks-{processes}",
+               "--balanced", "1", "--metrics-json", str(metrics)]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1800)
+    return json.loads(metrics.read_text())["train_samples_per_s"]  # the second epoch: warm
+
+
+# -- report ----------------------------------------------------------------------------------------
+def machine() -> dict:
+    info = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def rows(results: dict) -> list[tuple[str, str]]:
+    """Flatten the nested figures into (name, value) rows for the table."""
+    flat = []
+
+    def walk(prefix: str, value):
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), inner)
+        elif isinstance(value, float):
+            flat.append((prefix, f"{value:,.3f}" if abs(value) < 10 else f"{value:,.0f}"))
+        else:
+            flat.append((prefix, str(value)))
+
+    walk("", results)
+    return flat
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(name, results[name]) for name in ("loader", "train") if name in results]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6 * max(1, len(panels)), 4))
+    for ax, (name, figures) in zip(np.atleast_1d(axes), panels):
+        if name == "loader":
+            series = {k: figures[k] for k in ("shards", "per_candidate_random", "per_candidate_series_order",
+                                               "per_candidate_disk_cache")}
+            labels = sorted(figures["shards"])
+            for i, (label, values) in enumerate(series.items()):
+                ax.bar(np.arange(len(labels)) + i * 0.2, [values[w] for w in labels], 0.2, label=label)
+            ax.set_xticks(np.arange(len(labels)) + 0.3, [f"{w} workers" for w in labels])
+            ax.set_yscale("log")
+        else:
+            labels = sorted(figures["end_to_end"], key=int)
+            ax.bar(np.arange(len(labels)), [figures["end_to_end"][b] for b in labels], 0.4, label="end to end")
+            ax.bar(np.arange(len(labels)) + 0.4, [figures["ceiling"][b] for b in labels], 0.4, label="compute ceiling")
+            ax.set_xticks(np.arange(len(labels)) + 0.2, [f"batch {b}" for b in labels])
+        ax.set_ylabel("samples/s")
+        ax.set_title(name)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m luna_dist.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=["shard", "loader", "train", "all"])
+    parser.add_argument("--data", type=Path, help="LUNA16-format folder (default: make a synthetic one)")
+    parser.add_argument("--shards", type=Path, help="shard folder for loader/train (default: build from --data)")
+    parser.add_argument("--cts", type=int, default=10, help="synthetic CTs to make")
+    parser.add_argument("--shape", type=int, nargs=3, default=[200, 512, 512], metavar=("I", "R", "C"),
+                        help="synthetic CT size (slices vary around I)")
+    parser.add_argument("--workers", type=int, default=2, help="shard-build processes")
+    parser.add_argument("--loader-workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--loader-samples", type=int, default=3000)
+    parser.add_argument("--baseline-samples", type=int, default=300, help="samples for the slow random-order baseline")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128])
+    parser.add_argument("--train-steps", type=int, default=12)
+    parser.add_argument("--train-workers", type=int, help="data workers while training (default: train's own)")
+    parser.add_argument("--variants", nargs="*", default=["default+no", "cl3d+no", "default+bf16", "cl3d+bf16"],
+                        help="compute-ceiling variants LAYOUT+PRECISION (LAYOUT default|cl3d, PRECISION no|bf16)")
+    parser.add_argument("--no-ranks", dest="ranks", action="store_false", help="skip the 1 vs 2 CPU ranks run")
+    parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--plot", type=Path, help="draw the figures here (PNG, needs matplotlib)")
+    args = parser.parse_args(argv)
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="luna_dist-bench-"))
+    data = args.data
+    if data is None:
+        data = work / "data"
+        if not (data / "candidates.csv").is_file():
+            make_dataset(data, n_cts=args.cts, seed=0, shape=tuple(args.shape))
+    results: dict = {"machine": machine()}
+    shards = args.shards
+    if args.what in ("shard", "all") or shards is None:
+        shard_out = work / "shards"
+        if args.what in ("shard", "all"):
+            results["shard"] = bench_shard(data, shard_out, args.workers)
+        else:
+            build(BuildOptions(data=data, out=shard_out, workers=args.workers, progress=False))
+        shards = shards or shard_out
+    if args.what in ("loader", "all"):
+        results["loader"] = bench_loader(data, shards, args.loader_workers, args.batch_sizes[0], args.loader_samples,
+                                         args.baseline_samples, work / "diskcache")
+    if args.what in ("train", "all"):
+        extra = ["--num-workers", str(args.train_workers)] if args.train_workers is not None else []
+        results["train"] = bench_train(shards, work / "runs", args.batch_sizes, args.train_steps, args.ranks,
+                                       args.variants, extra)
+
+    width = max(len(name) for name, _ in rows(results))
+    for name, value in rows(results):
+        print(f"{name:<{width}}  {value:>14}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    if args.plot:
+        plot(results, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Classification metrics from per-sample values gathered from every process.
+
+Metrics are computed once, after the gather, so every rank's samples count and
+none twice. Undefined values (an absent class, a zero denominator) are NaN
+rather than errors or warnings: a validation shard without positives is normal.
+"""
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def compute_metrics(label: Tensor, prob: Tensor, loss: Tensor, threshold: float = 0.5) -> dict[str, float]:
+    """Loss, accuracy, precision/recall/F1 and ROC AUC for a binary classifier.
+
+    ``label`` is 0/1 per sample, ``prob`` the positive-class probability and
+    ``loss`` the per-sample loss, all shape (N,) on any device. A sample is
+    predicted positive when ``prob > threshold``. Percentages are 0-100;
+    ``count/*`` and ``correct_count/*`` are ints.
+    """
+    label, prob, loss = (t.detach().cpu().flatten() for t in (label, prob, loss))  # one transfer each
+    # Compare in prob's own dtype: a float32 0.3 is then not above a threshold of 0.3.
+    pos_pred = prob > threshold
+    pos_label = label > 0.5  # labels are 0/1: the class never depends on the decision threshold
+    neg_label = ~pos_label
+    # float64 so sums over a large epoch stay accurate.
+    prob, loss = prob.to(torch.float64), loss.to(torch.float64)
+
+    n_pos = int(pos_label.sum())
+    n_neg = int(neg_label.sum())
+    true_pos = int((pos_label & pos_pred).sum())
+    true_neg = int((neg_label & ~pos_pred).sum())
+    false_pos = n_neg - true_neg
+
+    precision = _ratio(true_pos, true_pos + false_pos)
+    recall = _ratio(true_pos, n_pos)
+    if math.isnan(precision) or math.isnan(recall) or precision + recall == 0:
+        f1_score = math.nan
+    else:
+        f1_score = 2 * precision * recall / (precision + recall)
+
+    return {
+        "loss/all": _mean(loss),
+        "loss/neg": _mean(loss[neg_label]),
+        "loss/pos": _mean(loss[pos_label]),
+        "correct/all": _ratio(true_pos + true_neg, n_pos + n_neg) * 100,
+        "correct/neg": _ratio(true_neg, n_neg) * 100,
+        "correct/pos": _ratio(true_pos, n_pos) * 100,
+        "pr/precision": precision,
+        "pr/recall": recall,
+        "pr/f1_score": f1_score,
+        "auc": _roc_auc(prob[pos_label], prob[neg_label]),
+        "count/all": n_pos + n_neg,
+        "count/neg": n_neg,
+        "count/pos": n_pos,
+        "correct_count/neg": true_neg,
+        "correct_count/pos": true_pos,
+    }
+
+
+def format_metrics(epoch: int, mode: str, metrics: dict) -> list[str]:
+    """Three log lines (all, negatives, positives) for the metrics of one epoch and mode."""
+    line = _format_line(epoch, mode, metrics, "all")
+    if metrics["count/all"]:
+        pr = (_or_na(metrics[f"pr/{key}"]) for key in ("precision", "recall", "f1_score"))
+        line += ", {} precision, {} recall, {} f1 score".format(*pr)
+    return [
+        line,
+        _format_line(epoch, f"{mode}_neg", metrics, "neg"),
+        _format_line(epoch, f"{mode}_pos", metrics, "pos"),
+    ]
+
+
+def _format_line(epoch: int, mode: str, metrics: dict, group: str) -> str:
+    count = metrics[f"count/{group}"]
+    if not count:
+        return "E{} {:8} no samples".format(epoch, mode)
+    line = "E{} {:8} {:.4f} loss, {:-5.1f}% correct".format(
+        epoch, mode, metrics[f"loss/{group}"], metrics[f"correct/{group}"]
+    )
+    if group != "all":
+        line += " ({} of {})".format(metrics[f"correct_count/{group}"], count)
+    return line
+
+
+def _or_na(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.4f}"
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator else math.nan
+
+
+def _mean(values: Tensor) -> float:
+    # Explicit rather than relying on what mean() of an empty tensor does.
+    return float(values.mean()) if values.numel() else math.nan
+
+
+def _roc_auc(pos_scores: Tensor, neg_scores: Tensor) -> float:
+    """ROC AUC as P(positive scores above negative), ties counting one half.
+
+    Computed from ranks (the Mann-Whitney U statistic), with tied scores sharing
+    their average rank: O(N log N) and no sklearn.
+    """
+    n_pos, n_neg = pos_scores.numel(), neg_scores.numel()
+    if not n_pos or not n_neg:
+        return math.nan
+    scores = torch.cat([pos_scores, neg_scores])  # (N,)
+    unique, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
+    # Ranks start at 1; a group of tied scores spans ranks (end - count, end].
+    ends = counts.cumsum(0).to(torch.float64)
+    average_rank = ends - (counts.to(torch.float64) - 1) / 2  # (U,)
+    pos_rank_sum = float(average_rank[inverse[:n_pos]].sum())
+    return (pos_rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)

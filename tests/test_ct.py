@@ -1,0 +1,268 @@
+"""Reading a CT and cutting chunks: exact crops, honest padding, and errors that name the file."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from luna_dist.ct import CHUNK_SHAPE, HU_MAX, HU_MIN, CtError, chunk_bounds, cut_chunks, read_ct
+from luna_dist.geometry import Geometry
+
+HALF = np.array(CHUNK_SHAPE) // 2  # (16, 24, 24)
+
+
+def first_mhd(data: Path) -> Path:
+    return sorted(data.glob("subset*/*.mhd"))[0]
+
+
+@pytest.fixture
+def ct_copy(synth_data, tmp_path) -> Path:
+    """A private copy of one synthetic CT (.mhd + .raw) that a test may damage."""
+    mhd = first_mhd(synth_data)
+    shutil.copy2(mhd, tmp_path / mhd.name)
+    shutil.copy2(mhd.with_suffix(".raw"), tmp_path / mhd.with_suffix(".raw").name)
+    return tmp_path / mhd.name
+
+
+@pytest.fixture(scope="module")
+def volume() -> np.ndarray:
+    """A (40, 60, 70) int16 volume with values outside [-1000, 1000] and a unique value per voxel region."""
+    rng = np.random.default_rng(0)
+    return rng.integers(-1400, 3000, (40, 60, 70)).astype(np.int16)
+
+
+def direct_crop(hu: np.ndarray, center) -> np.ndarray:
+    i, r, c = center
+    return np.clip(hu[i - 16 : i + 16, r - 24 : r + 24, c - 24 : c + 24], -1000, 1000)
+
+
+def test_read_ct_matches_simpleitk(synth_data):
+    mhd = first_mhd(synth_data)
+    ct = read_ct(mhd)
+    reference = sitk.ReadImage(str(mhd))
+    expected = sitk.GetArrayFromImage(reference)
+    assert ct.series_uid == mhd.stem
+    assert ct.hu.dtype == np.int16
+    assert ct.hu.shape == expected.shape == reference.GetSize()[::-1]
+    np.testing.assert_array_equal(ct.hu, expected)
+    np.testing.assert_array_equal(ct.geometry.origin_xyz, reference.GetOrigin())
+    np.testing.assert_array_equal(ct.geometry.spacing_xyz, reference.GetSpacing())
+    assert isinstance(ct.geometry, Geometry)
+
+
+def test_read_ct_accepts_str_path(synth_data):
+    mhd = first_mhd(synth_data)
+    ct = read_ct(str(mhd))
+    np.testing.assert_array_equal(ct.hu, sitk.GetArrayFromImage(sitk.ReadImage(str(mhd))))
+
+
+DANGLING_VIEW_SCRIPT = '''
+import gc, sys
+import numpy as np, SimpleITK as sitk
+from luna_dist.ct import read_ct
+path = sys.argv[1]
+expected = sitk.GetArrayFromImage(sitk.ReadImage(path))
+hu = read_ct(path).hu          # the Ct (and its sitk.Image) is dropped at once
+gc.collect()
+size = sitk.ReadImage(path).GetSize()
+others = [sitk.Image(size, sitk.sitkInt16) + 7 for _ in range(3)]  # same-size allocations
+sys.exit(0 if np.array_equal(hu, expected) else 3)
+'''
+
+
+def test_hu_stays_valid_after_the_ct_object_is_dropped(synth_data):
+    """`hu = read_ct(path).hu` must keep its voxels; run in a subprocess as a dangling view may crash."""
+    result = subprocess.run([sys.executable, "-c", DANGLING_VIEW_SCRIPT, str(first_mhd(synth_data))],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"voxels changed after the Ct was dropped (rc {result.returncode}) {result.stderr}"
+
+
+def test_chunk_bounds_start_at_center_minus_half_width():
+    np.testing.assert_array_equal(chunk_bounds(np.array([20, 30, 40])), [4, 6, 16])
+    np.testing.assert_array_equal(chunk_bounds(np.array([[0, 0, 0], [5, 5, 5]]), (4, 6, 8)), [[-2, -3, -4], [3, 2, 1]])
+
+
+def test_inside_centres_equal_a_direct_clipped_crop(volume):
+    rng = np.random.default_rng(1)
+    lo, hi = HALF, np.array(volume.shape) - HALF  # chunk fits exactly: [c - half, c + half) inside
+    centres = rng.integers(lo, hi + 1, (50, 3))
+    centres = np.vstack([centres, lo, hi])  # both extreme inside positions
+    chunks, outside = cut_chunks(volume, centres)
+    assert chunks.shape == (52, *CHUNK_SHAPE)
+    assert chunks.dtype == np.int16
+    assert not outside.any()
+    for chunk, centre in zip(chunks, centres):
+        np.testing.assert_array_equal(chunk, direct_crop(volume, centre))
+    assert chunks.min() >= HU_MIN and chunks.max() <= HU_MAX
+    assert (chunks == HU_MIN).any() and (chunks == HU_MAX).any()  # the clip really happened
+
+
+def test_cut_chunks_does_not_modify_the_volume(volume):
+    before = volume.copy()
+    cut_chunks(volume, np.array([[20, 30, 35], [0, 0, 0]]))
+    np.testing.assert_array_equal(volume, before)
+
+
+def border_centres(shape) -> list[tuple[int, int, int]]:
+    """Centres one voxel over each border, exactly at it, and beyond it, on every face."""
+    mid = [s // 2 for s in shape]
+    centres = []
+    for axis in range(3):
+        for value in (HALF[axis] - 1, 0, -3, shape[axis] - HALF[axis] + 1, shape[axis] - 1, shape[axis] + 2):
+            centre = list(mid)
+            centre[axis] = value
+            centres.append(tuple(centre))
+    centres.append((0, 0, 0))
+    centres.append(tuple(s - 1 for s in shape))
+    return centres
+
+
+@pytest.mark.parametrize("centre_index", range(20))
+def test_border_centres_are_padded_not_shifted(volume, centre_index):
+    centre = np.array(border_centres(volume.shape)[centre_index])
+    chunks, outside = cut_chunks(volume, centre[None])
+    chunk = chunks[0]
+    assert outside.tolist() == [True]
+    start = centre - HALF
+    shape = np.array(volume.shape)
+    # Where each chunk voxel comes from in the volume, and whether it exists.
+    grids = np.meshgrid(*[start[a] + np.arange(CHUNK_SHAPE[a]) for a in range(3)], indexing="ij")
+    inside = np.all([(g >= 0) & (g < shape[a]) for a, g in enumerate(grids)], axis=0)
+    assert inside.any() and not inside.all()
+    assert (chunk[~inside] == HU_MIN).all()
+    source = np.clip(volume[tuple(g[inside] for g in grids)], HU_MIN, HU_MAX)
+    np.testing.assert_array_equal(chunk[inside], source)
+
+
+def test_centre_right_at_the_inside_limit_is_not_flagged(volume):
+    shape = np.array(volume.shape)
+    _, outside = cut_chunks(volume, np.array([HALF, shape - HALF, HALF - [1, 0, 0], shape - HALF + [0, 0, 1]]))
+    assert outside.tolist() == [False, False, True, True]
+
+
+@pytest.mark.parametrize("centre", [(-100, 30, 35), (20, 500, 35), (20, 30, -25), (1000, 1000, 1000), (-16, -24, -24)])
+def test_entirely_outside_is_all_air_and_flagged(volume, centre):
+    chunks, outside = cut_chunks(volume, np.array([centre]))
+    assert outside.tolist() == [True]
+    assert (chunks == HU_MIN).all()
+
+
+def test_mixed_batch_keeps_order_and_flags(volume):
+    centres = np.array([[20, 30, 35], [-100, 0, 0], [0, 30, 35], [20, 30, 35]])
+    chunks, outside = cut_chunks(volume, centres)
+    assert outside.tolist() == [False, True, True, False]
+    np.testing.assert_array_equal(chunks[0], direct_crop(volume, (20, 30, 35)))
+    np.testing.assert_array_equal(chunks[3], chunks[0])
+    assert (chunks[1] == HU_MIN).all()
+    np.testing.assert_array_equal(chunks[2][16:], direct_crop(volume, (16, 30, 35))[:16])
+
+
+def test_other_chunk_shapes(volume):
+    chunks, outside = cut_chunks(volume, np.array([[10, 10, 10]]), shape=(4, 6, 8))
+    assert chunks.shape == (1, 4, 6, 8)
+    np.testing.assert_array_equal(chunks[0], np.clip(volume[8:12, 7:13, 6:14], HU_MIN, HU_MAX))
+    assert not outside[0]
+
+
+def test_real_ct_chunk_equals_direct_crop(synth_data):
+    ct = read_ct(first_mhd(synth_data))
+    centre = np.array(ct.hu.shape) // 2
+    chunks, outside = cut_chunks(ct.hu, centre[None])
+    assert not outside[0]
+    np.testing.assert_array_equal(chunks[0], direct_crop(sitk.GetArrayFromImage(sitk.ReadImage(str(first_mhd(synth_data)))), centre))
+
+
+# --- errors -------------------------------------------------------------------------------------------
+
+
+def test_missing_mhd(tmp_path):
+    missing = tmp_path / "1.2.3.mhd"
+    with pytest.raises(CtError) as err:
+        read_ct(missing)
+    message = str(err.value)
+    assert str(missing) in message
+    assert "not found" in message
+
+
+def test_missing_raw(ct_copy):
+    raw = ct_copy.with_suffix(".raw")
+    raw.unlink()
+    with pytest.raises(CtError) as err:
+        read_ct(ct_copy)
+    message = str(err.value)
+    assert ct_copy.name in message
+    assert raw.name in message
+    assert "missing" in message
+
+
+@pytest.mark.parametrize("keep", [0, 1, 0.5, 0.999])
+def test_truncated_raw(ct_copy, keep):
+    raw = ct_copy.with_suffix(".raw")
+    size = raw.stat().st_size
+    new_size = int(size * keep) if keep < 1 else size - 1
+    with open(raw, "r+b") as f:
+        f.truncate(new_size)
+    with pytest.raises(CtError) as err:
+        read_ct(ct_copy)
+    message = str(err.value)
+    assert raw.name in message
+    assert "truncated" in message
+    assert str(new_size) in message and str(size) in message
+
+
+def test_raw_longer_than_needed_still_reads(ct_copy):
+    """Extra trailing bytes do not hide the image (ITK reads the first DimSize voxels)."""
+    expected = sitk.GetArrayFromImage(sitk.ReadImage(str(ct_copy)))
+    with open(ct_copy.with_suffix(".raw"), "ab") as f:
+        f.write(b"\0" * 10)
+    ct = read_ct(ct_copy)
+    np.testing.assert_array_equal(ct.hu, expected)
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ("this is not a header at all\n\x00\x01garbage", "not a MetaImage header"),
+        ("", "not a MetaImage header"),
+        ("NDims = 3\nDimSize = 160 160\n", "missing ElementType, ElementDataFile"),
+    ],
+    ids=["garbage", "empty", "incomplete"],
+)
+def test_garbage_mhd(ct_copy, content, problem):
+    ct_copy.write_text(content)
+    with pytest.raises(CtError) as err:
+        read_ct(ct_copy)
+    message = str(err.value)
+    assert ct_copy.name in message
+    assert problem in message
+
+
+def test_mhd_with_bad_dimsize(ct_copy):
+    header = ct_copy.read_text()
+    lines = [("DimSize = 160 abc 80" if line.startswith("DimSize") else line) for line in header.splitlines()]
+    ct_copy.write_text("\n".join(lines) + "\n")
+    with pytest.raises(CtError) as err:
+        read_ct(ct_copy)
+    assert ct_copy.name in str(err.value)
+    assert "DimSize" in str(err.value)
+
+
+def test_mhd_pointing_to_an_unreadable_payload(ct_copy):
+    """A header ITK rejects (unknown element type) still gives a CtError naming the file."""
+    header = ct_copy.read_text().replace("MET_SHORT", "MET_NOT_A_TYPE")
+    ct_copy.write_text(header)
+    with pytest.raises(CtError) as err:
+        read_ct(ct_copy)
+    assert ct_copy.name in str(err.value)
+
+
+def test_ct_error_is_an_exception_not_a_crash(tmp_path):
+    assert issubclass(CtError, Exception)
+    with pytest.raises(CtError):
+        read_ct(tmp_path)  # a folder is not a CT

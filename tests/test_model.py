@@ -1,0 +1,110 @@
+import pickle
+
+import pytest
+import torch
+
+from luna_dist.ct import CHUNK_SHAPE
+from luna_dist.model import LunaBlock, LunaModel
+
+
+def _chunks(n: int, seed: int = 0) -> torch.Tensor:
+    """Random chunks (N, 1, 32, 48, 48) spread over the HU range, like real inputs."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, *CHUNK_SHAPE, generator=generator) * 2000 - 1000
+
+
+@pytest.fixture
+def model() -> LunaModel:
+    torch.manual_seed(0)
+    return LunaModel()
+
+
+def test_parameter_count(model):
+    assert sum(p.numel() for p in model.parameters()) == 222_220
+
+
+def test_block_halves_every_spatial_axis():
+    out = LunaBlock(1, 8)(torch.zeros(2, 1, 8, 6, 4))
+    assert out.shape == (2, 8, 4, 3, 2)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_forward_shapes_and_probabilities(model, n):
+    model.eval()
+    logits, probabilities = model(_chunks(n))
+    assert logits.shape == probabilities.shape == (n, 2)
+    torch.testing.assert_close(probabilities.sum(dim=1), torch.ones(n))
+    torch.testing.assert_close(probabilities, torch.softmax(logits, dim=1))
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (2, 1, 32, 32, 32),  # wrong spatial size: head sees too few features
+        (2, 2, *CHUNK_SHAPE),  # two channels into a one-channel batch norm
+        (1, *CHUNK_SHAPE),  # missing batch axis: batch norm rejects 4-D input
+    ],
+)
+def test_wrong_input_shape_raises(model, shape):
+    with pytest.raises((RuntimeError, ValueError)):
+        model(torch.zeros(shape))
+
+
+def test_init_is_kaiming_fan_out_with_small_normal_bias():
+    torch.manual_seed(0)
+    conv = LunaModel().block4.conv1  # 32 -> 64 channels: fan_out differs from fan_in
+    fan_out = 64 * 27
+    assert conv.weight.std().item() == pytest.approx((2 / fan_out) ** 0.5, rel=0.05)
+    # Bias is normal with mean -bound and std bound, bound = 1/sqrt(fan_out): small, centred below 0.
+    bound = 1 / fan_out**0.5
+    assert conv.bias.abs().max().item() < 6 * bound
+    assert conv.bias.mean().item() == pytest.approx(-bound, abs=0.5 * bound)
+
+
+def test_gradients_reach_every_parameter(model):
+    model.train()
+    logits, _ = model(_chunks(4))
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 0, 1])).backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None, name
+        assert parameter.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_channels_last_3d_matches_default_layout(model, train):
+    x = _chunks(2)
+    model.train(train)
+    expected_logits, expected_probabilities = model(x)
+
+    model = model.to(memory_format=torch.channels_last_3d)
+    x = x.to(memory_format=torch.channels_last_3d)
+    assert model.block1.conv1.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    logits, probabilities = model(x)
+
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(probabilities, expected_probabilities, rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_autocast_gives_finite_outputs(model):
+    model.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, probabilities = model(_chunks(2))
+    assert logits.dtype == torch.bfloat16  # autocast really ran the layers in bf16
+    assert torch.isfinite(logits).all()
+    assert torch.isfinite(probabilities).all()
+    torch.testing.assert_close(probabilities.float().sum(dim=1), torch.ones(2), atol=1e-2, rtol=0)
+
+
+def test_pickle_and_state_dict_round_trip(model):
+    model.eval()
+    x = _chunks(2)
+    expected, _ = model(x)
+
+    unpickled = pickle.loads(pickle.dumps(model))
+    torch.testing.assert_close(unpickled(x)[0], expected, rtol=0, atol=0)
+
+    torch.manual_seed(1)
+    fresh = LunaModel().eval()
+    assert not torch.equal(fresh(x)[0], expected)  # different init, different output
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh(x)[0], expected, rtol=0, atol=0)

@@ -1,0 +1,695 @@
+"""The shard build end to end, read back through the tar files themselves.
+
+Expected values are recomputed independently of luna_dist: CSVs with the csv module,
+voxel indices with SimpleITK's TransformPhysicalPointToIndex, crops with fancy indexing.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+import luna_dist.shard as shard_module
+from luna_dist.shard import MANIFEST, BuildError, BuildOptions, build
+from luna_dist.stream import ShardSetError, open_shard_set
+from luna_dist.synth import make_dataset
+
+CHUNK_SHAPE = (32, 48, 48)
+SHARD_NAME = re.compile(r"^fold(\d+)-(pos|neg)-(\d{6})\.tar$")
+JSON_FIELDS = {"series_uid", "fold", "center_xyz", "center_irc", "is_nodule", "diameter_mm", "is_malignant",
+               "candidate_row", "outside_volume"}
+
+
+# --- independent readers ------------------------------------------------------------------------------
+
+
+def csv_rows(path: Path) -> list[dict]:
+    """Data rows of a LUNA16 CSV, with their 0-based data row and 1-based file line."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return [{**row, "row": n, "line": n + 2} for n, row in enumerate(reader)]
+
+
+def xyz_of(row: dict) -> tuple[float, float, float]:
+    return float(row["coordX"]), float(row["coordY"]), float(row["coordZ"])
+
+
+def key_of(uid: str, row: int) -> str:
+    return uid.replace(".", "_") + f"_{row}"
+
+
+def expected_labels(data: Path) -> dict[str, dict]:
+    """Per candidate key: series, centre, class, and the diameter/malignancy of the nearest enclosing nodule."""
+    nodules = defaultdict(list)
+    for row in csv_rows(data / "annotations_with_malignancy.csv"):
+        nodules[row["seriesuid"]].append((np.array(xyz_of(row)), float(row["diameter_mm"]), row["mal_bool"] == "True"))
+    expected = {}
+    for row in csv_rows(data / "candidates.csv"):
+        uid, xyz, is_nodule = row["seriesuid"], xyz_of(row), row["class"] == "1"
+        diameter, malignant = 0.0, None
+        if is_nodule:
+            enclosing = [(np.linalg.norm(c - xyz), d, m) for c, d, m in nodules[uid] if np.linalg.norm(c - xyz) <= d / 2]
+            if enclosing:
+                _, diameter, malignant = min(enclosing)
+        expected[key_of(uid, row["row"])] = dict(series_uid=uid, center_xyz=list(xyz), is_nodule=is_nodule,
+                                                 diameter_mm=diameter, is_malignant=malignant,
+                                                 candidate_row=row["row"])
+    return expected
+
+
+def series_paths(data: Path) -> dict[str, Path]:
+    return {p.stem: p for p in data.glob("subset*/*.mhd")}
+
+
+def iter_tar(path: Path):
+    """(key, {extension: bytes}) for each sample of one tar, in file order; keys split at the first dot."""
+    with tarfile.open(path) as tar:
+        current, sample = None, {}
+        for member in tar:
+            assert member.isfile(), f"{path}: {member.name} is not a regular file"
+            key, ext = member.name.split(".", 1)
+            data = tar.extractfile(member).read()
+            assert len(data) == member.size
+            if key != current:
+                if current is not None:
+                    yield current, sample
+                current, sample = key, {}
+            assert ext not in sample, f"{path}: {member.name} twice"
+            sample[ext] = data
+        if current is not None:
+            yield current, sample
+
+
+def shard_files(out: Path) -> list[Path]:
+    return sorted(out.glob("fold*.tar"))
+
+
+def read_samples(out: Path) -> dict[str, dict]:
+    """Every sample of every fold*.tar under out: key -> shard name, cls, parsed json, chunk sha256."""
+    samples = {}
+    for path in shard_files(out):
+        for key, sample in iter_tar(path):
+            assert set(sample) == {"chunk.npy", "cls", "json"}, f"{path}: {key} has {sorted(sample)}"
+            assert key not in samples, f"{key} in {path.name} and {samples.get(key, {}).get('shard')}"
+            samples[key] = {
+                "shard": path.name,
+                "cls": sample["cls"],
+                "json": json.loads(sample["json"]),
+                "sha": hashlib.sha256(sample["chunk.npy"]).hexdigest(),
+            }
+    return samples
+
+
+def fingerprint_of(samples: dict[str, dict]) -> set[tuple[str, str, str]]:
+    """(key, sha256 of chunk bytes, canonical json) of every sample: what two equal builds share."""
+    return {(key, s["sha"], json.dumps(s["json"], sort_keys=True)) for key, s in samples.items()}
+
+
+def fingerprint(out: Path) -> set[tuple[str, str, str]]:
+    return fingerprint_of(read_samples(out))
+
+
+def reference_chunk(volume: np.ndarray, irc) -> tuple[np.ndarray, bool]:
+    """The (32, 48, 48) chunk at irc by fancy indexing, -1000 outside the volume, clipped; and whether it was padded."""
+    axes = [int(c) - w // 2 + np.arange(w) for c, w in zip(irc, CHUNK_SHAPE)]
+    valid = [(a >= 0) & (a < n) for a, n in zip(axes, volume.shape)]
+    clipped = [np.clip(a, 0, n - 1) for a, n in zip(axes, volume.shape)]
+    chunk = volume[np.ix_(*clipped)].astype(np.int16)
+    mask = valid[0][:, None, None] & valid[1][None, :, None] & valid[2][None, None, :]
+    chunk[~mask] = -1000
+    return np.clip(chunk, -1000, 1000), not bool(mask.all())
+
+
+def tar_is_complete(path: Path) -> None:
+    """A finished tar: whole 512-byte blocks, the end-of-archive zero blocks, every member readable."""
+    size = path.stat().st_size
+    assert size > 0 and size % 512 == 0, f"{path}: {size} bytes"
+    with open(path, "rb") as f:
+        f.seek(size - 1024)
+        assert f.read() == b"\0" * 1024, f"{path}: no end-of-archive marker"
+    for key, sample in iter_tar(path):
+        assert set(sample) == {"chunk.npy", "cls", "json"}, f"{path}: {key}"
+        assert np.load(io.BytesIO(sample["chunk.npy"])).shape == CHUNK_SHAPE
+        json.loads(sample["json"])
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def file_stats(out: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(out)): (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*") if p.is_file()}
+
+
+def shard_cli(*args, cwd: Path | None = None, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "luna_dist.shard", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, cwd=cwd, **kwargs)
+
+
+# --- the session build, read back -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def samples(shard_dir) -> dict[str, dict]:
+    """All samples of the session build, read through the tar files."""
+    return read_samples(shard_dir)
+
+
+@pytest.fixture(scope="module")
+def manifest(shard_dir) -> dict:
+    return json.loads((shard_dir / MANIFEST).read_text())
+
+
+def check_chunks_against_the_cts(data: Path, out: Path) -> int:
+    """Every sample's chunk equals the crop of its CT at SimpleITK's index of its CSV centre; returns how many padded."""
+    rows = {key_of(r["seriesuid"], r["row"]): r for r in csv_rows(data / "candidates.csv")}
+    paths = series_paths(data)
+    images, volumes = {}, {}
+    seen, padded = 0, 0
+    for path in shard_files(out):
+        for key, sample in iter_tar(path):
+            meta = json.loads(sample["json"])
+            uid = meta["series_uid"]
+            if uid not in images:
+                images[uid] = sitk.ReadImage(str(paths[uid]))
+                volumes[uid] = sitk.GetArrayFromImage(images[uid])
+            irc = images[uid].TransformPhysicalPointToIndex(xyz_of(rows[key]))[::-1]
+            expected, outside = reference_chunk(volumes[uid], irc)
+            chunk = np.load(io.BytesIO(sample["chunk.npy"]), allow_pickle=False)
+            assert chunk.dtype == np.int16 and chunk.shape == CHUNK_SHAPE, key
+            assert np.array_equal(chunk, expected), f"{path.name}: {key} differs from the crop at {irc}"
+            assert meta["center_irc"] == list(irc), key
+            assert meta["outside_volume"] is outside, key
+            seen += 1
+            padded += outside
+    assert seen == len(rows)
+    return padded
+
+
+def test_every_chunk_equals_a_direct_crop_of_its_ct(synth_data, shard_dir):
+    padded = check_chunks_against_the_cts(synth_data, shard_dir)
+    assert 0 < padded < len(csv_rows(synth_data / "candidates.csv"))  # border candidates exercised the padding
+
+
+def test_every_candidate_is_one_sample_with_a_unique_key(synth_data, samples):
+    expected = expected_labels(synth_data)
+    assert set(samples) == set(expected)
+    assert len(samples) == len(csv_rows(synth_data / "candidates.csv"))
+
+
+def test_json_fields_agree_with_the_csvs(synth_data, samples):
+    expected = expected_labels(synth_data)
+    folds = {uid: int(path.parent.name.removeprefix("subset")) for uid, path in series_paths(synth_data).items()}
+    malignant_seen = set()
+    for key, sample in samples.items():
+        meta, want = sample["json"], expected[key]
+        assert set(meta) == JSON_FIELDS, key
+        for field in ("series_uid", "center_xyz", "is_nodule", "candidate_row"):
+            assert meta[field] == want[field], (key, field)
+        assert meta["diameter_mm"] == want["diameter_mm"], key
+        assert meta["is_malignant"] is want["is_malignant"], key
+        assert meta["fold"] == folds[meta["series_uid"]], key
+        assert key == meta["series_uid"].replace(".", "_") + f"_{meta['candidate_row']}"
+        assert "." not in key
+        assert sample["cls"] == (b"1" if meta["is_nodule"] else b"0"), key
+        if meta["is_nodule"]:
+            assert meta["diameter_mm"] > 0, key
+            malignant_seen.add(meta["is_malignant"])
+        else:
+            assert meta["diameter_mm"] == 0 and meta["is_malignant"] is None, key
+    assert malignant_seen == {True, False}
+
+
+def test_shards_are_named_by_fold_and_class_and_hold_only_theirs(shard_dir, samples):
+    names = [p.name for p in shard_files(shard_dir)]
+    assert names
+    # Besides shards and manifest, only the build journal; no .partial left.
+    assert sorted(p.name for p in shard_dir.iterdir()) == sorted(names + [MANIFEST, ".build"])
+    assert not list(shard_dir.rglob("*.partial"))
+    for name in names:
+        assert SHARD_NAME.match(name), name
+    by_shard = defaultdict(list)
+    for sample in samples.values():
+        by_shard[sample["shard"]].append(sample)
+    assert set(by_shard) == set(names)  # no empty shard
+    for name, members in by_shard.items():
+        fold, label, _ = SHARD_NAME.match(name).groups()
+        assert {m["json"]["fold"] for m in members} == {int(fold)}, name
+        assert {m["json"]["is_nodule"] for m in members} == {label == "pos"}, name
+        assert len(members) <= 150, name
+    for fold in range(10):  # each fold's shards are numbered from 0 without gaps
+        for label in ("pos", "neg"):
+            numbers = sorted(int(SHARD_NAME.match(n).group(3)) for n in names if n.startswith(f"fold{fold}-{label}-"))
+            assert numbers == list(range(len(numbers))), (fold, label)
+
+
+def test_no_series_in_two_folds(samples, manifest):
+    folds_of = defaultdict(set)
+    for sample in samples.values():
+        folds_of[sample["json"]["series_uid"]].add(sample["json"]["fold"])
+    assert all(len(f) == 1 for f in folds_of.values())
+    listed = [uid for fold in manifest["folds"].values() for uid in fold["series"]]
+    assert len(listed) == len(set(listed)) == len(folds_of)
+    for fold, entry in manifest["folds"].items():
+        for uid in entry["series"]:
+            assert folds_of[uid] == {int(fold)}
+
+
+def test_manifest_counts_equal_the_csv_and_the_tars(synth_data, samples, manifest):
+    rows = csv_rows(synth_data / "candidates.csv")
+    folds = {uid: int(path.parent.name.removeprefix("subset")) for uid, path in series_paths(synth_data).items()}
+    positives = sum(r["class"] == "1" for r in rows)
+    assert manifest["counts"]["samples"] == len(rows) == len(samples)
+    assert manifest["counts"]["positives"] == positives == sum(s["cls"] == b"1" for s in samples.values())
+    assert manifest["counts"]["negatives"] == len(rows) - positives
+    assert manifest["counts"]["outside_volume"] == sum(s["json"]["outside_volume"] for s in samples.values())
+    csv_per_fold = Counter((folds[r["seriesuid"]], r["class"]) for r in rows)
+    tar_per_fold = Counter((s["json"]["fold"], "1" if s["json"]["is_nodule"] else "0") for s in samples.values())
+    assert csv_per_fold == tar_per_fold
+    assert set(manifest["folds"]) == {str(k) for k in range(10)}
+    for fold, entry in manifest["folds"].items():
+        k = int(fold)
+        assert entry["positives"] == csv_per_fold[(k, "1")]
+        assert entry["negatives"] == csv_per_fold[(k, "0")]
+        assert entry["samples"] == entry["positives"] + entry["negatives"]
+        assert entry["series"] == sorted(uid for uid, f in folds.items() if f == k)
+    assert manifest["skipped"] == [] and manifest["failed"] == [] and manifest["bad_rows"] == []
+
+
+def test_manifest_shards_match_the_files(shard_dir, samples, manifest):
+    per_shard = Counter(s["shard"] for s in samples.values())
+    assert sorted(s["name"] for s in manifest["shards"]) == [p.name for p in shard_files(shard_dir)]
+    for record in manifest["shards"]:
+        path = shard_dir / record["name"]
+        fold, label, _ = SHARD_NAME.match(record["name"]).groups()
+        assert (record["fold"], record["label"]) == (int(fold), label)
+        assert record["samples"] == per_shard[record["name"]]
+        assert record["bytes"] == path.stat().st_size
+        assert record["sha256"] == sha256_file(path)
+    assert manifest["chunk"]["shape"] == list(CHUNK_SHAPE) and manifest["chunk"]["dtype"] == "int16"
+    assert manifest["arguments"]["max_samples"] == 150 and manifest["arguments"]["workers"] == 2
+
+
+def test_open_shard_set_accepts_the_build(shard_dir, manifest):
+    shards = open_shard_set(shard_dir)
+    assert shards.folds == list(range(10))
+    assert shards.count(range(10), "pos") == manifest["counts"]["positives"]
+    assert shards.count(range(10), "neg") == manifest["counts"]["negatives"]
+    assert sorted(shards.shards([3], "neg")) == sorted(str(shard_dir / s["name"]) for s in manifest["shards"]
+                                                       if s["fold"] == 3 and s["label"] == "neg")
+
+
+# --- kill and resume ----------------------------------------------------------------------------------
+
+
+def test_killed_build_resumes_to_the_uninterrupted_result(synth_data, shard_dir, samples, tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "luna_dist.shard", "--data", str(synth_data), "--out", str(out),
+               "--workers", "2", "--max-samples", "150"]
+    done_dir = out / ".build" / "done"
+    total = len(series_paths(synth_data))
+    with open(tmp_path / "killed.log", "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 120
+            while process.poll() is None and time.monotonic() < deadline:
+                if done_dir.is_dir() and len(list(done_dir.glob("*.json"))) >= 1:
+                    break
+                time.sleep(0.02)
+            finished_first = process.poll() is not None
+            if not finished_first:
+                os.killpg(process.pid, signal.SIGKILL)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=60)
+    journaled = len(list(done_dir.glob("*.json"))) if done_dir.is_dir() else 0
+    if finished_first or journaled >= total:
+        pytest.skip(f"the build finished before it could be killed ({journaled}/{total} CTs journaled); "
+                    "this machine is too fast for the data set: use more CTs")
+    assert process.returncode == -signal.SIGKILL
+    assert 1 <= journaled < total
+    assert not (out / MANIFEST).exists()
+    for path in shard_files(out):  # final names only for complete tars; `.partial` files may exist
+        tar_is_complete(path)
+
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming: {journaled} of {total} CTs already sharded, {total - journaled} to go" in resumed.stdout
+    assert sorted(p.name for p in out.iterdir()) == sorted([p.name for p in shard_files(out)] + [MANIFEST, ".build"])
+
+    resumed_samples = read_samples(out)  # also asserts no key appears twice
+    assert fingerprint_of(resumed_samples) == fingerprint_of(samples)
+    assert len(resumed_samples) == len(csv_rows(synth_data / "candidates.csv"))
+    got, want = json.loads((out / MANIFEST).read_text()), json.loads((shard_dir / MANIFEST).read_text())
+    assert got["counts"] == want["counts"] and got["folds"] == want["folds"]
+    assert got["shards"] == want["shards"]  # same names, counts, sizes and checksums: byte-identical shards
+
+
+# --- small builds that the tests may change ------------------------------------------------------------
+
+
+SMALL_NEGATIVES_PER_CT = 40
+SMALL_MAX_SAMPLES = 25
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    """3 CTs (seed 1): two in subset0 (fold 0 shared by two CTs, as in LUNA16), one in subset1.
+
+    Its candidates.csv keeps every positive and the first 40 negatives per CT, small
+    enough that the many builds of the bad-input tests stay fast. Tests copy it
+    (fixture `data`) before damaging anything.
+    """
+    out = tmp_path_factory.mktemp("small") / "luna"
+    summary = make_dataset(out, n_cts=3, seed=1)
+    moved = summary.mhd_paths[2]  # subset2 -> subset0; the header names its .raw relative to itself
+    for path in (moved, moved.with_suffix(".raw")):
+        path.rename(out / "subset0" / path.name)
+    path = out / "candidates.csv"
+    lines = path.read_text().splitlines()
+    negatives = Counter()
+    kept = [lines[0]]
+    for line in lines[1:]:
+        uid, label = line.split(",")[0], line.split(",")[-1]
+        if label == "1" or negatives[uid] < SMALL_NEGATIVES_PER_CT:
+            kept.append(line)
+            negatives[uid] += label == "0"
+    path.write_text("\n".join(kept) + "\n")
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_reference(small_data, tmp_path_factory) -> set:
+    """Fingerprint of an uninterrupted, fault-free build of small_data."""
+    out = tmp_path_factory.mktemp("small_ref") / "shards"
+    build(options(small_data, out))
+    return fingerprint(out)
+
+
+def test_fold_shared_by_two_cts_keeps_every_sample(small_data, tmp_path):
+    """Negative shard numbers are planned per fold across CTs: none overwrites another's."""
+    out = tmp_path / "out"
+    manifest = build(options(small_data, out, workers=2))
+    assert [len(manifest["folds"][f]["series"]) for f in ("0", "1")] == [2, 1]
+    samples = read_samples(out)
+    expected = expected_labels(small_data)
+    assert set(samples) == set(expected)
+    folds = {uid: int(path.parent.name.removeprefix("subset")) for uid, path in series_paths(small_data).items()}
+    for key, sample in samples.items():
+        assert sample["json"]["fold"] == folds[sample["json"]["series_uid"]]
+        assert {k: sample["json"][k] for k in expected[key]} == expected[key]
+    names = [p.name for p in shard_files(out)]
+    assert sorted(s["name"] for s in manifest["shards"]) == names
+    neg0 = [n for n in names if n.startswith("fold0-neg-")]
+    assert neg0 == [f"fold0-neg-{n:06d}.tar" for n in range(len(neg0))] and len(neg0) >= 4
+    counts = Counter(s["shard"] for s in samples.values())
+    assert all(0 < counts[name] <= SMALL_MAX_SAMPLES for name in names)
+    assert {s["name"]: s["samples"] for s in manifest["shards"]} == dict(counts)
+    check_chunks_against_the_cts(small_data, out)
+
+
+@pytest.fixture
+def data(small_data, tmp_path) -> Path:
+    """A private copy of small_data."""
+    return Path(shutil.copytree(small_data, tmp_path / "data"))
+
+
+def options(data: Path, out: Path, **kwargs) -> BuildOptions:
+    return BuildOptions(**{"data": data, "out": out, "workers": 1, "max_samples": SMALL_MAX_SAMPLES, "progress": False,
+                           **kwargs})
+
+
+def only_series(reference: set, exclude: str) -> set:
+    return {s for s in reference if json.loads(s[2])["series_uid"] != exclude}
+
+
+def one_series(data: Path, index: int = 1) -> tuple[str, Path]:
+    mhd = sorted(series_paths(data).items())[index][1]
+    return mhd.stem, mhd
+
+
+def test_finished_build_rerun_does_nothing(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    first = build(options(data, out))
+    before = file_stats(out)
+    capsys.readouterr()
+    again = build(options(data, out))
+    assert "nothing to do" in capsys.readouterr().out
+    assert again == first
+    assert file_stats(out) == before
+
+
+def test_finished_build_rerun_writes_nothing(data, tmp_path):
+    """The journal in .build/ stays for later additions, but a no-op rerun touches no file at all."""
+    out = tmp_path / "out"
+    build(options(data, out))
+    assert (out / ".build" / "done").is_dir()
+    before = file_stats(out)
+    build(options(data, out))
+    assert file_stats(out) == before
+
+
+def test_series_without_mhd_is_skipped(data, tmp_path, small_reference):
+    uid, mhd = one_series(data)
+    mhd.unlink()
+    manifest = build(options(data, tmp_path / "out"))
+    assert [s["series_uid"] for s in manifest["skipped"]] == [uid]
+    assert uid in manifest["skipped"][0]["reason"] and ".mhd" in manifest["skipped"][0]["reason"]
+    assert manifest["failed"] == []
+    rows = [r for r in csv_rows(data / "candidates.csv") if r["seriesuid"] != uid]
+    assert manifest["counts"]["samples"] == len(rows)
+    assert manifest["counts"]["positives"] == sum(r["class"] == "1" for r in rows)
+    assert uid not in [u for f in manifest["folds"].values() for u in f["series"]]
+    assert fingerprint(tmp_path / "out") == only_series(small_reference, uid)
+
+    with pytest.raises(BuildError) as err:
+        build(options(data, tmp_path / "strict", strict=True))
+    assert uid in str(err.value) and "--strict" in str(err.value)
+    assert not shard_files(tmp_path / "strict")
+
+
+def test_restored_skipped_series_is_added_by_a_rerun(data, small_data, tmp_path, small_reference):
+    uid, mhd = one_series(data)
+    mhd.unlink()
+    out = tmp_path / "out"
+    build(options(data, out))
+    shutil.copy2(small_data / mhd.relative_to(data), mhd)
+    manifest = build(options(data, out))
+    assert manifest["skipped"] == []
+    assert fingerprint(out) == small_reference
+
+
+def test_truncated_raw_fails_that_ct_only_and_resumes(data, small_data, tmp_path, small_reference, capsys):
+    uid, mhd = one_series(data)
+    raw = mhd.with_suffix(".raw")
+    with open(raw, "r+b") as f:
+        f.truncate(raw.stat().st_size // 2)
+    out = tmp_path / "out"
+    with pytest.raises(BuildError) as err:
+        build(options(data, out, workers=2))
+    assert raw.name in str(err.value) and "truncated" in str(err.value)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert [f["series_uid"] for f in manifest["failed"]] == [uid]
+    assert "truncated" in manifest["failed"][0]["error"]
+    assert fingerprint(out) == only_series(small_reference, uid)
+    assert manifest["counts"]["samples"] == len(only_series(small_reference, uid))
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("fold*-neg-*.tar")}
+
+    shutil.copy2(small_data / raw.relative_to(data), raw)  # repair
+    capsys.readouterr()
+    manifest = build(options(data, out, workers=2))
+    assert "resuming: 2 of 3 CTs already sharded, 1 to go" in capsys.readouterr().out
+    assert manifest["failed"] == []
+    assert fingerprint(out) == small_reference
+    assert manifest["counts"]["samples"] == len(small_reference)
+    for name, mtime in kept.items():  # the other CTs' shards were not rewritten
+        assert (out / name).stat().st_mtime_ns == mtime, name
+
+
+def test_unreadable_mhd_fails_that_ct_only_and_resumes(data, small_data, tmp_path, small_reference, monkeypatch):
+    uid, mhd = one_series(data, 0)
+    mhd.write_text("garbage, not a MetaImage header\n")
+    out = tmp_path / "out"
+    with pytest.raises(BuildError) as err:
+        build(options(data, out))
+    assert mhd.name in str(err.value) and "not a MetaImage header" in str(err.value)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert [(f["series_uid"], f["path"]) for f in manifest["failed"]] == [(uid, str(mhd))]
+    assert fingerprint(out) == only_series(small_reference, uid)
+
+    shutil.copy2(small_data / mhd.relative_to(data), mhd)
+    read = []
+    real_read_ct = shard_module.read_ct
+    monkeypatch.setattr(shard_module, "read_ct", lambda path: read.append(Path(path)) or real_read_ct(path))
+    manifest = build(options(data, out))
+    assert read == [mhd]  # only the failed CT is read again
+    assert manifest["failed"] == []
+    assert fingerprint(out) == small_reference
+    assert not list(out.rglob("*.partial"))
+
+
+def replace_line(path: Path, line: int, text: str) -> str:
+    lines = path.read_text().splitlines()
+    old, lines[line - 1] = lines[line - 1], text
+    path.write_text("\n".join(lines) + "\n")
+    return old
+
+
+def test_malformed_csv_row_is_left_out_and_listed(data, tmp_path, small_reference):
+    candidates = data / "candidates.csv"
+    old = replace_line(candidates, 5, "not,a,valid,row,at,all")
+    uid = old.split(",")[0]
+    manifest = build(options(data, tmp_path / "out"))
+    assert len(manifest["bad_rows"]) == 1
+    bad = manifest["bad_rows"][0]
+    assert (bad["path"], bad["line"]) == (str(candidates), 5)
+    assert "fields" in bad["problem"]
+    missing = key_of(uid, 3)
+    assert fingerprint(tmp_path / "out") == {s for s in small_reference if s[0] != missing}
+
+    with pytest.raises(BuildError) as err:
+        build(options(data, tmp_path / "strict", strict=True))
+    assert f"{candidates}:5" in str(err.value)
+
+
+def test_candidates_outside_the_volume_are_padded_and_flagged(data, tmp_path):
+    uid, mhd = one_series(data, 2)
+    image = sitk.ReadImage(str(mhd))
+    far = np.array(image.GetOrigin()) - 1000.0
+    corner = image.TransformIndexToPhysicalPoint([s - 3 for s in image.GetSize()])
+    candidates = data / "candidates.csv"
+    n_rows = len(csv_rows(candidates))
+    with open(candidates, "a") as f:
+        f.write(f"{uid},{far[0]:.2f},{far[1]:.2f},{far[2]:.2f},0\n")
+        f.write(f"{uid},{corner[0]:.2f},{corner[1]:.2f},{corner[2]:.2f},1\n")
+    out = tmp_path / "out"
+    build(options(data, out))
+    samples = read_samples(out)
+    far_key, corner_key = key_of(uid, n_rows), key_of(uid, n_rows + 1)
+    chunks = {}
+    for path in shard_files(out):
+        for key, sample in iter_tar(path):
+            if key in (far_key, corner_key):
+                chunks[key] = np.load(io.BytesIO(sample["chunk.npy"]))
+    far_meta = samples[far_key]["json"]
+    assert far_meta["outside_volume"] is True and far_meta["candidate_row"] == n_rows
+    assert (chunks[far_key] == -1000).all()
+    assert far_meta["center_irc"] == list(image.TransformPhysicalPointToIndex(far.round(2).tolist())[::-1])
+    corner_meta = samples[corner_key]["json"]
+    assert corner_meta["outside_volume"] is True and corner_meta["is_nodule"] is True
+    assert corner_meta["diameter_mm"] == 0 and corner_meta["is_malignant"] is None  # no nodule there
+    irc = image.TransformPhysicalPointToIndex(xyz_of(csv_rows(candidates)[-1]))[::-1]
+    expected, outside = reference_chunk(sitk.GetArrayFromImage(image), irc)
+    assert outside
+    np.testing.assert_array_equal(chunks[corner_key], expected)
+    assert (chunks[corner_key] != -1000).any()  # partly inside: real voxels kept, unshifted
+
+
+@pytest.mark.parametrize("change", ["max_samples", "csv"])
+def test_output_holding_another_build_needs_overwrite(data, tmp_path, small_reference, change):
+    out = tmp_path / "out"
+    build(options(data, out))
+    assert len(shard_files(out)) > 2 * 2
+    kwargs = {}
+    if change == "max_samples":
+        kwargs["max_samples"] = 1000
+        differs = "samples_per_shard"
+    else:
+        with open(data / "candidates.csv", "a") as f:
+            f.write(f"{one_series(data)[0]},0.00,0.00,0.00,0\n")
+        differs = "inputs_sha256"
+    before = file_stats(out)
+    with pytest.raises(BuildError) as err:
+        build(options(data, out, **kwargs))
+    assert "--overwrite" in str(err.value) and differs in str(err.value) and str(out) in str(err.value)
+    assert file_stats(out) == before  # refused without touching anything
+
+    manifest = build(options(data, out, overwrite=True, **kwargs))
+    assert [p.name for p in shard_files(out)] == sorted(s["name"] for s in manifest["shards"])  # nothing stale
+    assert sorted(p.name for p in out.iterdir()) == sorted([p.name for p in shard_files(out)] + [MANIFEST, ".build"])
+    assert manifest["counts"]["samples"] == len(csv_rows(data / "candidates.csv"))
+    if change == "max_samples":
+        assert fingerprint(out) == small_reference
+        assert all(s["samples"] <= 1000 for s in manifest["shards"])
+        # Now one negative shard per CT (3) and one positive shard per fold (2).
+        assert sorted(s["name"] for s in manifest["shards"]) == [
+            "fold0-neg-000000.tar", "fold0-neg-000001.tar", "fold0-pos-000000.tar",
+            "fold1-neg-000000.tar", "fold1-pos-000000.tar"]
+    else:
+        assert len(fingerprint(out)) == len(small_reference) + 1
+    open_shard_set(out)
+
+
+def test_stray_shards_without_manifest_count_as_another_build(data, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "fold0-neg-000000.tar").write_bytes(b"")
+    with pytest.raises(BuildError, match="--overwrite"):
+        build(options(data, out))
+    build(options(data, out, overwrite=True))
+    open_shard_set(out)
+
+
+def test_open_shard_set_refuses_truncated_or_missing(data, tmp_path):
+    out = tmp_path / "out"
+    build(options(data, out))
+    open_shard_set(out)
+    victim = shard_files(out)[1]
+    with open(victim, "r+b") as f:
+        f.truncate(victim.stat().st_size - 512)
+    with pytest.raises(ShardSetError) as err:
+        open_shard_set(out)
+    assert str(victim) in str(err.value) and "truncated" in str(err.value)
+
+    victim.unlink()
+    with pytest.raises(ShardSetError) as err:
+        open_shard_set(out)
+    assert str(victim) in str(err.value) and "missing" in str(err.value)
+
+    (out / MANIFEST).unlink()
+    with pytest.raises(ShardSetError) as err:
+        open_shard_set(out)
+    assert MANIFEST in str(err.value) and "not found" in str(err.value)
+
+
+def test_cli_builds_and_prints_a_summary(small_data, tmp_path):
+    out = tmp_path / "out"
+    first = shard_cli("--data", small_data, "--out", out, "--workers", "2", "--max-samples", "25", "--no-progress")
+    assert first.returncode == 0, first.stderr
+    manifest = json.loads((out / MANIFEST).read_text())
+    counts = manifest["counts"]
+    summary = (f"{out}: {counts['samples']} samples ({counts['positives']} pos, {counts['negatives']} neg) "
+               f"in {len(manifest['shards'])} shards from 3 CTs")
+    assert first.stdout.strip().splitlines()[-1] == summary
+    assert counts["samples"] == len(csv_rows(small_data / "candidates.csv"))
+    assert manifest["arguments"]["workers"] == 2 and manifest["arguments"]["max_samples"] == 25
+
+
+
+def test_cli_error_exit_code(small_data, tmp_path):
+    """A different build in --out: `python -m luna_dist.shard` exits 1 with an `error:` line, nothing changed."""
+    out = tmp_path / "out"
+    build(options(small_data, out))
+    before = file_stats(out)
+    other = shard_cli("--data", small_data, "--out", out, "--max-samples", "10", "--no-progress")
+    assert other.returncode == 1
+    errors = [line for line in other.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--overwrite" in errors[0]
+    assert file_stats(out) == before
