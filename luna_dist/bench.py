@@ -273,12 +273,15 @@ def bench_train(shards_dir: Path, out: Path, batch_sizes: list[int], steps: int,
 def _rank_rate(shards_dir: Path, out: Path, processes: int, batch_size: int, steps: int) -> float:
     """Total training samples/s of `processes` CPU ranks (torchrun, gloo), from the run's own figures."""
     metrics = out / f"ranks-{processes}.json"
+    last_fold = open_shard_set(shards_dir).folds[-1]  # validation runs after each epoch; keep it small
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                "-m", "luna_dist.train", "--shards", str(shards_dir), "--batch-size", str(batch_size),
                "--max-steps", str(steps), "--epochs", "2", "--out", str(out), "--run-name", f"ranks-{processes}",
-               "--balanced", "1", "--metrics-json", str(metrics)]
+               "--balanced", "1", "--val-folds", str(last_fold), "--metrics-json", str(metrics)]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
-    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1800)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
     return json.loads(metrics.read_text())["train_samples_per_s"]  # the second epoch: warm
 
 

@@ -1,0 +1,85 @@
+"""The benchmark sub-commands run on a tiny data set and emit every figure (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from luna_dist import bench
+
+TINY = ["--cts", "3", "--shape", "40", "128", "128", "--workers", "2"]
+
+SHARD_FIELDS = {"cts", "workers", "samples", "input_mb", "read_seconds", "build_seconds", "build_to_read_ratio",
+                "cts_per_s", "samples_per_s", "chunk_mb_per_s", "input_mb_per_s", "bytes_per_sample"}
+LOADER_FIELDS = {"batch_size", "shards", "per_candidate_random", "per_candidate_series_order",
+                 "per_candidate_disk_cache", "plain_tar_loop", "shards_vs_random_baseline", "shards_vs_disk_cache"}
+TRAIN_FIELDS = {"steps", "end_to_end", "ceiling", "ratio", "variants", "ranks"}
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_work(tmp_path_factory):
+    """One scratch folder: the synthetic data and its shards are made once and reused."""
+    return tmp_path_factory.mktemp("bench")
+
+
+def run(tiny_work, what: str, extra: list[str], capsys) -> dict:
+    out = tiny_work / f"{what}.json"
+    assert bench.main([what, *TINY, "--work", str(tiny_work), "--json", str(out), *extra]) == 0
+    table = capsys.readouterr().out
+    figures = json.loads(out.read_text())
+    assert figures["machine"]["cpus"] >= 1
+    return figures, table
+
+
+def test_shard_figures(tiny_work, capsys):
+    figures, table = run(tiny_work, "shard", [], capsys)
+    shard = figures["shard"]
+    assert set(shard) == SHARD_FIELDS
+    assert shard["cts"] == 3 and shard["workers"] == 2
+    assert all(_positive(shard[key]) for key in SHARD_FIELDS)
+    # A sample on disk is the int16 chunk plus tar headers and JSON.
+    assert 32 * 48 * 48 * 2 < shard["bytes_per_sample"] < 32 * 48 * 48 * 2 + 4096
+    assert "shard.build_to_read_ratio" in table
+
+
+def test_loader_figures(tiny_work, capsys):
+    figures, table = run(tiny_work, "loader", ["--loader-workers", "0", "1", "--loader-samples", "96",
+                                               "--baseline-samples", "16", "--batch-sizes", "8"], capsys)
+    loader = figures["loader"]
+    assert set(loader) == LOADER_FIELDS
+    for key in ("shards", "per_candidate_random", "per_candidate_series_order", "per_candidate_disk_cache",
+                "shards_vs_random_baseline", "shards_vs_disk_cache"):
+        assert set(loader[key]) == {"0", "1"}, key
+        assert all(_positive(v) for v in loader[key].values()), key
+    assert _positive(loader["plain_tar_loop"])
+    assert "loader.shards_vs_random_baseline.1" in table
+
+
+def test_train_figures(tiny_work, capsys):
+    figures, table = run(tiny_work, "train", ["--batch-sizes", "4", "8", "--train-steps", "2",
+                                              "--variants", "default+no", "cl3d+bf16"], capsys)
+    train = figures["train"]
+    assert set(train) == TRAIN_FIELDS
+    for key in ("end_to_end", "ceiling", "ratio"):
+        assert set(train[key]) == {"4", "8"}, key
+        assert all(_positive(v) for v in train[key].values()), key
+    assert set(train["variants"]) == {"default+no", "cl3d+bf16"}
+    assert set(train["ranks"]) == {"1", "2", "2_vs_1"} and all(_positive(v) for v in train["ranks"].values())
+    assert "train.ratio.4" in table
+
+
+def test_plot_is_drawn(tmp_path):
+    per_workers = {"0": 100.0, "1": 200.0}
+    figures = {
+        "loader": {key: per_workers for key in ("shards", "per_candidate_random", "per_candidate_series_order",
+                                                "per_candidate_disk_cache")},
+        "train": {"end_to_end": {"32": 30.0, "128": 31.0}, "ceiling": {"32": 33.0, "128": 34.0}},
+    }
+    bench.plot(figures, tmp_path / "bench.png")
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
