@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -48,35 +49,59 @@ def _read_only(path: str) -> int:
     return read_ct(Path(path)).hu.nbytes
 
 
+def evict_from_page_cache(paths: list[Path]) -> None:
+    """Make the next read of these files come from disk, as on a first build of 120 GB of CTs."""
+    os.sync()  # dirty pages (freshly written data) cannot be dropped
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def bench_shard(data: Path, out: Path, workers: int) -> dict:
-    """Build shards from `data` and compare with only reading its CTs, same number of processes."""
+    """Build shards from `data` and compare with only reading its CTs, same number of processes.
+
+    Measured twice: with the CTs in the page cache (memory speed: any extra pass over
+    the chunks shows) and with them evicted first (disk speed: the real data set, too
+    large to cache, is always read this way).
+    """
     candidates, _ = read_candidates(data / "candidates.csv")
     wanted = {c.series_uid for c in candidates}
     paths = [str(p) for uid, p in find_series(data).items() if uid in wanted]
-    with ProcessPoolExecutor(workers) as pool:
-        list(pool.map(_read_only, paths))  # warm the page cache: both timings read from memory
+    files = [f for p in paths for f in (Path(p), Path(p).with_suffix(".raw"))]
+    result = {"cts": len(paths), "workers": workers}
+    for cache in ("cold", "warm"):
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(_read_only, paths[:workers]))  # start the workers outside the timing
+            if cache == "cold":
+                evict_from_page_cache(files)
+            else:
+                list(pool.map(_read_only, paths))
+            started = time.perf_counter()
+            input_bytes = sum(pool.map(_read_only, paths))
+            read_seconds = time.perf_counter() - started
+        if cache == "cold":
+            evict_from_page_cache(files)
+        shutil.rmtree(out, ignore_errors=True)
         started = time.perf_counter()
-        input_bytes = sum(pool.map(_read_only, paths))
-        read_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    manifest = build(BuildOptions(data=data, out=out, workers=workers, progress=False))
-    build_seconds = time.perf_counter() - started
-    samples = manifest["counts"]["samples"]
-    disk_bytes = sum(s["bytes"] for s in manifest["shards"])
-    return {
-        "cts": len(paths),
-        "workers": workers,
-        "samples": samples,
-        "input_mb": input_bytes / 1e6,
-        "read_seconds": read_seconds,
-        "build_seconds": build_seconds,
-        "build_to_read_ratio": build_seconds / read_seconds,
-        "cts_per_s": len(paths) / build_seconds,
-        "samples_per_s": samples / build_seconds,
-        "chunk_mb_per_s": samples * np.prod(CHUNK_SHAPE) * 2 / 1e6 / build_seconds,
-        "input_mb_per_s": input_bytes / 1e6 / build_seconds,
-        "bytes_per_sample": disk_bytes / samples,
-    }
+        manifest = build(BuildOptions(data=data, out=out, workers=workers, progress=False))
+        build_seconds = time.perf_counter() - started
+        samples = manifest["counts"]["samples"]
+        result[cache] = {
+            "read_seconds": read_seconds,
+            "build_seconds": build_seconds,
+            "build_to_read_ratio": build_seconds / read_seconds,
+            "cts_per_s": len(paths) / build_seconds,
+            "samples_per_s": samples / build_seconds,
+            "chunk_mb_per_s": samples * np.prod(CHUNK_SHAPE) * 2 / 1e6 / build_seconds,
+            "input_mb_per_s": input_bytes / 1e6 / build_seconds,
+        }
+    result["samples"] = samples
+    result["input_mb"] = input_bytes / 1e6
+    result["bytes_per_sample"] = sum(s["bytes"] for s in manifest["shards"]) / samples
+    return result
 
 
 # -- loader ----------------------------------------------------------------------------------------
@@ -335,7 +360,7 @@ def plot(results: dict, path: Path) -> None:
             ax.set_xticks(np.arange(len(labels)) + 0.2, [f"batch {b}" for b in labels])
         ax.set_ylabel("samples/s")
         ax.set_title(name)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
     fig.tight_layout()
     fig.savefig(path)
 
@@ -361,7 +386,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--plot", type=Path, help="draw the figures here (PNG, needs matplotlib)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="training device (auto: what accelerate picks)")
     args = parser.parse_args(argv)
+    if args.device == "cpu":
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device visible")
 
     work = args.work or Path(tempfile.mkdtemp(prefix="luna_dist-bench-"))
     data = args.data

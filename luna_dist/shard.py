@@ -132,9 +132,19 @@ def sample_key(series_uid: str, row: int) -> str:
     return f"{series_uid.replace('.', '_')}_{row}"
 
 
-def encode_sample(candidate: Candidate, fold: int, center_irc: np.ndarray, outside: bool, chunk: np.ndarray) -> dict:
+def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
+    """The `.npy` header of every chunk: written once, so each sample costs a single copy."""
     buffer = io.BytesIO()
-    np.save(buffer, chunk, allow_pickle=False)
+    np.lib.format.write_array_header_1_0(buffer, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                  "fortran_order": False, "shape": shape})
+    return buffer.getvalue()
+
+
+CHUNK_NPY_HEADER = _npy_header(CHUNK_SHAPE, np.int16)
+
+
+def encode_sample(candidate: Candidate, fold: int, center_irc: np.ndarray, outside: bool, chunk: np.ndarray) -> dict:
+    """One sample as WebDataset stores it; `chunk.npy` is exactly what np.save writes."""
     meta = {
         "series_uid": candidate.series_uid,
         "fold": fold,
@@ -148,14 +158,18 @@ def encode_sample(candidate: Candidate, fold: int, center_irc: np.ndarray, outsi
     }
     return {
         "__key__": sample_key(candidate.series_uid, candidate.row),
-        "chunk.npy": buffer.getvalue(),
+        "chunk.npy": b"".join((CHUNK_NPY_HEADER, memoryview(np.ascontiguousarray(chunk, dtype=np.int16)))),
         "cls": b"1" if candidate.is_nodule else b"0",
         "json": json.dumps(meta).encode(),
     }
 
 
 class _HashingFile(io.RawIOBase):
-    """Write-only file that hashes what passes through, so shards are never read back."""
+    """Write-only file that hashes what passes through, so shards are never read back.
+
+    No fsync: the rename after close is what protects against a killed build, and a
+    resumed build checks every journaled shard's size before trusting it.
+    """
 
     def __init__(self, path: Path):
         self._file = open(path, "wb")
@@ -171,10 +185,7 @@ class _HashingFile(io.RawIOBase):
         return self._file.write(data)
 
     def close(self) -> None:
-        if not self._file.closed:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
+        self._file.close()
         super().close()
 
 
@@ -532,8 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace a different build found in --out")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
-    options = BuildOptions(**{**vars(args), "out": args.out or Path("shards") / args.data.resolve().name})
     try:
+        options = BuildOptions(**{**vars(args), "out": args.out or Path("shards") / args.data.resolve().name})
         manifest = build(options)
     except (BuildError, CtError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

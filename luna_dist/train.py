@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from luna_dist.augment import AugmentConfig, augment
@@ -163,6 +164,8 @@ class Trainer:
             model.load_state_dict(load_weights(args.checkpoint))
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        # Weights came from one seed; from here on each rank draws its own augmentations and mixing.
+        set_seed(args.seed, device_specific=True)
         self.progress = Progress()
         self.train_rate = math.nan  # samples/s of the last training epoch, all ranks
         accelerator.register_for_checkpointing(self.progress)
@@ -176,8 +179,7 @@ class Trainer:
             log.info(f"resumed {self.run_dir} after epoch {self.progress.epoch}, {self.progress.samples_seen:,} samples seen")
         self.writers = {}
         if accelerator.is_main_process and not args.eval_only:
-            from torch.utils.tensorboard import SummaryWriter
-
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             self.writers = {mode: SummaryWriter(str(self.run_dir / mode)) for mode in ("trn", "val")}
             (self.run_dir / "args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=1))
 
@@ -192,8 +194,6 @@ class Trainer:
             return runs[-1]
         # Every rank must agree on the name: the main process's clock decides.
         stamp = [datetime.now().strftime("%Y-%m-%d_%H.%M.%S")]
-        from accelerate.utils import broadcast_object_list
-
         broadcast_object_list(stamp)
         return args.out / stamp[0]
 
@@ -321,8 +321,6 @@ class Trainer:
 
     def run(self) -> dict:
         args, accelerator = self.args, self.accelerator
-        if accelerator.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
         log.info(f"{accelerator.num_processes} process(es) on {self.device} ({accelerator.distributed_type}), "
                  f"mixed precision {accelerator.mixed_precision}, {self.num_workers} data worker(s) each; "
                  f"train folds {self.train_folds}, validation folds {self.val_folds}; run {self.run_dir}")

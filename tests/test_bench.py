@@ -11,8 +11,9 @@ from luna_dist import bench
 
 TINY = ["--cts", "3", "--shape", "40", "128", "128", "--workers", "2"]
 
-SHARD_FIELDS = {"cts", "workers", "samples", "input_mb", "read_seconds", "build_seconds", "build_to_read_ratio",
-                "cts_per_s", "samples_per_s", "chunk_mb_per_s", "input_mb_per_s", "bytes_per_sample"}
+SHARD_FIELDS = {"cts", "workers", "samples", "input_mb", "bytes_per_sample", "cold", "warm"}
+SHARD_TIMED_FIELDS = {"read_seconds", "build_seconds", "build_to_read_ratio", "cts_per_s", "samples_per_s",
+                      "chunk_mb_per_s", "input_mb_per_s"}
 LOADER_FIELDS = {"batch_size", "shards", "per_candidate_random", "per_candidate_series_order",
                  "per_candidate_disk_cache", "plain_tar_loop", "shards_vs_random_baseline", "shards_vs_disk_cache"}
 TRAIN_FIELDS = {"steps", "end_to_end", "ceiling", "ratio", "variants", "ranks"}
@@ -42,10 +43,13 @@ def test_shard_figures(tiny_work, capsys):
     shard = figures["shard"]
     assert set(shard) == SHARD_FIELDS
     assert shard["cts"] == 3 and shard["workers"] == 2
-    assert all(_positive(shard[key]) for key in SHARD_FIELDS)
+    assert all(_positive(shard[key]) for key in SHARD_FIELDS - {"cold", "warm"})
+    for cache in ("cold", "warm"):
+        assert set(shard[cache]) == SHARD_TIMED_FIELDS
+        assert all(_positive(v) for v in shard[cache].values())
     # A sample on disk is the int16 chunk plus tar headers and JSON.
     assert 32 * 48 * 48 * 2 < shard["bytes_per_sample"] < 32 * 48 * 48 * 2 + 4096
-    assert "shard.build_to_read_ratio" in table
+    assert "shard.cold.build_to_read_ratio" in table
 
 
 def test_loader_figures(tiny_work, capsys):
