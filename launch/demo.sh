@@ -8,6 +8,12 @@ SHARDS=${SHARDS:-shards/synthetic}
 
 [ -f "$DATA/candidates.csv" ] || python -m luna_dist.synth "$DATA" --cts "${CTS:-40}" --seed 0
 python -m luna_dist.shard --data "$DATA" --out "$SHARDS"
+# accelerate launch gives a process one CPU thread unless told otherwise: on a machine without
+# an accelerator the CPU does the training, so let it use every core.
+THREADS=$(python -c "import os; print(os.cpu_count())")
+RESUME=$([ -d runs/demo/state ] && echo --resume || true)
 accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-    launch/train.py --shards "$SHARDS" --epochs "${EPOCHS:-5}" --epoch-samples 2048 --balanced 1 --augment --run-name demo
+    --num_cpu_threads_per_process "$THREADS" \
+    launch/train.py --shards "$SHARDS" --run-name demo $RESUME \
+    --epochs "${EPOCHS:-5}" --epoch-samples 2048 --balanced 1 --augment
 echo "TensorBoard logs: runs/demo (tensorboard --logdir runs)"

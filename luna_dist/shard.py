@@ -471,7 +471,7 @@ def _run_tasks(todo: list[SeriesTask], results: dict, options: BuildOptions) -> 
             samples += result.positives + result.negatives
             megabytes += (result.positives + result.negatives) * CHUNK_BYTES / 1e6
         elapsed = time.perf_counter() - started
-        bar.set_postfix_str(f"{samples / elapsed:,.0f} samples/s, {megabytes / elapsed:,.0f} MB/s")
+        bar.set_postfix_str(f"{samples / elapsed:,.0f} samples/s, {megabytes / elapsed:,.0f} MB/s", refresh=False)
         bar.update()
 
     try:
