@@ -144,7 +144,9 @@ class Trainer:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.accelerator = accelerator = Accelerator()
-        set_seed(args.seed)  # same initial weights everywhere; DDP broadcasts them anyway
+        # Each rank its own random streams (augmentation, class mixing); prepare() makes
+        # every rank start from rank 0's initial weights.
+        set_seed(args.seed, device_specific=True)
         self.device = accelerator.device
         self.shards = open_shard_set(args.shards)
         self.val_folds = sorted(set(args.val_folds))
@@ -164,8 +166,6 @@ class Trainer:
             model.load_state_dict(load_weights(args.checkpoint))
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        # Weights came from one seed; from here on each rank draws its own augmentations and mixing.
-        set_seed(args.seed, device_specific=True)
         self.progress = Progress()
         self.train_rate = math.nan  # samples/s of the last training epoch, all ranks
         accelerator.register_for_checkpointing(self.progress)

@@ -124,6 +124,25 @@ def test_resume_continues_step_and_sample_counters(shard_dir, two_rank_run, tmp_
     assert "already trained for 2 epoch" in result.stderr + result.stdout
 
 
+def test_resumed_training_equals_uninterrupted_training(shard_dir, tmp_path):
+    """Stop after epoch 1 and resume: epoch 2 sees the same batches and augmentations, so the weights match."""
+    import torch
+    from safetensors.torch import load_file
+
+    common = ["--shards", str(shard_dir), "--out", str(tmp_path), "--max-steps", "2", "--batch-size", "4",
+              "--balanced", "1", "--augment", "--val-folds", "9"]
+    train([*common, "--run-name", "straight", "--epochs", "2"])
+    train([*common, "--run-name", "stopped", "--epochs", "1"])
+    after_one = load_file(tmp_path / "stopped" / "state" / "model.safetensors")
+    train([*common, "--run-name", "stopped", "--epochs", "2", "--resume"])
+    straight = load_file(tmp_path / "straight" / "state" / "model.safetensors")
+    resumed = load_file(tmp_path / "stopped" / "state" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    assert not torch.equal(after_one["head_linear.weight"], resumed["head_linear.weight"])  # epoch 2 trained
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_bad_shard_folder_is_a_clear_error(tmp_path):
     result = subprocess.run([sys.executable, "-m", "luna_dist.train", "--shards", str(tmp_path / "nowhere"),
                              "--out", str(tmp_path)], capture_output=True, text=True, timeout=RUN_TIMEOUT)
