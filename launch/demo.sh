@@ -15,5 +15,5 @@ RESUME=$([ -d runs/demo/state ] && echo --resume || true)
 accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
     --num_cpu_threads_per_process "$THREADS" \
     launch/train.py --shards "$SHARDS" --run-name demo $RESUME \
-    --epochs "${EPOCHS:-5}" --epoch-samples 2048 --balanced 1 --augment
+    --epochs "${EPOCHS:-5}" --epoch-samples 2048 --balanced 1 --augment --momentum 0.9
 echo "TensorBoard logs: runs/demo (tensorboard --logdir runs)"
