@@ -112,12 +112,18 @@ class PerCandidateDataset(Dataset):
         self.series = {uid: str(path) for uid, path in find_series(data).items()}
         self.candidates = [c for c in candidates if c.series_uid in self.series]
         self.disk_cache = disk_cache
-        self._read = functools.lru_cache(maxsize=cached_cts)(read_ct)
+        self.cached_cts = cached_cts
+        self._read = None  # the LRU cache lives in each worker process
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_read": None}  # a cache of CTs neither pickles nor should travel
 
     def __len__(self) -> int:
         return len(self.candidates)
 
     def _cut(self, candidate: Candidate) -> np.ndarray:
+        if self._read is None:
+            self._read = functools.lru_cache(maxsize=self.cached_cts)(read_ct)
         ct = self._read(Path(self.series[candidate.series_uid]))
         chunks, _ = cut_chunks(ct.hu, xyz_to_irc(np.array(candidate.center_xyz), ct.geometry))
         return chunks[0]

@@ -112,12 +112,11 @@ def collate(samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw samples -> (chunks (N, 1, I, R, C) int16, labels (N,) int64), one copy per chunk."""
     chunks = torch.empty((len(samples), 1, *CHUNK_SHAPE), dtype=torch.int16)
     flat = chunks.numpy().reshape(len(samples), -1)
-    labels = torch.empty(len(samples), dtype=torch.int64)
     for n, sample in enumerate(samples):
         data = sample["chunk.npy"]
         offset = _chunk_offset(data, sample["__key__"])
         flat[n] = np.frombuffer(data, dtype=np.int16, count=flat.shape[1], offset=offset)
-        labels[n] = sample["cls"] == b"1"
+    labels = torch.tensor([sample["cls"] == b"1" for sample in samples], dtype=torch.int64)
     return chunks, labels
 
 

@@ -87,3 +87,27 @@ def test_plot_is_drawn(tmp_path):
     }
     bench.plot(figures, tmp_path / "bench.png")
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_per_candidate_baseline_cuts_the_shard_chunks_and_pickles_for_spawn(synth_data, shard_dir):
+    """The baseline reads the same chunks as the shards, and a used one still pickles (macOS workers)."""
+    import io
+    import pickle
+
+    import numpy as np
+    import webdataset as wds
+
+    from luna_dist.candidates import read_candidates
+    from luna_dist.shard import sample_key
+    from luna_dist.stream import open_shard_set
+
+    candidates, _ = read_candidates(synth_data / "candidates.csv")
+    dataset = bench.PerCandidateDataset(synth_data, candidates)
+    path = open_shard_set(shard_dir).shards([9], "pos")[0]
+    for sample in wds.DataPipeline(wds.SimpleShardList([path]), wds.tarfile_to_samples()):
+        index = next(i for i, c in enumerate(dataset.candidates) if sample_key(c.series_uid, c.row) == sample["__key__"])
+        chunk, label = dataset[index]
+        stored = np.load(io.BytesIO(sample["chunk.npy"]))
+        assert np.array_equal(chunk[0].numpy(), stored) and label == 1
+    clone = pickle.loads(pickle.dumps(dataset))
+    assert len(clone) == len(dataset)
