@@ -13,8 +13,9 @@ shard appears under its final name only once complete (written as `.partial`, th
 renamed). Progress is journaled per CT under `.build/` (kept after the build), so a
 killed build rerun with the same command redoes only the unfinished CTs and yields
 exactly the samples of an uninterrupted build, and a series that failed or had no
-`.mhd` is added later by a rerun that reads only that CT. Negative shard numbers are planned from the CSV before any CT
-is read, so a redone CT overwrites its own shards and nothing else.
+`.mhd` is added later by a rerun that reads only that CT. Negative shard numbers are
+planned from the CSV before any CT is read, so a redone CT overwrites its own shards
+and nothing else.
 """
 
 from __future__ import annotations
@@ -113,6 +114,12 @@ class SeriesTask:
     out_dir: str
     neg_first_shard: int
     samples_per_shard: int
+
+    def neg_shard_names(self) -> list[str]:
+        """The negative shards this CT owns in the plan, numbered from `neg_first_shard`."""
+        negatives = sum(not c.is_nodule for c in self.candidates)
+        return [f"fold{self.fold}-neg-{self.neg_first_shard + i:06d}.tar"
+                for i in range(math.ceil(negatives / self.samples_per_shard))]
 
 
 @dataclass
@@ -347,10 +354,7 @@ def _load_done(work: Path, out: Path, task: SeriesTask) -> SeriesResult | None:
     if record is None:
         return None
     result = SeriesResult(**{**record, "shards": [ShardRecord(**s) for s in record["shards"]]})
-    negatives = sum(not c.is_nodule for c in task.candidates)
-    planned = [f"fold{task.fold}-neg-{task.neg_first_shard + i:06d}.tar"
-               for i in range(math.ceil(negatives / task.samples_per_shard))]
-    if [s.name for s in result.shards] != planned or result.positives + result.negatives != len(task.candidates):
+    if [s.name for s in result.shards] != task.neg_shard_names() or result.positives + result.negatives != len(task.candidates):
         return None
     if result.positives and not _positives_tar(out, task.series_uid).is_file():
         return None
@@ -367,10 +371,10 @@ def plan_tasks(candidates: list[Candidate], series: dict, folds: dict, options: 
     next_shard = defaultdict(int)
     tasks = []
     for uid in sorted(by_series, key=lambda u: (folds[u], u)):
-        negatives = sum(not c.is_nodule for c in by_series[uid])
-        tasks.append(SeriesTask(uid, str(series[uid]), folds[uid], by_series[uid], str(options.out),
-                                next_shard[folds[uid]], options.samples_per_shard))
-        next_shard[folds[uid]] += math.ceil(negatives / options.samples_per_shard)
+        task = SeriesTask(uid, str(series[uid]), folds[uid], by_series[uid], str(options.out),
+                          next_shard[folds[uid]], options.samples_per_shard)
+        tasks.append(task)
+        next_shard[folds[uid]] += len(task.neg_shard_names())
     return tasks
 
 

@@ -48,13 +48,15 @@ class ShardSet:
     root: Path
     manifest: dict
 
-    def shards(self, folds: Iterable[int], label: str) -> list[str]:
+    def _select(self, folds: Iterable[int], label: str) -> list[dict]:
         folds = set(folds)
-        return [str(self.root / s["name"]) for s in self.manifest["shards"] if s["fold"] in folds and s["label"] == label]
+        return [s for s in self.manifest["shards"] if s["fold"] in folds and s["label"] == label]
+
+    def shards(self, folds: Iterable[int], label: str) -> list[str]:
+        return [str(self.root / s["name"]) for s in self._select(folds, label)]
 
     def count(self, folds: Iterable[int], label: str) -> int:
-        folds = set(folds)
-        return sum(s["samples"] for s in self.manifest["shards"] if s["fold"] in folds and s["label"] == label)
+        return sum(s["samples"] for s in self._select(folds, label))
 
     @property
     def folds(self) -> list[int]:
