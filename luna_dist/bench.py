@@ -164,13 +164,12 @@ class SeriesOrderSampler(torch.utils.data.Sampler):
 def _rate(batches, limit_samples: int) -> float:
     """Samples/s after the first batch (worker start-up excluded), up to `limit_samples`."""
     iterator = iter(batches)
-    first = next(iterator)
+    next(iterator)
     started, seen = time.perf_counter(), 0
     for batch in iterator:
         seen += len(batch[1])
         if seen >= limit_samples:
             break
-    del first
     return seen / (time.perf_counter() - started)
 
 
