@@ -355,11 +355,16 @@ def _paint_vessel(slab: np.ndarray, axes: tuple[np.ndarray, ...], tube: _Tube) -
     view[(dist2 <= tube.radius**2) & (view == HU_LUNG)] = HU_VESSEL
 
 
-def _paint_nodule(slab: np.ndarray, axes: tuple[np.ndarray, ...], nodule: _Nodule) -> None:
-    """A sphere whose radius grows along each lobe/spicule direction."""
+def _nodule_voxels(axes: tuple[np.ndarray, ...], nodule: _Nodule):
+    """A sphere whose radius grows along each lobe/spicule direction.
+
+    Returns the index slices of the nodule's bounding box in the slab and two boolean
+    masks of that box: the nodule's voxels and its calcified core; None when the box
+    misses the slab.
+    """
     win = _window(axes, nodule.centre - nodule.reach, nodule.centre + nodule.reach)
     if win is None:
-        return
+        return None
     index, (z, y, x) = win
     c = nodule.centre.tolist()
     dx, dy, dz = x - c[0], y - c[1], z - c[2]
@@ -370,9 +375,17 @@ def _paint_nodule(slab: np.ndarray, axes: tuple[np.ndarray, ...], nodule: _Nodul
     for d, amp, sharp in lobes:
         cos = np.clip((dx * d[0] + dy * d[1] + dz * d[2]) / safe, 0, 1)
         radius += nodule.base_radius * amp * cos**sharp
+    return index, dist <= radius, dist <= nodule.calcified_radius
+
+
+def _paint_nodule(slab: np.ndarray, axes: tuple[np.ndarray, ...], nodule: _Nodule) -> None:
+    voxels = _nodule_voxels(axes, nodule)
+    if voxels is None:
+        return
+    index, inside, calcified = voxels
     view = slab[index]
-    view[dist <= radius] = nodule.hu
-    view[dist <= nodule.calcified_radius] = nodule.calcified_hu
+    view[inside] = nodule.hu
+    view[calcified] = nodule.calcified_hu
 
 
 def _render(ph: _Phantom, rng: np.random.Generator) -> np.ndarray:
@@ -499,6 +512,32 @@ def _write_csvs(out: Path, records: list[_CtRecord]) -> None:
         (out / name).write_text("\n".join(lines) + "\n", newline="\n")
 
 
+def _draw_ct(seed: int, k: int, shape: tuple[int, int, int]) -> tuple[np.random.Generator, str, _Phantom]:
+    """CT k's generator, uid and phantom: the first draws of its own random stream."""
+    rng = np.random.default_rng([seed, k])
+    uid = _series_uid(rng)
+    phantom = _phantom(rng, _geometry(rng, shape))
+    return rng, uid, phantom
+
+
+def true_nodule_mask(seed: int, k: int, shape: tuple[int, int, int] | None = None) -> tuple[str, np.ndarray]:
+    """The series uid of CT k of `make_dataset(..., seed=seed, shape=shape)` and its nodules' voxels.
+
+    The mask (I, R, C) bool is True exactly where the generator painted a nodule
+    (calcified cores included), before noise: the ground truth for label builders.
+    Nothing is written; the CT's random stream is replayed up to its phantom.
+    """
+    _, uid, phantom = _draw_ct(seed, k, tuple(DEFAULT_SHAPE if shape is None else shape))
+    mask = np.zeros(phantom.geometry.size, dtype=bool)
+    axes = phantom.geometry.axes_mm()
+    for nodule in phantom.nodules:
+        voxels = _nodule_voxels(axes, nodule)
+        if voxels is not None:
+            index, inside, _ = voxels
+            mask[index] |= inside
+    return uid, mask
+
+
 def make_dataset(
     out: Path, n_cts: int = 10, seed: int = 0, shape: tuple[int, int, int] | None = None
 ) -> SynthSummary:
@@ -517,10 +556,8 @@ def make_dataset(
         (out / f"subset{subset}").mkdir(parents=True, exist_ok=True)
     records = []
     for k in range(n_cts):
-        rng = np.random.default_rng([seed, k])
-        uid = _series_uid(rng)
-        geom = _geometry(rng, shape)
-        phantom = _phantom(rng, geom)
+        rng, uid, phantom = _draw_ct(seed, k, shape)
+        geom = phantom.geometry
         points, labels = _candidates(rng, phantom)
         mhd_path = out / f"subset{k % N_SUBSETS}" / f"{uid}.mhd"
         _write_ct(mhd_path, _render(phantom, rng), geom)
