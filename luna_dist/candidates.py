@@ -98,17 +98,27 @@ def _parse(header: list[str], fields: list[str]) -> dict:
 
 
 def read_candidates(path: Path) -> tuple[list[Candidate], list[BadRow]]:
-    """Parse `candidates.csv` (seriesuid, coordX, coordY, coordZ, class)."""
+    """Parse `candidates.csv` (seriesuid, coordX, coordY, coordZ, class).
+
+    A row equal to an earlier one (same series, same centre as numbers, same class) is
+    a duplicate: it is reported as a bad row and left out, so each distinct candidate
+    is one sample and a positive is never counted twice.
+    """
     required = ("seriesuid", "coordX", "coordY", "coordZ", "class")
     candidates, bad = [], []
+    first_line: dict[tuple, int] = {}
     for line, header, fields in _read_rows(path, required):
         try:
             row = _parse(header, fields)
             if row["class"] not in ("0", "1"):
                 raise ValueError(f"class must be 0 or 1, found {row['class']!r}")
+            identity = (row["seriesuid"], row["xyz"], row["class"])
+            if identity in first_line:
+                raise ValueError(f"duplicate of line {first_line[identity]}")
         except ValueError as err:
             bad.append(BadRow(str(path), line, str(err)))
             continue
+        first_line[identity] = line
         candidates.append(Candidate(line - 2, row["seriesuid"], row["xyz"], row["class"] == "1"))
     return candidates, bad
 

@@ -292,11 +292,13 @@ def _sha256_file(path: Path) -> str:
 
 
 def _identity(options: BuildOptions) -> dict:
-    """What makes two builds the same: the inputs' content and the shard layout."""
+    """What makes two builds the same: the CSVs' content and the shard layout, not where the data lies.
+
+    CTs are known by series UID, so a data folder moved or copied elsewhere resumes its build.
+    """
     inputs = {"candidates": options.candidates, "annotations": options.annotations, "malignancy": options.malignancy}
     return {
         "format_version": FORMAT_VERSION,
-        "data": str(options.data.resolve()),
         "inputs_sha256": {name: _sha256_file(path) if path and path.is_file() else None for name, path in inputs.items()},
         "chunk_shape": list(CHUNK_SHAPE),
         "samples_per_shard": options.samples_per_shard,
@@ -304,7 +306,10 @@ def _identity(options: BuildOptions) -> dict:
 
 
 def _check_output(options: BuildOptions, identity: dict) -> dict | None:
-    """Refuse an output folder holding another build (or clear it with --overwrite); return its manifest, if any."""
+    """Refuse an output folder holding another build (or clear it with --overwrite); return its manifest, if any.
+
+    A plan without a finished CT is replaced: it holds nothing to keep.
+    """
     out, work = options.out, options.out / WORK
     manifest = _read_json(out / MANIFEST)
     plan = _read_json(work / "plan.json")
@@ -313,13 +318,15 @@ def _check_output(options: BuildOptions, identity: dict) -> dict | None:
         previous = {"unknown": "shards without a manifest"}
     if previous is None:
         return None
-    if previous != identity and not options.overwrite:
+    previous = {k: v for k, v in previous.items() if k != "data"}  # builds of luna_dist 0.1.0 named the data's path
+    nothing_finished = manifest is None and plan is not None and not any(work.glob("done/*.json"))
+    if previous != identity and not (options.overwrite or nothing_finished):
         changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
         raise BuildError(
             f"{out} holds a different build (differs in: {', '.join(changed)}); "
             "pass --overwrite to replace it, or choose another --out"
         )
-    if options.overwrite:
+    if options.overwrite or previous != identity:
         for path in out.glob("fold*.tar*"):
             path.unlink()
         (out / MANIFEST).unlink(missing_ok=True)
@@ -396,39 +403,67 @@ def pack_positives(results: list[SeriesResult], out: Path, per_shard: int) -> li
     return records
 
 
-def build(options: BuildOptions) -> dict:
-    """Build (or finish, or confirm) the shard set; returns the manifest."""
-    identity = _identity(options)
-    finished = _check_output(options, identity)
-    series = find_series(options.data)
-    if _is_complete(finished, series):
-        print(f"{options.out}: build already complete ({finished['counts']['samples']} samples); nothing to do")
-        return finished
-    _prepare_work(options, identity)
+@dataclass
+class Inputs:
+    """The checked inputs of a build: its candidates (joined with the annotations), their CTs, what is left out."""
 
+    candidates: list[Candidate]
+    series: dict[str, Path]  # UID -> .mhd, for the series of `candidates` found under --data
+    skipped: list[dict]
+    bad_rows: list
+    warnings: list[str]
+
+
+def read_inputs(options: BuildOptions) -> Inputs:
+    """Read and check every input before anything is written, so a failed check leaves no trace in --out."""
+    if not options.data.is_dir():
+        raise BuildError(f"{options.data}: no such folder (--data names the LUNA16-format folder)")
     candidates, bad_rows = read_candidates(options.candidates)
     annotations, bad_annotations = read_annotations(options.annotations)
     malignancy, bad_malignancy = read_annotations(options.malignancy) if options.malignancy else ([], [])
     bad_rows += bad_annotations + bad_malignancy
+    warnings = []
     if bad_rows:
         shown = "\n  ".join(str(row) for row in bad_rows[:20])
         more = f"\n  ... and {len(bad_rows) - 20} more" if len(bad_rows) > 20 else ""
-        message = f"{len(bad_rows)} malformed CSV row(s):\n  {shown}{more}"
+        message = f"{len(bad_rows)} malformed or duplicate CSV row(s):\n  {shown}{more}"
         if options.strict:
             raise BuildError(message + "\n(--strict) fix the rows or run without --strict to leave them out")
-        print(f"warning: {message}\nthose rows are left out and listed in the manifest", file=sys.stderr)
-    candidates = join_annotations(candidates, annotations, malignancy)
+        warnings.append(f"warning: {message}\nthose rows are left out and listed in the manifest")
+    if not candidates:
+        raise BuildError(f"{options.candidates}: no usable candidate rows; nothing to shard")
 
+    found = find_series(options.data)
     listed = sorted({c.series_uid for c in candidates})
-    skipped = [{"series_uid": uid, "reason": f"no {uid}.mhd under {options.data}"} for uid in listed if uid not in series]
+    skipped = [{"series_uid": uid, "reason": f"no {uid}.mhd under {options.data}"} for uid in listed if uid not in found]
+    if len(skipped) == len(listed):
+        raise BuildError(f"none of the {len(listed)} series of {options.candidates} has a .mhd under {options.data} "
+                         f"(e.g. {listed[0]}.mhd); is --data the folder holding subset0..9?")
     if skipped:
         if options.strict:
             raise BuildError(f"{len(skipped)} series of {options.candidates} have no .mhd under {options.data}, "
                              f"e.g. {skipped[0]['series_uid']} (--strict)")
-        print(f"warning: {len(skipped)} series of {options.candidates} have no .mhd under {options.data}; "
-              "skipped and listed in the manifest", file=sys.stderr)
-    folds = assign_folds({uid: series[uid] for uid in listed if uid in series})
-    tasks = plan_tasks([c for c in candidates if c.series_uid in folds], series, folds, options)
+        warnings.append(f"warning: {len(skipped)} series of {options.candidates} have no .mhd under {options.data}; "
+                        "skipped and listed in the manifest")
+    return Inputs(join_annotations(candidates, annotations, malignancy),
+                  {uid: found[uid] for uid in listed if uid in found}, skipped, bad_rows, warnings)
+
+
+def build(options: BuildOptions) -> dict:
+    """Build (or finish, or confirm) the shard set; returns the manifest."""
+    inputs = read_inputs(options)
+    identity = _identity(options)
+    finished = _check_output(options, identity)
+    if _is_complete(finished, inputs.series):
+        print(f"{options.out}: build already complete ({finished['counts']['samples']} samples); nothing to do")
+        return finished
+    for warning in inputs.warnings:
+        print(warning, file=sys.stderr)
+    _prepare_work(options, identity)
+
+    skipped, bad_rows = inputs.skipped, inputs.bad_rows
+    folds = assign_folds(inputs.series)
+    tasks = plan_tasks([c for c in inputs.candidates if c.series_uid in folds], inputs.series, folds, options)
 
     work = options.out / WORK
     results: dict[str, SeriesResult] = {}

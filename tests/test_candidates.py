@@ -134,6 +134,16 @@ def test_extra_columns_and_column_order_are_fine(tmp_path):
     assert candidates == [Candidate(0, UID_A, (1.0, 2.0, 3.0), True)]
 
 
+def test_duplicate_rows_are_reported_and_kept_once(tmp_path):
+    """Same series, same centre as numbers and same class: one candidate, the first row's."""
+    path = write(tmp_path / "candidates.csv", [CANDIDATES_HEADER, f"{UID_A},1.5,2,3,1", f"{UID_A},1.50,2.0,3,1",
+                                               f"{UID_A},1.5,2,3,0", f"{UID_B},1.5,2,3,1", f"{UID_A},1.5,2,3,1"])
+    candidates, bad = read_candidates(path)
+    assert [(b.line, b.problem) for b in bad] == [(3, "duplicate of line 2"), (6, "duplicate of line 2")]
+    assert [(c.row, c.series_uid, c.is_nodule) for c in candidates] == [(0, UID_A, True), (2, UID_A, False),
+                                                                         (3, UID_B, True)]
+
+
 @pytest.mark.parametrize("column", ["seriesuid", "coordX", "coordY", "coordZ", "class"])
 def test_missing_column_raises_csv_error_naming_it(tmp_path, column):
     header = [name for name in CANDIDATES_HEADER.split(",") if name != column]

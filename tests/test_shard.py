@@ -647,6 +647,136 @@ def test_stray_shards_without_manifest_count_as_another_build(data, tmp_path):
     open_shard_set(out)
 
 
+# --- inputs checked before anything is written -----------------------------------------------------------
+
+
+def drop_annotations(data: Path) -> None:
+    (data / "annotations.csv").rename(data.parent / "annotations.csv")
+
+
+def restore_annotations(data: Path) -> None:
+    (data.parent / "annotations.csv").rename(data / "annotations.csv")
+
+
+def bad_header(data: Path) -> None:
+    path = data / "annotations.csv"
+    (data.parent / "annotations.csv").write_text(path.read_text())
+    path.write_text(path.read_text().replace("diameter_mm", "diameter", 1))
+
+
+def header_only(data: Path) -> None:
+    path = data / "candidates.csv"
+    (data.parent / "candidates.csv").write_text(path.read_text())
+    path.write_text(path.read_text().splitlines()[0] + "\n")
+
+
+def restore_candidates(data: Path) -> None:
+    (data.parent / "candidates.csv").rename(data / "candidates.csv")
+
+
+def no_ct_on_disk(data: Path) -> None:
+    for mhd in data.rglob("*.mhd"):
+        mhd.rename(mhd.with_suffix(".hidden"))
+
+
+def restore_cts(data: Path) -> None:
+    for hidden in data.rglob("*.hidden"):
+        hidden.rename(hidden.with_suffix(".mhd"))
+
+
+@pytest.mark.parametrize("damage, repair, message", [
+    (drop_annotations, restore_annotations, "annotations.csv: file not found"),
+    (bad_header, restore_annotations, "header lacks column(s) diameter_mm"),
+    (header_only, restore_candidates, "candidates.csv: no usable candidate rows"),
+    (no_ct_on_disk, restore_cts, "none of the 3 series of"),
+])
+def test_failed_input_check_writes_nothing_and_the_fixed_rerun_builds(data, tmp_path, small_reference,
+                                                                      damage, repair, message):
+    out = tmp_path / "out"
+    damage(data)
+    with pytest.raises((BuildError, ValueError)) as err:
+        build(options(data, out))
+    assert message in str(err.value)
+    assert not out.exists()
+    repair(data)
+    build(options(data, out))
+    assert fingerprint(out) == small_reference
+
+
+def test_strict_error_writes_nothing(data, tmp_path, small_reference):
+    out = tmp_path / "out"
+    old = replace_line(data / "candidates.csv", 5, "not,a,valid,row,at,all")
+    with pytest.raises(BuildError, match="--strict"):
+        build(options(data, out, strict=True))
+    assert not out.exists()
+    replace_line(data / "candidates.csv", 5, old)
+    build(options(data, out, strict=True))
+    assert fingerprint(out) == small_reference
+
+
+def test_missing_data_folder_writes_nothing(tmp_path):
+    result = shard_cli("--data", tmp_path / "nope", "--no-progress", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: {tmp_path / 'nope'}: no such folder (--data names the LUNA16-format folder)"
+    assert list(tmp_path.iterdir()) == []  # no shards/nope/.build either
+
+
+def test_plan_without_a_finished_ct_never_blocks_a_rerun(data, tmp_path, small_reference):
+    """A build stopped before its first CT was done (here: with another layout) holds nothing to keep."""
+    out = tmp_path / "out"
+    build(options(data, out, max_samples=7))
+    (out / MANIFEST).unlink()
+    shutil.rmtree(out / ".build" / "done")
+    build(options(data, out))
+    assert fingerprint(out) == small_reference
+    assert sorted(p.name for p in out.iterdir()) == sorted([p.name for p in shard_files(out)] + [MANIFEST, ".build"])
+
+
+def test_duplicate_candidate_rows_are_reported_and_sampled_once(data, tmp_path, small_reference, capsys):
+    candidates = data / "candidates.csv"
+    rows = candidates.read_text().splitlines()
+    positive = next(n for n, row in enumerate(rows) if row.endswith(",1"))
+    with open(candidates, "a") as f:
+        f.write(rows[positive] + "\n" + rows[1] + "\n")
+    manifest = build(options(data, tmp_path / "out"))
+    n = len(rows)
+    assert [(r["line"], r["problem"]) for r in manifest["bad_rows"]] == [
+        (n + 1, f"duplicate of line {positive + 1}"), (n + 2, "duplicate of line 2")]
+    assert "2 malformed or duplicate CSV row(s)" in capsys.readouterr().err
+    assert fingerprint(tmp_path / "out") == small_reference
+    assert manifest["counts"]["positives"] == sum(row.endswith(",1") for row in rows[1:])
+    with pytest.raises(BuildError, match="duplicate of line 2"):
+        build(options(data, tmp_path / "strict", strict=True))
+
+
+def test_moved_data_folder_resumes_its_build(data, tmp_path, small_reference, capsys):
+    """A build is known by its inputs' content: the same data elsewhere is the same build."""
+    out = tmp_path / "out"
+    build(options(data, out))
+    moved = data.rename(tmp_path / "moved")
+    capsys.readouterr()
+    build(options(moved, out))
+    assert "nothing to do" in capsys.readouterr().out
+
+    (out / MANIFEST).unlink()
+    next(out.glob(".build/done/*.json")).unlink()
+    build(options(moved, out))
+    assert "resuming: 2 of 3 CTs already sharded, 1 to go" in capsys.readouterr().out
+    assert fingerprint(out) == small_reference
+
+
+def test_build_of_the_previous_version_is_still_recognised(data, tmp_path, capsys):
+    """Builds of luna_dist 0.1.0 held the data folder's path in their identity."""
+    out = tmp_path / "out"
+    build(options(data, out))
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["identity"]["data"] = "/somewhere/else"
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    capsys.readouterr()
+    build(options(data, out))
+    assert "nothing to do" in capsys.readouterr().out
+
+
 def test_open_shard_set_refuses_truncated_or_missing(data, tmp_path):
     out = tmp_path / "out"
     build(options(data, out))
