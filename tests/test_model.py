@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from luna_dist.ct import CHUNK_SHAPE
-from luna_dist.model import LunaBlock, LunaModel
+from luna_dist.model import LunaBlock, LunaModel, SegmentationModel
 
 
 def _chunks(n: int, seed: int = 0) -> torch.Tensor:
@@ -108,3 +108,69 @@ def test_pickle_and_state_dict_round_trip(model):
     assert not torch.equal(fresh(x)[0], expected)  # different init, different output
     fresh.load_state_dict(model.state_dict())
     torch.testing.assert_close(fresh(x)[0], expected, rtol=0, atol=0)
+
+
+# -- the segmentation UNet ---------------------------------------------------------------------
+
+
+def _slices(n: int, size: tuple[int, int] = (64, 64), seed: int = 0) -> torch.Tensor:
+    """Random 7-slice context stacks (N, 7, H, W) in HU."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 7, *size, generator=generator) * 2000 - 1000
+
+
+@pytest.fixture
+def unet() -> SegmentationModel:
+    torch.manual_seed(0)
+    return SegmentationModel()
+
+
+def test_unet_parameter_count(unet):
+    conv = lambda c_in, c_out, k: c_in * c_out * k * k + c_out  # noqa: E731
+    block = lambda c_in, c_out: conv(c_in, c_out, 3) + conv(c_out, c_out, 3) + 4 * c_out  # two convs, two BNs
+    expected = (
+        2 * 7  # input batch norm
+        + block(7, 16) + block(16, 32) + block(32, 64)  # down
+        + conv(64, 32, 2) + block(64, 32) + conv(32, 16, 2) + block(32, 16)  # up
+        + conv(16, 1, 1)
+    )
+    assert sum(p.numel() for p in unet.parameters()) == expected == 118_271
+    assert [b[0].out_channels for b in unet.unet.down] == [16, 32, 64]
+    assert [type(m) for m in unet.unet.upsample] == [torch.nn.ConvTranspose2d] * 2
+    assert unet.input_batchnorm.num_features == 7
+
+
+@pytest.mark.parametrize("size", [(64, 64), (96, 96), (30, 50)])
+def test_unet_keeps_the_size_and_gives_probabilities(unet, size):
+    unet.eval()
+    out = unet(_slices(2, size))
+    assert out.shape == (2, 1, *size)
+    assert ((out >= 0) & (out <= 1)).all()  # untrained on raw HU, many saturate at 0 or 1
+
+
+def test_unet_output_is_local(unet):
+    """Padded convolutions of limited reach: a change in one corner leaves the far corner alone."""
+    unet.eval()
+    x = _slices(1, (96, 96))
+    changed = x.clone()
+    changed[..., :4, :4] += 500
+    a, b = unet(x), unet(changed)
+    assert not torch.equal(a[..., :8, :8], b[..., :8, :8])
+    torch.testing.assert_close(a[..., -40:, -40:], b[..., -40:, -40:], rtol=0, atol=0)
+
+
+def test_unet_gradients_reach_every_parameter(unet):
+    unet.train()
+    out = unet(_slices(2))
+    out.mean().backward()
+    for name, parameter in unet.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_unet_channels_last_and_pickle(unet):
+    x = _slices(2)
+    unet.eval()
+    expected = unet(x)
+    torch.testing.assert_close(pickle.loads(pickle.dumps(unet))(x), expected, rtol=0, atol=0)
+    fast = unet.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(fast(x.contiguous(memory_format=torch.channels_last)), expected, rtol=0, atol=1e-3)
