@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from luna_dist.augment import AugmentConfig, augment
+from luna_dist.augment import AugmentConfig, augment, augment_with_mask, random_crop
 from luna_dist.ct import CHUNK_SHAPE, HU_MAX, HU_MIN
 
 I, R, C = CHUNK_SHAPE
@@ -259,3 +259,92 @@ def test_default_generator_is_used_when_none_given():
     first = augment(batch, AugmentConfig.all())
     torch.manual_seed(3)
     assert torch.equal(first, augment(batch, AugmentConfig.all()))
+
+
+# -- 2-D slice stacks with their masks (segmentation) ------------------------------------------
+
+S = 64  # segmentation crops are 64 x 64
+
+
+def _disk_stack(n: int, centre: tuple[float, float], radius: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 7, S, S) stacks of a bright disk (+1000 HU) in air, and its mask (N, 1, S, S) bool."""
+    r, c = torch.meshgrid(torch.arange(S, dtype=torch.float32), torch.arange(S, dtype=torch.float32), indexing="ij")
+    inside = (r - centre[0]) ** 2 + (c - centre[1]) ** 2 <= radius**2
+    image = torch.where(inside, float(HU_MAX), float(HU_MIN)).expand(n, 7, S, S).clone()
+    return image, inside.expand(n, 1, S, S).clone()
+
+
+def _centroids_2d(weight: torch.Tensor) -> torch.Tensor:
+    """Centre of mass (N, 2) in (R, C) of weights (N, S, S)."""
+    r, c = torch.meshgrid(torch.arange(S, dtype=torch.float32), torch.arange(S, dtype=torch.float32), indexing="ij")
+    mass = weight.sum(dim=(1, 2))
+    return torch.stack([(weight * r).sum(dim=(1, 2)) / mass, (weight * c).sum(dim=(1, 2)) / mass], dim=1)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [AugmentConfig.all(), AugmentConfig(offset=0.1), AugmentConfig(flip=True), AugmentConfig(rotate=True),
+     AugmentConfig(scale=0.2)],
+)
+def test_mask_moves_with_the_image(config):
+    image, mask = _disk_stack(64, (20.0, 40.0), radius=6)  # off-centre, so flips and rotations move it
+    out_image, out_mask = augment_with_mask(image, mask, config, _generator())
+    assert out_mask.dtype == torch.bool and out_mask.shape == mask.shape
+    assert out_image.shape == image.shape and out_image.dtype == torch.float32
+    # Every channel of the stack moved alike (noise aside), and the mask sits on the disk.
+    bright = out_image.mean(dim=1) > 0  # (N, S, S) disk after the move, noise averaged over 7 channels
+    agreement = (bright == out_mask[:, 0]).float().mean(dim=(1, 2))
+    assert (agreement > 0.99).all()
+    torch.testing.assert_close(_centroids_2d(out_mask[:, 0].float()), _centroids_2d(bright.float()), rtol=0, atol=0.3)
+    # The mask keeps its size up to the scale.
+    area = out_mask.sum(dim=(1, 2, 3)).float() / mask[0].sum()
+    assert ((area > 0.6) & (area < 1.6)).all()
+
+
+def test_offset_moves_image_and_mask_by_up_to_ten_percent():
+    """The book's offset is written into a row of the matrix that is thrown away; this one moves."""
+    image, mask = _disk_stack(64, (S / 2 - 0.5, S / 2 - 0.5), radius=5)
+    out_image, out_mask = augment_with_mask(image, mask, AugmentConfig(offset=0.1), _generator())
+    shift = _centroids_2d(out_mask[:, 0].float()) - _centroids_2d(mask[:, 0].float())  # (N, 2) pixels
+    image_shift = _centroids_2d(out_image[:, 0] - HU_MIN) - _centroids_2d(image[:, 0] - HU_MIN)
+    # The thresholded mask moves by whole pixels, the interpolated image by fractions of one.
+    torch.testing.assert_close(shift, image_shift, rtol=0, atol=0.6)
+    assert (shift.abs() <= 0.1 * S + 0.5).all()
+    assert (shift.abs().amax(dim=0) >= 0.8 * 0.1 * S).all()  # both axes, most of the range
+    assert (shift.norm(dim=1) > 1).float().mean() > 0.7  # most samples really move
+
+
+def test_noise_goes_to_the_image_only():
+    image, mask = _disk_stack(8, (30.0, 30.0), radius=8)
+    out_image, out_mask = augment_with_mask(image, mask, AugmentConfig(noise_hu=25.0), _generator())
+    assert torch.equal(out_mask, mask)
+    assert (out_image - image).std().item() == pytest.approx(25.0, rel=0.1)
+
+
+def test_nothing_enabled_returns_the_inputs():
+    image, mask = _disk_stack(2, (30.0, 30.0), radius=8)
+    out_image, out_mask = augment_with_mask(image, mask, AugmentConfig.none())
+    assert out_image is image and out_mask is mask
+
+
+def test_random_crop_takes_the_same_window_of_image_and_mask():
+    n, rows, cols = 32, 96, 80
+    position = torch.arange(rows * cols, dtype=torch.float32).view(1, 1, rows, cols)
+    image = position.expand(n, 7, rows, cols) + torch.arange(7, dtype=torch.float32).view(1, 7, 1, 1) * 1e5
+    mask = (position.long() % 3 == 0).expand(n, 1, rows, cols)
+    crop_image, crop_mask = random_crop(image, mask, S, _generator())
+    assert crop_image.shape == (n, 7, S, S) and crop_mask.shape == (n, 1, S, S) and crop_mask.dtype == torch.bool
+    corner = crop_image[:, 0, 0, 0].long()  # (N,) flat index of each window's top-left pixel
+    top, left = corner // cols, corner % cols
+    assert ((top >= 0) & (top <= rows - S) & (left >= 0) & (left <= cols - S)).all()
+    assert len(set(top.tolist())) > 5 and len(set(left.tolist())) > 5  # windows differ
+    expected = corner.view(n, 1, 1, 1) + (torch.arange(S).view(-1, 1) * cols + torch.arange(S)).view(1, 1, S, S)
+    expected = expected + torch.arange(7).view(1, 7, 1, 1) * 100_000
+    assert torch.equal(crop_image.long(), expected)
+    assert torch.equal(crop_mask, expected[:, :1] % 3 == 0)
+
+
+def test_random_crop_larger_than_the_slice_is_refused():
+    image, mask = _disk_stack(1, (30.0, 30.0), radius=8)
+    with pytest.raises(ValueError, match="must fit"):
+        random_crop(image, mask, S + 1)
