@@ -225,8 +225,10 @@ def bench_loader(data: Path, shards_dir: Path, workers: list[int], batch_size: i
 def _trainer(shards_dir: Path, out: Path, batch_size: int, steps: int, extra: list[str]):
     from luna_dist.train import Trainer, parse_args
 
+    last_fold = open_shard_set(shards_dir).folds[-1]  # a validation fold that exists, though no epoch validates
     args = parse_args(["--shards", str(shards_dir), "--batch-size", str(batch_size), "--max-steps", str(steps),
-                       "--out", str(out), "--run-name", f"bench-{batch_size}", "--balanced", "1", *extra])
+                       "--out", str(out), "--run-name", f"bench-{batch_size}", "--balanced", "1",
+                       "--val-folds", str(last_fold), *extra])
     return Trainer(args)
 
 

@@ -148,3 +148,118 @@ def test_bad_shard_folder_is_a_clear_error(tmp_path):
                              "--out", str(tmp_path)], capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert result.returncode == 1
     assert "manifest.json not found" in result.stderr
+
+
+def _copy_without_fold(shard_dir: Path, dest: Path, fold: int) -> Path:
+    """A shard set like `shard_dir` whose build never had `fold` (as a build of fewer than 10 CTs)."""
+    shutil.copytree(shard_dir, dest)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    for shard in [s for s in manifest["shards"] if s["fold"] == fold]:
+        (dest / shard["name"]).unlink()
+    manifest["shards"] = [s for s in manifest["shards"] if s["fold"] != fold]
+    del manifest["folds"][str(fold)]
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    return dest
+
+
+def test_validation_fold_without_shards_fails_before_training(shard_dir, tmp_path):
+    shards = _copy_without_fold(shard_dir, tmp_path / "shards", 9)
+    result = subprocess.run([sys.executable, "-m", "luna_dist.train", "--shards", str(shards), "--out",
+                             str(tmp_path / "runs"), "--run-name", "r", "--max-steps", "2", "--batch-size", "4"],
+                            capture_output=True, text=True, timeout=RUN_TIMEOUT,
+                            env={**os.environ, "ACCELERATE_USE_CPU": "true"})
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "validation folds [9] have no shards" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "E1 trained" not in result.stderr  # not a single training step ran
+    assert not (tmp_path / "runs" / "r").exists()  # and no run folder without a state was left
+
+
+def test_run_killed_during_validation_resumes_without_duplicate_steps(shard_dir, tmp_path):
+    """Epoch 2's training scalars are written before its state: after a kill in its validation
+    and a resume, TensorBoard must hold each step once (the stale events are purged)."""
+    import signal
+
+    common = ["--shards", str(shard_dir), "--out", str(tmp_path), "--run-name", "r", "--epochs", "3",
+              "--max-steps", "2", "--batch-size", "4", "--balanced", "1", "--val-folds", "7", "8", "9"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "luna_dist.train", *common], stderr=subprocess.PIPE,
+                               stdout=subprocess.DEVNULL, text=True, env=env)
+    try:
+        for line in process.stderr:
+            if "E2 trained" in line:
+                process.send_signal(signal.SIGKILL)  # during epoch 2's validation: its state is never saved
+                break
+    finally:
+        process.kill()
+        process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    assert json.loads(_custom_state(tmp_path / "r"))["epoch"] == 1
+
+    train([*common, "--resume"])
+    for mode in ("trn", "val"):
+        accumulator = EventAccumulator(str(tmp_path / "r" / mode))
+        accumulator.Reload()
+        assert [e.step for e in accumulator.Scalars("loss/all")] == [8, 16, 24], mode
+
+
+def _custom_state(run: Path) -> str:
+    """The saved progress counters of a run, as JSON."""
+    import torch
+
+    return json.dumps(torch.load(run / "state" / "custom_checkpoint_0.pkl", weights_only=False))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """An 8 MB tmpfs of its own, which a test can fill."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root; the full-disk case is not testable here")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_full_disk_during_checkpoint_is_one_line_and_keeps_the_previous_state(shard_dir, small_disk):
+    common = ["--shards", str(shard_dir), "--out", str(small_disk), "--run-name", "r", "--max-steps", "1",
+              "--batch-size", "4", "--balanced", "1", "--val-folds", "9"]
+    train([*common, "--epochs", "1"])
+    state_before = {p.name: p.read_bytes() for p in (small_disk / "r" / "state").iterdir()}
+    # Leave 1 MB: less than a state (model and optimizer, 1.8 MB) needs.
+    (small_disk / "filler").write_bytes(bytes(shutil.disk_usage(small_disk).free - 2**20))
+    result = subprocess.run([sys.executable, "-m", "luna_dist.train", *common, "--epochs", "3", "--resume"],
+                            capture_output=True, text=True, timeout=RUN_TIMEOUT,
+                            env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 1, result.stderr[-3000:]
+    error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "could not write the checkpoint of epoch 2" in error[0]
+    assert "No space left on device" in error[0]
+    assert f"{small_disk / 'r' / 'state'} (epoch 1) is intact" in error[0]
+    assert {p.name: p.read_bytes() for p in (small_disk / "r" / "state").iterdir()} == state_before
+    assert not (small_disk / "r" / "state.partial").exists() and not (small_disk / "r" / "best.pt.partial").exists()
+
+
+def test_resumed_run_keeps_its_best_score(shard_dir, tmp_path, monkeypatch):
+    """The best score is saved with the state, so a resume never replaces best.pt by a worse model."""
+    import torch
+
+    from luna_dist.train import Trainer, parse_args
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    common = ["--shards", str(shard_dir), "--out", str(tmp_path), "--run-name", "r", "--val-folds", "9"]
+    trainer = Trainer(parse_args(common))
+    trainer.progress.epoch = 1
+    trainer.save({"pr/f1_score": 0.5})
+    trainer.close()
+    assert torch.load(tmp_path / "r" / "best.pt", weights_only=False)["epoch"] == 1
+
+    resumed = Trainer(parse_args([*common, "--resume"]))
+    assert (resumed.progress.epoch, resumed.progress.best_score) == (1, 0.5)
+    resumed.progress.epoch = 2
+    resumed.save({"pr/f1_score": 0.3})  # worse than the best
+    resumed.close()
+    best = torch.load(tmp_path / "r" / "best.pt", weights_only=False)
+    assert (best["epoch"], best["task"], best["val_metrics"]) == (1, "cls", {"pr/f1_score": 0.5})

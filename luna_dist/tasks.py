@@ -1,0 +1,208 @@
+"""What differs per model, for the one training loop of `luna_dist.train`.
+
+A task names the shards it reads, its model and optimizer, its pipelines, what it
+records per sample, the metrics and log lines made from those records, its
+TensorBoard extras and the rule that picks the best model. `Trainer` calls these
+and never asks which task it runs; checkpoints, resume, gathering and logging stay
+in the loop because no task needs them different.
+
+Per-sample records are float32 rows whose first column is never negative: the loop
+marks padding with -1 there when ranks hold different numbers of rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import Tensor, nn
+from torch.utils.tensorboard import SummaryWriter
+
+from luna_dist.augment import AugmentConfig, augment
+from luna_dist.metrics import compute_metrics, format_metrics
+from luna_dist.model import LunaModel
+from luna_dist.stream import ShardSet, ShardSetError, TrainStreamConfig, open_shard_set, train_loader, val_loader
+
+
+def augment_config(args: argparse.Namespace) -> AugmentConfig:
+    """The augmentations the `--augment*` flags ask for, at the strengths of `AugmentConfig.all()`."""
+    full = AugmentConfig.all()
+    return AugmentConfig(
+        flip=args.augment or args.augment_flip,
+        offset=full.offset if args.augment or args.augment_offset else 0.0,
+        scale=full.scale if args.augment or args.augment_scale else 0.0,
+        rotate=args.augment or args.augment_rotate,
+        noise_hu=full.noise_hu if args.augment or args.augment_noise else 0.0,
+    )
+
+
+class Task:
+    """The parts of training that one model does its own way; see the module docstring."""
+
+    name = ""
+    record_columns: tuple[str, ...] = ()
+    score_name = ""  # what `score` returns, for log lines
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.augment = augment_config(args)
+
+    def setup(self, accelerator: Accelerator) -> None:
+        """Called once by the loop before anything is built."""
+        self.accelerator = accelerator
+        self.device = accelerator.device
+        # MPS lacks fast channels-last kernels for these models; elsewhere it is the faster layout.
+        self.channels_last = self.args.channels_last == "on" or (
+            self.args.channels_last == "auto" and self.device.type != "mps")
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """The task's own flags (all tasks share one parser, so names must not clash)."""
+
+    @staticmethod
+    def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+        """Reject bad values of the task's own flags with `parser.error`, naming the flag."""
+
+    def open_shards(self, path) -> ShardSet:
+        raise NotImplementedError
+
+    def check_folds(self, shards: ShardSet, train_folds: list[int], val_folds: list[int], training: bool) -> None:
+        """Raise ShardSetError, before the first step, when the folds cannot serve this run."""
+        raise NotImplementedError
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+    def epoch_samples(self, shards: ShardSet, train_folds: list[int]) -> int:
+        """Training samples per epoch, all ranks together, when `--epoch-samples` is not given."""
+        raise NotImplementedError
+
+    def train_loader(self, shards: ShardSet, train_folds: list[int], epoch: int, steps: int, num_workers: int,
+                     pin_memory: bool) -> Iterable:
+        """Exactly `steps` batches for this rank (resampled, so ranks never wait on each other)."""
+        raise NotImplementedError
+
+    def val_loader(self, shards: ShardSet, val_folds: list[int], num_workers: int, pin_memory: bool) -> Iterable:
+        """This rank's share of the validation samples: each sample once over all ranks and workers."""
+        raise NotImplementedError
+
+    def forward(self, model: nn.Module, batch, train: bool) -> tuple[Tensor, Tensor]:
+        """(loss per sample (N,), records (N, len(record_columns)) float32) for one host batch."""
+        raise NotImplementedError
+
+    def compute_metrics(self, records: Tensor) -> dict[str, float]:
+        """Metrics from the records of every rank (already gathered, padding removed)."""
+        raise NotImplementedError
+
+    def format_metrics(self, epoch: int, mode: str, metrics: dict) -> list[str]:
+        raise NotImplementedError
+
+    def log_extras(self, writer: SummaryWriter, mode: str, records: Tensor, step: int, model: nn.Module) -> None:
+        """TensorBoard beyond the scalars; main process only."""
+
+    def score(self, metrics: dict) -> float:
+        """The best-model rule: higher is better; NaN never wins."""
+        raise NotImplementedError
+
+
+class ClsTask(Task):
+    """Nodule vs non-nodule on 32x48x48 chunks: LunaModel, SGD, cross-entropy, pos/neg metrics."""
+
+    name = "cls"
+    record_columns = ("label", "prob", "loss")
+    score_name = "F1"
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("nodule classifier (--task cls)")
+        group.add_argument("--balanced", type=float, default=0, metavar="RATIO",
+                           help="negatives per positive in training batches; 0 = natural frequencies")
+
+    @staticmethod
+    def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+        if args.balanced < 0:
+            parser.error(f"--balanced must be 0 (natural) or a positive ratio, got {args.balanced}")
+
+    def open_shards(self, path) -> ShardSet:
+        return open_shard_set(path)
+
+    def check_folds(self, shards: ShardSet, train_folds: list[int], val_folds: list[int], training: bool) -> None:
+        def shard_count(folds: list[int]) -> str:
+            return f"{len(shards.shards(folds, 'pos'))} positive and {len(shards.shards(folds, 'neg'))} negative shards"
+
+        if not shards.shards(val_folds, "pos") + shards.shards(val_folds, "neg"):
+            raise ShardSetError(f"{shards.root}: validation folds {val_folds} have no shards (the build has folds "
+                                f"{shards.folds}); choose others with --val-folds")
+        if training and not (shards.shards(train_folds, "pos") and shards.shards(train_folds, "neg")):
+            raise ShardSetError(f"{shards.root}: training folds {train_folds} have {shard_count(train_folds)}; "
+                                "both classes are needed (change --val-folds?)")
+
+    def build_model(self) -> nn.Module:
+        model = LunaModel()
+        return model.to(memory_format=torch.channels_last_3d) if self.channels_last else model
+
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.SGD(model.parameters(), lr=self.args.lr, momentum=self.args.momentum)
+
+    def epoch_samples(self, shards: ShardSet, train_folds: list[int]) -> int:
+        return shards.count(train_folds, "pos") + shards.count(train_folds, "neg")
+
+    def train_loader(self, shards, train_folds, epoch, steps, num_workers, pin_memory):
+        args = self.args
+        config = TrainStreamConfig(tuple(train_folds), args.batch_size, steps, num_workers, args.balanced,
+                                   args.shuffle_buffer, args.seed)
+        return train_loader(shards, config, epoch, pin_memory=pin_memory)
+
+    def val_loader(self, shards, val_folds, num_workers, pin_memory):
+        return val_loader(shards, val_folds, self.args.batch_size, num_workers, pin_memory)
+
+    def _to_input(self, chunks: Tensor, train: bool) -> Tensor:
+        """int16 chunks on the host -> float32 HU on the device, augmented there when training."""
+        x = chunks.to(self.device, non_blocking=True).float()
+        if train and self.augment.enabled:
+            x = augment(x, self.augment)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        return x
+
+    def forward(self, model, batch, train):
+        chunks, labels = batch
+        labels = labels.to(self.device, non_blocking=True)
+        with self.accelerator.autocast():
+            logits, probs = model(self._to_input(chunks, train))
+        loss = F.cross_entropy(logits.float(), labels, reduction="none")  # per sample, for the pos/neg split
+        records = torch.stack([labels.float(), probs[:, 1].float().detach(), loss.detach()], dim=1)
+        return loss, records
+
+    def compute_metrics(self, records):
+        return compute_metrics(records[:, 0], records[:, 1], records[:, 2])
+
+    def format_metrics(self, epoch, mode, metrics):
+        return format_metrics(epoch, mode, metrics)
+
+    def log_extras(self, writer, mode, records, step, model):
+        """Validation only: the PR curve, and histograms of confident negatives and doubtful positives."""
+        if mode != "val" or not len(records):
+            return
+        labels, probs = records[:, 0].cpu().bool(), records[:, 1].cpu()
+        writer.add_pr_curve("pr", labels, probs, step)
+        bins = np.linspace(0, 1, 51)  # bins of 1/50
+        confident_neg = probs[~labels & (probs > 0.01)]
+        doubtful_pos = probs[labels & (probs < 0.99)]
+        if len(confident_neg):
+            writer.add_histogram("is_neg", confident_neg, step, bins=bins)
+        if len(doubtful_pos):
+            writer.add_histogram("is_pos", doubtful_pos, step, bins=bins)
+
+    def score(self, metrics):
+        return metrics["pr/f1_score"]
+
+
+TASKS: dict[str, type[Task]] = {task.name: task for task in (ClsTask,)}
