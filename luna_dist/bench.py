@@ -1,4 +1,4 @@
-"""`python -m luna_dist.bench {shard,loader,train,all}`: the project's speed claims, measured in one run.
+"""`python -m luna_dist.bench {shard,loader,train,evaluate,all}`: the project's speed claims, measured in one run.
 
 - shard:  build time against the time of only reading the same CTs with SimpleITK.
 - loader: samples/s delivered as batched tensors from shards (0, 1, 2 workers) against
@@ -8,6 +8,8 @@
 - train:  end-to-end training samples/s (shards -> loss.backward -> step) against the
           pure-compute ceiling (same model and batch on tensors already on the device),
           layout and precision variants, and 1 against 2 CPU ranks.
+- evaluate: LUNA16 scoring of generated marks at the full data set's size (888 scans,
+          ~600 marks each): reading the CSVs, the FROC/CPM, and its bootstrap interval.
 
 Without --data/--shards it makes a synthetic data set first. Figures print as one
 table; --json writes them, --plot draws them (needs matplotlib).
@@ -37,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from luna_dist.candidates import Candidate, find_series, read_candidates
 from luna_dist.ct import CHUNK_SHAPE, HU_MAX, HU_MIN, cut_chunks, read_ct
+from luna_dist.evaluate import Findings, Marks, froc, read_findings, read_marks, read_series_list, write_marks
 from luna_dist.geometry import xyz_to_irc
 from luna_dist.model import LunaModel
 from luna_dist.shard import BuildOptions, build
@@ -318,6 +321,66 @@ def _rank_rate(shards_dir: Path, out: Path, processes: int, batch_size: int, ste
 
 
 # -- report ----------------------------------------------------------------------------------------
+# -- evaluate --------------------------------------------------------------------------------------
+def _write_findings(path: Path, found: Findings) -> None:
+    lines = ["seriesuid,coordX,coordY,coordZ,diameter_mm"]
+    lines += [f"{uid},{x:.3f},{y:.3f},{z:.3f},{d:.2f}" for uid, (x, y, z), d in
+              zip(found.series.tolist(), found.xyz.tolist(), found.diameter.tolist())]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def bench_evaluate(work: Path, scans: int, marks_per_scan: int, bootstrap: int) -> dict:
+    """Score `scans` x ~`marks_per_scan` generated marks (LUNA16: 888 scans, 1,186 nodules).
+
+    Marks lie in a 300 mm cube, a few on each nodule, and their probabilities favour
+    the nodules, so every rule (hits, doubles, excluded findings, the 100-mark cap) works.
+    """
+    rng = np.random.default_rng(0)
+    uids = np.array([f"1.3.6.1.4.1.14519.5.2.1.6279.6001.{i:030d}" for i in range(scans)])
+    n_nodules = round(scans * 1186 / 888)
+    nodules = Findings(uids[rng.integers(0, scans, n_nodules)], rng.uniform(-150, 150, (n_nodules, 3)),
+                       rng.uniform(3, 30, n_nodules))
+    n_excluded = 2 * n_nodules
+    excluded = Findings(uids[rng.integers(0, scans, n_excluded)], rng.uniform(-150, 150, (n_excluded, 3)),
+                        rng.choice([-1.0, 2.0, 5.0], n_excluded))
+    n_random = scans * marks_per_scan - 3 * n_nodules
+    on_nodule = np.repeat(np.arange(n_nodules), 3)
+    marks = Marks(
+        np.concatenate([uids[rng.integers(0, scans, n_random)], nodules.series[on_nodule]]),
+        np.concatenate([rng.uniform(-150, 150, (n_random, 3)), nodules.xyz[on_nodule] + rng.normal(0, 1, (3 * n_nodules, 3))]),
+        np.concatenate([rng.beta(1, 8, n_random), rng.beta(4, 2, 3 * n_nodules)]),
+    )
+    work.mkdir(parents=True, exist_ok=True)
+    paths = {name: work / f"{name}.csv" for name in ("seriesuids", "annotations", "excluded", "predictions")}
+    paths["seriesuids"].write_text("seriesuid\n" + "\n".join(uids.tolist()) + "\n")
+    _write_findings(paths["annotations"], nodules)
+    _write_findings(paths["excluded"], excluded)
+    write_marks(paths["predictions"], marks)
+
+    started = time.perf_counter()
+    series = read_series_list(paths["seriesuids"])
+    read = (read_findings(paths["annotations"]), read_marks(paths["predictions"], series),
+            read_findings(paths["excluded"], excluded=True))
+    read_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    result = froc(series, read[0], read[1], read[2])
+    score_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    froc(series, read[0], read[1], read[2], bootstrap=bootstrap)
+    with_bootstrap_seconds = time.perf_counter() - started
+    return {
+        "scans": scans,
+        "marks": len(marks.probability),
+        "nodules": n_nodules,
+        "cpm": result.cpm,
+        "read_seconds": read_seconds,
+        "score_seconds": score_seconds,
+        "bootstrap": bootstrap,
+        "score_with_bootstrap_seconds": with_bootstrap_seconds,
+        "total_seconds": read_seconds + with_bootstrap_seconds,
+    }
+
+
 def machine() -> dict:
     info = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
             "python": platform.python_version()}
@@ -374,7 +437,7 @@ def plot(results: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m luna_dist.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["shard", "loader", "train", "all"])
+    parser.add_argument("what", choices=["shard", "loader", "train", "evaluate", "all"])
     parser.add_argument("--data", type=Path, help="LUNA16-format folder (default: make a synthetic one)")
     parser.add_argument("--shards", type=Path, help="shard folder for loader/train (default: build from --data)")
     parser.add_argument("--cts", type=int, default=10, help="synthetic CTs to make")
@@ -389,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-workers", type=int, help="data workers while training (default: train's own)")
     parser.add_argument("--variants", nargs="*", default=["default+no", "cl3d+no", "default+bf16", "cl3d+bf16"],
                         help="compute-ceiling variants LAYOUT+PRECISION (LAYOUT default|cl3d, PRECISION no|bf16)")
+    parser.add_argument("--eval-scans", type=int, default=888, help="scans of the generated evaluation set")
+    parser.add_argument("--eval-marks", type=int, default=600, help="marks per scan of the generated evaluation set")
+    parser.add_argument("--eval-bootstrap", type=int, default=1000, help="bootstrap resamplings timed")
     parser.add_argument("--no-ranks", dest="ranks", action="store_false", help="skip the 1 vs 2 CPU ranks run")
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
     parser.add_argument("--json", type=Path, help="write the figures here")
@@ -402,12 +468,28 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--device cuda: no CUDA device visible")
 
     work = args.work or Path(tempfile.mkdtemp(prefix="luna_dist-bench-"))
+    results: dict = {"machine": machine()}
+    if args.what in ("evaluate", "all"):
+        results["evaluate"] = bench_evaluate(work / "evaluate", args.eval_scans, args.eval_marks, args.eval_bootstrap)
+    if args.what != "evaluate":
+        run_data_benchmarks(args, work, results)
+    width = max(len(name) for name, _ in rows(results))
+    for name, value in rows(results):
+        print(f"{name:<{width}}  {value:>14}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    if args.plot:
+        plot(results, args.plot)
+    return 0
+
+
+def run_data_benchmarks(args: argparse.Namespace, work: Path, results: dict) -> None:
+    """The benchmarks that need CTs and shards: made synthetic unless --data/--shards are given."""
     data = args.data
     if data is None:
         data = work / "data"
         if not (data / "candidates.csv").is_file():
             make_dataset(data, n_cts=args.cts, seed=0, shape=tuple(args.shape))
-    results: dict = {"machine": machine()}
     shards = args.shards
     if args.what in ("shard", "all") or shards is None:
         shard_out = work / "shards"
@@ -423,15 +505,6 @@ def main(argv: list[str] | None = None) -> int:
         extra = ["--num-workers", str(args.train_workers)] if args.train_workers is not None else []
         results["train"] = bench_train(shards, work / "runs", args.batch_sizes, args.train_steps, args.ranks,
                                        args.variants, extra)
-
-    width = max(len(name) for name, _ in rows(results))
-    for name, value in rows(results):
-        print(f"{name:<{width}}  {value:>14}")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
-    if args.plot:
-        plot(results, args.plot)
-    return 0
 
 
 if __name__ == "__main__":

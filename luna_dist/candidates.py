@@ -57,7 +57,7 @@ class CsvError(ValueError):
 _TRUE = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
-def _read_rows(path: Path, required: tuple[str, ...]):
+def read_rows(path: Path, required: tuple[str, ...]):
     """Yield (line number, dict row) for each data row, checking the header first."""
     path = Path(path)
     if not path.is_file():
@@ -77,24 +77,26 @@ def _read_rows(path: Path, required: tuple[str, ...]):
             yield reader.line_num, header, fields
 
 
-def _parse(header: list[str], fields: list[str]) -> dict:
+def parse_row(header: list[str], fields: list[str]) -> dict:
     """Fields by header name, with the centre checked and parsed into `xyz`."""
     if len(fields) != len(header):
         raise ValueError(f"expected {len(header)} fields, found {len(fields)}: {','.join(fields)!r}")
     row = dict(zip(header, (field.strip() for field in fields)))
     if not row["seriesuid"]:
         raise ValueError("empty seriesuid")
-    xyz = []
-    for name in ("coordX", "coordY", "coordZ"):
-        try:
-            value = float(row[name])
-        except ValueError:
-            raise ValueError(f"{name} is not a number: {row[name]!r}") from None
-        if not math.isfinite(value):
-            raise ValueError(f"{name} is not finite: {row[name]!r}")
-        xyz.append(value)
-    row["xyz"] = tuple(xyz)
+    row["xyz"] = tuple(finite_number(row, name) for name in ("coordX", "coordY", "coordZ"))
     return row
+
+
+def finite_number(row: dict, name: str) -> float:
+    """The field `name` of a parsed row as a finite float; ValueError naming the field otherwise."""
+    try:
+        value = float(row[name])
+    except ValueError:
+        raise ValueError(f"{name} is not a number: {row[name]!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name} is not finite: {row[name]!r}")
+    return value
 
 
 def read_candidates(path: Path) -> tuple[list[Candidate], list[BadRow]]:
@@ -107,9 +109,9 @@ def read_candidates(path: Path) -> tuple[list[Candidate], list[BadRow]]:
     required = ("seriesuid", "coordX", "coordY", "coordZ", "class")
     candidates, bad = [], []
     first_line: dict[tuple, int] = {}
-    for line, header, fields in _read_rows(path, required):
+    for line, header, fields in read_rows(path, required):
         try:
-            row = _parse(header, fields)
+            row = parse_row(header, fields)
             if row["class"] not in ("0", "1"):
                 raise ValueError(f"class must be 0 or 1, found {row['class']!r}")
             identity = (row["seriesuid"], row["xyz"], row["class"])
@@ -123,18 +125,22 @@ def read_candidates(path: Path) -> tuple[list[Candidate], list[BadRow]]:
     return candidates, bad
 
 
-def read_annotations(path: Path) -> tuple[list[Annotation], list[BadRow]]:
-    """Parse `annotations.csv`, or the malignancy table when it has a `mal_bool` column."""
+def read_annotations(path: Path, allow_unknown_diameter: bool = False) -> tuple[list[Annotation], list[BadRow]]:
+    """Parse `annotations.csv`, or the malignancy table when it has a `mal_bool` column.
+
+    `allow_unknown_diameter` accepts a negative diameter, which `annotations_excluded.csv`
+    uses for findings of unknown size (kept as it is; the evaluation reads it as 10 mm).
+    """
     required = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
     annotations, bad = [], []
-    for line, header, fields in _read_rows(path, required):
+    for line, header, fields in read_rows(path, required):
         try:
-            row = _parse(header, fields)
+            row = parse_row(header, fields)
             try:
                 diameter = float(row["diameter_mm"])
             except ValueError:
                 raise ValueError(f"diameter_mm is not a number: {row['diameter_mm']!r}") from None
-            if not (diameter > 0 and math.isfinite(diameter)):
+            if not (math.isfinite(diameter) and (diameter > 0 or (allow_unknown_diameter and diameter < 0))):
                 raise ValueError(f"diameter_mm must be positive, found {row['diameter_mm']!r}")
             malignant = None
             if "mal_bool" in row:

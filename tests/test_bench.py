@@ -111,3 +111,15 @@ def test_per_candidate_baseline_cuts_the_shard_chunks_and_pickles_for_spawn(synt
         assert np.array_equal(chunk[0].numpy(), stored) and label == 1
     clone = pickle.loads(pickle.dumps(dataset))
     assert len(clone) == len(dataset)
+
+
+def test_evaluate_figures(tmp_path, capsys):
+    out = tmp_path / "evaluate.json"
+    assert bench.main(["evaluate", "--eval-scans", "20", "--eval-marks", "150", "--eval-bootstrap", "10",
+                       "--work", str(tmp_path), "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())["evaluate"]
+    assert (figures["scans"], figures["marks"], figures["bootstrap"]) == (20, 3000, 10)
+    assert 0 < figures["cpm"] <= 1
+    assert all(_positive(figures[key]) for key in ("read_seconds", "score_seconds", "score_with_bootstrap_seconds"))
+    assert "evaluate.score_seconds" in capsys.readouterr().out
+    assert not (tmp_path / "data").exists()  # scoring needs no CTs
