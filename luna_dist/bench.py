@@ -41,6 +41,7 @@ from luna_dist.candidates import Candidate, find_series, read_candidates
 from luna_dist.ct import CHUNK_SHAPE, HU_MAX, HU_MIN, cut_chunks, read_ct
 from luna_dist.evaluate import Findings, Marks, froc, read_findings, read_marks, read_series_list, write_marks
 from luna_dist.geometry import xyz_to_irc
+from luna_dist.hardware import cpu_features, native_bf16
 from luna_dist.model import LunaModel
 from luna_dist.shard import BuildOptions, build
 from luna_dist.stream import TrainStreamConfig, open_shard_set, train_loader
@@ -383,9 +384,11 @@ def bench_evaluate(work: Path, scans: int, marks_per_scan: int, bootstrap: int) 
 
 def machine() -> dict:
     info = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version()}
+            "python": platform.python_version(), "cpu_features": " ".join(cpu_features()),
+            "cpu_bf16_native": native_bf16(torch.device("cpu"))[0]}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
+        info["gpu_bf16_native"] = native_bf16(torch.device("cuda"))[0]
     return info
 
 

@@ -38,6 +38,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from luna_dist.candidates import N_FOLDS
+from luna_dist.hardware import precision_warning
 from luna_dist.stream import ShardSetError, steps_per_epoch
 from luna_dist.tasks import TASKS
 
@@ -332,6 +333,8 @@ class Trainer:
                  f"({accelerator.distributed_type}), mixed precision {accelerator.mixed_precision}, "
                  f"{self.num_workers} data worker(s) each; train folds {self.train_folds}, "
                  f"validation folds {self.val_folds}; run {self.run_dir}")
+        if accelerator.is_main_process and (warning := precision_warning(self.device, accelerator.mixed_precision)):
+            log.warning(warning)
         if args.eval_only:
             metrics, _ = self.validate(self.progress.epoch)
             self.log_metrics(self.progress.epoch, "val", metrics)
