@@ -21,16 +21,22 @@ and nothing else.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import errno
 import hashlib
 import io
 import json
 import math
+import multiprocessing
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections import defaultdict
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,10 +56,19 @@ from luna_dist.candidates import (
 from luna_dist.ct import CHUNK_SHAPE, HU_MAX, HU_MIN, CtError, cut_chunks, read_ct
 from luna_dist.geometry import xyz_to_irc
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, a second writer is not detected
+    fcntl = None
+
 FORMAT = "luna_dist-shards"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WORK = ".build"
+LOCK = "lock"
+LOCK_WAIT_S = 10.0
+"""How long a build waits for another writer of its --out (workers of a killed build end within ms)."""
+PR_SET_PDEATHSIG = 1
 CHUNK_BYTES = int(np.prod(CHUNK_SHAPE)) * 2
 SAMPLE_BYTES_MAX = CHUNK_BYTES + 4 * 1024
 """Upper bound of one sample in a tar: npy payload, three 512-byte headers and padding, json."""
@@ -61,6 +76,10 @@ SAMPLE_BYTES_MAX = CHUNK_BYTES + 4 * 1024
 
 class BuildError(Exception):
     """The build cannot start or finish; the message says what to change."""
+
+
+class OutputError(BuildError):
+    """--out cannot be written (full disk, read-only, no permission); what was finished is kept."""
 
 
 @dataclass
@@ -330,7 +349,11 @@ def _check_output(options: BuildOptions, identity: dict) -> dict | None:
         for path in out.glob("fold*.tar*"):
             path.unlink()
         (out / MANIFEST).unlink(missing_ok=True)
-        shutil.rmtree(work, ignore_errors=True)
+        for path in work.glob("*"):
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.name != LOCK:  # held by this build: another build must still see it
+                path.unlink()
         return None
     return manifest
 
@@ -346,9 +369,64 @@ def _prepare_work(options: BuildOptions, identity: dict) -> None:
     work = options.out / WORK
     (work / "done").mkdir(parents=True, exist_ok=True)
     (work / "pos").mkdir(parents=True, exist_ok=True)
-    for partial in list(options.out.glob("*.partial")) + list(work.rglob("*.partial")):
-        partial.unlink()  # left by a killed build; never part of the result
+    _remove_partials(options.out)
     _write_json_atomic(work / "plan.json", {"identity": identity})
+
+
+def _remove_partials(out: Path) -> None:
+    """Files a killed or failed build was writing: never part of the result."""
+    for partial in list(out.glob("*.partial")) + list((out / WORK).rglob("*.partial")):
+        partial.unlink(missing_ok=True)
+
+
+@contextmanager
+def _sole_writer(out: Path):
+    """Hold an exclusive lock on `.build/lock` while the build writes.
+
+    Pool workers share the lock through the descriptor they inherit, so a rerun started
+    while workers of a killed build still write waits for them to end, then refuses:
+    their output never mixes into the new build.
+    """
+    lock = out / WORK / LOCK
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDONLY if lock.exists() else os.O_WRONLY | os.O_CREAT)
+    try:
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise BuildError(f"{out}: another build is writing there (or workers of a killed build still "
+                                     "run); wait for it to end, then rerun") from None
+                time.sleep(0.1)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _end_with_parent() -> None:
+    """Pool initializer: a worker ends when the build process dies, rather than writing on unseen."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    parent = multiprocessing.parent_process()
+    if parent is not None:  # elsewhere (and should the parent die before prctl): wait on its sentinel
+        threading.Thread(target=_exit_after, args=(parent,), daemon=True).start()
+
+
+def _exit_after(parent: multiprocessing.process.BaseProcess) -> None:
+    parent.join()
+    os._exit(1)
+
+
+def _output_error(err: OSError, out: Path, series_uid: str | None = None) -> OutputError:
+    """One line naming the path, and what a rerun does: finished CTs stay journaled."""
+    done = len(list((out / WORK).glob("done/*.json")))
+    during = f" while writing the shards of CT {series_uid}" if series_uid else ""
+    fix = "free some space" if err.errno == errno.ENOSPC else "make it writable or choose another --out"
+    return OutputError(f"{err.filename or out}: {err.strerror}{during}; nothing finished was lost "
+                       f"({done} CT(s) done and kept): {fix}, then rerun the same command to resume")
 
 
 def _load_done(work: Path, out: Path, task: SeriesTask) -> SeriesResult | None:
@@ -452,6 +530,16 @@ def read_inputs(options: BuildOptions) -> Inputs:
 def build(options: BuildOptions) -> dict:
     """Build (or finish, or confirm) the shard set; returns the manifest."""
     inputs = read_inputs(options)
+    try:
+        with _sole_writer(options.out):
+            return _build(options, inputs)
+    except (OSError, OutputError) as err:
+        with suppress(OSError):
+            _remove_partials(options.out)  # frees what the failed writes took
+        raise (err if isinstance(err, OutputError) else _output_error(err, options.out)) from None
+
+
+def _build(options: BuildOptions, inputs: Inputs) -> dict:
     identity = _identity(options)
     finished = _check_output(options, identity)
     if _is_complete(finished, inputs.series):
@@ -499,6 +587,8 @@ def _run_tasks(todo: list[SeriesTask], results: dict, options: BuildOptions) -> 
 
     def finish(task: SeriesTask, result: SeriesResult | None, error: BaseException | None) -> None:
         nonlocal samples, megabytes
+        if isinstance(error, OSError):  # --out cannot take more: every other CT would fail alike
+            raise _output_error(error, options.out, task.series_uid)
         if error is not None:
             if not isinstance(error, CtError):
                 error = f"{type(error).__name__}: {error}"
@@ -521,14 +611,17 @@ def _run_tasks(todo: list[SeriesTask], results: dict, options: BuildOptions) -> 
                 except Exception as error:  # reported per CT; the other CTs go on
                     finish(task, None, error)
         else:
-            with ProcessPoolExecutor(options.workers) as pool:
+            with ProcessPoolExecutor(options.workers, initializer=_end_with_parent) as pool:
                 pending = {pool.submit(shard_series, task): task for task in todo}
-                while pending:
-                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        task = pending.pop(future)
-                        error = future.exception()
-                        finish(task, None if error else future.result(), error)
+                try:
+                    while pending:
+                        done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                        for future in done:
+                            task = pending.pop(future)
+                            error = future.exception()
+                            finish(task, None if error else future.result(), error)
+                finally:
+                    pool.shutdown(cancel_futures=True)  # on an error, the queued CTs are not started
     except KeyboardInterrupt:
         bar.close()
         raise BuildError(f"interrupted: {len(results)} CTs are kept; rerun the same command to resume") from None

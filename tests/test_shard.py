@@ -6,7 +6,9 @@ voxel indices with SimpleITK's TransformPhysicalPointToIndex, crops with fancy i
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import hashlib
 import io
 import json
@@ -360,6 +362,45 @@ def test_killed_build_resumes_to_the_uninterrupted_result(synth_data, shard_dir,
     got, want = json.loads((out / MANIFEST).read_text()), json.loads((shard_dir / MANIFEST).read_text())
     assert got["counts"] == want["counts"] and got["folds"] == want["folds"]
     assert got["shards"] == want["shards"]  # same names, counts, sizes and checksums: byte-identical shards
+
+
+def children_of(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in path.read_text().split()] if path.exists() else []
+
+
+def is_running(pid: int) -> bool:
+    """Alive and not a zombie (a dead worker re-parented to a non-reaping init stays a zombie)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads worker pids from Linux's /proc")
+def test_workers_end_when_the_build_process_is_killed(synth_data, tmp_path):
+    """SIGKILL reaches the main process only: its pool workers must not go on writing."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "luna_dist.shard", "--data", str(synth_data), "--out", str(out),
+               "--workers", "2", "--max-samples", "150", "--no-progress"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(out.glob(".build/done/*.json")) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)  # the workers are busy with the next CTs, as in a real build
+        workers = children_of(process.pid)
+        if process.poll() is not None:
+            pytest.skip("the build finished before it could be killed: this machine is too fast for the data set")
+        assert len(workers) == 2, f"the build runs {workers} workers"
+        process.kill()
+        process.wait(timeout=30)
+        deadline = time.monotonic() + 5
+        while any(map(is_running, workers)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in workers if is_running(pid)], "workers outlived the killed build"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 # --- small builds that the tests may change ------------------------------------------------------------
@@ -775,6 +816,107 @@ def test_build_of_the_previous_version_is_still_recognised(data, tmp_path, capsy
     capsys.readouterr()
     build(options(data, out))
     assert "nothing to do" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no advisory file locks on Windows")
+def test_rerun_waits_for_a_writer_still_holding_the_output(data, tmp_path, small_reference, monkeypatch):
+    """Workers of a killed build hold its lock through their inherited descriptor; here a process stands in."""
+    out = tmp_path / "out"
+    build(options(data, out))
+    (out / MANIFEST).unlink()
+    before = file_stats(out)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)",
+                               str(out / ".build" / "lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        monkeypatch.setattr(shard_module, "LOCK_WAIT_S", 0.5)
+        with pytest.raises(BuildError, match="another build is writing there"):
+            build(options(data, out))
+        assert file_stats(out) == before
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    build(options(data, out))
+    assert fingerprint(out) == small_reference
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(name, size, *options) -> a fresh tmpfs folder; skips the test where mounting is not permitted."""
+    mounted = []
+
+    def mount(name: str, size: str, *flags: str) -> Path:
+        target = tmp_path / name
+        target.mkdir()
+        if shutil.which("mount") is None:
+            pytest.skip("no mount command: the full-disk and read-only tests mount a small tmpfs")
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *flags]), "tmpfs", str(target)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs ({result.stderr.strip()}): needs root on Linux")
+        mounted.append(target)
+        return target
+
+    yield mount
+    for target in mounted:
+        subprocess.run(["umount", str(target)], check=True)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_full_disk_stops_the_build_with_one_line_and_a_rerun_resumes(data, tmp_path, small_reference, tmpfs, workers):
+    disk = tmpfs("disk", "12m")
+    out = disk / "out"
+    failed = shard_cli("--data", data, "--out", out, "--workers", workers, "--max-samples", SMALL_MAX_SAMPLES,
+                       "--no-progress", cwd=tmp_path)
+    assert failed.returncode == 1
+    errors = failed.stderr.strip().splitlines()
+    assert len(errors) == 1 and "Traceback" not in failed.stderr, failed.stderr
+    assert errors[0].startswith(f"error: {out}") and "No space left on device" in errors[0]
+    assert "nothing finished was lost" in errors[0] and "rerun the same command" in errors[0]
+    done = len(list(out.glob(".build/done/*.json")))
+    if workers == 1:  # with two, the main process may be the first to meet the full disk, journaling a CT
+        in_build_order = sorted(series_paths(data), key=lambda uid: (series_paths(data)[uid].parent.name, uid))
+        assert f"while writing the shards of CT {in_build_order[done]};" in errors[0]
+    assert f"({done} CT(s) done and kept)" in errors[0]
+    assert not list(out.rglob("*.partial")) and not (out / MANIFEST).exists()
+
+    subprocess.run(["mount", "-o", "remount,size=100m", str(disk)], check=True)
+    resumed = shard_cli("--data", data, "--out", out, "--workers", workers, "--max-samples", SMALL_MAX_SAMPLES,
+                        "--no-progress", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    if done:
+        assert f"resuming: {done} of 3 CTs already sharded" in resumed.stdout
+    assert fingerprint(out) == small_reference
+
+
+def test_full_disk_while_packing_positives_or_the_manifest(data, tmp_path, small_reference, tmpfs, monkeypatch):
+    """Every CT done, then the disk fills: the CTs stay journaled and the rerun only packs."""
+    out = tmpfs("disk", "100m") / "out"
+    real = shard_module.pack_positives
+
+    def pack_on_a_full_disk(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out / "fold0-pos-000000.tar.partial"))
+
+    monkeypatch.setattr(shard_module, "pack_positives", pack_on_a_full_disk)
+    with pytest.raises(BuildError) as err:
+        build(options(data, out))
+    assert str(err.value).startswith(f"{out}/fold0-pos-000000.tar.partial: No space left on device; "
+                                     "nothing finished was lost (3 CT(s) done and kept)")
+    monkeypatch.setattr(shard_module, "pack_positives", real)
+    read = []
+    monkeypatch.setattr(shard_module, "read_ct", lambda path: read.append(path))
+    build(options(data, out))
+    assert read == [] and fingerprint(out) == small_reference
+
+
+def test_read_only_out_is_one_line(data, tmp_path, tmpfs):
+    out = tmpfs("readonly", "1m", "ro") / "out"
+    result = shard_cli("--data", data, "--out", out, "--no-progress", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"error: {out}: Read-only file system; nothing finished was lost (0 CT(s) done "
+                                     "and kept): make it writable or choose another --out, then rerun the same "
+                                     "command to resume")
 
 
 def test_open_shard_set_refuses_truncated_or_missing(data, tmp_path):
