@@ -81,6 +81,7 @@ def _check_metaimage(mhd_path: Path) -> None:
     missing = [key for key in ("NDims", "DimSize", "ElementType", "ElementDataFile") if key not in header]
     if missing:
         raise CtError(f"{mhd_path}: not a MetaImage header (missing {', '.join(missing)})")
+    _check_dimensions(mhd_path, header)
     data_file = header["ElementDataFile"]
     if data_file in ("LOCAL", "LIST") or "%" in data_file or header.get("CompressedData", "False") == "True":
         return  # layouts whose size cannot be checked from the header alone: ITK checks them
@@ -96,6 +97,24 @@ def _check_metaimage(mhd_path: Path) -> None:
     actual = raw_path.stat().st_size
     if actual < expected:
         raise CtError(f"{raw_path}: truncated, {actual} bytes where the header needs {expected}")
+
+
+_PER_AXIS = {"DimSize": 1, "ElementSpacing": 1, "ElementSize": 1, "Offset": 1, "Origin": 1, "Position": 1,
+             "TransformMatrix": 2, "Rotation": 2, "Orientation": 2}
+"""Header fields with one value per axis (power 1) or one per pair of axes (power 2: a matrix)."""
+
+
+def _check_dimensions(mhd_path: Path, header: dict[str, str]) -> None:
+    """The header agrees with itself: NDims says how many values each per-axis field holds."""
+    try:
+        ndims = int(header["NDims"])
+    except ValueError:
+        raise CtError(f"{mhd_path}: inconsistent header: NDims = {header['NDims']!r} is not a number") from None
+    for key, power in _PER_AXIS.items():
+        values = header.get(key, "").split()
+        if key in header and len(values) != ndims**power:
+            raise CtError(f"{mhd_path}: inconsistent header: NDims = {ndims} but {key} has {len(values)} "
+                          f"value(s) ({header[key]}), expected {ndims**power}")
 
 
 def _itk_reason(err: RuntimeError) -> str:

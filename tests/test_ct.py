@@ -253,6 +253,24 @@ def test_mhd_with_bad_dimsize(ct_copy):
     assert "DimSize" in str(err.value)
 
 
+@pytest.mark.parametrize("field, values, count", [
+    ("DimSize", "160 160", 2),
+    ("DimSize", "160 160 98 1", 4),
+    ("ElementSpacing", "0.7 0.7", 2),
+    ("Offset", "1 2 3 4", 4),
+    ("TransformMatrix", "1 0 0 1", 4),
+])
+def test_mhd_disagreeing_with_its_ndims(ct_copy, field, values, count):
+    """NDims = 3 but another number of values: said so, rather than ITK's "No such file or directory"."""
+    lines = [(f"{field} = {values}" if line.startswith(field + " ") else line) for line in ct_copy.read_text().splitlines()]
+    ct_copy.write_text("\n".join(lines) + "\n")
+    with pytest.raises(CtError) as err:
+        read_ct(ct_copy)
+    expected = 9 if field == "TransformMatrix" else 3
+    assert str(err.value) == (f"{ct_copy}: inconsistent header: NDims = 3 but {field} has {count} value(s) ({values}), "
+                              f"expected {expected}")
+
+
 def test_mhd_pointing_to_an_unreadable_payload(ct_copy):
     """A header ITK rejects (unknown element type) still gives a CtError naming the file."""
     header = ct_copy.read_text().replace("MET_SHORT", "MET_NOT_A_TYPE")
