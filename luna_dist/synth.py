@@ -10,6 +10,8 @@ Layout under OUT (as LUNA16 ships it)::
     candidates.csv                      seriesuid,coordX,coordY,coordZ,class
     annotations.csv                     seriesuid,coordX,coordY,coordZ,diameter_mm
     annotations_with_malignancy.csv     ... ,diameter_mm,mal_bool  (True/False)
+    annotations_excluded.csv            seriesuid,coordX,coordY,coordZ,diameter_mm: findings that
+                                        LUNA16's evaluation ignores (diameter -1 = unknown)
 
 Coordinates are millimetres in patient space, X/Y/Z order. Every CT is a simple chest
 phantom: an elliptical body with a fat layer, two ellipsoidal lungs with vessels, a
@@ -19,7 +21,9 @@ from the image. Negative candidates mostly sit in the lungs (many on vessels, th
 classic false positive) or the body, a few within millimetres of the volume border.
 
 Each CT draws from its own generator seeded by (seed, k): CT k is the same whatever
-the number of CTs, and the same seed gives byte-identical files.
+the number of CTs, and the same seed gives byte-identical files. The excluded findings
+draw from a second stream, (seed, k, 1), so adding them left every CT, candidate and
+nodule of a seed exactly as it was.
 
 Usage: ``python -m luna_dist.synth OUT --cts 10 --seed 0 [--shape 200 512 512]``
 """
@@ -82,6 +86,13 @@ EDGE_FRACTION = 0.04
 EDGE_MARGIN_MM = 3.0
 """Edge negatives lie this close to the border, so any chunk around them crosses it."""
 
+# Excluded findings: what LUNA16's annotators marked but the challenge does not count.
+TINY_NODULES_PER_CT = (0, 2)
+TINY_DIAMETER_MM = (1.0, 3.0)
+"""Nodules under 3 mm; listed, not drawn (drawing them would change the voxels of every CT)."""
+LOOKALIKES_PER_CT = (1, 3)
+"""Points on the CT's vessels, the classic look-alike, listed with an unknown (-1) diameter."""
+
 SLAB_SLICES = 32
 """Slices rendered at once: bounds the float working memory for 512 x 512 volumes."""
 
@@ -104,12 +115,14 @@ class SynthSummary:
     candidates_csv: Path
     annotations_csv: Path
     malignancy_csv: Path
+    excluded_csv: Path
+    n_excluded: int
 
     def __str__(self) -> str:
         return (
             f"wrote {len(self.series_uids)} CTs to {self.out}: {self.n_candidates} candidates "
             f"({self.n_positive_candidates} positive), {self.n_annotations} nodules "
-            f"({self.n_malignant} malignant)"
+            f"({self.n_malignant} malignant), {self.n_excluded} excluded findings"
         )
 
 
@@ -483,6 +496,23 @@ def _write_ct(mhd_path: Path, volume: np.ndarray, geom: _Geometry) -> None:
     sitk.WriteImage(image, str(mhd_path), useCompression=False)
 
 
+def _excluded(seed: int, k: int, ph: _Phantom) -> tuple[np.ndarray, np.ndarray]:
+    """Excluded findings of CT k: centres (n, 3) X/Y/Z mm and diameters (n,) mm, -1 = unknown.
+
+    Tiny nodules lie in the lungs away from the real nodules; look-alikes on vessels.
+    Drawn from their own stream so the CT's own draws stay what they were.
+    """
+    rng = np.random.default_rng([seed, k, 1])
+    n_tiny = int(rng.integers(TINY_NODULES_PER_CT[0], TINY_NODULES_PER_CT[1] + 1))
+    tiny = _in_lungs(rng, ph.lungs, 4 * n_tiny)
+    centres = np.array([n.centre for n in ph.nodules])
+    gap = np.linalg.norm(tiny[:, None, :] - centres[None, :, :], axis=2)
+    tiny = tiny[(gap > np.array([n.diameter for n in ph.nodules]) + 5).all(axis=1)][:n_tiny]
+    lookalikes = _on_vessels(rng, ph.vessels, int(rng.integers(LOOKALIKES_PER_CT[0], LOOKALIKES_PER_CT[1] + 1)))
+    diameters = np.concatenate([rng.uniform(*TINY_DIAMETER_MM, len(tiny)), np.full(len(lookalikes), -1.0)])
+    return np.concatenate([tiny, lookalikes]), diameters
+
+
 @dataclass(frozen=True)
 class _CtRecord:
     uid: str
@@ -490,11 +520,13 @@ class _CtRecord:
     nodules: tuple[_Nodule, ...]
     points: np.ndarray
     labels: np.ndarray
+    excluded: tuple[np.ndarray, np.ndarray]  # centres (n, 3), diameters (n,)
 
 
 def _write_csvs(out: Path, records: list[_CtRecord]) -> None:
-    """Write the three tables, rows grouped by series uid in sorted order as LUNA16 does."""
+    """Write the four tables, rows grouped by series uid in sorted order as LUNA16 does."""
     candidates, annotations, malignancy = [CANDIDATES_HEADER], [ANNOTATIONS_HEADER], [MALIGNANCY_HEADER]
+    excluded = [ANNOTATIONS_HEADER]
     for rec in sorted(records, key=lambda r: r.uid):
         # Candidates carry 2 decimals and annotations 10 significant digits, as in the real files.
         candidates += [
@@ -504,10 +536,12 @@ def _write_csvs(out: Path, records: list[_CtRecord]) -> None:
             row = f"{rec.uid},{n.centre[0]:.10g},{n.centre[1]:.10g},{n.centre[2]:.10g},{n.diameter:.10g}"
             annotations.append(row)
             malignancy.append(f"{row},{n.malignant}")
+        excluded += [f"{rec.uid},{x:.10g},{y:.10g},{z:.10g},{d:.10g}" for (x, y, z), d in zip(*rec.excluded)]
     for name, lines in (
         ("candidates.csv", candidates),
         ("annotations.csv", annotations),
         ("annotations_with_malignancy.csv", malignancy),
+        ("annotations_excluded.csv", excluded),
     ):
         (out / name).write_text("\n".join(lines) + "\n", newline="\n")
 
@@ -561,7 +595,7 @@ def make_dataset(
         points, labels = _candidates(rng, phantom)
         mhd_path = out / f"subset{k % N_SUBSETS}" / f"{uid}.mhd"
         _write_ct(mhd_path, _render(phantom, rng), geom)
-        records.append(_CtRecord(uid, mhd_path, phantom.nodules, points, labels))
+        records.append(_CtRecord(uid, mhd_path, phantom.nodules, points, labels, _excluded(seed, k, phantom)))
     _write_csvs(out, records)
     return SynthSummary(
         out=out,
@@ -574,6 +608,8 @@ def make_dataset(
         candidates_csv=out / "candidates.csv",
         annotations_csv=out / "annotations.csv",
         malignancy_csv=out / "annotations_with_malignancy.csv",
+        excluded_csv=out / "annotations_excluded.csv",
+        n_excluded=sum(len(r.excluded[1]) for r in records),
     )
 
 

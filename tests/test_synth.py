@@ -172,6 +172,34 @@ def test_candidates_lie_inside_and_some_near_the_border(dataset):
     assert near_border >= 10
 
 
+def test_excluded_findings_are_tiny_nodules_and_lookalikes_away_from_the_nodules(dataset):
+    rows = read_rows(dataset.excluded_csv)
+    assert dataset.excluded_csv.read_text().splitlines()[0] == ANNOTATIONS_HEADER
+    assert len(rows) == dataset.n_excluded
+    assert {r["seriesuid"] for r in rows} == set(dataset.series_uids)  # every CT has a look-alike at least
+    diameters = np.array([float(r["diameter_mm"]) for r in rows])
+    assert ((diameters == -1) | ((diameters > 0) & (diameters < 3))).all()
+    assert (diameters == -1).sum() >= 10 and (diameters > 0).sum() >= 3
+    nodules = defaultdict(list)
+    for r in read_rows(dataset.annotations_csv):
+        nodules[r["seriesuid"]].append((np.array(xyz(r)), float(r["diameter_mm"])))
+    for r in rows:
+        if float(r["diameter_mm"]) > 0:
+            assert all(np.linalg.norm(np.array(xyz(r)) - c) > d + 5 for c, d in nodules[r["seriesuid"]])
+
+
+def test_excluded_findings_leave_every_other_file_as_it_was(tmp_path, monkeypatch):
+    """They draw from their own stream: without them, the CTs and the other tables are the same bytes."""
+    import luna_dist.synth as synth
+
+    with_excluded = all_bytes(make_dataset(tmp_path / "with", n_cts=2, seed=4).out)
+    monkeypatch.setattr(synth, "_excluded", lambda seed, k, ph: (np.zeros((0, 3)), np.zeros(0)))
+    without = all_bytes(make_dataset(tmp_path / "without", n_cts=2, seed=4).out)
+    assert without.pop("annotations_excluded.csv") == (ANNOTATIONS_HEADER + "\n").encode()
+    assert with_excluded.pop("annotations_excluded.csv").count(b"\n") > 2
+    assert with_excluded == without
+
+
 def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
     a = make_dataset(tmp_path / "a", n_cts=2, seed=7)
     b = make_dataset(tmp_path / "b", n_cts=2, seed=7)
@@ -192,7 +220,7 @@ def test_ct_k_does_not_depend_on_the_number_of_cts(tmp_path, capsys):
         if not path.endswith(".csv"):
             assert three[path] == data
     two_uids = {r["seriesuid"] for r in read_rows(tmp_path / "two" / "candidates.csv")}
-    for name in ("candidates.csv", "annotations.csv", "annotations_with_malignancy.csv"):
+    for name in ("candidates.csv", "annotations.csv", "annotations_with_malignancy.csv", "annotations_excluded.csv"):
         lines = (tmp_path / "three" / name).read_text().splitlines()
         kept = [lines[0]] + [line for line in lines[1:] if line.split(",")[0] in two_uids]
         assert kept == (tmp_path / "two" / name).read_text().splitlines()
