@@ -283,6 +283,26 @@ def _bootstrap(result: Froc, curve, entry_is_tp: np.ndarray, entry_scan: np.ndar
         result.band = {"fps": band_fps, "low": ranked[low], "high": ranked[high]}
 
 
+def fold_findings(manifest: dict, folds) -> tuple[list[str], Findings, Findings]:
+    """The series, nodules and excluded findings of some folds of a shard build's manifest.
+
+    Raises KeyError naming what is missing when the build predates findings in its manifest.
+    """
+    entries = [manifest["folds"][str(fold)] for fold in sorted(folds) if str(fold) in manifest["folds"]]
+    if any("annotations" not in entry for entry in entries):
+        raise KeyError("the shard manifest lists no annotations per fold (built before they were added): "
+                       "rebuild the shards with --overwrite to score LUNA16 CPM")
+    series = [uid for entry in entries for uid in entry["series"]]
+
+    def findings(name: str) -> Findings:
+        rows = [row for entry in entries for row in entry[name]]
+        return Findings(np.array([row[0] for row in rows], dtype=str),
+                        np.array([row[1:4] for row in rows], dtype=np.float64).reshape(-1, 3),
+                        np.array([row[4] for row in rows], dtype=np.float64))
+
+    return series, findings("annotations"), findings("excluded")
+
+
 # -- reading the files -----------------------------------------------------------------------------
 def read_series_list(path: Path) -> list[str]:
     """One series UID a line (the first field of a CSV row); a `seriesuid` header line is skipped."""

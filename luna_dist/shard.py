@@ -89,6 +89,7 @@ class BuildOptions:
     candidates: Path | None = None  # default: data/candidates.csv
     annotations: Path | None = None  # default: data/annotations.csv
     malignancy: Path | None = None  # default: data/annotations_with_malignancy.csv, if present
+    excluded: Path | None = None  # default: data/annotations_excluded.csv, if present
     workers: int = max(1, os.cpu_count() or 1)
     max_samples: int = 1000
     max_mb: float = 1000.0
@@ -102,6 +103,8 @@ class BuildOptions:
         self.annotations = Path(self.annotations or self.data / "annotations.csv")
         if self.malignancy is None and (self.data / "annotations_with_malignancy.csv").is_file():
             self.malignancy = self.data / "annotations_with_malignancy.csv"
+        if self.excluded is None and (self.data / "annotations_excluded.csv").is_file():
+            self.excluded = self.data / "annotations_excluded.csv"
         if self.max_samples < 1:
             raise BuildError(f"--max-samples must be at least 1, got {self.max_samples}")
         if self.samples_per_shard < 1:
@@ -315,7 +318,8 @@ def _identity(options: BuildOptions) -> dict:
 
     CTs are known by series UID, so a data folder moved or copied elsewhere resumes its build.
     """
-    inputs = {"candidates": options.candidates, "annotations": options.annotations, "malignancy": options.malignancy}
+    inputs = {"candidates": options.candidates, "annotations": options.annotations, "malignancy": options.malignancy,
+              "excluded": options.excluded}
     return {
         "format_version": FORMAT_VERSION,
         "inputs_sha256": {name: _sha256_file(path) if path and path.is_file() else None for name, path in inputs.items()},
@@ -490,6 +494,7 @@ class Inputs:
     skipped: list[dict]
     bad_rows: list
     warnings: list[str]
+    findings: dict[str, list]  # "annotations" and "excluded" rows [uid, x, y, z, diameter], for the evaluation
 
 
 def read_inputs(options: BuildOptions) -> Inputs:
@@ -499,7 +504,9 @@ def read_inputs(options: BuildOptions) -> Inputs:
     candidates, bad_rows = read_candidates(options.candidates)
     annotations, bad_annotations = read_annotations(options.annotations)
     malignancy, bad_malignancy = read_annotations(options.malignancy) if options.malignancy else ([], [])
-    bad_rows += bad_annotations + bad_malignancy
+    excluded, bad_excluded = read_annotations(options.excluded, allow_unknown_diameter=True) if options.excluded \
+        else ([], [])
+    bad_rows += bad_annotations + bad_malignancy + bad_excluded
     warnings = []
     if bad_rows:
         shown = "\n  ".join(str(row) for row in bad_rows[:20])
@@ -523,8 +530,10 @@ def read_inputs(options: BuildOptions) -> Inputs:
                              f"e.g. {skipped[0]['series_uid']} (--strict)")
         warnings.append(f"warning: {len(skipped)} series of {options.candidates} have no .mhd under {options.data}; "
                         "skipped and listed in the manifest")
+    findings = {name: [[a.series_uid, *a.center_xyz, a.diameter_mm] for a in table]
+                for name, table in (("annotations", annotations), ("excluded", excluded))}
     return Inputs(join_annotations(candidates, annotations, malignancy),
-                  {uid: found[uid] for uid in listed if uid in found}, skipped, bad_rows, warnings)
+                  {uid: found[uid] for uid in listed if uid in found}, skipped, bad_rows, warnings, findings)
 
 
 def build(options: BuildOptions) -> dict:
@@ -569,7 +578,7 @@ def _build(options: BuildOptions, inputs: Inputs) -> dict:
         if stale.name not in named:
             stale.unlink()  # numbered by an earlier plan, before a series appeared
     shards += pack_positives(list(results.values()), options.out, options.samples_per_shard)
-    manifest = _manifest(options, identity, results, folds, shards, skipped, failed, bad_rows)
+    manifest = _manifest(options, identity, results, folds, shards, skipped, failed, bad_rows, inputs.findings)
     _write_json_atomic(options.out / MANIFEST, manifest)
     if failed:
         listing = "\n  ".join(f"{f['series_uid']}: {f['error']}" for f in failed)
@@ -629,15 +638,18 @@ def _run_tasks(todo: list[SeriesTask], results: dict, options: BuildOptions) -> 
     return failed
 
 
-def _manifest(options, identity, results, folds, shards, skipped, failed, bad_rows) -> dict:
+def _manifest(options, identity, results, folds, shards, skipped, failed, bad_rows, findings) -> dict:
     fold_counts = {}
     for fold in range(max(folds.values(), default=-1) + 1):
         members = [r for r in results.values() if r.fold == fold]
+        series = {r.series_uid for r in members}
         fold_counts[str(fold)] = {
-            "series": sorted(r.series_uid for r in members),
+            "series": sorted(series),
             "positives": sum(r.positives for r in members),
             "negatives": sum(r.negatives for r in members),
             "samples": sum(r.positives + r.negatives for r in members),
+            # What LUNA16's evaluation needs, so training scores a fold without the data folder.
+            **{name: [row for row in rows if row[0] in series] for name, rows in findings.items()},
         }
     return {
         "format": FORMAT,
@@ -668,6 +680,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--annotations", type=Path, help="default: DATA/annotations.csv")
     parser.add_argument("--malignancy", type=Path,
                         help="malignancy table with mal_bool (default: DATA/annotations_with_malignancy.csv if present)")
+    parser.add_argument("--excluded", type=Path,
+                        help="findings the evaluation ignores (default: DATA/annotations_excluded.csv if present)")
     parser.add_argument("--workers", type=int, default=BuildOptions.workers, help="parallel CT readers (default: cores)")
     parser.add_argument("--max-samples", type=int, default=BuildOptions.max_samples, help="samples per shard at most")
     parser.add_argument("--max-mb", type=float, default=BuildOptions.max_mb, help="shard size at most, in MB")

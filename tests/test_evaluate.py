@@ -295,3 +295,10 @@ def test_marks_round_trip_through_the_csv(tmp_path):
     back = evaluate.read_marks(tmp_path / "p.csv", ["1.2.3", "1.2.4"])
     assert back.series.tolist() == ["1.2.3", "1.2.4"]
     assert np.allclose(back.xyz, original.xyz) and np.allclose(back.probability, original.probability)
+
+
+def test_fold_findings_of_a_manifest_without_them_say_rebuild():
+    from luna_dist.evaluate import fold_findings
+
+    with pytest.raises(KeyError, match="rebuild the shards"):
+        fold_findings({"folds": {"9": {"series": ["a"]}}}, [9])

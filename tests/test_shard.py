@@ -294,6 +294,24 @@ def test_manifest_counts_equal_the_csv_and_the_tars(synth_data, samples, manifes
     assert manifest["skipped"] == [] and manifest["failed"] == [] and manifest["bad_rows"] == []
 
 
+def test_manifest_carries_each_folds_findings_for_the_evaluation(synth_data, manifest):
+    from luna_dist.evaluate import fold_findings
+
+    folds = {uid: int(path.parent.name.removeprefix("subset")) for uid, path in series_paths(synth_data).items()}
+    for name, csv_name in (("annotations", "annotations.csv"), ("excluded", "annotations_excluded.csv")):
+        rows = csv_rows(synth_data / csv_name)
+        assert rows and sum(len(entry[name]) for entry in manifest["folds"].values()) == len(rows)
+        for row in rows:
+            stored = [r for r in manifest["folds"][str(folds[row["seriesuid"]])][name]
+                      if r[:4] == [row["seriesuid"], *(float(row[c]) for c in ("coordX", "coordY", "coordZ"))]]
+            assert len(stored) == 1 and stored[0][4] == float(row["diameter_mm"])
+    series, nodules, excluded = fold_findings(manifest, [3, 9])
+    assert series == manifest["folds"]["3"]["series"] + manifest["folds"]["9"]["series"]
+    assert set(nodules.series) | set(excluded.series) <= set(series)
+    assert len(nodules.series) == len(manifest["folds"]["3"]["annotations"]) + len(manifest["folds"]["9"]["annotations"])
+    assert (excluded.diameter == -1).any() and nodules.xyz.shape == (len(nodules.series), 3)
+
+
 def test_manifest_shards_match_the_files(shard_dir, samples, manifest):
     per_shard = Counter(s["shard"] for s in samples.values())
     assert sorted(s["name"] for s in manifest["shards"]) == [p.name for p in shard_files(shard_dir)]
