@@ -8,6 +8,9 @@
 - train:  end-to-end training samples/s (shards -> loss.backward -> step) against the
           pure-compute ceiling (same model and batch on tensors already on the device),
           layout and precision variants, and 1 against 2 CPU ranks.
+- analyze: `python -m luna_dist.analyze` on a few CTs: seconds per CT in segmentation,
+          grouping and classification (one process), and 2 CPU ranks against 1 (wall
+          time of the whole command, start-up included).
 - evaluate: LUNA16 scoring of generated marks at the full data set's size (888 scans,
           ~600 marks each): reading the CSVs, the FROC/CPM, and its bootstrap interval.
 
@@ -42,7 +45,7 @@ from luna_dist.ct import CHUNK_SHAPE, HU_MAX, HU_MIN, cut_chunks, read_ct
 from luna_dist.evaluate import Findings, Marks, froc, read_findings, read_marks, read_series_list, write_marks
 from luna_dist.geometry import xyz_to_irc
 from luna_dist.hardware import cpu_features, native_bf16
-from luna_dist.model import LunaModel
+from luna_dist.model import LunaModel, SegmentationModel
 from luna_dist.shard import BuildOptions, build
 from luna_dist.stream import TrainStreamConfig, open_shard_set, train_loader
 from luna_dist.synth import make_dataset
@@ -321,6 +324,42 @@ def _rank_rate(shards_dir: Path, out: Path, processes: int, batch_size: int, ste
     return json.loads(metrics.read_text())["train_samples_per_s"]  # the second epoch: warm
 
 
+# -- analyze ---------------------------------------------------------------------------------------
+def bench_analyze(data: Path, work: Path, cts: int, seg_model: Path | None, cls_model: Path | None,
+                  ranks: bool) -> dict:
+    """Seconds per CT by stage on one process, and the wall time of 2 CPU ranks against 1."""
+    work.mkdir(parents=True, exist_ok=True)
+    if seg_model is None:
+        seg_model = work / "seg-untrained.pt"
+        torch.save({"model": SegmentationModel().state_dict()}, seg_model)
+    if cls_model is None:
+        cls_model = work / "cls-untrained.pt"
+        torch.save({"model": LunaModel().state_dict()}, cls_model)
+    series = sorted(find_series(data))[:cts]
+    result = {"cts": len(series), "voxels_per_ct": 0, "seconds_per_ct": {}, "cts_per_s": {}}
+    for processes in (1, 2) if ranks else (1,):
+        out = work / f"ranks-{processes}"
+        shutil.rmtree(out, ignore_errors=True)  # a finished CT would be skipped, not timed
+        command = ["-m", "luna_dist.analyze", "--data", str(data), "--seg-model", str(seg_model),
+                   "--cls-model", str(cls_model), "--series", *series, "--out", str(out)]
+        if processes > 1:
+            command = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), *command]
+        env = {**os.environ, "ACCELERATE_USE_CPU": "true"} if processes > 1 else dict(os.environ)
+        started = time.perf_counter()
+        finished = subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True, timeout=3600)
+        wall = time.perf_counter() - started
+        if finished.returncode != 0:
+            raise RuntimeError(f"analyze on {processes} process(es) failed:\n{finished.stderr[-3000:]}")
+        result["cts_per_s"][str(processes)] = len(series) / wall
+        if processes == 1:
+            summary = json.loads((out / "summary.json").read_text())
+            result["seconds_per_ct"] = {stage: s / len(series) for stage, s in summary["seconds"].items()}
+            result["voxels_per_ct"] = sum(json.loads(p.read_text())["voxels"] for p in (out / "ct").glob("*.json")) // len(series)
+    if ranks:
+        result["2_vs_1"] = result["cts_per_s"]["2"] / result["cts_per_s"]["1"]
+    return result
+
+
 # -- report ----------------------------------------------------------------------------------------
 # -- evaluate --------------------------------------------------------------------------------------
 def _write_findings(path: Path, found: Findings) -> None:
@@ -440,7 +479,7 @@ def plot(results: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m luna_dist.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["shard", "loader", "train", "evaluate", "all"])
+    parser.add_argument("what", choices=["shard", "loader", "train", "analyze", "evaluate", "all"])
     parser.add_argument("--data", type=Path, help="LUNA16-format folder (default: make a synthetic one)")
     parser.add_argument("--shards", type=Path, help="shard folder for loader/train (default: build from --data)")
     parser.add_argument("--cts", type=int, default=10, help="synthetic CTs to make")
@@ -458,6 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-scans", type=int, default=888, help="scans of the generated evaluation set")
     parser.add_argument("--eval-marks", type=int, default=600, help="marks per scan of the generated evaluation set")
     parser.add_argument("--eval-bootstrap", type=int, default=1000, help="bootstrap resamplings timed")
+    parser.add_argument("--analyze-cts", type=int, default=2, help="CTs analysed by the analyze benchmark")
+    parser.add_argument("--seg-model", type=Path, help="analyze: segmentation model (default: untrained, same cost)")
+    parser.add_argument("--cls-model", type=Path, help="analyze: nodule classifier (default: untrained, same cost)")
     parser.add_argument("--no-ranks", dest="ranks", action="store_false", help="skip the 1 vs 2 CPU ranks run")
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
     parser.add_argument("--json", type=Path, help="write the figures here")
@@ -494,7 +536,7 @@ def run_data_benchmarks(args: argparse.Namespace, work: Path, results: dict) -> 
         if not (data / "candidates.csv").is_file():
             make_dataset(data, n_cts=args.cts, seed=0, shape=tuple(args.shape))
     shards = args.shards
-    if args.what in ("shard", "all") or shards is None:
+    if args.what in ("shard", "all") or (shards is None and args.what != "analyze"):
         shard_out = work / "shards"
         if args.what in ("shard", "all"):
             results["shard"] = bench_shard(data, shard_out, args.workers)
@@ -508,6 +550,9 @@ def run_data_benchmarks(args: argparse.Namespace, work: Path, results: dict) -> 
         extra = ["--num-workers", str(args.train_workers)] if args.train_workers is not None else []
         results["train"] = bench_train(shards, work / "runs", args.batch_sizes, args.train_steps, args.ranks,
                                        args.variants, extra)
+    if args.what in ("analyze", "all"):
+        results["analyze"] = bench_analyze(data, work / "analyze", args.analyze_cts, args.seg_model, args.cls_model,
+                                           args.ranks)
 
 
 if __name__ == "__main__":

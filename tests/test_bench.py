@@ -123,3 +123,14 @@ def test_evaluate_figures(tmp_path, capsys):
     assert all(_positive(figures[key]) for key in ("read_seconds", "score_seconds", "score_with_bootstrap_seconds"))
     assert "evaluate.score_seconds" in capsys.readouterr().out
     assert not (tmp_path / "data").exists()  # scoring needs no CTs
+
+
+def test_analyze_figures(tiny_work, capsys):
+    figures, table = run(tiny_work, "analyze", ["--analyze-cts", "2"], capsys)
+    analyze = figures["analyze"]
+    assert analyze["cts"] == 2 and analyze["voxels_per_ct"] > 40 * 128 * 128 // 2
+    assert set(analyze["seconds_per_ct"]) == {"read", "segment", "group", "classify"}
+    assert all(_positive(v) for v in analyze["seconds_per_ct"].values())
+    assert set(analyze["cts_per_s"]) == {"1", "2"} and all(_positive(v) for v in analyze["cts_per_s"].values())
+    assert _positive(analyze["2_vs_1"])
+    assert "analyze.seconds_per_ct.segment" in table
