@@ -141,22 +141,33 @@ def cut_chunks(
     never shifted, so the candidate stays at its centre. Returns the chunks
     (N, *shape) int16 and a boolean (N,) flag telling which chunks needed padding.
     """
+    chunks, outside = cut_boxes(hu, centers_irc, shape, HU_MIN, np.int16)
+    np.clip(chunks, HU_MIN, HU_MAX, out=chunks)
+    return chunks, outside
+
+
+def cut_boxes(
+    volume: np.ndarray, centers_irc: np.ndarray, shape: tuple[int, ...], fill, dtype
+) -> tuple[np.ndarray, np.ndarray]:
+    """One box of `shape` per centre (N, 3) from `volume`, `fill` outside it; and which boxes needed it.
+
+    The box around centre c spans [c - w//2, c - w//2 + w) per axis (see `chunk_bounds`).
+    """
     centers_irc = np.asarray(centers_irc, dtype=np.int64).reshape(-1, 3)
     starts = chunk_bounds(centers_irc, shape)
     ends = starts + np.asarray(shape)
-    volume = np.asarray(hu.shape)
-    outside = np.any((starts < 0) | (ends > volume), axis=1)
-    chunks = np.full((len(centers_irc), *shape), HU_MIN, dtype=np.int16)
-    # One slice copy per candidate (a few hundred per CT): the voxels themselves are never looped over.
+    size = np.asarray(volume.shape)
+    outside = np.any((starts < 0) | (ends > size), axis=1)
+    boxes = np.full((len(centers_irc), *shape), fill, dtype=dtype)
+    # One slice copy per box (a few hundred per CT): the voxels themselves are never looped over.
     for n, (start, end) in enumerate(zip(starts, ends)):
         src_lo = np.maximum(start, 0)
-        src_hi = np.minimum(end, volume)
+        src_hi = np.minimum(end, size)
         if np.any(src_hi <= src_lo):
-            continue  # entirely outside: all air
+            continue  # entirely outside: all fill
         dst_lo = src_lo - start
         dst_hi = dst_lo + (src_hi - src_lo)
-        chunks[n, dst_lo[0] : dst_hi[0], dst_lo[1] : dst_hi[1], dst_lo[2] : dst_hi[2]] = hu[
+        boxes[n, dst_lo[0] : dst_hi[0], dst_lo[1] : dst_hi[1], dst_lo[2] : dst_hi[2]] = volume[
             src_lo[0] : src_hi[0], src_lo[1] : src_hi[1], src_lo[2] : src_hi[2]
         ]
-    np.clip(chunks, HU_MIN, HU_MAX, out=chunks)
-    return chunks, outside
+    return boxes, outside

@@ -51,18 +51,28 @@ def box_radii(hu: np.ndarray, center_irc: np.ndarray) -> np.ndarray:
     return radii
 
 
+def nodule_boxes(hu: np.ndarray, centers_irc: np.ndarray) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """Each nodule's box as (start, stop) index arrays (3,), clipped to the volume; None for a centre outside."""
+    size = np.asarray(hu.shape)
+    boxes = []
+    for center in np.asarray(centers_irc, dtype=np.int64).reshape(-1, 3):
+        if np.any(center < 0) or np.any(center >= size):
+            boxes.append(None)
+            continue
+        radii = box_radii(hu, center)
+        boxes.append((np.maximum(center - radii, 0), np.minimum(center + radii + 1, size)))
+    return boxes
+
+
 def nodule_mask(hu: np.ndarray, centers_irc: np.ndarray) -> np.ndarray:
     """Mask (I, R, C) bool of the nodules centred at `centers_irc` (N, 3); centres outside are ignored."""
     hu = np.asarray(hu)
-    boxes = np.zeros(hu.shape, dtype=bool)
-    size = np.asarray(hu.shape)
-    for center in np.asarray(centers_irc, dtype=np.int64).reshape(-1, 3):
-        if np.any(center < 0) or np.any(center >= size):
-            continue
-        radii = box_radii(hu, center)
-        lo, hi = np.maximum(center - radii, 0), np.minimum(center + radii + 1, size)
-        boxes[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = True
-    return boxes & (hu > THRESHOLD_HU)
+    inside = np.zeros(hu.shape, dtype=bool)
+    for box in nodule_boxes(hu, centers_irc):
+        if box is not None:
+            (i0, r0, c0), (i1, r1, c1) = box
+            inside[i0:i1, r0:r1, c0:c1] = True
+    return inside & (hu > THRESHOLD_HU)
 
 
 def annotation_mask(ct: Ct, annotations: Iterable[Annotation]) -> np.ndarray:

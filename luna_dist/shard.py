@@ -39,6 +39,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar, Protocol
 
 import numpy as np
 import webdataset as wds
@@ -46,6 +47,7 @@ from tqdm import tqdm
 
 from luna_dist import __version__
 from luna_dist.candidates import (
+    Annotation,
     Candidate,
     assign_folds,
     find_series,
@@ -53,7 +55,7 @@ from luna_dist.candidates import (
     read_annotations,
     read_candidates,
 )
-from luna_dist.ct import CHUNK_SHAPE, HU_MAX, HU_MIN, CtError, cut_chunks, read_ct
+from luna_dist.ct import CHUNK_SHAPE, HU_MAX, HU_MIN, Ct, CtError, cut_chunks, read_ct
 from luna_dist.geometry import xyz_to_irc
 
 try:
@@ -96,6 +98,9 @@ class BuildOptions:
     strict: bool = False
     overwrite: bool = False
     progress: bool = True
+    task: str = "cls"  # what to cut: "cls" chunks per candidate, "seg" slice stacks and masks
+    seg_negatives: int = 64  # seg: negative stacks per CT
+    seg_val_every: int = 4  # seg: validate one block of slices without mask in this many
 
     def __post_init__(self):
         self.data, self.out = Path(self.data), Path(self.out)
@@ -107,19 +112,32 @@ class BuildOptions:
             self.excluded = self.data / "annotations_excluded.csv"
         if self.max_samples < 1:
             raise BuildError(f"--max-samples must be at least 1, got {self.max_samples}")
+        if self.task not in ("cls", "seg"):
+            raise BuildError(f"--task must be cls or seg, got {self.task!r}")
+        if self.seg_negatives < 0 or self.seg_val_every < 1:
+            raise BuildError(f"--seg-negatives must be >= 0 and --seg-val-every >= 1, "
+                             f"got {self.seg_negatives} and {self.seg_val_every}")
         if self.samples_per_shard < 1:
-            raise BuildError(f"--max-mb {self.max_mb} is below one sample ({SAMPLE_BYTES_MAX / 1e6:.2f} MB)")
+            raise BuildError(f"--max-mb {self.max_mb} is below one sample ({self.cutter.sample_bytes / 1e6:.2f} MB)")
 
     @property
     def samples_per_shard(self) -> int:
-        return min(self.max_samples, int(self.max_mb * 1e6 // SAMPLE_BYTES_MAX))
+        return min(self.max_samples, int(self.max_mb * 1e6 // self.cutter.sample_bytes))
+
+    @property
+    def cutter(self) -> Cutter:
+        if self.task == "seg":
+            from luna_dist.seg_samples import SegmentCutter  # it builds on this module
+
+            return SegmentCutter(self.seg_negatives, self.seg_val_every)
+        return ChunkCutter()
 
 
 @dataclass
 class ShardRecord:
     name: str
     fold: int
-    label: str  # "pos" or "neg"
+    label: str  # "pos", "neg" or (segmentation) "val"
     samples: int
     bytes: int
     sha256: str
@@ -136,12 +154,18 @@ class SeriesTask:
     out_dir: str
     neg_first_shard: int
     samples_per_shard: int
+    cutter: Cutter
+    annotations: list[Annotation] = field(default_factory=list)  # this CT's
+    val_shard: int = 0  # number of this CT's validation shard, for cutters that write one
 
-    def neg_shard_names(self) -> list[str]:
-        """The negative shards this CT owns in the plan, numbered from `neg_first_shard`."""
-        negatives = sum(not c.is_nodule for c in self.candidates)
-        return [f"fold{self.fold}-neg-{self.neg_first_shard + i:06d}.tar"
-                for i in range(math.ceil(negatives / self.samples_per_shard))]
+    def shard_names(self) -> list[str]:
+        """The shards this CT owns in the plan: negatives numbered from `neg_first_shard`, its validation shard."""
+        negatives = self.cutter.planned_negatives(self.candidates)
+        names = [f"fold{self.fold}-neg-{self.neg_first_shard + i:06d}.tar"
+                 for i in range(math.ceil(negatives / self.samples_per_shard))]
+        if self.cutter.per_ct_validation:
+            names.append(f"fold{self.fold}-val-{self.val_shard:06d}.tar")
+        return names
 
 
 @dataclass
@@ -154,11 +178,42 @@ class SeriesResult:
     outside_volume: int
     bytes_read: int
     seconds: float = field(default=0.0)
+    val_slices: int = 0
+
+
+@dataclass
+class Cut:
+    """What a task cut from one CT, encoded for the tar: positives (packed per fold once every CT
+    is done), the negatives the plan counted, and validation samples (one shard per CT)."""
+
+    pos: list[dict]
+    neg: list[dict]
+    val: list[dict] = field(default_factory=list)
+    outside_volume: int = 0  # samples padded because they reach outside the CT
+    val_slices: int = 0
+
+
+class Cutter(Protocol):
+    """A task's part of the build: what it cuts from a CT. The machinery around it is shared."""
+
+    task: ClassVar[str]
+    sample_bytes: ClassVar[int]  # upper bound of a pos/neg sample in a tar, for --max-mb
+    per_ct_validation: ClassVar[bool]  # writes one fold{K}-val-NNNNNN.tar per CT
+
+    def planned_negatives(self, candidates: list[Candidate]) -> int: ...  # known before the CT is read
+    def identity(self) -> dict: ...  # what makes two builds of this task the same, beside the inputs
+    def layout(self) -> dict: ...  # the manifest's description of the samples
+    def cut(self, task: SeriesTask, ct: Ct) -> Cut: ...
 
 
 def sample_key(series_uid: str, row: int) -> str:
     """WebDataset splits keys at the first dot, and UIDs are full of dots."""
     return f"{series_uid.replace('.', '_')}_{row}"
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """What np.save writes for `array`, built with a single copy of the data."""
+    return b"".join((_npy_header(array.shape, array.dtype), memoryview(np.ascontiguousarray(array))))
 
 
 def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
@@ -253,35 +308,59 @@ def write_shards(samples: list[dict], out_dir: Path, fold: int, label: str, firs
     return sink.records
 
 
+@dataclass(frozen=True)
+class ChunkCutter:
+    """The classification task: one 32x48x48 chunk per candidate of candidates.csv."""
+
+    task: ClassVar[str] = "cls"
+    sample_bytes: ClassVar[int] = SAMPLE_BYTES_MAX
+    per_ct_validation: ClassVar[bool] = False
+
+    def planned_negatives(self, candidates: list[Candidate]) -> int:
+        return sum(not c.is_nodule for c in candidates)
+
+    def identity(self) -> dict:
+        return {"chunk_shape": list(CHUNK_SHAPE)}
+
+    def layout(self) -> dict:
+        return {"chunk": {"shape": list(CHUNK_SHAPE), "dtype": "int16", "axes": "IRC", "hu_range": [HU_MIN, HU_MAX]}}
+
+    def cut(self, task: SeriesTask, ct: Ct) -> Cut:
+        centers_xyz = np.array([c.center_xyz for c in task.candidates], dtype=np.float64)
+        centers_irc = xyz_to_irc(centers_xyz, ct.geometry)
+        chunks, outside = cut_chunks(ct.hu, centers_irc)
+        encoded = {True: [], False: []}
+        for candidate, irc, out, chunk in zip(task.candidates, centers_irc, outside, chunks):
+            encoded[candidate.is_nodule].append(encode_sample(candidate, task.fold, irc, out, chunk))
+        return Cut(pos=encoded[True], neg=encoded[False], outside_volume=int(outside.sum()))
+
+
 def shard_series(task: SeriesTask) -> SeriesResult:
-    """Read one CT, cut all its candidates, write its negative shards and its positives' tar."""
+    """Read one CT, cut it, write its negative (and validation) shards and its positives' tar."""
     started = time.perf_counter()
     ct = read_ct(Path(task.mhd_path))
-    centers_xyz = np.array([c.center_xyz for c in task.candidates], dtype=np.float64)
-    centers_irc = xyz_to_irc(centers_xyz, ct.geometry)
-    chunks, outside = cut_chunks(ct.hu, centers_irc)
-    encoded = {True: [], False: []}
-    for candidate, irc, out, chunk in zip(task.candidates, centers_irc, outside, chunks):
-        encoded[candidate.is_nodule].append(encode_sample(candidate, task.fold, irc, out, chunk))
+    cut = task.cutter.cut(task, ct)
 
     out_dir = Path(task.out_dir)
-    shards = write_shards(encoded[False], out_dir, task.fold, "neg", task.neg_first_shard, task.samples_per_shard)
-    if encoded[True]:
+    shards = write_shards(cut.neg, out_dir, task.fold, "neg", task.neg_first_shard, task.samples_per_shard)
+    shards += write_shards(cut.val, out_dir, task.fold, "val", task.val_shard, max(1, len(cut.val)))
+    if cut.pos:
         pos_tar = _positives_tar(out_dir, task.series_uid)
         partial = pos_tar.with_suffix(".tar.partial")
         with wds.TarWriter(str(partial), encoder=False, mtime=0) as writer:
-            for sample in encoded[True]:
+            for sample in cut.pos:
                 writer.write(sample)
         os.replace(partial, pos_tar)
     return SeriesResult(
         series_uid=task.series_uid,
         fold=task.fold,
         shards=shards,
-        positives=len(encoded[True]),
-        negatives=len(encoded[False]),
-        outside_volume=int(outside.sum()),
+        positives=len(cut.pos),
+        negatives=len(cut.neg),
+        outside_volume=cut.outside_volume,
         bytes_read=ct.hu.nbytes,
         seconds=time.perf_counter() - started,
+        val_slices=cut.val_slices,
     )
 
 
@@ -323,7 +402,7 @@ def _identity(options: BuildOptions) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "inputs_sha256": {name: _sha256_file(path) if path and path.is_file() else None for name, path in inputs.items()},
-        "chunk_shape": list(CHUNK_SHAPE),
+        **options.cutter.identity(),
         "samples_per_shard": options.samples_per_shard,
     }
 
@@ -443,7 +522,7 @@ def _load_done(work: Path, out: Path, task: SeriesTask) -> SeriesResult | None:
     if record is None:
         return None
     result = SeriesResult(**{**record, "shards": [ShardRecord(**s) for s in record["shards"]]})
-    if [s.name for s in result.shards] != task.neg_shard_names() or result.positives + result.negatives != len(task.candidates):
+    if [s.name for s in result.shards] != task.shard_names() or result.negatives != task.cutter.planned_negatives(task.candidates):
         return None
     if result.positives and not _positives_tar(out, task.series_uid).is_file():
         return None
@@ -452,18 +531,24 @@ def _load_done(work: Path, out: Path, task: SeriesTask) -> SeriesResult | None:
     return result
 
 
-def plan_tasks(candidates: list[Candidate], series: dict, folds: dict, options: BuildOptions) -> list[SeriesTask]:
-    """One task per CT; negative shard numbers are fixed here, per fold, in UID order."""
+def plan_tasks(candidates: list[Candidate], series: dict, folds: dict, options: BuildOptions,
+               annotations: list[Annotation] = ()) -> list[SeriesTask]:
+    """One task per CT; shard numbers are fixed here, per fold, in UID order."""
     by_series: dict[str, list[Candidate]] = defaultdict(list)
     for candidate in candidates:
         by_series[candidate.series_uid].append(candidate)
-    next_shard = defaultdict(int)
+    nodules: dict[str, list[Annotation]] = defaultdict(list)
+    for annotation in annotations:
+        nodules[annotation.series_uid].append(annotation)
+    next_neg, next_val = defaultdict(int), defaultdict(int)
     tasks = []
     for uid in sorted(by_series, key=lambda u: (folds[u], u)):
-        task = SeriesTask(uid, str(series[uid]), folds[uid], by_series[uid], str(options.out),
-                          next_shard[folds[uid]], options.samples_per_shard)
+        fold = folds[uid]
+        task = SeriesTask(uid, str(series[uid]), fold, by_series[uid], str(options.out), next_neg[fold],
+                          options.samples_per_shard, options.cutter, nodules[uid], next_val[fold])
         tasks.append(task)
-        next_shard[folds[uid]] += len(task.neg_shard_names())
+        next_neg[fold] += len(task.shard_names()) - task.cutter.per_ct_validation
+        next_val[fold] += task.cutter.per_ct_validation
     return tasks
 
 
@@ -495,6 +580,7 @@ class Inputs:
     bad_rows: list
     warnings: list[str]
     findings: dict[str, list]  # "annotations" and "excluded" rows [uid, x, y, z, diameter], for the evaluation
+    annotations: list[Annotation]
 
 
 def read_inputs(options: BuildOptions) -> Inputs:
@@ -533,7 +619,8 @@ def read_inputs(options: BuildOptions) -> Inputs:
     findings = {name: [[a.series_uid, *a.center_xyz, a.diameter_mm] for a in table]
                 for name, table in (("annotations", annotations), ("excluded", excluded))}
     return Inputs(join_annotations(candidates, annotations, malignancy),
-                  {uid: found[uid] for uid in listed if uid in found}, skipped, bad_rows, warnings, findings)
+                  {uid: found[uid] for uid in listed if uid in found}, skipped, bad_rows, warnings, findings,
+                  annotations)
 
 
 def build(options: BuildOptions) -> dict:
@@ -560,7 +647,8 @@ def _build(options: BuildOptions, inputs: Inputs) -> dict:
 
     skipped, bad_rows = inputs.skipped, inputs.bad_rows
     folds = assign_folds(inputs.series)
-    tasks = plan_tasks([c for c in inputs.candidates if c.series_uid in folds], inputs.series, folds, options)
+    tasks = plan_tasks([c for c in inputs.candidates if c.series_uid in folds], inputs.series, folds, options,
+                       inputs.annotations)
 
     work = options.out / WORK
     results: dict[str, SeriesResult] = {}
@@ -574,8 +662,8 @@ def _build(options: BuildOptions, inputs: Inputs) -> dict:
 
     shards = [s for r in results.values() for s in r.shards]
     named = {s.name for s in shards}
-    for stale in options.out.glob("fold*-neg-*.tar"):
-        if stale.name not in named:
+    for stale in options.out.glob("fold*.tar"):
+        if stale.name not in named and "-pos-" not in stale.name:
             stale.unlink()  # numbered by an earlier plan, before a series appeared
     shards += pack_positives(list(results.values()), options.out, options.samples_per_shard)
     manifest = _manifest(options, identity, results, folds, shards, skipped, failed, bad_rows, inputs.findings)
@@ -651,18 +739,22 @@ def _manifest(options, identity, results, folds, shards, skipped, failed, bad_ro
             # What LUNA16's evaluation needs, so training scores a fold without the data folder.
             **{name: [row for row in rows if row[0] in series] for name, rows in findings.items()},
         }
+        if options.cutter.per_ct_validation:
+            fold_counts[str(fold)]["val_slices"] = sum(r.val_slices for r in members)
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "created_by": f"luna_dist {__version__}",
         "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
         "identity": identity,
-        "chunk": {"shape": list(CHUNK_SHAPE), "dtype": "int16", "axes": "IRC", "hu_range": [HU_MIN, HU_MAX]},
+        "task": options.cutter.task,
+        **options.cutter.layout(),
         "counts": {
             "samples": sum(f["samples"] for f in fold_counts.values()),
             "positives": sum(f["positives"] for f in fold_counts.values()),
             "negatives": sum(f["negatives"] for f in fold_counts.values()),
             "outside_volume": sum(r.outside_volume for r in results.values()),
+            **({"val_slices": sum(r.val_slices for r in results.values())} if options.cutter.per_ct_validation else {}),
         },
         "folds": fold_counts,
         "shards": sorted((asdict(s) for s in shards), key=lambda s: s["name"]),
@@ -675,7 +767,9 @@ def _manifest(options, identity, results, folds, shards, skipped, failed, bad_ro
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m luna_dist.shard", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="LUNA16-format folder (subset*/ with .mhd/.raw, CSVs)")
-    parser.add_argument("--out", type=Path, help="output folder (default: shards/<name of --data>)")
+    parser.add_argument("--task", choices=["cls", "seg"], default="cls",
+                        help="cls: a chunk per candidate (default); seg: slice stacks and nodule masks")
+    parser.add_argument("--out", type=Path, help="output folder (default: shards/<name of --data>, -seg for --task seg)")
     parser.add_argument("--candidates", type=Path, help="default: DATA/candidates.csv")
     parser.add_argument("--annotations", type=Path, help="default: DATA/annotations.csv")
     parser.add_argument("--malignancy", type=Path,
@@ -687,16 +781,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-mb", type=float, default=BuildOptions.max_mb, help="shard size at most, in MB")
     parser.add_argument("--strict", action="store_true", help="fail on malformed CSV rows and series without .mhd")
     parser.add_argument("--overwrite", action="store_true", help="replace a different build found in --out")
+    parser.add_argument("--seg-negatives", type=int, default=BuildOptions.seg_negatives,
+                        help="seg: negative stacks per CT (default %(default)s)")
+    parser.add_argument("--seg-val-every", type=int, default=BuildOptions.seg_val_every,
+                        help="seg: validate every slice with mask and 1 block of slices without in N (default %(default)s)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
+    default_out = Path("shards") / (args.data.resolve().name + ("-seg" if args.task == "seg" else ""))
     try:
-        options = BuildOptions(**{**vars(args), "out": args.out or Path("shards") / args.data.resolve().name})
+        options = BuildOptions(**{**vars(args), "out": args.out or default_out})
         manifest = build(options)
     except (BuildError, CtError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     counts = manifest["counts"]
-    print(f"{options.out}: {counts['samples']} samples ({counts['positives']} pos, {counts['negatives']} neg) "
+    validation = f", {counts['val_slices']} validation slices" if "val_slices" in counts else ""
+    print(f"{options.out}: {counts['samples']} samples ({counts['positives']} pos, {counts['negatives']} neg){validation} "
           f"in {len(manifest['shards'])} shards from {sum(len(f['series']) for f in manifest['folds'].values())} CTs")
     return 0
 

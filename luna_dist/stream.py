@@ -13,6 +13,11 @@ Workers do as little per sample as possible: the raw `.npy` bytes are copied int
 one preallocated int16 batch (no np.load, no per-sample tensors); conversion to
 float and augmentation happen on the training device. Every stage is a module-level
 function or a partial of one, so pipelines pickle for `spawn` workers (macOS).
+
+Segmentation shard sets (`--task seg`, see `luna_dist.seg_samples`) go through the
+same pipelines with their own batching: training stacks as (int16 (N, 7, 96, 96),
+bool masks (N, 1, 96, 96)); validation slabs unrolled into full slices with their
+context, batched while the slice size stays the same.
 """
 
 from __future__ import annotations
@@ -32,9 +37,10 @@ import torch
 import webdataset as wds
 
 from luna_dist.ct import CHUNK_SHAPE
+from luna_dist.seg_samples import CROP, STACK, context_slices, unpack_mask
 from luna_dist.shard import FORMAT, FORMAT_VERSION, MANIFEST
 
-_NPY_HEADER_CACHE: dict[bytes, int] = {}
+_NPY_HEADER_CACHE: dict[tuple, int] = {}
 
 
 class ShardSetError(Exception):
@@ -63,8 +69,8 @@ class ShardSet:
         return sorted(int(k) for k in self.manifest["folds"])
 
 
-def open_shard_set(root: Path) -> ShardSet:
-    """Read and check `manifest.json`: format, chunk layout, and every shard's presence and size."""
+def open_shard_set(root: Path, task: str = "cls") -> ShardSet:
+    """Read and check `manifest.json`: format, task, sample layout, and every shard's presence and size."""
     root = Path(root)
     path = root / MANIFEST
     try:
@@ -77,10 +83,20 @@ def open_shard_set(root: Path) -> ShardSet:
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise ShardSetError(f"{path}: format {manifest.get('format')} v{manifest.get('format_version')}, "
                             f"this version reads {FORMAT} v{FORMAT_VERSION}; rebuild the shards")
-    chunk = manifest.get("chunk", {})
-    if tuple(chunk.get("shape", ())) != CHUNK_SHAPE or chunk.get("dtype") != "int16":
-        raise ShardSetError(f"{path}: chunks are {chunk.get('shape')} {chunk.get('dtype')}, "
-                            f"expected {list(CHUNK_SHAPE)} int16; rebuild the shards")
+    built_for = manifest.get("task", "cls")  # builds before segmentation were all classification
+    if built_for != task:
+        raise ShardSetError(f"{path}: shards built with --task {built_for}, this run needs --task {task} shards "
+                            f"(`python -m luna_dist.shard --task {task} --data DIR --out OUT`)")
+    if task == "cls":
+        chunk = manifest.get("chunk", {})
+        if tuple(chunk.get("shape", ())) != CHUNK_SHAPE or chunk.get("dtype") != "int16":
+            raise ShardSetError(f"{path}: chunks are {chunk.get('shape')} {chunk.get('dtype')}, "
+                                f"expected {list(CHUNK_SHAPE)} int16; rebuild the shards")
+    else:
+        sample = manifest.get("sample", {})
+        if sample.get("context_slices") != STACK or sample.get("crop") != [CROP, CROP] or sample.get("dtype") != "int16":
+            raise ShardSetError(f"{path}: samples are {sample.get('context_slices')} slices of {sample.get('crop')} "
+                                f"{sample.get('dtype')}, expected {STACK} of {[CROP, CROP]} int16; rebuild the shards")
     problems = []
     for shard in manifest["shards"]:
         file = root / shard["name"]
@@ -98,31 +114,46 @@ def open_shard_set(root: Path) -> ShardSet:
     return ShardSet(root, manifest)
 
 
-def _chunk_offset(data: bytes, key: str) -> int:
-    """Byte offset of the int16 payload in a `.npy` blob, checking its header once per distinct header."""
+def _payload_offset(data: bytes, key: str, name: str, dtype: type = np.int16, shape: tuple = CHUNK_SHAPE) -> int:
+    """Byte offset of the payload in a `.npy` blob, checking its header once per distinct header."""
     header_len = 10 + int.from_bytes(data[8:10], "little")
-    header = data[:header_len]
-    if header not in _NPY_HEADER_CACHE:
+    cache_key = (data[:header_len], np.dtype(dtype).str, shape)
+    if cache_key not in _NPY_HEADER_CACHE:
         array = np.load(io.BytesIO(data), allow_pickle=False)
-        if array.dtype != np.int16 or array.shape != CHUNK_SHAPE or not array.flags.c_contiguous:
-            raise ShardSetError(f"sample {key}: chunk.npy is {array.dtype} {array.shape}, expected int16 {CHUNK_SHAPE}")
-        _NPY_HEADER_CACHE[header] = header_len
+        if array.dtype != dtype or array.shape != shape or not array.flags.c_contiguous:
+            raise ShardSetError(f"sample {key}: {name} is {array.dtype} {array.shape}, "
+                                f"expected {np.dtype(dtype).name} {shape}")
+        _NPY_HEADER_CACHE[cache_key] = header_len
     return header_len
+
+
+def _copy_payloads(samples: list[dict], name: str, out: np.ndarray, shape: tuple[int, ...]) -> None:
+    """Copy each sample's `.npy` payload of `shape` into row n of `out`, a new contiguous array; check the headers."""
+    flat = out.reshape(len(samples), -1)  # a view, as `out` is contiguous
+    for n, sample in enumerate(samples):
+        data = sample[name]
+        offset = _payload_offset(data, sample["__key__"], name, out.dtype.type, shape)
+        flat[n] = np.frombuffer(data, dtype=out.dtype, count=flat.shape[1], offset=offset)
 
 
 def collate(samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw samples -> (chunks (N, 1, I, R, C) int16, labels (N,) int64), one copy per chunk."""
     chunks = torch.empty((len(samples), 1, *CHUNK_SHAPE), dtype=torch.int16)
-    flat = chunks.numpy().reshape(len(samples), -1)
-    for n, sample in enumerate(samples):
-        data = sample["chunk.npy"]
-        offset = _chunk_offset(data, sample["__key__"])
-        flat[n] = np.frombuffer(data, dtype=np.int16, count=flat.shape[1], offset=offset)
+    _copy_payloads(samples, "chunk.npy", chunks.numpy(), CHUNK_SHAPE)
     labels = torch.tensor([sample["cls"] == b"1" for sample in samples], dtype=torch.int64)
     return chunks, labels
 
 
-def batched(samples: Iterator[dict], batch_size: int, partial_last: bool = True) -> Iterator[tuple]:
+def collate_stacks(samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Segmentation training samples -> (stacks (N, 7, 96, 96) int16, masks (N, 1, 96, 96) bool)."""
+    stacks = torch.empty((len(samples), STACK, CROP, CROP), dtype=torch.int16)
+    _copy_payloads(samples, "ct.npy", stacks.numpy(), (STACK, CROP, CROP))
+    packed = np.empty((len(samples), CROP, -(-CROP // 8)), dtype=np.uint8)
+    _copy_payloads(samples, "mask.npy", packed, packed.shape[1:])
+    return stacks, torch.from_numpy(unpack_mask(packed, CROP)).unsqueeze(1)
+
+
+def batched(samples: Iterator[dict], batch_size: int, partial_last: bool = True, collate=collate) -> Iterator[tuple]:
     """Pipeline stage: group raw samples and collate each group once."""
     group = []
     for sample in samples:
@@ -132,6 +163,32 @@ def batched(samples: Iterator[dict], batch_size: int, partial_last: bool = True)
             group = []
     if group and partial_last:
         yield collate(group)
+
+
+def batched_slices(slabs: Iterator[dict], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Pipeline stage: segmentation validation slabs -> batches of full slices with their context,
+    (int16 (N, 7, R, C), bool masks (N, 1, R, C)); a batch ends early where the slice size changes."""
+    images, masks = [], []
+    for slab in slabs:
+        meta = json.loads(slab["json"])
+        ct = np.load(io.BytesIO(slab["ct.npy"]), allow_pickle=False)  # (stored slices, R, C)
+        mask = unpack_mask(np.load(io.BytesIO(slab["mask.npy"]), allow_pickle=False), ct.shape[-1])
+        if images and images[0].shape != ct.shape[1:]:
+            yield _stack_slices(images, masks)
+            images, masks = [], []
+        slices = meta["first_slice"] + np.arange(meta["slices"])
+        for j, context in enumerate(context_slices(slices, meta["volume_slices"]) - meta["ct_first"]):
+            images.append(ct[context])
+            masks.append(mask[j])
+            if len(images) == batch_size:
+                yield _stack_slices(images, masks)
+                images, masks = [], []
+    if images:
+        yield _stack_slices(images, masks)
+
+
+def _stack_slices(images: list[np.ndarray], masks: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(masks)).unsqueeze(1)
 
 
 def shuffled(samples: Iterator[dict], buffer: int, seed: int) -> Iterator[dict]:
@@ -159,8 +216,11 @@ class TrainStreamConfig:
     seed: int = 0
 
 
-def train_pipeline(shards: ShardSet, config: TrainStreamConfig, epoch: int) -> wds.DataPipeline:
-    """What each worker runs: class-mixed, shuffled batches, `steps / workers` of them (rounded up)."""
+def train_pipeline(shards: ShardSet, config: TrainStreamConfig, epoch: int, collate=collate) -> wds.DataPipeline:
+    """What each worker runs: class-mixed, shuffled batches, `steps / workers` of them (rounded up).
+
+    `collate` turns a list of raw samples into a batch: `collate` for chunks, `collate_stacks` for segmentation.
+    """
     pos, neg = shards.shards(config.folds, "pos"), shards.shards(config.folds, "neg")
     if not pos or not neg:
         raise ShardSetError(f"{shards.root}: training folds {list(config.folds)} have {len(pos)} positive and "
@@ -177,13 +237,14 @@ def train_pipeline(shards: ShardSet, config: TrainStreamConfig, epoch: int) -> w
     )
     workers = max(1, config.num_workers)
     per_worker = math.ceil(config.steps / workers)
-    return wds.DataPipeline(mixed, partial(batched, batch_size=config.batch_size)).with_epoch(per_worker)
+    return wds.DataPipeline(mixed, partial(batched, batch_size=config.batch_size, collate=collate)).with_epoch(per_worker)
 
 
-def train_loader(shards: ShardSet, config: TrainStreamConfig, epoch: int, pin_memory: bool = False) -> wds.WebLoader:
+def train_loader(shards: ShardSet, config: TrainStreamConfig, epoch: int, pin_memory: bool = False,
+                 collate=collate) -> wds.WebLoader:
     """Batches of (int16 chunks, labels) for one epoch: exactly `steps_per_epoch(config.steps, workers)`."""
-    return wds.WebLoader(train_pipeline(shards, config, epoch), batch_size=None, num_workers=config.num_workers,
-                         pin_memory=pin_memory)
+    return wds.WebLoader(train_pipeline(shards, config, epoch, collate), batch_size=None,
+                         num_workers=config.num_workers, pin_memory=pin_memory)
 
 
 def steps_per_epoch(requested: int, workers: int) -> int:
@@ -192,9 +253,15 @@ def steps_per_epoch(requested: int, workers: int) -> int:
     return workers * math.ceil(requested / workers)
 
 
-def val_pipeline(shards: ShardSet, folds: Iterable[int], batch_size: int) -> wds.DataPipeline:
-    """Every validation sample once across all ranks and workers: split by node, then by worker, no resampling."""
-    urls = sorted(shards.shards(folds, "pos") + shards.shards(folds, "neg"))
+def val_pipeline(shards: ShardSet, folds: Iterable[int], batch_size: int, labels: tuple[str, ...] = ("pos", "neg"),
+                 batcher=batched) -> wds.DataPipeline:
+    """Every validation sample once across all ranks and workers: split by node, then by worker, no resampling.
+
+    Classification validates its pos and neg shards with `batched`; segmentation its
+    val shards with `batched_slices`.
+    """
+    folds = list(folds)
+    urls = sorted(url for label in labels for url in shards.shards(folds, label))
     if not urls:
         raise ShardSetError(f"{shards.root}: no shards in validation folds {sorted(folds)}")
     return wds.DataPipeline(
@@ -202,11 +269,11 @@ def val_pipeline(shards: ShardSet, folds: Iterable[int], batch_size: int) -> wds
         wds.split_by_node,
         wds.split_by_worker,
         wds.tarfile_to_samples(),
-        partial(batched, batch_size=batch_size),
+        partial(batcher, batch_size=batch_size),
     )
 
 
 def val_loader(shards: ShardSet, folds: Iterable[int], batch_size: int, num_workers: int,
-               pin_memory: bool = False) -> wds.WebLoader:
-    return wds.WebLoader(val_pipeline(shards, folds, batch_size), batch_size=None, num_workers=num_workers,
-                         pin_memory=pin_memory)
+               pin_memory: bool = False, labels: tuple[str, ...] = ("pos", "neg"), batcher=batched) -> wds.WebLoader:
+    return wds.WebLoader(val_pipeline(shards, folds, batch_size, labels, batcher), batch_size=None,
+                         num_workers=num_workers, pin_memory=pin_memory)
