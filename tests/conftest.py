@@ -6,6 +6,10 @@ shards copies them into its own `tmp_path` first.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -54,3 +58,26 @@ def shard_dir(shard_build_options) -> Path:
     """
     build(shard_build_options)
     return shard_build_options.out
+
+
+def kill_build_after(command: list[str], done_dir: Path, journaled: int, log: Path) -> tuple[bool, int]:
+    """Run a shard build and SIGKILL its process group once `journaled` CTs are in `done_dir`.
+
+    Returns (whether it finished before the kill, its return code). Output goes to `log`.
+    """
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 120
+            while process.poll() is None and time.monotonic() < deadline:
+                if done_dir.is_dir() and len(list(done_dir.glob("*.json"))) >= journaled:
+                    break
+                time.sleep(0.01)
+            finished_first = process.poll() is not None
+            if not finished_first:
+                os.killpg(process.pid, signal.SIGKILL)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=60)
+    return finished_first, process.returncode

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
 import tarfile
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -37,6 +35,8 @@ from luna_dist.seg_samples import (
 )
 from luna_dist.shard import MANIFEST, BuildOptions, build
 from luna_dist.stream import ShardSetError, batched_slices, collate_stacks, open_shard_set, val_loader
+
+from conftest import kill_build_after
 
 NEGATIVES = 12  # per CT, few so the build stays small
 
@@ -249,24 +249,11 @@ def test_killed_seg_build_resumes_to_the_uninterrupted_result(synth_data, seg_di
                "--workers", "1", "--seg-negatives", str(NEGATIVES), "--no-progress"]
     done_dir = out / ".build" / "done"
     total = len(find_series(synth_data))
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while process.poll() is None and time.monotonic() < deadline:
-            if done_dir.is_dir() and len(list(done_dir.glob("*.json"))) >= 2:
-                break
-            time.sleep(0.01)
-        finished_first = process.poll() is not None
-        if not finished_first:
-            os.killpg(process.pid, signal.SIGKILL)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=60)
+    finished_first, returncode = kill_build_after(command, done_dir, 2, tmp_path / "killed.log")
     journaled = len(list(done_dir.glob("*.json"))) if done_dir.is_dir() else 0
     if finished_first or journaled >= total:
         pytest.skip(f"the build finished before it could be killed ({journaled}/{total} CTs journaled)")
-    assert not (out / MANIFEST).exists()
+    assert returncode == -signal.SIGKILL and not (out / MANIFEST).exists()
 
     resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr

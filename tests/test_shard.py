@@ -32,6 +32,8 @@ from luna_dist.shard import MANIFEST, BuildError, BuildOptions, build
 from luna_dist.stream import ShardSetError, open_shard_set
 from luna_dist.synth import make_dataset
 
+from conftest import kill_build_after
+
 CHUNK_SHAPE = (32, 48, 48)
 SHARD_NAME = re.compile(r"^fold(\d+)-(pos|neg)-(\d{6})\.tar$")
 JSON_FIELDS = {"series_uid", "fold", "center_xyz", "center_irc", "is_nodule", "diameter_mm", "is_malignant",
@@ -344,26 +346,12 @@ def test_killed_build_resumes_to_the_uninterrupted_result(synth_data, shard_dir,
                "--workers", "2", "--max-samples", "150"]
     done_dir = out / ".build" / "done"
     total = len(series_paths(synth_data))
-    with open(tmp_path / "killed.log", "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 120
-            while process.poll() is None and time.monotonic() < deadline:
-                if done_dir.is_dir() and len(list(done_dir.glob("*.json"))) >= 1:
-                    break
-                time.sleep(0.02)
-            finished_first = process.poll() is not None
-            if not finished_first:
-                os.killpg(process.pid, signal.SIGKILL)
-        finally:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=60)
+    finished_first, returncode = kill_build_after(command, done_dir, 1, tmp_path / "killed.log")
     journaled = len(list(done_dir.glob("*.json"))) if done_dir.is_dir() else 0
     if finished_first or journaled >= total:
         pytest.skip(f"the build finished before it could be killed ({journaled}/{total} CTs journaled); "
                     "this machine is too fast for the data set: use more CTs")
-    assert process.returncode == -signal.SIGKILL
+    assert returncode == -signal.SIGKILL
     assert 1 <= journaled < total
     assert not (out / MANIFEST).exists()
     for path in shard_files(out):  # final names only for complete tars; `.partial` files may exist
