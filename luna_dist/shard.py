@@ -110,6 +110,8 @@ class BuildOptions:
             self.malignancy = self.data / "annotations_with_malignancy.csv"
         if self.excluded is None and (self.data / "annotations_excluded.csv").is_file():
             self.excluded = self.data / "annotations_excluded.csv"
+        if self.workers < 1:
+            raise BuildError(f"--workers must be at least 1, got {self.workers}")
         if self.max_samples < 1:
             raise BuildError(f"--max-samples must be at least 1, got {self.max_samples}")
         if self.task not in ("cls", "seg"):

@@ -77,9 +77,11 @@ def open_shard_set(root: Path, task: str = "cls") -> ShardSet:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
         raise ShardSetError(f"{path} not found: is {root} a finished shard build? "
-                            "Run `python -m luna_dist.shard --data DIR --out {root}` (again) to finish it.") from None
+                            f"Run `python -m luna_dist.shard --data DIR --out {root}` (again) to finish it.") from None
     except json.JSONDecodeError as err:
         raise ShardSetError(f"{path}: not valid JSON ({err}); rebuild the shards") from None
+    if not isinstance(manifest, dict):
+        raise ShardSetError(f"{path}: not a shard manifest (a JSON {type(manifest).__name__}); rebuild the shards")
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise ShardSetError(f"{path}: format {manifest.get('format')} v{manifest.get('format_version')}, "
                             f"this version reads {FORMAT} v{FORMAT_VERSION}; rebuild the shards")
@@ -97,6 +99,7 @@ def open_shard_set(root: Path, task: str = "cls") -> ShardSet:
         if sample.get("context_slices") != STACK or sample.get("crop") != [CROP, CROP] or sample.get("dtype") != "int16":
             raise ShardSetError(f"{path}: samples are {sample.get('context_slices')} slices of {sample.get('crop')} "
                                 f"{sample.get('dtype')}, expected {STACK} of {[CROP, CROP]} int16; rebuild the shards")
+    _check_fields(path, manifest)
     problems = []
     for shard in manifest["shards"]:
         file = root / shard["name"]
@@ -114,15 +117,47 @@ def open_shard_set(root: Path, task: str = "cls") -> ShardSet:
     return ShardSet(root, manifest)
 
 
-def _payload_offset(data: bytes, key: str, name: str, dtype: type = np.int16, shape: tuple = CHUNK_SHAPE) -> int:
+_MANIFEST_FIELDS = ("folds", "shards", "failed")
+_SHARD_FIELDS = ("name", "fold", "label", "samples", "bytes")
+
+
+def _check_fields(path: Path, manifest: dict) -> None:
+    """Every field the reader uses is there, so a damaged manifest is named rather than a KeyError."""
+    missing = [field for field in _MANIFEST_FIELDS if field not in manifest]
+    if missing:
+        raise ShardSetError(f"{path}: no {', '.join(missing)} in the manifest (damaged?); rebuild the shards")
+    for n, shard in enumerate(manifest["shards"]):
+        missing = [field for field in _SHARD_FIELDS if not isinstance(shard, dict) or field not in shard]
+        if missing:
+            raise ShardSetError(f"{path}: shard entry {n} has no {', '.join(missing)} (damaged?); rebuild the shards")
+
+
+def _damaged(sample: dict, problem: str) -> ShardSetError:
+    """A reader error names the shard and the sample."""
+    return ShardSetError(f"{sample.get('__url__', 'unknown shard')}: sample {sample.get('__key__')}: {problem}; "
+                         "the shard is damaged: rebuild the shards with `python -m luna_dist.shard ... --overwrite`")
+
+
+def _require(samples: list[dict], *fields: str) -> None:
+    """A sample cut short (zeroed blocks end a tar early) lacks fields: name it rather than a KeyError."""
+    for sample in samples:
+        missing = [field for field in fields if field not in sample]
+        if missing:
+            raise _damaged(sample, f"no {' and no '.join(missing)}")
+
+
+def _payload_offset(sample: dict, name: str, dtype: type = np.int16, shape: tuple = CHUNK_SHAPE) -> int:
     """Byte offset of the payload in a `.npy` blob, checking its header once per distinct header."""
+    data = sample[name]
     header_len = 10 + int.from_bytes(data[8:10], "little")
     cache_key = (data[:header_len], np.dtype(dtype).str, shape)
     if cache_key not in _NPY_HEADER_CACHE:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
+        try:
+            array = np.load(io.BytesIO(data), allow_pickle=False)
+        except ValueError as err:
+            raise _damaged(sample, f"{name} unreadable ({err})") from None
         if array.dtype != dtype or array.shape != shape or not array.flags.c_contiguous:
-            raise ShardSetError(f"sample {key}: {name} is {array.dtype} {array.shape}, "
-                                f"expected {np.dtype(dtype).name} {shape}")
+            raise _damaged(sample, f"{name} is {array.dtype} {array.shape}, expected {np.dtype(dtype).name} {shape}")
         _NPY_HEADER_CACHE[cache_key] = header_len
     return header_len
 
@@ -131,14 +166,16 @@ def _copy_payloads(samples: list[dict], name: str, out: np.ndarray, shape: tuple
     """Copy each sample's `.npy` payload of `shape` into row n of `out`, a new contiguous array; check the headers."""
     flat = out.reshape(len(samples), -1)  # a view, as `out` is contiguous
     for n, sample in enumerate(samples):
-        data = sample[name]
-        offset = _payload_offset(data, sample["__key__"], name, out.dtype.type, shape)
-        flat[n] = np.frombuffer(data, dtype=out.dtype, count=flat.shape[1], offset=offset)
+        offset = _payload_offset(sample, name, out.dtype.type, shape)
+        if len(sample[name]) - offset != flat[n].nbytes:
+            raise _damaged(sample, f"{name} holds {len(sample[name]) - offset} bytes of data, expected {flat[n].nbytes}")
+        flat[n] = np.frombuffer(sample[name], dtype=out.dtype, offset=offset)
 
 
 def collate(samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw samples -> (chunks (N, 1, I, R, C) int16, labels (N,) int64), one copy per chunk."""
     chunks = torch.empty((len(samples), 1, *CHUNK_SHAPE), dtype=torch.int16)
+    _require(samples, "chunk.npy", "cls")
     _copy_payloads(samples, "chunk.npy", chunks.numpy(), CHUNK_SHAPE)
     labels = torch.tensor([sample["cls"] == b"1" for sample in samples], dtype=torch.int64)
     return chunks, labels
@@ -147,6 +184,7 @@ def collate(samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
 def collate_stacks(samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """Segmentation training samples -> (stacks (N, 7, 96, 96) int16, masks (N, 1, 96, 96) bool)."""
     stacks = torch.empty((len(samples), STACK, CROP, CROP), dtype=torch.int16)
+    _require(samples, "ct.npy", "mask.npy")
     _copy_payloads(samples, "ct.npy", stacks.numpy(), (STACK, CROP, CROP))
     packed = np.empty((len(samples), CROP, -(-CROP // 8)), dtype=np.uint8)
     _copy_payloads(samples, "mask.npy", packed, packed.shape[1:])
@@ -170,9 +208,7 @@ def batched_slices(slabs: Iterator[dict], batch_size: int) -> Iterator[tuple[tor
     (int16 (N, 7, R, C), bool masks (N, 1, R, C)); a batch ends early where the slice size changes."""
     images, masks = [], []
     for slab in slabs:
-        meta = json.loads(slab["json"])
-        ct = np.load(io.BytesIO(slab["ct.npy"]), allow_pickle=False)  # (stored slices, R, C)
-        mask = unpack_mask(np.load(io.BytesIO(slab["mask.npy"]), allow_pickle=False), ct.shape[-1])
+        meta, ct, mask = _decode_slab(slab)
         if images and images[0].shape != ct.shape[1:]:
             yield _stack_slices(images, masks)
             images, masks = [], []
@@ -185,6 +221,17 @@ def batched_slices(slabs: Iterator[dict], batch_size: int) -> Iterator[tuple[tor
                 images, masks = [], []
     if images:
         yield _stack_slices(images, masks)
+
+
+def _decode_slab(slab: dict) -> tuple[dict, np.ndarray, np.ndarray]:
+    """A validation slab's JSON, CT slices (stored slices, R, C) and unpacked masks; errors name the shard and slab."""
+    _require([slab], "json", "ct.npy", "mask.npy")
+    try:
+        ct = np.load(io.BytesIO(slab["ct.npy"]), allow_pickle=False)
+        return json.loads(slab["json"]), ct, unpack_mask(np.load(io.BytesIO(slab["mask.npy"]), allow_pickle=False),
+                                                         ct.shape[-1])
+    except ValueError as err:  # a damaged .npy header or JSON
+        raise _damaged(slab, f"unreadable ({err})") from None
 
 
 def _stack_slices(images: list[np.ndarray], masks: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -80,8 +80,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         task.add_arguments(parser)
     args = parser.parse_args(argv)
 
-    if args.epochs < 1 or args.batch_size < 1:
-        parser.error("--epochs and --batch-size must be at least 1")
+    for flag, least in (("epochs", 1), ("batch_size", 1), ("epoch_samples", 1), ("num_workers", 0), ("max_steps", 1),
+                        ("shuffle_buffer", 1)):
+        value = getattr(args, flag)
+        if value is not None and value < least:
+            parser.error(f"--{flag.replace('_', '-')} must be at least {least}, got {value}")
     if any(not 0 <= fold < N_FOLDS for fold in args.val_folds):
         parser.error(f"--val-folds must be in 0..{N_FOLDS - 1}, got {args.val_folds}")
     TASKS[args.task].check_arguments(parser, args)
@@ -370,6 +373,14 @@ class Trainer:
         self.accelerator.end_training()
 
 
+def own_line(err: Exception) -> str:
+    """The error's own message: one raised in a DataLoader worker arrives with the worker's traceback."""
+    message = str(err)
+    if "Original Traceback" in message:
+        message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint lines drown the metrics
@@ -379,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(args)
         trainer.run()
     except (ShardSetError, FileNotFoundError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {own_line(err)}", file=sys.stderr)
         return 1
     finally:
         if trainer is not None:

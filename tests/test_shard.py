@@ -971,3 +971,12 @@ def test_cli_error_exit_code(small_data, tmp_path):
     errors = [line for line in other.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "--overwrite" in errors[0]
     assert file_stats(out) == before
+
+
+@pytest.mark.parametrize("flag, value, message", [("--workers", "-3", "--workers must be at least 1, got -3"),
+                                                  ("--max-samples", "0", "--max-samples must be at least 1, got 0")])
+def test_cli_refuses_out_of_range_numbers(small_data, tmp_path, flag, value, message):
+    result = shard_cli("--data", small_data, "--out", tmp_path / "out", flag, value, "--no-progress")
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: {message}"
+    assert not (tmp_path / "out").exists()

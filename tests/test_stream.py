@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import io
+import json
 import pickle
+import shutil
 import tarfile
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -156,3 +159,60 @@ def test_training_needs_both_classes(shard_dir):
     config = TrainStreamConfig((42,), batch_size=4, steps=1, num_workers=0, neg_per_pos=1)
     with pytest.raises(ShardSetError, match="both classes"):
         train_loader(shards, config, epoch=0)
+
+
+# --- damaged shard sets: every error names the file, and the shard and sample -----------------------
+
+
+def test_missing_manifest_names_the_command_to_finish(tmp_path):
+    with pytest.raises(ShardSetError) as err:
+        open_shard_set(tmp_path)
+    assert f"--out {tmp_path}`" in str(err.value)
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda m: m.pop("shards"), "no shards in the manifest"),
+    (lambda m: m["shards"][3].pop("bytes"), "shard entry 3 has no bytes"),
+])
+def test_manifest_without_a_field_is_named(shard_dir, tmp_path, damage, problem):
+    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    damage(manifest)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardSetError) as err:
+        open_shard_set(tmp_path)
+    assert str(err.value).startswith(f"{tmp_path / 'manifest.json'}: {problem}")
+
+
+def _damaged_copy(shard_dir, tmp_path, damage) -> tuple:
+    """A copy of the shard set whose first validation shard `damage(file, members)` changes in place."""
+    out = Path(shutil.copytree(shard_dir, tmp_path / "shards"))
+    shards = open_shard_set(out)
+    victim = Path(shards.shards([9], "neg")[0])
+    with tarfile.open(victim) as tar:
+        members = tar.getmembers()
+    with open(victim, "r+b") as file:
+        key = damage(file, members)
+    return shards, victim, key
+
+
+def _zero_magic(file, members) -> str:
+    member = next(m for m in members[30:] if m.name.endswith(".chunk.npy"))
+    file.seek(member.offset_data)
+    file.write(b"\0" * 6)  # np.load then takes it for a pickle
+    return member.name.split(".")[0]
+
+
+def _zero_middle(file, members) -> str:
+    member = next(m for m in members[len(members) // 2:] if m.name.endswith(".cls"))
+    file.seek(member.offset)
+    file.write(b"\0" * 2048)  # tar readers stop at zero blocks: this sample ends without its cls
+    return member.name.split(".")[0]
+
+
+@pytest.mark.parametrize("damage, problem", [(_zero_magic, "chunk.npy unreadable"), (_zero_middle, "no cls")])
+def test_damaged_shard_names_the_shard_and_the_sample(shard_dir, tmp_path, damage, problem):
+    shards, victim, key = _damaged_copy(shard_dir, tmp_path, damage)
+    with pytest.raises(ShardSetError) as err:
+        list(val_pipeline(shards, [9], batch_size=16))
+    assert str(err.value).startswith(f"{victim}: sample {key}: {problem}")
+    assert "rebuild" in str(err.value)

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -263,3 +264,35 @@ def test_resumed_run_keeps_its_best_score(shard_dir, tmp_path, monkeypatch):
     resumed.close()
     best = torch.load(tmp_path / "r" / "best.pt", weights_only=False)
     assert (best["epoch"], best["task"], best["val_metrics"]) == (1, "cls", {"pr/f1_score": 0.5})
+
+
+@pytest.mark.parametrize("flag, value, least", [("--epoch-samples", "0", 1), ("--epoch-samples", "-5", 1),
+                                                ("--num-workers", "-3", 0), ("--max-steps", "0", 1),
+                                                ("--shuffle-buffer", "0", 1), ("--batch-size", "0", 1)])
+def test_out_of_range_numbers_are_refused_naming_the_flag(shard_dir, flag, value, least, capsys):
+    from luna_dist.train import parse_args
+
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--shards", str(shard_dir), flag, value])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {flag} must be at least {least}, got {value}")
+
+
+def test_damaged_shard_read_by_a_data_worker_is_one_line(shard_dir, tmp_path):
+    """The worker's traceback stays out of the message; the shard and the sample are named."""
+    shards = Path(shutil.copytree(shard_dir, tmp_path / "shards"))
+    victim = sorted(shards.glob("fold9-neg-*.tar"))[0]
+    with tarfile.open(victim) as tar:
+        cls = [member for member in tar.getmembers() if member.name.endswith(".cls")][5]
+    with open(victim, "r+b") as f:
+        f.seek(cls.offset)
+        f.write(b"\0" * 2048)  # a tar reader stops at zero blocks: the sample ends without its cls
+    result = subprocess.run([sys.executable, "-m", "luna_dist.train", "--shards", str(shards), "--out",
+                             str(tmp_path / "runs"), "--max-steps", "1", "--batch-size", "4", "--num-workers", "1"],
+                            capture_output=True, text=True, timeout=RUN_TIMEOUT,
+                            env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].split("error: ", 1)[1].startswith(f"{victim}: sample "), errors
+    assert "the shard is damaged" in errors[0]
