@@ -422,9 +422,11 @@ def _check_output(options: BuildOptions, identity: dict) -> dict | None:
         previous = {"unknown": "shards without a manifest"}
     if previous is None:
         return None
-    previous = {k: v for k, v in previous.items() if k != "data"}  # builds of luna_dist 0.1.0 named the data's path
     nothing_finished = manifest is None and plan is not None and not any(work.glob("done/*.json"))
     if previous != identity and not (options.overwrite or nothing_finished):
+        if "data" in previous:  # only builds of luna_dist 0.1.0 were known by their data folder's path
+            raise BuildError(f"{out} holds a build of luna_dist 0.1.0, which lacks the evaluation findings; "
+                             "pass --overwrite to rebuild it, or choose another --out")
         changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
         raise BuildError(
             f"{out} holds a different build (differs in: {', '.join(changed)}); "

@@ -812,19 +812,22 @@ def test_moved_data_folder_resumes_its_build(data, tmp_path, small_reference, ca
     assert fingerprint(out) == small_reference
 
 
-def test_build_of_the_previous_version_is_still_recognised(data, tmp_path, capsys):
-    """Builds of luna_dist 0.1.0 held the data folder's path in their identity."""
+def test_build_of_the_previous_version_is_refused_with_a_clear_message(data, tmp_path, small_reference):
+    """Builds of luna_dist 0.1.0 were known by their data folder's path and lack the evaluation findings."""
     out = tmp_path / "out"
     build(options(data, out))
     manifest = json.loads((out / MANIFEST).read_text())
-    manifest["identity"]["data"] = "/somewhere/else"
+    manifest["identity"]["data"] = str(data.resolve())
+    del manifest["identity"]["inputs_sha256"]["excluded"]
     (out / MANIFEST).write_text(json.dumps(manifest))
-    capsys.readouterr()
-    build(options(data, out))
-    assert "nothing to do" in capsys.readouterr().out
+    with pytest.raises(BuildError) as err:
+        build(options(data, out))
+    assert str(err.value) == (f"{out} holds a build of luna_dist 0.1.0, which lacks the evaluation findings; "
+                              "pass --overwrite to rebuild it, or choose another --out")
+    build(options(data, out, overwrite=True))
+    assert fingerprint(out) == small_reference
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="no advisory file locks on Windows")
 def test_rerun_waits_for_a_writer_still_holding_the_output(data, tmp_path, small_reference, monkeypatch):
     """Workers of a killed build hold its lock through their inherited descriptor; here a process stands in."""
     out = tmp_path / "out"
