@@ -20,6 +20,7 @@ from luna_dist.stream import (
     ShardSetError,
     TrainStreamConfig,
     batched,
+    batched_slices,
     collate,
     open_shard_set,
     steps_per_epoch,
@@ -216,3 +217,13 @@ def test_damaged_shard_names_the_shard_and_the_sample(shard_dir, tmp_path, damag
         list(val_pipeline(shards, [9], batch_size=16))
     assert str(err.value).startswith(f"{victim}: sample {key}: {problem}")
     assert "rebuild" in str(err.value)
+
+
+@pytest.mark.parametrize("slab, problem", [
+    ({"json": b"{}", "ct.npy": b"\0" * 200, "mask.npy": b"\0" * 200}, "unreadable ("),
+    ({"json": b"{}", "ct.npy": b"\0" * 200}, "no mask.npy"),
+])
+def test_damaged_segmentation_slab_names_the_shard_and_the_slab(slab, problem):
+    with pytest.raises(ShardSetError) as err:
+        list(batched_slices(iter([{"__url__": "fold9-val-000000.tar", "__key__": "uid_3", **slab}]), batch_size=4))
+    assert str(err.value).startswith(f"fold9-val-000000.tar: sample uid_3: {problem}")
