@@ -2,6 +2,9 @@
 
     python -m luna_dist.evaluate --annotations annotations.csv --excluded annotations_excluded.csv \\
         --seriesuids seriesuids.csv --predictions predictions.csv [--json OUT] [--plot froc.png]
+    python -m luna_dist.evaluate --shards shards/NAME [--folds 0 1 ...] --predictions predictions.csv
+
+(the second takes the series, nodules and excluded findings of the folds from the shard manifest).
 
 A prediction ("mark") is `seriesuid,coordX,coordY,coordZ,probability` in mm. The rules:
 
@@ -121,9 +124,11 @@ class Froc:
             "seed": self.seed,
         }
 
-    def summary(self) -> str:
-        sens = ", ".join(_fmt(s) for s in self.sensitivities)
-        return f"{_fmt(self.cpm)} cpm, sensitivity at 1/8…8: {sens}"
+
+
+def format_score(cpm: float, sensitivities: list[float]) -> str:
+    """`0.8571 cpm, sensitivity at 1/8…8: 0.5000, …` (n/a where undefined)."""
+    return f"{_fmt(cpm)} cpm, sensitivity at 1/8…8: {', '.join(_fmt(s) for s in sensitivities)}"
 
 
 def _or_none(value: float) -> float | None:
@@ -394,11 +399,11 @@ def write_marks(path: Path, marks: Marks) -> None:
     with temp.open("w", newline="") as f:
         f.write(",".join(PREDICTION_COLUMNS) + "\n")
         for uid, (x, y, z), p in zip(marks.series.tolist(), marks.xyz.tolist(), marks.probability.tolist()):
-            f.write(f"{uid},{x:.3f},{y:.3f},{z:.3f},{p:.6g}\n")
+            f.write(f"{uid},{x:.3f},{y:.3f},{z:.3f},{p:.9g}\n")  # 9 digits: a float32 probability exactly
     temp.replace(path)
 
 
-def plot_froc(result: Froc, path: Path, title: str = "FROC"):
+def plot_froc(result: Froc, path: Path | None, title: str = "FROC"):
     """Draw the FROC curve (and its bootstrap band) on a log FP axis; returns the figure (needs matplotlib)."""
     import matplotlib
 
@@ -427,12 +432,30 @@ def plot_froc(result: Froc, path: Path, title: str = "FROC"):
     return fig
 
 
+def _shard_findings(shards: Path, folds: list[int] | None) -> tuple[list[str], Findings, Findings]:
+    path = Path(shards) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+        folds = folds if folds is not None else sorted(int(fold) for fold in manifest["folds"])
+        missing = [fold for fold in folds if str(fold) not in manifest["folds"]]
+        if missing:
+            raise EvaluationError(f"{path}: no fold {missing[0]} in this build (it has {sorted(manifest['folds'])})")
+        return fold_findings(manifest, folds)
+    except FileNotFoundError:
+        raise EvaluationError(f"{path}: not found; is {shards} a finished shard build?") from None
+    except (json.JSONDecodeError, KeyError) as err:
+        raise EvaluationError(f"{path}: {err.args[0] if isinstance(err, KeyError) else err}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m luna_dist.evaluate",
                                      description="LUNA16 FROC and CPM of a predictions CSV, by the official rules.")
-    parser.add_argument("--annotations", type=Path, required=True, help="included nodules (annotations.csv)")
+    parser.add_argument("--annotations", type=Path, help="included nodules (annotations.csv)")
     parser.add_argument("--excluded", type=Path, help="irrelevant findings (annotations_excluded.csv)")
-    parser.add_argument("--seriesuids", type=Path, required=True, help="the scans scored, one UID a line")
+    parser.add_argument("--seriesuids", type=Path, help="the scans scored, one UID a line")
+    parser.add_argument("--shards", type=Path,
+                        help="instead of the three above: a shard build, whose manifest lists them per fold")
+    parser.add_argument("--folds", type=int, nargs="+", help="with --shards: the folds scored (default: all)")
     parser.add_argument("--predictions", type=Path, required=True,
                         help="CSV with seriesuid,coordX,coordY,coordZ,probability (mm)")
     parser.add_argument("--json", type=Path, help="write the figures here")
@@ -442,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.bootstrap < 0:
         parser.error("--bootstrap must be >= 0")
+    if bool(args.shards) == bool(args.annotations and args.seriesuids) or (args.shards and args.excluded):
+        parser.error("give either --annotations and --seriesuids (and --excluded), or --shards")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -449,9 +474,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--plot needs matplotlib: pip install 'luna_dist[plot]'")
     started = time.perf_counter()
     try:
-        series_uids = read_series_list(args.seriesuids)
-        nodules = read_findings(args.annotations)
-        excluded = read_findings(args.excluded, excluded=True) if args.excluded else None
+        if args.shards:
+            series_uids, nodules, excluded = _shard_findings(args.shards, args.folds)
+        else:
+            series_uids = read_series_list(args.seriesuids)
+            nodules = read_findings(args.annotations)
+            excluded = read_findings(args.excluded, excluded=True) if args.excluded else None
         marks = read_marks(args.predictions, series_uids)
     except EvaluationError as err:
         print(f"error: {err}", file=sys.stderr)

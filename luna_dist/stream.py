@@ -191,6 +191,24 @@ def collate_stacks(samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     return stacks, torch.from_numpy(unpack_mask(packed, CROP)).unsqueeze(1)
 
 
+def locate(samples: list[dict], series_index: dict[str, int]) -> torch.Tensor:
+    """(N, 4) float32: each sample's series (its number in `series_index`) and centre X/Y/Z (mm), from its JSON.
+
+    Validation only, for the LUNA16 score; ~300 bytes of JSON per sample is little
+    beside the 147 kB chunk copied for it.
+    """
+    rows = []
+    for sample in samples:
+        meta = json.loads(sample["json"])
+        rows.append((series_index[meta["series_uid"]], *meta["center_xyz"]))
+    return torch.tensor(rows, dtype=torch.float32).reshape(-1, 4)
+
+
+def collate_located(samples: list[dict], series_index: dict[str, int]) -> tuple[torch.Tensor, ...]:
+    """`collate` plus where each sample lies (`locate`): (chunks, labels, where)."""
+    return (*collate(samples), locate(samples, series_index))
+
+
 def batched(samples: Iterator[dict], batch_size: int, partial_last: bool = True, collate=collate) -> Iterator[tuple]:
     """Pipeline stage: group raw samples and collate each group once."""
     group = []

@@ -13,6 +13,9 @@ marks padding with -1 there when ranks hold different numbers of rows.
 from __future__ import annotations
 
 import argparse
+import logging
+from functools import partial
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -22,10 +25,12 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
+from luna_dist import evaluate
 from luna_dist.augment import AugmentConfig, augment
 from luna_dist.metrics import compute_metrics, format_metrics
 from luna_dist.model import LunaModel
-from luna_dist.stream import ShardSet, ShardSetError, TrainStreamConfig, open_shard_set, train_loader, val_loader
+from luna_dist.stream import (ShardSet, ShardSetError, TrainStreamConfig, batched, collate_located, open_shard_set,
+                              train_loader, val_loader)
 
 
 def augment_config(args: argparse.Namespace) -> AugmentConfig:
@@ -107,6 +112,9 @@ class Task:
     def log_extras(self, writer: SummaryWriter, mode: str, records: Tensor, step: int, model: nn.Module) -> None:
         """TensorBoard beyond the scalars; main process only."""
 
+    def save_outputs(self, run_dir: Path, epoch: int, mode: str, records: Tensor) -> None:
+        """Files the task writes beside the run's logs each epoch (e.g. predictions); main process only."""
+
     def score(self, metrics: dict) -> float:
         """The best-model rule: higher is better; NaN never wins."""
         raise NotImplementedError
@@ -116,8 +124,11 @@ class ClsTask(Task):
     """Nodule vs non-nodule on 32x48x48 chunks: LunaModel, SGD, cross-entropy, pos/neg metrics."""
 
     name = "cls"
-    record_columns = ("label", "prob", "loss")
+    # series/x/y/z: where a validation sample lies (series = its number in the validation
+    # series, -1 in training), so validation can be scored as LUNA16 scores candidates.
+    record_columns = ("label", "prob", "loss", "series", "x", "y", "z")
     score_name = "F1"
+    evaluation: tuple[list[str], evaluate.Findings, evaluate.Findings] | None = None  # validation series, findings
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -161,7 +172,15 @@ class ClsTask(Task):
         return train_loader(shards, config, epoch, pin_memory=pin_memory)
 
     def val_loader(self, shards, val_folds, num_workers, pin_memory):
-        return val_loader(shards, val_folds, self.args.batch_size, num_workers, pin_memory)
+        try:
+            self.evaluation = evaluate.fold_findings(shards.manifest, val_folds)
+        except KeyError as err:
+            if self.accelerator.is_main_process:
+                logging.getLogger(__name__).warning(f"no LUNA16 CPM: {err.args[0]}")
+            return val_loader(shards, val_folds, self.args.batch_size, num_workers, pin_memory)
+        series_index = {uid: n for n, uid in enumerate(self.evaluation[0])}
+        return val_loader(shards, val_folds, self.args.batch_size, num_workers, pin_memory,
+                          batcher=partial(batched, collate=partial(collate_located, series_index=series_index)))
 
     def _to_input(self, chunks: Tensor, train: bool) -> Tensor:
         """int16 chunks on the host -> float32 HU on the device, augmented there when training."""
@@ -173,19 +192,45 @@ class ClsTask(Task):
         return x
 
     def forward(self, model, batch, train):
-        chunks, labels = batch
+        chunks, labels = batch[:2]
         labels = labels.to(self.device, non_blocking=True)
         with self.accelerator.autocast():
             logits, probs = model(self._to_input(chunks, train))
         loss = F.cross_entropy(logits.float(), labels, reduction="none")  # per sample, for the pos/neg split
-        records = torch.stack([labels.float(), probs[:, 1].float().detach(), loss.detach()], dim=1)
+        if len(batch) == 3:  # a validation batch that says where each sample lies
+            where = batch[2].to(self.device, non_blocking=True)
+        else:
+            where = torch.zeros((len(labels), 4), device=self.device)
+            where[:, 0] = -1
+        records = torch.cat([labels.float()[:, None], probs[:, 1:2].float().detach(), loss.detach()[:, None], where],
+                            dim=1)
         return loss, records
 
     def compute_metrics(self, records):
-        return compute_metrics(records[:, 0], records[:, 1], records[:, 2])
+        metrics = compute_metrics(records[:, 0], records[:, 1], records[:, 2])
+        if self.evaluation is not None and len(records) and bool((records[:, 3] >= 0).all()):
+            result = self._froc(records)
+            metrics["cpm"] = result.cpm
+            metrics["froc/detected"], metrics["froc/false_positives"] = result.detected, result.false_positives
+            metrics.update({f"froc/sensitivity_{rate:g}": s for rate, s in zip(evaluate.FP_RATES, result.sensitivities)})
+        return metrics
+
+    def _froc(self, records: Tensor) -> evaluate.Froc:
+        """The LUNA16 score of the validation records: every candidate a mark with its probability."""
+        series, nodules, excluded = self.evaluation
+        return evaluate.froc(series, nodules, self._marks(records), excluded)
+
+    def _marks(self, records: Tensor) -> evaluate.Marks:
+        rows = records.cpu().double().numpy()
+        return evaluate.Marks(np.array(self.evaluation[0], dtype=str)[rows[:, 3].astype(np.int64)], rows[:, 4:7],
+                              rows[:, 1])
 
     def format_metrics(self, epoch, mode, metrics):
-        return format_metrics(epoch, mode, metrics)
+        lines = format_metrics(epoch, mode, metrics)
+        if "cpm" in metrics:
+            sensitivities = [metrics[f"froc/sensitivity_{rate:g}"] for rate in evaluate.FP_RATES]
+            lines.append("E{} {:8} {}".format(epoch, f"{mode}_cpm", evaluate.format_score(metrics["cpm"], sensitivities)))
+        return lines
 
     def log_extras(self, writer, mode, records, step, model):
         """Validation only: the PR curve, and histograms of confident negatives and doubtful positives."""
@@ -200,6 +245,17 @@ class ClsTask(Task):
             writer.add_histogram("is_neg", confident_neg, step, bins=bins)
         if len(doubtful_pos):
             writer.add_histogram("is_pos", doubtful_pos, step, bins=bins)
+        if self.evaluation is not None and bool((records[:, 3] >= 0).all()):
+            try:
+                figure = evaluate.plot_froc(self._froc(records), None, title=f"FROC after {step:,} samples")
+            except ImportError:
+                return  # matplotlib is optional: no figure, the cpm scalar is logged all the same
+            writer.add_figure("froc", figure, step)
+
+    def save_outputs(self, run_dir, epoch, mode, records):
+        """`RUN/val-predictions-E{n}.csv`: every validation candidate in the LUNA16 predictions format."""
+        if mode == "val" and self.evaluation is not None and len(records) and bool((records[:, 3] >= 0).all()):
+            evaluate.write_marks(run_dir / f"val-predictions-E{epoch}.csv", self._marks(records))
 
     def score(self, metrics):
         return metrics["pr/f1_score"]

@@ -267,6 +267,7 @@ class Trainer:
                 writer.add_scalar(key, value, step)
         if records is not None:
             self.task.log_extras(writer, mode, records, step, self.accelerator.unwrap_model(self.model))
+            self.task.save_outputs(self.run_dir, epoch, mode, records)
         writer.flush()
 
     def save(self, val_metrics: dict) -> None:

@@ -79,6 +79,14 @@ def test_validation_counts_identical_on_one_and_two_ranks(shard_dir, two_rank_ru
         assert one[key] == two[key], key
     for key in ("loss/all", "loss/neg", "loss/pos"):
         assert abs(one[key] - two[key]) <= 1e-5 * max(1.0, abs(one[key])), key
+    # The LUNA16 score of the same candidates: every sample counted once, wherever it was scored.
+    sensitivities = [key for key in one if key.startswith("froc/sensitivity_")]
+    assert len(sensitivities) == 7 and 0 <= one["cpm"] <= 1
+    for key in ["cpm", *sensitivities]:
+        assert one[key] == pytest.approx(two[key], abs=1e-9), key
+    # Which nodules the 100 most probable marks of each scan find, and how many marks are false positives.
+    assert one["froc/detected"] == two["froc/detected"] > 0
+    assert one["froc/false_positives"] == two["froc/false_positives"] > 0
 
 
 def test_tensorboard_holds_scalars_pr_curve_and_histograms(two_rank_run):
@@ -98,6 +106,9 @@ def test_tensorboard_holds_scalars_pr_curve_and_histograms(two_rank_run):
             assert [e.step for e in events] == [48], (mode, tag)  # x axis: training samples, all ranks
     val_tags = logs["val"].Tags()
     assert val_tags["tensors"] == ["pr"], val_tags
+    assert {"cpm", "froc/sensitivity_0.125", "froc/sensitivity_8"} <= set(val_tags["scalars"])
+    assert "cpm" not in logs["trn"].Tags()["scalars"]  # training samples say nothing of where they lie
+    assert val_tags["images"] == ["froc"]
     curve = logs["val"].Tensors("pr")[0]
     assert curve.step == 48
     assert len(curve.tensor_proto.tensor_shape.dim) == 2  # the PR curve's table: 6 rows x thresholds
@@ -106,6 +117,30 @@ def test_tensorboard_holds_scalars_pr_curve_and_histograms(two_rank_run):
         histogram = logs["val"].Histograms(tag)[0].histogram_value
         assert 0 <= histogram.min <= histogram.max <= 1
         assert histogram.num > 0
+
+
+def test_validation_writes_luna16_predictions_scored_as_the_evaluation_scores_them(shard_dir, two_rank_run, tmp_path,
+                                                                                capsys):
+    from luna_dist import evaluate
+
+    metrics = json.loads((two_rank_run.parent / "metrics.json").read_text())
+    marks = evaluate.read_marks(two_rank_run / "val-predictions-E1.csv")
+    shards = open_shard_set(shard_dir)
+    assert len(marks.probability) == metrics["count/all"] == shards.count([9], "pos") + shards.count([9], "neg")
+    assert ((marks.probability >= 0) & (marks.probability <= 1)).all()
+    # The file scored by the command, with the fold's tables from the manifest, gives the logged CPM.
+    series, nodules, excluded = evaluate.fold_findings(shards.manifest, [9])
+    (tmp_path / "series.csv").write_text("\n".join(series) + "\n")
+    for name, found in (("annotations", nodules), ("excluded", excluded)):
+        rows = [f"{u},{x!r},{y!r},{z!r},{d!r}" for u, (x, y, z), d in zip(found.series, found.xyz.tolist(), found.diameter.tolist())]
+        (tmp_path / f"{name}.csv").write_text("\n".join(["seriesuid,coordX,coordY,coordZ,diameter_mm", *rows]) + "\n")
+    assert evaluate.main(["--annotations", str(tmp_path / "annotations.csv"), "--excluded", str(tmp_path / "excluded.csv"),
+                          "--seriesuids", str(tmp_path / "series.csv"), "--bootstrap", "0",
+                          "--predictions", str(two_rank_run / "val-predictions-E1.csv"),
+                          "--json", str(tmp_path / "score.json")]) == 0
+    score = json.loads((tmp_path / "score.json").read_text())
+    assert score["cpm"] == pytest.approx(metrics["cpm"], abs=1e-9)
+    assert score["nodules"] == len(nodules.series) > 0 and score["scans"] == len(series)
 
 
 def test_resume_continues_step_and_sample_counters(shard_dir, two_rank_run, tmp_path):
