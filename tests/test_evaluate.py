@@ -302,3 +302,23 @@ def test_fold_findings_of_a_manifest_without_them_say_rebuild():
 
     with pytest.raises(KeyError, match="rebuild the shards"):
         fold_findings({"folds": {"9": {"series": ["a"]}}}, [9])
+
+
+def test_shards_option_scores_the_folds_listed_in_the_manifest(shard_dir, tmp_path, capsys):
+    from luna_dist.evaluate import fold_findings
+    from luna_dist.stream import open_shard_set
+
+    series, nodules, _ = fold_findings(open_shard_set(shard_dir).manifest, [8, 9])
+    on_nodules = [(uid, *xyz, 0.9) for uid, xyz in zip(nodules.series.tolist(), nodules.xyz.tolist())]
+    evaluate.write_marks(tmp_path / "p.csv", marks(*on_nodules, (series[0], 900, 900, 900, 0.95)))
+    argv = ["--shards", str(shard_dir), "--predictions", str(tmp_path / "p.csv"), "--bootstrap", "0"]
+    assert evaluate.main([*argv, "--folds", "8", "9", "--json", str(tmp_path / "s.json")]) == 0
+    score = json.loads((tmp_path / "s.json").read_text())
+    assert (score["scans"], score["nodules"], score["detected"], score["false_positives"]) == \
+        (len(series), len(nodules.series), len(nodules.series), 1)
+    assert evaluate.main([*argv, "--folds", "9"]) == 2  # marks of fold 8's series are not in fold 9
+    assert "is not in the series list" in capsys.readouterr().err
+    assert evaluate.main([*argv, "--folds", "12"]) == 2
+    assert "no fold 12" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main([*argv, "--annotations", str(tmp_path / "p.csv")])
