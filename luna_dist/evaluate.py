@@ -465,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.bootstrap < 0:
         parser.error("--bootstrap must be >= 0")
-    if bool(args.shards) == bool(args.annotations and args.seriesuids) or (args.shards and args.excluded):
+    tables = (args.annotations, args.seriesuids, args.excluded)
+    if (args.shards and any(tables)) or not (args.shards or (args.annotations and args.seriesuids)):
         parser.error("give either --annotations and --seriesuids (and --excluded), or --shards")
     if args.plot:
         try:
