@@ -128,14 +128,15 @@ class Froc:
 
 def format_score(cpm: float, sensitivities: list[float]) -> str:
     """`0.8571 cpm, sensitivity at 1/8…8: 0.5000, …` (n/a where undefined)."""
-    return f"{_fmt(cpm)} cpm, sensitivity at 1/8…8: {', '.join(_fmt(s) for s in sensitivities)}"
+    return f"{format_value(cpm)} cpm, sensitivity at 1/8…8: {', '.join(format_value(s) for s in sensitivities)}"
 
 
 def _or_none(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-def _fmt(value: float) -> str:
+def format_value(value: float) -> str:
+    """A score with 4 decimals, or n/a where undefined."""
     return "n/a" if math.isnan(value) else f"{value:.4f}"
 
 
@@ -412,7 +413,7 @@ def plot_froc(result: Froc, path: Path | None, title: str = "FROC"):
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     shown = np.interp(FROC_GRID, result.fps, result.sensitivity)
-    ax.plot(FROC_GRID, shown, label=f"CPM {_fmt(result.cpm)}")
+    ax.plot(FROC_GRID, shown, label=f"CPM {format_value(result.cpm)}")
     if result.band is not None:
         ax.fill_between(result.band["fps"], result.band["low"], result.band["high"], alpha=0.25,
                         label=f"{CONFIDENCE:.0%} interval ({result.bootstrap} bootstraps)")
@@ -491,10 +492,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{result.ignored_excluded} marks on excluded findings and {result.ignored_double} double hits ignored")
     for rate, sens, ci in zip(FP_RATES, result.sensitivities, result.sensitivity_ci or [None] * len(FP_RATES)):
         interval = f"  [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
-        print(f"  sensitivity at {rate:>5g} FP/scan  {_fmt(sens)}{interval}")
+        print(f"  sensitivity at {rate:>5g} FP/scan  {format_value(sens)}{interval}")
     interval = f"  [{result.cpm_ci[0]:.4f}, {result.cpm_ci[1]:.4f}] (95%, {result.bootstrap} bootstraps)" \
         if result.cpm_ci else ""
-    print(f"CPM {_fmt(result.cpm)}{interval}   ({time.perf_counter() - started:.2f} s)")
+    print(f"CPM {format_value(result.cpm)}{interval}   ({time.perf_counter() - started:.2f} s)")
     if args.json:
         temp = args.json.with_name(args.json.name + ".partial")
         temp.write_text(json.dumps(result.to_json(), indent=1) + "\n")

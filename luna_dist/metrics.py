@@ -50,7 +50,7 @@ def compute_metrics(label: Tensor, prob: Tensor, loss: Tensor, threshold: float 
         "pr/precision": precision,
         "pr/recall": recall,
         "pr/f1_score": f1_score,
-        "auc": _roc_auc(prob[pos_label], prob[neg_label]),
+        "auc": roc_auc(prob[pos_label], prob[neg_label]),
         "count/all": n_pos + n_neg,
         "count/neg": n_neg,
         "count/pos": n_pos,
@@ -97,7 +97,7 @@ def _mean(values: Tensor) -> float:
     return float(values.mean()) if values.numel() else math.nan
 
 
-def _roc_auc(pos_scores: Tensor, neg_scores: Tensor) -> float:
+def roc_auc(pos_scores: Tensor, neg_scores: Tensor) -> float:
     """ROC AUC as P(positive scores above negative), ties counting one half.
 
     Computed from ranks (the Mann-Whitney U statistic), with tied scores sharing

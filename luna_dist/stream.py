@@ -26,6 +26,7 @@ import io
 import json
 import math
 import random
+import tarfile
 import warnings
 from dataclasses import dataclass
 from functools import partial
@@ -262,10 +263,12 @@ def shuffled(samples: Iterator[dict], buffer: int, seed: int) -> Iterator[dict]:
     yield from wds.shuffle(buffer, initial=buffer, rng=rng)(samples)
 
 
-def _class_stream(urls: list[str], seed: int, buffer: int) -> wds.DataPipeline:
+def _class_stream(urls: list[str], seed: int, buffer: int, *select) -> wds.DataPipeline:
+    """Endless shuffled samples of some shards; `select` stages (filters) run before the shuffle."""
     return wds.DataPipeline(
         wds.ResampledShards(urls, seed=seed, deterministic=True),
         wds.tarfile_to_samples(),
+        *select,
         partial(shuffled, buffer=buffer, seed=seed),
     )
 
@@ -310,6 +313,62 @@ def train_loader(shards: ShardSet, config: TrainStreamConfig, epoch: int, pin_me
     """Batches of (int16 chunks, labels) for one epoch: exactly `steps_per_epoch(config.steps, workers)`."""
     return wds.WebLoader(train_pipeline(shards, config, epoch, collate), batch_size=None,
                          num_workers=config.num_workers, pin_memory=pin_memory)
+
+
+# -- malignancy ------------------------------------------------------------------------------------
+def malignancy_counts(shards: ShardSet, folds: Iterable[int]) -> dict[str, int]:
+    """Nodule samples of `folds` by label: {"malignant", "benign", "unknown"}; reads only the JSON members."""
+    counts = {"malignant": 0, "benign": 0, "unknown": 0}
+    for url in shards.shards(folds, "pos"):
+        with tarfile.open(url) as tar:
+            for member in tar:
+                if member.name.endswith(".json"):
+                    malignant = json.load(tar.extractfile(member))["is_malignant"]
+                    counts[{True: "malignant", False: "benign", None: "unknown"}[malignant]] += 1
+    return counts
+
+
+def with_malignancy(samples: Iterator[dict], malignant: bool) -> Iterator[dict]:
+    """Pipeline stage: the nodule samples whose `is_malignant` is `malignant` (unlabelled ones never pass)."""
+    for sample in samples:
+        if json.loads(sample["json"])["is_malignant"] is malignant:
+            yield sample
+
+
+def collate_malignancy(samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raw samples -> (chunks, labels (N,) int64: 1 malignant, 0 benign or not a nodule,
+    info (N, 2) float32: 1 where the label is known (non-nodules: benign) else 0, diameter_mm)."""
+    chunks, _ = collate(samples)
+    metas = [json.loads(sample["json"]) for sample in samples]
+    labels = torch.tensor([meta["is_malignant"] is True for meta in metas], dtype=torch.int64)
+    info = torch.tensor([(meta["is_malignant"] is not None or not meta["is_nodule"], meta["diameter_mm"])
+                         for meta in metas], dtype=torch.float32).reshape(-1, 2)
+    return chunks, labels, info
+
+
+def malignancy_train_loader(shards: ShardSet, config: TrainStreamConfig, mix: tuple[float, float, float],
+                            epoch: int, pin_memory: bool = False) -> wds.WebLoader:
+    """Batches mixing malignant, benign and non-nodule samples at the ratios `mix`; `config.steps` of them.
+
+    Each kind with a ratio of 0 is left out; the caller checks that each wanted kind exists
+    in the training folds (a resampled stream of a kind with no sample would never yield).
+    """
+    pos, neg = shards.shards(config.folds, "pos"), shards.shards(config.folds, "neg")
+    seed = wds.utils.make_seed(config.seed, epoch)
+    streams, probs = [], []
+    for ratio, urls, salt, select, buffer in (
+        (mix[0], pos, 2, [partial(with_malignancy, malignant=True)], max(1, config.shuffle_buffer // 10)),
+        (mix[1], pos, 3, [partial(with_malignancy, malignant=False)], max(1, config.shuffle_buffer // 10)),
+        (mix[2], neg, 0, [], config.shuffle_buffer),
+    ):
+        if ratio > 0:
+            streams.append(_class_stream(urls, wds.utils.make_seed(seed, salt), buffer, *select))
+            probs.append(ratio)
+    mixed = wds.RandomMix(streams, probs=probs)
+    per_worker = math.ceil(config.steps / max(1, config.num_workers))
+    pipeline = wds.DataPipeline(mixed, partial(batched, batch_size=config.batch_size, collate=collate_malignancy))
+    return wds.WebLoader(pipeline.with_epoch(per_worker), batch_size=None, num_workers=config.num_workers,
+                         pin_memory=pin_memory)
 
 
 def steps_per_epoch(requested: int, workers: int) -> int:

@@ -27,10 +27,10 @@ from torch.utils.tensorboard import SummaryWriter
 
 from luna_dist import evaluate
 from luna_dist.augment import AugmentConfig, augment
-from luna_dist.metrics import compute_metrics, format_metrics
+from luna_dist.metrics import compute_metrics, format_metrics, roc_auc
 from luna_dist.model import LunaModel
-from luna_dist.stream import (ShardSet, ShardSetError, TrainStreamConfig, batched, collate_located, open_shard_set,
-                              train_loader, val_loader)
+from luna_dist.stream import (ShardSet, ShardSetError, TrainStreamConfig, batched, collate_located, collate_malignancy,
+                              malignancy_counts, malignancy_train_loader, open_shard_set, train_loader, val_loader)
 
 
 def augment_config(args: argparse.Namespace) -> AugmentConfig:
@@ -261,4 +261,162 @@ class ClsTask(Task):
         return metrics["pr/f1_score"]
 
 
-TASKS: dict[str, type[Task]] = {task.name: task for task in (ClsTask,)}
+class MalignancyTask(ClsTask):
+    """Malignant vs benign nodules: the nodule classifier fine-tuned, its head replaced, its last blocks trained.
+
+    Training batches mix malignant, benign and non-nodule samples (non-nodules count as
+    benign) at `--mix`; validation scores the labelled nodules of the validation folds,
+    next to the AUC of their annotated diameter alone. Nodules without a malignancy
+    label are left out of both and counted.
+    """
+
+    name = "malignancy"
+    record_columns = ("label", "prob", "loss", "known", "diameter")
+    score_name = "AUC"
+    TRAINED = {1: ("head_linear",), 2: ("block4", "head_linear")}
+    """The modules each --finetune-depth trains; every other one keeps the nodule classifier's weights."""
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("malignancy classifier (--task malignancy)")
+        group.add_argument("--finetune", type=Path, default=None,
+                           help="the nodule classifier to start from: its best.pt or a run's state/ folder")
+        group.add_argument("--finetune-depth", type=int, choices=sorted(MalignancyTask.TRAINED), default=1,
+                           help="blocks trained: 1 = the new head, 2 = the last conv block and the head (default 1)")
+        group.add_argument("--mix", type=float, nargs=3, default=[1.0, 1.0, 1.0],
+                           metavar=("MALIGNANT", "BENIGN", "NON_NODULE"),
+                           help="ratios of malignant, benign and non-nodule samples in training batches (default 1 1 1)")
+
+    @staticmethod
+    def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+        if args.finetune is None and not (args.resume or args.checkpoint):
+            parser.error("--task malignancy needs --finetune PATH: the nodule classifier's best.pt or state/ folder")
+        if any(ratio < 0 for ratio in args.mix) or not sum(args.mix[:2]):
+            parser.error(f"--mix needs ratios >= 0 with malignant or benign above 0, got {args.mix}")
+
+    def check_folds(self, shards, train_folds, val_folds, training):
+        self.train_counts = malignancy_counts(shards, train_folds) if training else None
+        val_counts = malignancy_counts(shards, val_folds)
+        if not val_counts["malignant"] + val_counts["benign"]:
+            raise ShardSetError(f"{shards.root}: validation folds {val_folds} have no nodule with a malignancy label "
+                                "(was the build given annotations_with_malignancy.csv?); choose others with --val-folds")
+        if training:
+            kinds = {"malignant": self.args.mix[0], "benign": self.args.mix[1]}
+            missing = [kind for kind, ratio in kinds.items() if ratio > 0 and not self.train_counts[kind]]
+            if missing or (self.args.mix[2] > 0 and not shards.shards(train_folds, "neg")):
+                raise ShardSetError(f"{shards.root}: training folds {train_folds} have no "
+                                    f"{' or '.join(missing) or 'non-nodule'} samples that --mix {self.args.mix} asks for")
+        if self.accelerator.is_main_process:
+            left_out = (self.train_counts or {}).get("unknown", 0) + val_counts["unknown"]
+            logging.getLogger(__name__).info(
+                f"malignancy: validation {val_counts['malignant']} malignant, {val_counts['benign']} benign nodule "
+                f"samples; {left_out} nodule samples without a malignancy label left out")
+
+    def build_model(self) -> nn.Module:
+        model = LunaModel()
+        if self.args.finetune is not None:
+            from luna_dist.train import load_weights  # the loop's checkpoint reader
+
+            model.load_state_dict(load_weights(self.args.finetune))
+        model.head_linear = nn.Linear(model.head_linear.in_features, 2)  # a new head for the new question
+        trained = self.TRAINED[self.args.finetune_depth]
+        for name, module in model.named_children():
+            module.requires_grad_(name in trained)
+        # Frozen modules stay in eval mode while training, so their batch-norm statistics stay too.
+        self.frozen = [module for name, module in model.named_children() if name not in trained]
+        return model.to(memory_format=torch.channels_last_3d) if self.channels_last else model
+
+    def build_optimizer(self, model):
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.SGD(trainable, lr=self.args.lr, momentum=self.args.momentum)
+
+    def epoch_samples(self, shards, train_folds):
+        """About one pass over the labelled nodules, with the non-nodules the mix adds."""
+        mix = self.args.mix
+        labelled = self.train_counts["malignant"] + self.train_counts["benign"]
+        return max(1, round(labelled * sum(mix) / sum(mix[:2])))
+
+    def train_loader(self, shards, train_folds, epoch, steps, num_workers, pin_memory):
+        args = self.args
+        config = TrainStreamConfig(tuple(train_folds), args.batch_size, steps, num_workers, 0,
+                                   args.shuffle_buffer, args.seed)
+        return malignancy_train_loader(shards, config, tuple(args.mix), epoch, pin_memory=pin_memory)
+
+    def val_loader(self, shards, val_folds, num_workers, pin_memory):
+        return val_loader(shards, val_folds, self.args.batch_size, num_workers, pin_memory, labels=("pos",),
+                          batcher=partial(batched, collate=collate_malignancy))
+
+    def forward(self, model, batch, train):
+        chunks, labels, info = batch
+        if train:
+            for module in self.frozen:
+                module.eval()
+        labels = labels.to(self.device, non_blocking=True)
+        info = info.to(self.device, non_blocking=True)
+        with self.accelerator.autocast():
+            logits, probs = model(self._to_input(chunks, train))
+        loss = F.cross_entropy(logits.float(), labels, reduction="none")
+        records = torch.cat([labels.float()[:, None], probs[:, 1:2].float().detach(), loss.detach()[:, None], info],
+                            dim=1)
+        return loss, records
+
+    def compute_metrics(self, records):
+        known = records[:, 3] > 0.5
+        labelled = records[known]
+        metrics = compute_metrics(labelled[:, 0], labelled[:, 1], labelled[:, 2])
+        malignant = labelled[:, 0] > 0.5
+        metrics["auc_diameter"] = roc_auc(labelled[malignant, 4].cpu().double(), labelled[~malignant, 4].cpu().double())
+        metrics["count/unlabelled"] = int((~known).sum())
+        return metrics
+
+    def format_metrics(self, epoch, mode, metrics):
+        lines = format_metrics(epoch, mode, metrics)
+        # The generic lines call the classes neg and pos: here benign and malignant.
+        lines[1:] = [line.replace(f"{mode}_neg", f"{mode}_ben").replace(f"{mode}_pos", f"{mode}_mal") for line in lines[1:]]
+        if mode == "val":
+            lines.append("E{} {:8} {} AUC, diameter alone {} AUC ({} nodule samples; {} without a label left out)".format(
+                epoch, f"{mode}_auc", evaluate.format_value(metrics["auc"]), evaluate.format_value(metrics["auc_diameter"]),
+                metrics["count/all"], metrics["count/unlabelled"]))
+        return lines
+
+    def log_extras(self, writer, mode, records, step, model):
+        """Validation only: ROC curves of the model and of the diameter alone, as a figure."""
+        labelled = records[records[:, 3] > 0.5].cpu().double().numpy()
+        if mode != "val" or not len(labelled):
+            return
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return  # matplotlib is optional: the AUC scalars are logged all the same
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        for column, name in ((1, "model"), (4, "diameter alone")):
+            fpr, tpr = roc_curve(labelled[:, 0] > 0.5, labelled[:, column])
+            ax.plot(fpr, tpr, label=name)
+        ax.plot([0, 1], [0, 1], ":", color="grey")
+        ax.set_xlabel("false positive rate (benign called malignant)")
+        ax.set_ylabel("true positive rate")
+        ax.set_title(f"ROC after {step:,} samples")
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        writer.add_figure("roc", fig, step)
+
+    def score(self, metrics):
+        return metrics["auc"]
+
+    def save_outputs(self, run_dir, epoch, mode, records):
+        """No LUNA16 predictions: these are nodules, not candidates."""
+
+
+def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rates, true positive rates) from (0, 0) to (1, 1), one point per distinct score."""
+    order = np.argsort(-scores, kind="stable")
+    labels, scores = labels[order], scores[order]
+    ends = np.r_[np.flatnonzero(scores[1:] != scores[:-1]), len(scores) - 1]
+    tp, fp = np.cumsum(labels)[ends], np.cumsum(~labels)[ends]
+    return np.r_[0, fp / max(fp[-1], 1)], np.r_[0, tp / max(tp[-1], 1)]
+
+
+TASKS: dict[str, type[Task]] = {task.name: task for task in (ClsTask, MalignancyTask)}

@@ -1,0 +1,118 @@
+"""The malignancy task: fine-tuning freezes what it says, labels and metrics, and a short run end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from luna_dist.model import LunaModel
+from luna_dist.tasks import MalignancyTask, roc_curve
+from luna_dist.train import parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def nodule_classifier(tmp_path_factory) -> Path:
+    """A nodule classifier's best.pt, as training saves it."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("cls") / "best.pt"
+    torch.save({"model": LunaModel().state_dict(), "task": "cls"}, path)
+    return path
+
+
+def malignancy_task(nodule_classifier: Path, depth: int) -> MalignancyTask:
+    args = parse_args(["--task", "malignancy", "--shards", "unused", "--finetune", str(nodule_classifier),
+                       "--finetune-depth", str(depth), "--channels-last", "off", "--lr", "0.1"])
+    task = MalignancyTask(args)
+    task.setup(Accelerator(cpu=True))
+    return task
+
+
+@pytest.mark.parametrize("depth, trained", [(1, {"head_linear"}), (2, {"block4", "head_linear"})])
+def test_finetuning_trains_exactly_the_blocks_of_its_depth(nodule_classifier, depth, trained):
+    task = malignancy_task(nodule_classifier, depth)
+    model = task.build_model()
+    source = torch.load(nodule_classifier, weights_only=True)["model"]
+    assert {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad} == trained
+    for name, value in model.state_dict().items():
+        if not name.startswith("head_linear"):
+            assert torch.equal(value, source[name]), name  # every block starts as the nodule classifier
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+
+    optimizer = task.build_optimizer(model)
+    model.train()
+    generator = torch.Generator().manual_seed(1)
+    chunks = torch.randint(-1000, 1000, (6, 1, 32, 48, 48), dtype=torch.int16, generator=generator)
+    batch = (chunks, torch.tensor([1, 0, 1, 0, 0, 1]), torch.tensor([[1.0, 8.0]] * 6))
+    for _ in range(2):
+        loss, _ = task.forward(model, batch, train=True)
+        optimizer.zero_grad()
+        loss.mean().backward()
+        optimizer.step()
+    for name, value in model.state_dict().items():
+        changed = not torch.equal(value, before[name])
+        # Frozen blocks keep their weights and their batch-norm statistics; trained ones move.
+        assert changed == (name.split(".")[0] in trained and "num_batches" not in name), name
+
+
+def test_finetuning_needs_a_nodule_classifier(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--task", "malignancy", "--shards", "x"])
+    assert "--finetune" in capsys.readouterr().err
+
+
+def test_metrics_leave_out_unlabelled_nodules_and_rank_the_diameter(nodule_classifier):
+    task = malignancy_task(nodule_classifier, 1)
+    # label, prob, loss, known, diameter: the model ranks all malignant first; the diameter one pair wrong.
+    records = torch.tensor([
+        [1, 0.9, 0.1, 1, 20.0],
+        [1, 0.8, 0.2, 1, 6.0],
+        [0, 0.3, 0.3, 1, 8.0],
+        [0, 0.2, 0.2, 1, 4.0],
+        [0, 0.99, 5.0, 0, 30.0],  # no malignancy label: left out, counted
+    ])
+    metrics = task.compute_metrics(records)
+    assert metrics["count/all"] == 4 and metrics["count/unlabelled"] == 1
+    assert metrics["auc"] == 1.0 and metrics["auc_diameter"] == 0.75
+    assert task.score(metrics) == 1.0
+    lines = task.format_metrics(3, "val", metrics)
+    assert lines[-1] == "E3 val_auc  1.0000 AUC, diameter alone 0.7500 AUC (4 nodule samples; 1 without a label left out)"
+    assert lines[1].startswith("E3 val_ben") and lines[2].startswith("E3 val_mal")
+
+
+def test_roc_curve_steps_once_per_distinct_score():
+    fpr, tpr = roc_curve(np.array([True, False, True, False]), np.array([0.9, 0.5, 0.5, 0.1]))
+    assert fpr.tolist() == [0, 0, 0.5, 1] and tpr.tolist() == [0, 0.5, 1, 1]
+
+
+def test_short_malignancy_run_end_to_end(shard_dir, nodule_classifier, tmp_path):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "luna_dist.train", "--task", "malignancy", "--shards", str(shard_dir),
+         "--finetune", str(nodule_classifier), "--finetune-depth", "2", "--mix", "1", "1", "2", "--val-folds", "8", "9", "--epochs", "1",
+         "--max-steps", "2", "--batch-size", "8", "--out", str(tmp_path), "--run-name", "m",
+         "--metrics-json", str(tmp_path / "m.json")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["count/all"] > 0 and metrics["count/pos"] > 0 and metrics["count/neg"] > 0
+    assert 0 <= metrics["auc"] <= 1 and 0 <= metrics["auc_diameter"] <= 1
+    assert "val_auc" in result.stderr and "diameter alone" in result.stderr
+    best = torch.load(tmp_path / "m" / "best.pt", weights_only=True)
+    assert best["task"] == "malignancy" and math.isclose(best["val_metrics"]["auc"], metrics["auc"])
+    accumulator = EventAccumulator(str(tmp_path / "m" / "val"))
+    accumulator.Reload()
+    assert accumulator.Tags()["images"] == ["roc"]
+    assert {"auc", "auc_diameter"} <= set(accumulator.Tags()["scalars"])
+    assert not list((tmp_path / "m").glob("val-predictions-*"))
