@@ -124,6 +124,8 @@ class Froc:
             "seed": self.seed,
         }
 
+    def summary(self) -> str:
+        return format_score(self.cpm, self.sensitivities)
 
 
 def format_score(cpm: float, sensitivities: list[float]) -> str:
