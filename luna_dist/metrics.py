@@ -1,4 +1,4 @@
-"""Classification metrics from per-sample values gathered from every process.
+"""Classification and segmentation metrics from per-sample values gathered from every process.
 
 Metrics are computed once, after the gather, so every rank's samples count and
 none twice. Undefined values (an absent class, a zero denominator) are NaN
@@ -35,10 +35,7 @@ def compute_metrics(label: Tensor, prob: Tensor, loss: Tensor, threshold: float 
 
     precision = _ratio(true_pos, true_pos + false_pos)
     recall = _ratio(true_pos, n_pos)
-    if math.isnan(precision) or math.isnan(recall) or precision + recall == 0:
-        f1_score = math.nan
-    else:
-        f1_score = 2 * precision * recall / (precision + recall)
+    f1_score = _f1(precision, recall)
 
     return {
         "loss/all": _mean(loss),
@@ -82,6 +79,51 @@ def _format_line(epoch: int, mode: str, metrics: dict, group: str) -> str:
     if group != "all":
         line += " ({} of {})".format(metrics[f"correct_count/{group}"], count)
     return line
+
+
+def compute_seg_metrics(tp: Tensor, fn: Tensor, fp: Tensor, loss: Tensor) -> dict[str, float]:
+    """Pixel precision, recall, F1 and Dice of a segmentation model from per-slice counts.
+
+    ``tp``, ``fn`` and ``fp`` are the true positive, missed and false positive pixels of
+    each slice, ``loss`` its loss, all (N,) on any device. The counts are summed over
+    every slice before any ratio, so a slice weighs by its pixels. ``dice/per_slice`` is
+    the mean Dice of the slices that have mask (pixel F1 is the Dice of all pixels).
+    """
+    tp, fn, fp, loss = (t.detach().cpu().flatten().to(torch.float64) for t in (tp, fn, fp, loss))
+    true_pos, missed, false_pos = int(tp.sum()), int(fn.sum()), int(fp.sum())
+    precision = _ratio(true_pos, true_pos + false_pos)
+    recall = _ratio(true_pos, true_pos + missed)
+    with_mask = (tp + fn) > 0
+    dice = 2 * tp[with_mask] / (2 * tp[with_mask] + fn[with_mask] + fp[with_mask])
+    return {
+        "loss/all": _mean(loss),
+        "pr/precision": precision,
+        "pr/recall": recall,
+        "pr/f1_score": _f1(precision, recall),
+        "dice/per_slice": _mean(dice),
+        "count/all": loss.numel(),
+        "count/mask_slices": int(with_mask.sum()),
+        "count/tp": true_pos,
+        "count/fn": missed,
+        "count/fp": false_pos,
+    }
+
+
+def format_seg_metrics(epoch: int, mode: str, metrics: dict) -> list[str]:
+    """Two log lines: loss with pixel precision, recall and F1; the pixel counts they come from."""
+    if not metrics["count/all"]:
+        return ["E{} {:8} no samples".format(epoch, mode)]
+    pr = (_or_na(metrics[f"pr/{key}"]) for key in ("precision", "recall", "f1_score"))
+    return [
+        "E{} {:8} {:.4f} loss, {} precision, {} recall, {} f1 score".format(epoch, mode, metrics["loss/all"], *pr),
+        "E{} {:8} {} tp, {} fn, {} fp".format(epoch, f"{mode}_px", *(metrics[f"count/{k}"] for k in ("tp", "fn", "fp"))),
+    ]
+
+
+def _f1(precision: float, recall: float) -> float:
+    if math.isnan(precision) or math.isnan(recall) or precision + recall == 0:
+        return math.nan
+    return 2 * precision * recall / (precision + recall)
 
 
 def _or_na(value: float) -> str:

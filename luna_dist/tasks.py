@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from functools import partial
 from pathlib import Path
 from typing import Iterable
@@ -21,16 +22,31 @@ from typing import Iterable
 import numpy as np
 import torch
 import torch.nn.functional as F
+import webdataset as wds
 from accelerate import Accelerator
 from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
 from luna_dist import evaluate
-from luna_dist.augment import AugmentConfig, augment
-from luna_dist.metrics import compute_metrics, format_metrics, roc_auc
-from luna_dist.model import LunaModel
-from luna_dist.stream import (ShardSet, ShardSetError, TrainStreamConfig, batched, collate_located, collate_malignancy,
-                              malignancy_counts, malignancy_train_loader, open_shard_set, train_loader, val_loader)
+from luna_dist.augment import AugmentConfig, augment, augment_with_mask, random_crop
+from luna_dist.ct import HU_MAX, HU_MIN
+from luna_dist.metrics import compute_metrics, compute_seg_metrics, format_metrics, format_seg_metrics, roc_auc
+from luna_dist.model import LunaModel, SegmentationModel
+from luna_dist.stream import (
+    ShardSet,
+    ShardSetError,
+    TrainStreamConfig,
+    batched,
+    batched_slices,
+    collate_located,
+    collate_malignancy,
+    collate_stacks,
+    malignancy_counts,
+    malignancy_train_loader,
+    open_shard_set,
+    train_loader,
+    val_loader,
+)
 
 
 def augment_config(args: argparse.Namespace) -> AugmentConfig:
@@ -419,4 +435,158 @@ def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.nd
     return np.r_[0, fp / max(fp[-1], 1)], np.r_[0, tp / max(tp[-1], 1)]
 
 
-TASKS: dict[str, type[Task]] = {task.name: task for task in (ClsTask, MalignancyTask)}
+TRAIN_CROP = 64
+"""The UNet trains on a random 64 x 64 window of each 96 x 96 stack, cut on the device."""
+FN_WEIGHT = 8
+"""Weight of the Dice of the prediction inside the mask: misses cost 8 times more than false alarms."""
+FIXED_SLICES = 4
+"""Validation slices shown in TensorBoard every epoch, from the first validation CTs."""
+
+
+def dice_loss(prediction: Tensor, mask: Tensor, epsilon: float = 1.0) -> Tensor:
+    """1 - soft Dice per sample, (N,), of probabilities and a 0/1 mask (N, 1, H, W); 0 when both are empty."""
+    overlap = (prediction * mask).sum(dim=(1, 2, 3))
+    return 1 - (2 * overlap + epsilon) / (prediction.sum(dim=(1, 2, 3)) + mask.sum(dim=(1, 2, 3)) + epsilon)
+
+
+def overlay(hu: Tensor, mask: Tensor, predicted: Tensor) -> Tensor:
+    """An RGB picture (H, W, 3) in [0, 1] of a slice (H, W) in HU, its mask and the prediction (bool):
+    found nodule pixels green, missed ones red, false alarms yellow."""
+    gray = ((hu.float() - HU_MIN) / (HU_MAX - HU_MIN)).clamp(0, 1)
+    image = gray.unsqueeze(-1).repeat(1, 1, 3)
+    for where, colour in ((mask & predicted, (0.0, 1.0, 0.0)), (mask & ~predicted, (1.0, 0.0, 0.0)),
+                          (~mask & predicted, (1.0, 1.0, 0.0))):
+        image[where] = 0.4 * image[where] + 0.6 * torch.tensor(colour)
+    return image
+
+
+class SegTask(Task):
+    """Nodule pixels in CT slices: a 2-D UNet on 7-slice stacks, Adam, Dice losses, pixel metrics.
+
+    Training: random 64 x 64 crops of the 96 x 96 stacks (and augmentation) on the
+    device, positives and negatives mixed at `--seg-neg-ratio`. Loss per sample: soft
+    Dice plus 8 x the soft Dice of the prediction inside the mask (the book's
+    recall-weighted term). Validation: full slices. Records per slice: true positive,
+    missed and false positive pixels (prediction > 0.5) and the loss, summed over all
+    ranks before any ratio. Best model: the highest recall among epochs whose precision
+    reaches `--seg-precision-floor`; below the floor, the higher precision.
+    """
+
+    name = "seg"
+    record_columns = ("tp", "fn", "fp", "loss")
+    score_name = "recall at the precision floor"
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("nodule segmentation (--task seg)")
+        group.add_argument("--seg-neg-ratio", type=float, default=1.0, metavar="RATIO",
+                           help="negative stacks per positive in training batches (default 1); 0 = as stored")
+        group.add_argument("--seg-precision-floor", type=float, default=0.3, metavar="P",
+                           help="best model: highest validation recall with pixel precision >= P (default 0.3)")
+
+    @staticmethod
+    def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+        if args.seg_neg_ratio < 0:
+            parser.error(f"--seg-neg-ratio must be 0 (as stored) or a positive ratio, got {args.seg_neg_ratio}")
+        if not 0 <= args.seg_precision_floor <= 1:
+            parser.error(f"--seg-precision-floor must be in [0, 1], got {args.seg_precision_floor}")
+
+    def open_shards(self, path) -> ShardSet:
+        return open_shard_set(path, task="seg")
+
+    def check_folds(self, shards: ShardSet, train_folds: list[int], val_folds: list[int], training: bool) -> None:
+        if not shards.shards(val_folds, "val"):
+            raise ShardSetError(f"{shards.root}: validation folds {val_folds} have no validation slices (the build "
+                                f"has folds {shards.folds}); choose others with --val-folds")
+        if training and not (shards.shards(train_folds, "pos") and shards.shards(train_folds, "neg")):
+            raise ShardSetError(f"{shards.root}: training folds {train_folds} have {len(shards.shards(train_folds, 'pos'))} "
+                                f"positive and {len(shards.shards(train_folds, 'neg'))} negative shards; both are needed")
+        self._fixed_urls = sorted(shards.shards(val_folds, "val"))[:FIXED_SLICES]
+        self._fixed = None
+
+    def build_model(self) -> nn.Module:
+        model = SegmentationModel()
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.Adam(model.parameters(), lr=self.args.lr)
+
+    def epoch_samples(self, shards: ShardSet, train_folds: list[int]) -> int:
+        return shards.count(train_folds, "pos") + shards.count(train_folds, "neg")
+
+    def train_loader(self, shards, train_folds, epoch, steps, num_workers, pin_memory):
+        args = self.args
+        config = TrainStreamConfig(tuple(train_folds), args.batch_size, steps, num_workers, args.seg_neg_ratio,
+                                   args.shuffle_buffer, args.seed)
+        return train_loader(shards, config, epoch, pin_memory=pin_memory, collate=collate_stacks)
+
+    def val_loader(self, shards, val_folds, num_workers, pin_memory):
+        return val_loader(shards, val_folds, self.args.batch_size, num_workers, pin_memory, labels=("val",),
+                          batcher=batched_slices)
+
+    def _predict(self, model: nn.Module, images: Tensor) -> Tensor:
+        x = images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+        with self.accelerator.autocast():
+            return model(x).float()
+
+    def forward(self, model, batch, train):
+        images, masks = (t.to(self.device, non_blocking=True) for t in batch)
+        images = images.float()  # int16 travelled; HU as float32 from here
+        if train:
+            images, masks = random_crop(images, masks, TRAIN_CROP)
+            images, masks = augment_with_mask(images, masks, self.augment)
+        prediction = self._predict(model, images)  # (N, 1, H, W) probabilities
+        label = masks.float()
+        loss = dice_loss(prediction, label) + FN_WEIGHT * dice_loss(prediction * label, label)
+        predicted = prediction.detach() > 0.5
+        counts = [(predicted & masks), (~predicted & masks), (predicted & ~masks)]
+        records = torch.stack([c.sum(dim=(1, 2, 3)).float() for c in counts] + [loss.detach()], dim=1)
+        return loss, records
+
+    def compute_metrics(self, records):
+        return compute_seg_metrics(records[:, 0], records[:, 1], records[:, 2], records[:, 3])
+
+    def format_metrics(self, epoch, mode, metrics):
+        return format_seg_metrics(epoch, mode, metrics)
+
+    def log_extras(self, writer, mode, records, step, model):
+        """Validation only: the fixed slices with mask and prediction overlaid."""
+        if mode != "val" or not self._fixed_urls:
+            return
+        if self._fixed is None:
+            self._fixed = self._fixed_slices()
+        images, masks = (t.to(self.device) for t in self._fixed)
+        training = model.training
+        model.eval()
+        with torch.no_grad():
+            predicted = self._predict(model, images.float()) > 0.5
+        model.train(training)
+        for n in range(len(images)):
+            picture = overlay(images[n, images.shape[1] // 2].cpu(), masks[n, 0].cpu(), predicted[n, 0].cpu())
+            writer.add_image(f"slices/{n}", picture, step, dataformats="HWC")
+
+    def _fixed_slices(self) -> tuple[Tensor, Tensor]:
+        """FIXED_SLICES validation slices, read once by the main process: of each of the first validation
+        CTs its slice of most mask, then their next ones (a CT's slices count in the order of their mask)."""
+        ranked = []  # (rank within its CT, -mask pixels, CT, stack, mask)
+        for ct, url in enumerate(self._fixed_urls):
+            best = []
+            for stacks, masks in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(),
+                                                  partial(batched_slices, batch_size=64)):
+                pixels = masks.sum(dim=(1, 2, 3)).tolist()
+                best = sorted(best + [(-pixels[n], stacks[n], masks[n]) for n in range(len(pixels))],
+                              key=lambda item: item[0])[:FIXED_SLICES]
+            ranked += [(rank, pixels, ct, stack, mask) for rank, (pixels, stack, mask) in enumerate(best)]
+        chosen = sorted(ranked, key=lambda item: item[:3])[:FIXED_SLICES]
+        chosen = [item for item in chosen if item[3].shape == chosen[0][3].shape]  # one batch: one slice size
+        return torch.stack([item[3] for item in chosen]), torch.stack([item[4] for item in chosen])
+
+    def score(self, metrics):
+        precision = metrics["pr/precision"]
+        precision = 0.0 if math.isnan(precision) else precision
+        if precision >= self.args.seg_precision_floor:
+            return metrics["pr/recall"]
+        return precision - 1  # below every model that reaches the floor
+
+
+TASKS: dict[str, type[Task]] = {task.name: task for task in (ClsTask, MalignancyTask, SegTask)}

@@ -60,6 +60,22 @@ def shard_dir(shard_build_options) -> Path:
     return shard_build_options.out
 
 
+SEG_NEGATIVES = 12
+"""Negative stacks per CT in `seg_shard_dir`: few, so the build stays small."""
+
+
+@pytest.fixture(scope="session")
+def seg_shard_dir(synth_data, tmp_path_factory) -> Path:
+    """Folder of a finished `--task seg` build of `synth_data` (12 negatives per CT, 2 workers).
+
+    Never modify it; copy it first.
+    """
+    out = tmp_path_factory.mktemp("seg") / "shards"
+    build(BuildOptions(data=synth_data, out=out, task="seg", workers=SHARD_WORKERS, seg_negatives=SEG_NEGATIVES,
+                       progress=False))
+    return out
+
+
 def kill_build_after(command: list[str], done_dir: Path, journaled: int, log: Path) -> tuple[bool, int]:
     """Run a shard build and SIGKILL its process group once `journaled` CTs are in `done_dir`.
 

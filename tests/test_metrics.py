@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 
-from luna_dist.metrics import compute_metrics, format_metrics
+from luna_dist.metrics import compute_metrics, compute_seg_metrics, format_metrics, format_seg_metrics
 
 nan = math.nan
 
@@ -172,3 +172,43 @@ def test_format_of_computed_metrics():
 def test_format_edge_cases(case, expected):
     label, prob, loss, threshold, _ = CASES[case]
     assert format_metrics(3, "val", _metrics(label, prob, loss, threshold)) == expected
+
+
+# -- segmentation: pixel counts per slice ------------------------------------------------------
+
+
+def test_seg_metrics_sum_pixels_before_any_ratio():
+    tp = torch.tensor([90.0, 10.0, 0.0, 0.0])
+    fn = torch.tensor([10.0, 90.0, 0.0, 0.0])
+    fp = torch.tensor([0.0, 10.0, 5.0, 0.0])
+    loss = torch.tensor([0.1, 0.9, 0.5, 0.0])
+    metrics = compute_seg_metrics(tp, fn, fp, loss)
+    assert metrics["pr/recall"] == pytest.approx(100 / 200)
+    assert metrics["pr/precision"] == pytest.approx(100 / 115)
+    assert metrics["pr/f1_score"] == pytest.approx(2 * 100 / (2 * 100 + 100 + 15))  # pixel F1 = Dice of all pixels
+    assert metrics["dice/per_slice"] == pytest.approx((180 / 190 + 20 / 120) / 2)  # slices with mask only
+    assert metrics["loss/all"] == pytest.approx(0.375)
+    assert (metrics["count/all"], metrics["count/mask_slices"]) == (4, 2)
+    assert (metrics["count/tp"], metrics["count/fn"], metrics["count/fp"]) == (100, 100, 15)
+
+
+def test_seg_metrics_weigh_slices_by_pixels():
+    metrics = compute_seg_metrics(torch.tensor([1.0, 99.0]), torch.tensor([1.0, 0.0]), torch.zeros(2), torch.zeros(2))
+    assert metrics["pr/recall"] == pytest.approx(100 / 101)  # a per-slice mean would say 0.75
+
+
+def test_seg_metrics_without_predictions_or_masks_are_nan_not_errors():
+    zeros = torch.zeros(3)
+    metrics = compute_seg_metrics(zeros, zeros, zeros, zeros)
+    assert all(math.isnan(metrics[k]) for k in ("pr/precision", "pr/recall", "pr/f1_score", "dice/per_slice"))
+    assert format_seg_metrics(2, "val", metrics) == [
+        "E2 val      0.0000 loss, n/a precision, n/a recall, n/a f1 score", "E2 val_px   0 tp, 0 fn, 0 fp"]
+    assert format_seg_metrics(2, "trn", compute_seg_metrics(*(torch.zeros(0),) * 4)) == ["E2 trn      no samples"]
+
+
+def test_seg_metric_lines():
+    metrics = compute_seg_metrics(torch.tensor([30.0]), torch.tensor([10.0]), torch.tensor([50.0]), torch.tensor([1.25]))
+    assert format_seg_metrics(1, "val", metrics) == [
+        "E1 val      1.2500 loss, 0.3750 precision, 0.7500 recall, 0.5000 f1 score",
+        "E1 val_px   30 tp, 10 fn, 50 fp",
+    ]

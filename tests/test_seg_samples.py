@@ -36,9 +36,8 @@ from luna_dist.seg_samples import (
 from luna_dist.shard import MANIFEST, BuildOptions, build
 from luna_dist.stream import ShardSetError, batched_slices, collate_stacks, open_shard_set, val_loader
 
+from conftest import SEG_NEGATIVES as NEGATIVES
 from conftest import kill_build_after
-
-NEGATIVES = 12  # per CT, few so the build stays small
 
 
 # --- the pure parts ------------------------------------------------------------------------------------
@@ -77,16 +76,9 @@ def test_mask_bits_round_trip():
 # --- a build of the session's synthetic data -----------------------------------------------------------
 
 
-def seg_options(data: Path, out: Path, **overrides) -> BuildOptions:
-    return BuildOptions(**{"data": data, "out": out, "task": "seg", "workers": 2, "seg_negatives": NEGATIVES,
-                           "progress": False, **overrides})
-
-
 @pytest.fixture(scope="module")
-def seg_dir(synth_data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("seg") / "shards"
-    build(seg_options(synth_data, out))
-    return out
+def seg_dir(seg_shard_dir) -> Path:
+    return seg_shard_dir
 
 
 def read_tar(path: Path) -> dict[str, dict]:

@@ -1,7 +1,9 @@
-"""The malignancy task: fine-tuning freezes what it says, labels and metrics, and a short run end to end."""
+"""The task definitions: the malignancy task (fine-tuning freezes what it says, labels and metrics, a
+short run end to end) and the pieces of the segmentation task that its training tests do not pin down."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -16,7 +18,7 @@ from accelerate import Accelerator
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from luna_dist.model import LunaModel
-from luna_dist.tasks import MalignancyTask, roc_curve
+from luna_dist.tasks import FN_WEIGHT, MalignancyTask, SegTask, dice_loss, overlay, roc_curve
 from luna_dist.train import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,3 +118,42 @@ def test_short_malignancy_run_end_to_end(shard_dir, nodule_classifier, tmp_path)
     assert accumulator.Tags()["images"] == ["roc"]
     assert {"auc", "auc_diameter"} <= set(accumulator.Tags()["scalars"])
     assert not list((tmp_path / "m").glob("val-predictions-*"))
+
+
+# -- the segmentation task ---------------------------------------------------------------------
+
+
+def test_dice_loss_per_sample():
+    mask = torch.zeros(3, 1, 4, 4)
+    mask[:, :, :2, :2] = 1  # 4 pixels
+    perfect, half, empty = mask[0].clone(), mask[1].clone(), torch.zeros(1, 4, 4)
+    half[:, 0, :2] = 0  # 2 of the 4 found
+    loss = dice_loss(torch.stack([perfect, half, empty]), mask)
+    assert loss.shape == (3,)
+    assert loss.tolist() == pytest.approx([0.0, 1 - (2 * 2 + 1) / (2 + 4 + 1), 1 - 1 / 5])
+    # A slice without mask costs only what is predicted there; the term inside the mask costs misses only.
+    assert dice_loss(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4)).item() == 0.0
+    everywhere = torch.ones(1, 1, 4, 4)
+    assert dice_loss(everywhere * mask[:1], mask[:1]).item() == 0.0  # false alarms do not count inside the mask
+    assert FN_WEIGHT == 8
+
+
+def test_overlay_colours_hits_misses_and_false_alarms():
+    hu = torch.full((2, 3), -1000.0)
+    mask = torch.tensor([[True, True, False], [False, False, False]])
+    predicted = torch.tensor([[True, False, True], [False, False, False]])
+    picture = overlay(hu, mask, predicted)
+    assert picture.shape == (2, 3, 3) and picture.min() >= 0 and picture.max() <= 1
+    assert picture[0, 0].tolist() == pytest.approx([0, 0.6, 0])  # found: green
+    assert picture[0, 1].tolist() == pytest.approx([0.6, 0, 0])  # missed: red
+    assert picture[0, 2].tolist() == pytest.approx([0.6, 0.6, 0])  # false alarm: yellow
+    assert picture[1, 0].tolist() == [0, 0, 0]  # air, nothing to show
+
+
+@pytest.mark.parametrize(("precision", "recall", "score"), [
+    (0.5, 0.9, 0.9), (0.3, 0.8, 0.8), (0.29, 0.99, 0.29 - 1), (float("nan"), float("nan"), -1.0)])
+def test_best_model_is_recall_at_the_precision_floor(precision, recall, score):
+    task = SegTask(argparse.Namespace(seg_precision_floor=0.3, augment=False, augment_flip=False,
+                                      augment_offset=False, augment_scale=False, augment_rotate=False,
+                                      augment_noise=False))
+    assert task.score({"pr/precision": precision, "pr/recall": recall}) == pytest.approx(score)

@@ -331,3 +331,85 @@ def test_damaged_shard_read_by_a_data_worker_is_one_line(shard_dir, tmp_path):
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and errors[0].split("error: ", 1)[1].startswith(f"{victim}: sample "), errors
     assert "the shard is damaged" in errors[0]
+
+
+# -- the segmentation task through the same loop -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def seg_two_rank_run(seg_shard_dir, tmp_path_factory) -> Path:
+    """One segmentation epoch on 2 CPU ranks with a data worker each: a few steps, augmented."""
+    out = tmp_path_factory.mktemp("seg_runs")
+    train(["--task", "seg", "--shards", str(seg_shard_dir), "--out", str(out), "--run-name", "r", "--epochs", "1",
+           "--max-steps", "2", "--batch-size", "8", "--num-workers", "1", "--augment",
+           "--metrics-json", str(out / "metrics.json")], processes=2)
+    return out / "r"
+
+
+def test_seg_validation_pixel_counts_identical_on_one_and_two_ranks(seg_shard_dir, seg_two_rank_run, tmp_path):
+    results, output = {}, {}
+    for processes in (1, 2):
+        out = tmp_path / f"m{processes}.json"
+        result = train(["--task", "seg", "--shards", str(seg_shard_dir), "--eval-only", "--checkpoint",
+                        str(seg_two_rank_run / "state"), "--out", str(tmp_path), "--run-name", f"eval{processes}",
+                        "--batch-size", "16", "--val-folds", "8", "9", "--metrics-json", str(out)],
+                       processes=processes)
+        results[processes], output[processes] = json.loads(out.read_text()), result.stderr
+    one, two = results[1], results[2]
+    folds = json.loads((seg_shard_dir / "manifest.json").read_text())["folds"]
+    assert one["count/all"] == folds["8"]["val_slices"] + folds["9"]["val_slices"]  # every slice once
+    assert one["count/tp"] + one["count/fn"] > 0
+    for key in ("count/all", "count/mask_slices", "count/tp", "count/fn", "count/fp"):
+        assert one[key] == two[key], key
+    assert abs(one["loss/all"] - two["loss/all"]) <= 1e-5
+    # The printed lines of the main process only.
+    for processes in (1, 2):
+        lines = [line.split("] ", 1)[1] for line in output[processes].splitlines() if "] E0 val" in line]
+        assert lines == [
+            f"E0 val      {one['loss/all']:.4f} loss, {one['pr/precision']:.4f} precision, "
+            f"{one['pr/recall']:.4f} recall, {one['pr/f1_score']:.4f} f1 score",
+            f"E0 val_px   {one['count/tp']} tp, {one['count/fn']} fn, {one['count/fp']} fp",
+        ], output[processes][-3000:]
+
+
+def test_seg_tensorboard_holds_pixel_scalars_and_fixed_slice_images(seg_two_rank_run):
+    metrics = json.loads((seg_two_rank_run.parent / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["samples_seen"] == 2 * 8 * 2
+    logs = {}
+    for mode in ("trn", "val"):
+        accumulator = EventAccumulator(str(seg_two_rank_run / mode), size_guidance={"images": 0})
+        accumulator.Reload()
+        logs[mode] = accumulator
+        assert {"loss/all", "pr/recall", "dice/per_slice"} <= set(accumulator.Tags()["scalars"]), mode
+    assert logs["trn"].Tags()["images"] == []
+    images = logs["val"].Tags()["images"]
+    assert sorted(images) == [f"slices/{n}" for n in range(4)]  # the slice of most mask of 4 validation CTs
+    image = logs["val"].Images("slices/0")[0]
+    assert image.step == 32 and (image.width, image.height) == (160, 160)
+
+
+def test_seg_resumed_training_equals_uninterrupted_training(seg_shard_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    common = ["--task", "seg", "--shards", str(seg_shard_dir), "--out", str(tmp_path), "--max-steps", "2",
+              "--batch-size", "4", "--augment", "--val-folds", "9"]
+    train([*common, "--run-name", "straight", "--epochs", "2"])
+    train([*common, "--run-name", "stopped", "--epochs", "1"])
+    after_one = load_file(tmp_path / "stopped" / "state" / "model.safetensors")
+    train([*common, "--run-name", "stopped", "--epochs", "2", "--resume"])
+    straight = load_file(tmp_path / "straight" / "state" / "model.safetensors")
+    resumed = load_file(tmp_path / "stopped" / "state" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    name = "unet.last.weight"
+    assert not torch.equal(after_one[name], resumed[name])  # epoch 2 trained
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_cls_run_refuses_seg_shards(seg_shard_dir, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "luna_dist.train", "--shards", str(seg_shard_dir),
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=RUN_TIMEOUT,
+                            env={**os.environ, "ACCELERATE_USE_CPU": "true"})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "shards built with --task seg, this run needs --task cls shards" in result.stderr
