@@ -1,4 +1,4 @@
-"""`python -m luna_dist.bench {shard,loader,train,evaluate,all}`: the project's speed claims, measured in one run.
+"""`python -m luna_dist.bench {shard,loader,train,seg,analyze,evaluate,all}`: the project's speed claims, measured in one run.
 
 - shard:  build time against the time of only reading the same CTs with SimpleITK.
 - loader: samples/s delivered as batched tensors from shards (0, 1, 2 workers) against
@@ -8,6 +8,9 @@
 - train:  end-to-end training samples/s (shards -> loss.backward -> step) against the
           pure-compute ceiling (same model and batch on tensors already on the device),
           layout and precision variants, and 1 against 2 CPU ranks.
+- seg:    the segmentation task: its shard build's bytes per training sample and per
+          validation slice, and UNet training end to end (shards -> device crop ->
+          loss.backward -> step) against the same steps on a batch already on the device.
 - analyze: `python -m luna_dist.analyze` on a few CTs: seconds per CT in segmentation,
           grouping and classification (one process), and 2 CPU ranks against 1 (wall
           time of the whole command, start-up included).
@@ -229,11 +232,12 @@ def bench_loader(data: Path, shards_dir: Path, workers: list[int], batch_size: i
 
 
 # -- train -----------------------------------------------------------------------------------------
-def _trainer(shards_dir: Path, out: Path, batch_size: int, steps: int, extra: list[str]):
+def _trainer(shards_dir: Path, out: Path, batch_size: int, steps: int, extra: list[str], task: str = "cls"):
     from luna_dist.train import Trainer, parse_args
 
-    last_fold = open_shard_set(shards_dir).folds[-1]  # a validation fold that exists, though no epoch validates
-    args = parse_args(["--shards", str(shards_dir), "--batch-size", str(batch_size), "--max-steps", str(steps),
+    last_fold = open_shard_set(shards_dir, task).folds[-1]  # a validation fold that exists, though no epoch validates
+    args = parse_args(["--task", task, "--shards", str(shards_dir), "--batch-size", str(batch_size),
+                       "--max-steps", str(steps),
                        "--out", str(out), "--run-name", f"bench-{batch_size}", "--balanced", "1",
                        "--val-folds", str(last_fold), *extra])
     return Trainer(args)
@@ -322,6 +326,58 @@ def _rank_rate(shards_dir: Path, out: Path, processes: int, batch_size: int, ste
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
     return json.loads(metrics.read_text())["train_samples_per_s"]  # the second epoch: warm
+
+
+# -- seg -------------------------------------------------------------------------------------------
+def bench_seg(data: Path, work: Path, workers: int, batch_size: int, steps: int, extra: list[str]) -> dict:
+    """Bytes per segmentation sample, and UNet training end to end against its compute ceiling."""
+    shards = work / "shards"
+    build(BuildOptions(data=data, out=shards, workers=workers, task="seg", progress=False))
+    manifest = json.loads((shards / "manifest.json").read_text())
+    size = {label: sum(s["bytes"] for s in manifest["shards"] if s["label"] == label) for label in ("pos", "neg", "val")}
+    counts = manifest["counts"]
+    rows, cols = read_ct(next(iter(find_series(data).values()))).hu.shape[1:]
+    result = {
+        "batch_size": batch_size, "steps": steps,
+        "bytes_per_training_sample": (size["pos"] + size["neg"]) / counts["samples"],
+        "bytes_per_validation_slice": size["val"] / counts["val_slices"],
+        "validation_slice_in_int16_slices": size["val"] / counts["val_slices"] / (rows * cols * 2),
+    }
+    trainer = _trainer(shards, work / "runs", batch_size, steps, extra, task="seg")
+    end_to_end(trainer, 0)  # warm-up epoch
+    result["end_to_end"] = end_to_end(trainer, 1)
+    result["ceiling"] = seg_ceiling(trainer, batch_size, steps)
+    result["ratio"] = result["end_to_end"] / result["ceiling"]
+    trainer.close()
+    return result
+
+
+def seg_ceiling(trainer, batch_size: int, steps: int) -> float:
+    """The training step of the seg task on one int16 batch already on the device: the model's own speed.
+
+    The step is the task's own forward (float conversion, 64 x 64 crop, layout, loss)
+    with the loop's backward and optimizer step: only the loading is left out.
+    """
+    from luna_dist.seg_samples import CROP, STACK
+
+    device = trainer.device
+    stacks = torch.randint(HU_MIN, HU_MAX, (batch_size, STACK, CROP, CROP), dtype=torch.int16, device=device)
+    masks = torch.rand(batch_size, 1, CROP, CROP, device=device) < 0.05
+    trainer.model.train()
+
+    def step():
+        loss, _ = trainer.task.forward(trainer.model, (stacks, masks), train=True)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.accelerator.backward(loss.mean())
+        trainer.optimizer.step()
+
+    step()  # warm-up
+    _synchronize(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _synchronize(device)
+    return steps * batch_size / (time.perf_counter() - started)
 
 
 # -- analyze ---------------------------------------------------------------------------------------
@@ -479,7 +535,7 @@ def plot(results: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m luna_dist.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["shard", "loader", "train", "analyze", "evaluate", "all"])
+    parser.add_argument("what", choices=["shard", "loader", "train", "seg", "analyze", "evaluate", "all"])
     parser.add_argument("--data", type=Path, help="LUNA16-format folder (default: make a synthetic one)")
     parser.add_argument("--shards", type=Path, help="shard folder for loader/train (default: build from --data)")
     parser.add_argument("--cts", type=int, default=10, help="synthetic CTs to make")
@@ -536,7 +592,7 @@ def run_data_benchmarks(args: argparse.Namespace, work: Path, results: dict) -> 
         if not (data / "candidates.csv").is_file():
             make_dataset(data, n_cts=args.cts, seed=0, shape=tuple(args.shape))
     shards = args.shards
-    if args.what in ("shard", "all") or (shards is None and args.what != "analyze"):
+    if args.what in ("shard", "all") or (shards is None and args.what not in ("seg", "analyze")):
         shard_out = work / "shards"
         if args.what in ("shard", "all"):
             results["shard"] = bench_shard(data, shard_out, args.workers)
@@ -550,6 +606,9 @@ def run_data_benchmarks(args: argparse.Namespace, work: Path, results: dict) -> 
         extra = ["--num-workers", str(args.train_workers)] if args.train_workers is not None else []
         results["train"] = bench_train(shards, work / "runs", args.batch_sizes, args.train_steps, args.ranks,
                                        args.variants, extra)
+    if args.what in ("seg", "all"):
+        extra = ["--num-workers", str(args.train_workers)] if args.train_workers is not None else []
+        results["seg"] = bench_seg(data, work / "seg", args.workers, args.batch_sizes[0], args.train_steps, extra)
     if args.what in ("analyze", "all"):
         results["analyze"] = bench_analyze(data, work / "analyze", args.analyze_cts, args.seg_model, args.cls_model,
                                            args.ranks)

@@ -134,3 +134,16 @@ def test_analyze_figures(tiny_work, capsys):
     assert set(analyze["cts_per_s"]) == {"1", "2"} and all(_positive(v) for v in analyze["cts_per_s"].values())
     assert _positive(analyze["2_vs_1"])
     assert "analyze.seconds_per_ct.segment" in table
+
+
+def test_seg_figures(tiny_work, capsys):
+    figures, table = run(tiny_work, "seg", ["--batch-sizes", "4", "--train-steps", "2"], capsys)
+    seg = figures["seg"]
+    assert set(seg) == {"batch_size", "steps", "bytes_per_training_sample", "bytes_per_validation_slice",
+                        "validation_slice_in_int16_slices", "end_to_end", "ceiling", "ratio"}
+    assert all(_positive(seg[key]) for key in seg)
+    # A training sample is its int16 stack, the mask bits, tar headers and JSON.
+    assert 7 * 96 * 96 * 2 + 96 * 12 < seg["bytes_per_training_sample"] < 7 * 96 * 96 * 2 + 96 * 12 + 4096
+    # A validation slice shares its context with the slab's other slices: far from 7 slices.
+    assert 1 < seg["validation_slice_in_int16_slices"] < 3
+    assert "seg.ratio" in table
