@@ -267,7 +267,12 @@ def compute_ceiling(device: torch.device, batch_size: int, steps: int, channels_
         loss.backward()
         optimizer.step()
 
-    step()  # warm-up: kernel selection, allocator
+    return _timed_steps(step, device, steps, batch_size)
+
+
+def _timed_steps(step, device: torch.device, steps: int, batch_size: int) -> float:
+    """Samples/s of `steps` calls of `step`, after one warm-up call (kernel selection, allocator)."""
+    step()
     _synchronize(device)
     started = time.perf_counter()
     for _ in range(steps):
@@ -371,13 +376,7 @@ def seg_ceiling(trainer, batch_size: int, steps: int) -> float:
         trainer.accelerator.backward(loss.mean())
         trainer.optimizer.step()
 
-    step()  # warm-up
-    _synchronize(device)
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _synchronize(device)
-    return steps * batch_size / (time.perf_counter() - started)
+    return _timed_steps(step, device, steps, batch_size)
 
 
 # -- analyze ---------------------------------------------------------------------------------------
