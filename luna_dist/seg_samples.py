@@ -49,8 +49,8 @@ VAL_BLOCK = 16
 """Slices without mask are validated in blocks of this many consecutive slices, so their context is shared."""
 SLAB_SLICES = 32
 """Validation slices per stored slab at most: bounds a sample at 38 slices of the CT."""
-TRAIN_SAMPLE_BYTES = STACK * CROP * CROP * 2 + CROP * CROP // 8 + 4 * 1024
-"""Upper bound of one training sample in a tar: stack, packed mask, headers and json."""
+TRAIN_SAMPLE_BYTES = STACK * CROP * CROP * 2 + CROP * CROP // 8 + 5 * 1024
+"""Upper bound of one training sample in a tar: stack, packed mask, headers, json and crc32.json."""
 
 
 def pack_mask(mask: np.ndarray) -> np.ndarray:

@@ -9,6 +9,16 @@ Validation: the shard list is split by node, then by worker, and read once, so e
 validation sample is scored by exactly one process. Ranks may get unequal numbers of
 batches; the training loop gathers with padding.
 
+A shard set is a folder or a URL (`--shards https://…/`, `s3://…/`, `gs://…/`, `pipe:…{name}`):
+remote shards are streamed through webdataset's gopen, or through its FileCache into a
+cache folder, and their size and sha256 are checked on the bytes read.
+
+Every shard is read through `checked_samples`: each sample's members must match their
+CRC-32 (`crc32.json`) and each shard must yield the samples its manifest entry counts
+(Python's tar reader takes a damaged header in mid-archive for the end of the file and
+stops silently). Either fault stops the run with the shard (and sample) named: a model
+trained or scored on garbage, or on silently fewer samples, is worse than a stopped run.
+
 Workers do as little per sample as possible: the raw `.npy` bytes are copied into
 one preallocated int16 batch (no np.load, no per-sample tensors); conversion to
 float and augmentation happen on the training device. Every stage is a module-level
@@ -22,11 +32,16 @@ context, batched while the slice size stays the same.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
+import os
 import random
+import re
+import shlex
 import tarfile
+import time
 import warnings
 from dataclasses import dataclass
 from functools import partial
@@ -36,10 +51,12 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 import webdataset as wds
+from webdataset.gopen import gopen, gopen_pipe, gopen_schemes
+from webdataset.cache import FileCache
 
 from luna_dist.ct import CHUNK_SHAPE
 from luna_dist.seg_samples import CROP, STACK, context_slices, unpack_mask
-from luna_dist.shard import FORMAT, FORMAT_VERSION, MANIFEST
+from luna_dist.shard import CHECKSUMS, FORMAT, FORMAT_VERSION, MANIFEST, member_checksums, sha256_file
 
 _NPY_HEADER_CACHE: dict[tuple, int] = {}
 
@@ -48,34 +65,99 @@ class ShardSetError(Exception):
     """A shard folder that training must not use; the message says why and what to do."""
 
 
+def is_remote(location: str | Path) -> bool:
+    """A URL that webdataset's gopen opens (http(s)://, pipe:, s3://, gs://, ...) rather than a local folder."""
+    return isinstance(location, str) and re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+:", location) is not None
+
+
+def shard_location(root: str | Path, name: str) -> str:
+    """Where file `name` of a shard set lies: a path, a URL under the set's URL, or its `pipe:` command."""
+    if not is_remote(root):
+        return str(Path(root) / name)
+    if root.startswith("pipe:"):
+        if "{name}" not in root:
+            raise ShardSetError(f"{root}: a pipe: shard set needs {{name}} where each file's name goes, "
+                                "e.g. 'pipe:ssh node0 cat /data/shards/{name}'")
+        return root.replace("{name}", name)
+    return f"{root.rstrip('/')}/{name}"
+
+
+def _open_s3(url: str, mode: str = "rb", bufsize: int = 8192):
+    """s3://bucket/key through the AWS command-line tool, as webdataset's gopen does gs:// with gsutil."""
+    return gopen_pipe(f"pipe:aws s3 cp {shlex.quote(url)} -", mode, bufsize)
+
+
+gopen_schemes.setdefault("s3", _open_s3)
+
+
 @dataclass
 class ShardSet:
-    """A checked shard folder: its manifest and the shards of each fold and class."""
+    """A checked shard set, in a folder or behind a URL: its manifest and the shards of each fold and class.
 
-    root: Path
+    `cache_dir`: remote shards are copied there (webdataset's FileCache) and read from the copy.
+    """
+
+    root: Path | str
     manifest: dict
+    cache_dir: str | None = None
 
     def _select(self, folds: Iterable[int], label: str) -> list[dict]:
         folds = set(folds)
         return [s for s in self.manifest["shards"] if s["fold"] in folds and s["label"] == label]
 
     def shards(self, folds: Iterable[int], label: str) -> list[str]:
-        return [str(self.root / s["name"]) for s in self._select(folds, label)]
+        return [shard_location(self.root, s["name"]) for s in self._select(folds, label)]
 
     def count(self, folds: Iterable[int], label: str) -> int:
         return sum(s["samples"] for s in self._select(folds, label))
+
+    @property
+    def source(self) -> ShardSource:
+        """What the readers need to open and check each shard; pickles for spawn workers."""
+        entries = {shard_location(self.root, s["name"]): (s["samples"], s["bytes"], s["sha256"])
+                   for s in self.manifest["shards"]}
+        return ShardSource(entries, is_remote(self.root), self.cache_dir)
+
+    def verify(self) -> tuple[list[str], float]:
+        """sha256 of every shard (read or streamed whole) against the manifest: the problems found, and the seconds."""
+        started = time.perf_counter()
+        problems = []
+        source = self.source
+        for location in sorted(source.entries):
+            try:
+                with source.open(location, checked=True) as stream:
+                    stream.raw.check()
+            except ShardSetError as err:
+                problems.append(str(err))
+            except OSError as err:
+                problems.append(f"{location}: unreadable ({err})")
+        return problems, time.perf_counter() - started
 
     @property
     def folds(self) -> list[int]:
         return sorted(int(k) for k in self.manifest["folds"])
 
 
-def open_shard_set(root: Path, task: str = "cls") -> ShardSet:
-    """Read and check `manifest.json`: format, task, sample layout, and every shard's presence and size."""
-    root = Path(root)
-    path = root / MANIFEST
+def _read_manifest(root: Path | str) -> dict:
+    if not is_remote(root):
+        return json.loads((Path(root) / MANIFEST).read_text())
     try:
-        manifest = json.loads(path.read_text())
+        with gopen(shard_location(root, MANIFEST)) as stream:
+            return json.loads(stream.read())
+    except OSError as err:  # curl, gsutil or the pipe's command failed: no such file there
+        raise FileNotFoundError(str(err)) from None
+
+
+def open_shard_set(root: Path | str, task: str = "cls", cache_dir: str | Path | None = None) -> ShardSet:
+    """Read and check `manifest.json`: format, task, sample layout, and every shard's presence and size.
+
+    `root` is a folder or a URL (`is_remote`); behind a URL, each shard's size and sha256 are
+    checked on the bytes streamed instead, as they are read.
+    """
+    root = root if is_remote(root) else Path(root)
+    path = shard_location(root, MANIFEST)
+    try:
+        manifest = _read_manifest(root)
     except FileNotFoundError:
         raise ShardSetError(f"{path} not found: is {root} a finished shard build? "
                             f"Run `python -m luna_dist.shard --data DIR --out {root}` (again) to finish it.") from None
@@ -102,7 +184,7 @@ def open_shard_set(root: Path, task: str = "cls") -> ShardSet:
                                 f"{sample.get('dtype')}, expected {STACK} of {[CROP, CROP]} int16; rebuild the shards")
     _check_fields(path, manifest)
     problems = []
-    for shard in manifest["shards"]:
+    for shard in [] if is_remote(root) else manifest["shards"]:
         file = root / shard["name"]
         if not file.is_file():
             problems.append(f"{file}: missing")
@@ -115,7 +197,7 @@ def open_shard_set(root: Path, task: str = "cls") -> ShardSet:
         warnings.warn(f"{root}: {len(manifest['failed'])} CT(s) failed to shard and are left out "
                       f"(e.g. {manifest['failed'][0]['path']}); fix them and rerun the shard build to add them",
                       stacklevel=2)
-    return ShardSet(root, manifest)
+    return ShardSet(root, manifest, None if cache_dir is None else str(cache_dir))
 
 
 _MANIFEST_FIELDS = ("folds", "shards", "failed")
@@ -133,10 +215,13 @@ def _check_fields(path: Path, manifest: dict) -> None:
             raise ShardSetError(f"{path}: shard entry {n} has no {', '.join(missing)} (damaged?); rebuild the shards")
 
 
+_REBUILD = "rebuild the shards with `python -m luna_dist.shard ... --overwrite`"
+
+
 def _damaged(sample: dict, problem: str) -> ShardSetError:
     """A reader error names the shard and the sample."""
     return ShardSetError(f"{sample.get('__url__', 'unknown shard')}: sample {sample.get('__key__')}: {problem}; "
-                         "the shard is damaged: rebuild the shards with `python -m luna_dist.shard ... --overwrite`")
+                         f"the shard is damaged: {_REBUILD}")
 
 
 def _require(samples: list[dict], *fields: str) -> None:
@@ -171,6 +256,136 @@ def _copy_payloads(samples: list[dict], name: str, out: np.ndarray, shape: tuple
         if len(sample[name]) - offset != flat[n].nbytes:
             raise _damaged(sample, f"{name} holds {len(sample[name]) - offset} bytes of data, expected {flat[n].nbytes}")
         flat[n] = np.frombuffer(sample[name], dtype=out.dtype, offset=offset)
+
+
+def _check_sample(sample: dict) -> None:
+    """Every member's CRC-32 against the sample's own `crc32.json`."""
+    if CHECKSUMS not in sample:
+        members = sorted(name for name in sample if not name.startswith("__"))
+        raise _damaged(sample, f"no {CHECKSUMS} (cut short? it holds only {', '.join(members) or 'nothing'})")
+    try:
+        stored = json.loads(sample[CHECKSUMS])
+    except ValueError:
+        raise _damaged(sample, f"{CHECKSUMS} unreadable") from None
+    if stored != (computed := member_checksums(sample)):
+        missing = [name for name in stored if name not in sample]
+        if missing:
+            raise _damaged(sample, f"no {' and no '.join(missing)}")
+        changed = [name for name in stored if stored[name] != computed[name]] or sorted(set(computed) - set(stored))
+        raise _damaged(sample, f"{', '.join(changed)} does not match its CRC-32 (changed in place)")
+
+
+class _CheckedStream(io.RawIOBase):
+    """A shard's byte stream that hashes what passes; `close` drains it and compares size and sha256."""
+
+    def __init__(self, location: str, stream, size: int, sha256: str):
+        self.location, self._stream, self._size, self._sha256 = location, stream, size, sha256
+        self._digest, self._read = hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self._stream.read(len(buffer))
+        buffer[: len(data)] = data
+        self._digest.update(data)
+        self._read += len(data)
+        return len(data)
+
+    def check(self) -> None:
+        """Read to the end (tar readers stop at the end-of-archive blocks) and compare with the manifest."""
+        while self.read(1 << 20):
+            pass
+        if (self._read, self._digest.hexdigest()) != (self._size, self._sha256):
+            raise ShardSetError(f"{self.location}: {self._read} bytes streamed with sha256 {self._digest.hexdigest()[:12]}…, "
+                                f"the manifest says {self._size} bytes, {self._sha256[:12]}…: {_REBUILD}, or fix "
+                                "the copy it is served from")
+
+    def close(self) -> None:
+        self._stream.close()
+        super().close()
+
+
+@dataclass(frozen=True)
+class ShardSource:
+    """How readers open the shards of a set and what they expect of each: (samples, bytes, sha256) by location."""
+
+    entries: dict[str, tuple[int, int, str]]
+    remote: bool
+    cache_dir: str | None = None
+
+    def open(self, location: str, checked: bool = False) -> io.BufferedReader:
+        """A local shard as a file; a remote one streamed (or from the cache) and, as with `checked`,
+        hashed on the way: `.raw.check()` at its end compares size and sha256 with the manifest."""
+        samples, size, sha256 = self.entries[location]
+        if not self.remote and not checked:
+            return open(location, "rb")
+        if not self.remote:
+            stream = open(location, "rb")
+        elif self.cache_dir is None:
+            stream = gopen(location)
+        else:
+            cache = FileCache(self.cache_dir, url_to_name=partial(_cache_name, sha256=sha256),
+                              validator=partial(_is_intact, size=size, sha256=sha256))
+            copy = Path(self.cache_dir) / _cache_name(location, sha256)
+            if copy.is_file() and not _checked_copy(copy, size, sha256):
+                copy.unlink()  # damaged since it was downloaded: fetch it again
+            try:
+                stream = open(cache.get_file(location), "rb")
+            except ValueError:  # the download differs from the manifest: FileCache removed it
+                raise ShardSetError(f"{location}: the downloaded copy differs from the manifest (size or sha256): "
+                                    f"{_REBUILD}, or fix the copy it is served from") from None
+        return io.BufferedReader(_CheckedStream(location, stream, size, sha256), 1 << 20)
+
+
+def _cache_name(url: str, sha256: str) -> str:
+    """A shard's name in the cache: its content's hash first, so two sets never share a stale copy."""
+    return f"{sha256[:16]}-{url.rsplit('/', 1)[-1]}"
+
+
+def _is_intact(path: str, size: int, sha256: str) -> bool:
+    return os.path.getsize(path) == size and sha256_file(Path(path)) == sha256
+
+
+_CHECKED_COPIES: set[tuple[str, int]] = set()  # (path, mtime) of cached copies this process has hashed
+
+
+def _checked_copy(path: Path, size: int, sha256: str) -> bool:
+    """A cached copy is hashed before its first use in a process (and after any change); reads hash it again."""
+    stamp = (str(path), path.stat().st_mtime_ns)
+    if stamp not in _CHECKED_COPIES:
+        if not _is_intact(str(path), size, sha256):
+            return False
+        _CHECKED_COPIES.add(stamp)
+    return True
+
+
+def checked_samples(shards: Iterator[dict], source: ShardSource) -> Iterator[dict]:
+    """Pipeline stage replacing `wds.tarfile_to_samples`: samples of each shard, checked.
+
+    Raises ShardSetError naming the shard when a sample's bytes differ from its
+    checksums, when the tar cannot be read, when the shard ends before (or after) the
+    number of samples its manifest entry holds, or when the bytes streamed from a URL
+    differ from the manifest's size and sha256.
+    """
+    for shard in shards:
+        url, read = shard["url"], 0
+        expected = source.entries[url][0]
+        try:
+            with source.open(url) as stream:
+                files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}])
+                for sample in wds.tariterators.group_by_keys(files):
+                    _check_sample(sample)
+                    read += 1
+                    yield sample
+                if source.remote:
+                    stream.raw.check()
+        except (tarfile.TarError, OSError, ValueError) as err:
+            raise ShardSetError(f"{url}: unreadable after {read} samples ({err}); the shard is damaged: "
+                                f"{_REBUILD}") from None
+        if read != expected:
+            raise ShardSetError(f"{url}: {read} samples read, its manifest entry says {expected}: the shard is "
+                                f"damaged (a broken tar header ends it early): {_REBUILD}")
 
 
 def collate(samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,11 +478,11 @@ def shuffled(samples: Iterator[dict], buffer: int, seed: int) -> Iterator[dict]:
     yield from wds.shuffle(buffer, initial=buffer, rng=rng)(samples)
 
 
-def _class_stream(urls: list[str], seed: int, buffer: int, *select) -> wds.DataPipeline:
+def _class_stream(urls: list[str], source: ShardSource, seed: int, buffer: int, *select) -> wds.DataPipeline:
     """Endless shuffled samples of some shards; `select` stages (filters) run before the shuffle."""
     return wds.DataPipeline(
         wds.ResampledShards(urls, seed=seed, deterministic=True),
-        wds.tarfile_to_samples(),
+        partial(checked_samples, source=source),
         *select,
         partial(shuffled, buffer=buffer, seed=seed),
     )
@@ -299,8 +514,8 @@ def train_pipeline(shards: ShardSet, config: TrainStreamConfig, epoch: int, coll
         probs = [shards.count(config.folds, "pos"), shards.count(config.folds, "neg")]
     seed = wds.utils.make_seed(config.seed, epoch)
     mixed = wds.RandomMix(
-        [_class_stream(pos, wds.utils.make_seed(seed, 1), max(1, config.shuffle_buffer // 10)),
-         _class_stream(neg, wds.utils.make_seed(seed, 0), config.shuffle_buffer)],
+        [_class_stream(pos, shards.source, wds.utils.make_seed(seed, 1), max(1, config.shuffle_buffer // 10)),
+         _class_stream(neg, shards.source, wds.utils.make_seed(seed, 0), config.shuffle_buffer)],
         probs=probs,
     )
     workers = max(1, config.num_workers)
@@ -320,9 +535,9 @@ def malignancy_counts(shards: ShardSet, folds: Iterable[int]) -> dict[str, int]:
     """Nodule samples of `folds` by label: {"malignant", "benign", "unknown"}; reads only the JSON members."""
     counts = {"malignant": 0, "benign": 0, "unknown": 0}
     for url in shards.shards(folds, "pos"):
-        with tarfile.open(url) as tar:
+        with shards.source.open(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for member in tar:
-                if member.name.endswith(".json"):
+                if member.name.split(".", 1)[-1] == "json":  # not crc32.json
                     malignant = json.load(tar.extractfile(member))["is_malignant"]
                     counts[{True: "malignant", False: "benign", None: "unknown"}[malignant]] += 1
     return counts
@@ -362,7 +577,7 @@ def malignancy_train_loader(shards: ShardSet, config: TrainStreamConfig, mix: tu
         (mix[2], neg, 0, [], config.shuffle_buffer),
     ):
         if ratio > 0:
-            streams.append(_class_stream(urls, wds.utils.make_seed(seed, salt), buffer, *select))
+            streams.append(_class_stream(urls, shards.source, wds.utils.make_seed(seed, salt), buffer, *select))
             probs.append(ratio)
     mixed = wds.RandomMix(streams, probs=probs)
     per_worker = math.ceil(config.steps / max(1, config.num_workers))
@@ -392,7 +607,7 @@ def val_pipeline(shards: ShardSet, folds: Iterable[int], batch_size: int, labels
         wds.SimpleShardList(urls),
         wds.split_by_node,
         wds.split_by_worker,
-        wds.tarfile_to_samples(),
+        partial(checked_samples, source=shards.source),
         partial(batcher, batch_size=batch_size),
     )
 

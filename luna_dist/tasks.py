@@ -114,6 +114,10 @@ class Task:
         """This rank's share of the validation samples: each sample once over all ranks and workers."""
         raise NotImplementedError
 
+    def val_records(self, shards: ShardSet, val_folds: list[int]) -> int | None:
+        """How many records validation gathers from all ranks, by the manifest; None where it cannot tell."""
+        return None
+
     def forward(self, model: nn.Module, batch, train: bool) -> tuple[Tensor, Tensor]:
         """(loss per sample (N,), records (N, len(record_columns)) float32) for one host batch."""
         raise NotImplementedError
@@ -197,6 +201,9 @@ class ClsTask(Task):
         series_index = {uid: n for n, uid in enumerate(self.evaluation[0])}
         return val_loader(shards, val_folds, self.args.batch_size, num_workers, pin_memory,
                           batcher=partial(batched, collate=partial(collate_located, series_index=series_index)))
+
+    def val_records(self, shards, val_folds):
+        return shards.count(val_folds, "pos") + shards.count(val_folds, "neg")  # one record per sample
 
     def _to_input(self, chunks: Tensor, train: bool) -> Tensor:
         """int16 chunks on the host -> float32 HU on the device, augmented there when training."""
@@ -361,6 +368,9 @@ class MalignancyTask(ClsTask):
     def val_loader(self, shards, val_folds, num_workers, pin_memory):
         return val_loader(shards, val_folds, self.args.batch_size, num_workers, pin_memory, labels=("pos",),
                           batcher=partial(batched, collate=collate_malignancy))
+
+    def val_records(self, shards, val_folds):
+        return shards.count(val_folds, "pos")  # one record per nodule sample, labelled or not
 
     def forward(self, model, batch, train):
         chunks, labels, info = batch

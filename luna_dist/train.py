@@ -23,17 +23,19 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
+import socket
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -48,7 +50,11 @@ log = get_logger("luna_dist.train")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="launch/train.py", description="Train a LUNA16 model on a shard set.")
     parser.add_argument("--task", choices=sorted(TASKS), default="cls", help="what to train (default: cls, the nodule classifier)")
-    parser.add_argument("--shards", type=Path, required=True, help="shard folder built by python -m luna_dist.shard")
+    parser.add_argument("--shards", required=True,
+                        help="shard set built by python -m luna_dist.shard: a folder, or a URL (http(s)://…/, "
+                             "s3://…/, gs://…/, or 'pipe:CMD' with {name} for the file name)")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="keep a checked copy of each shard streamed from a URL here, and read it from there")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32, help="per process")
     parser.add_argument("--num-workers", type=int, default=None,
@@ -73,6 +79,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="model weights to start from or to evaluate: a best.pt or a run's state/ folder")
     parser.add_argument("--eval-only", action="store_true", help="validate the resumed or given checkpoint; no training")
     parser.add_argument("--metrics-json", type=Path, default=None, help="also write the last validation metrics here")
+    parser.add_argument("--verify", action="store_true",
+                        help="check every shard's sha256 against the manifest before training (reads all shards once)")
+    parser.add_argument("--dist-timeout", type=float, default=300, metavar="SECONDS",
+                        help="how long a process waits for the others in a collective before it fails: "
+                             "a dead or frozen node stops the run within this (default: 300)")
     parser.add_argument("--max-steps", type=int, default=None, help="cap training steps per epoch (quick checks)")
     parser.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
                         help="channels-last memory layout (auto: on except on MPS)")
@@ -132,6 +143,12 @@ def default_workers(device: torch.device, local_processes: int) -> int:
     return 0
 
 
+# How a collective fails when another process died (its sockets closed) or froze (the timeout).
+_LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting", "Broken pipe",
+              "Application timeout caused pair closure",
+              "NCCL communicator was aborted", "Watchdog caught collective operation timeout")
+
+
 class CheckpointError(Exception):
     """A checkpoint could not be written; the previous one is intact and the message says so."""
 
@@ -139,7 +156,10 @@ class CheckpointError(Exception):
 class Trainer:
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.accelerator = accelerator = Accelerator()
+        # A node that dies or freezes leaves the others waiting in a collective: fail after
+        # --dist-timeout rather than torch's default of 30 minutes (gloo).
+        timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=args.dist_timeout))
+        self.accelerator = accelerator = Accelerator(kwargs_handlers=[timeout])
         # Each rank its own random streams (augmentation, class mixing); prepare() makes
         # every rank start from rank 0's initial weights.
         set_seed(args.seed, device_specific=True)
@@ -148,7 +168,10 @@ class Trainer:
         task.setup(accelerator)
         self.channels_last = task.channels_last
         self.shards = task.open_shards(args.shards)
+        self.shards.cache_dir = None if args.cache_dir is None else str(args.cache_dir)
         self.val_folds = sorted(set(args.val_folds))
+        if args.verify:
+            self._verify_shards()
         self.train_folds = [f for f in self.shards.folds if f not in self.val_folds]
         if not self.train_folds and not args.eval_only:
             raise ShardSetError(f"{args.shards}: every fold is a validation fold ({self.val_folds}); nothing to train on")
@@ -166,6 +189,8 @@ class Trainer:
         self.train_rate = math.nan  # samples/s of the last training epoch, all ranks
         accelerator.register_for_checkpointing(self.progress)
 
+        # Who is who, for the message when a process dies: every rank knows every rank's host and pid.
+        self.processes = gather_object([f"{socket.gethostname()}, pid {os.getpid()}"])
         self.run_dir = self._run_dir()
         if args.resume:
             state = self.run_dir / "state"
@@ -181,6 +206,59 @@ class Trainer:
             purge = self.progress.samples_seen + 1 if args.resume else None
             self.writers = {mode: SummaryWriter(str(self.run_dir / mode), purge_step=purge) for mode in ("trn", "val")}
             (self.run_dir / "args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=1))
+
+    def _verify_shards(self) -> None:
+        """Hash every shard once per machine (each may hold its own copy); any mismatch stops every rank."""
+        accelerator = self.accelerator
+        problems, seconds = self.shards.verify() if accelerator.is_local_main_process else ([], 0.0)
+        if accelerator.is_local_main_process and not problems:
+            total = sum(s["bytes"] for s in self.shards.manifest["shards"])
+            log.info(f"--verify: {len(self.shards.manifest['shards'])} shards, {total / 1e9:.2f} GB, match their "
+                     f"sha256 ({seconds:.1f} s, {total / 1e6 / max(seconds, 1e-9):,.0f} MB/s)", main_process_only=False)
+        if accelerator.gather(torch.tensor([len(problems)], device=self.device)).any():
+            raise ShardSetError("--verify: " + ("\n  ".join(problems) if problems else
+                                                "another machine found shards that differ from the manifest"))
+
+    def lost_peers(self, error: BaseException) -> str | None:
+        """If `error` is a collective that failed because another process died or froze: who, and how to go on."""
+        accelerator = self.accelerator
+        if accelerator.num_processes == 1 or not any(text in str(error) for text in _LOST_PEER):
+            return None
+        # "[gloo/.../pair.cc:553] Connection closed by peer [127.0.0.1]:30084. This is typically ..." -> the fact.
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip().splitlines()[-1]).split(". ")[0]
+        if self.progress.epoch and (self.run_dir / "state").is_dir():
+            resume = (f"run the same command on every node with --resume --run-name {self.run_dir.name}: it continues "
+                      f"after epoch {self.progress.epoch}, the state in {self.run_dir / 'state'}")
+        else:
+            resume = "no epoch was saved yet: run the same command again on every node"
+        return (f"rank {accelerator.process_index} of {accelerator.num_processes} lost the others in epoch "
+                f"{self.progress.epoch + 1}: {self._silent_ranks()} ({reason}). Every process stops; when the nodes "
+                f"are back, {resume}")
+
+    def _silent_ranks(self) -> str:
+        """Ask the launcher's rendezvous store who still answers: each survivor checks in, the silent are named.
+
+        The store lives with the launcher of node 0 (MASTER_ADDR:MASTER_PORT); when it is gone
+        too, node 0 is what died.
+        """
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", 29500))
+        wait = min(10.0, self.args.dist_timeout)
+        try:
+            store = torch.distributed.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=wait))
+            store.set(f"luna_dist/alive/{rank}", "1")
+            deadline = time.monotonic() + wait
+            while (silent := [r for r in range(world) if not store.check([f"luna_dist/alive/{r}"])]) and \
+                    time.monotonic() < deadline:
+                time.sleep(0.2)
+        except (RuntimeError, OSError):
+            node0 = range(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+            silent = [r for r in node0 if r != rank]
+            return (f"node 0, which holds the rendezvous at {host}:{port}, is unreachable "
+                    f"(rank(s) {', '.join(f'{r} on {self.processes[r]}' for r in silent)})")
+        if not silent:
+            return "every process checked in afterwards (a network fault?)"
+        return f"rank(s) {', '.join(f'{r} on {self.processes[r]}' for r in silent)} stopped answering"
 
     def _run_dir(self) -> Path:
         args = self.args
@@ -211,15 +289,14 @@ class Trainer:
         # batch leaves empty keep -1 in column 0 and are dropped after the gather.
         record = torch.full((steps, args.batch_size, len(task.record_columns)), -1.0, device=self.device)
         self.model.train()
-        bar = self._bar(steps * args.batch_size * world, f"E{epoch} training")
-        for step, batch in enumerate(loader):
-            loss, rows = task.forward(self.model, batch, train=True)
-            self.optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss.mean())
-            self.optimizer.step()
-            record[step, : rows.shape[0]] = rows
-            bar.update(args.batch_size * world)
-        bar.close()
+        with self._bar(steps * args.batch_size * world, f"E{epoch} training") as bar:
+            for step, batch in enumerate(loader):
+                loss, rows = task.forward(self.model, batch, train=True)
+                self.optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(loss.mean())
+                self.optimizer.step()
+                record[step, : rows.shape[0]] = rows
+                bar.update(args.batch_size * world)
         if step + 1 != steps:
             raise RuntimeError(f"training stream gave {step + 1} batches, expected {steps}")
         self.progress.samples_seen += steps * args.batch_size * world
@@ -235,17 +312,21 @@ class Trainer:
         model = accelerator.unwrap_model(self.model)
         model.eval()
         rows = []
-        bar = self._bar(None, f"E{epoch} validation")
-        for batch in loader:
-            _, records = task.forward(model, batch, train=False)
-            rows.append(records)
-            bar.update(records.shape[0] * accelerator.num_processes)
-        bar.close()
+        with self._bar(None, f"E{epoch} validation") as bar:  # closed on an error too: its message starts a line
+            for batch in loader:
+                _, records = task.forward(model, batch, train=False)
+                rows.append(records)
+                bar.update(records.shape[0] * accelerator.num_processes)
         local = torch.cat(rows) if rows else torch.empty(0, len(task.record_columns), device=self.device)
         # Ranks hold different counts: pad with -1 to the longest, gather, drop the padding.
         padded = accelerator.pad_across_processes(local, dim=0, pad_index=-1)
         gathered = accelerator.gather(padded)
         gathered = gathered[gathered[:, 0] >= 0]
+        # The readers check each shard's count; this catches a shard no rank read at all.
+        expected = task.val_records(self.shards, self.val_folds)
+        if expected is not None and gathered.shape[0] != expected:
+            raise ShardSetError(f"{self.shards.root}: validation read {gathered.shape[0]:,} samples of folds "
+                                f"{self.val_folds}, the manifest counts {expected:,}; the metrics would be wrong")
         return task.compute_metrics(gathered), gathered
 
     def _bar(self, total: int | None, desc: str) -> tqdm:
@@ -392,6 +473,11 @@ def main(argv: list[str] | None = None) -> int:
         trainer.run()
     except (ShardSetError, FileNotFoundError, CheckpointError) as err:
         print(f"error: {own_line(err)}", file=sys.stderr)
+        return 1
+    except RuntimeError as err:
+        if trainer is None or (message := trainer.lost_peers(err)) is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 1
     finally:
         if trainer is not None:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -97,3 +100,29 @@ def kill_build_after(command: list[str], done_dir: Path, journaled: int, log: Pa
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=60)
     return finished_first, process.returncode
+
+
+@pytest.fixture
+def served(tmp_path):
+    """(folder, URL): an empty folder the test fills, served on 127.0.0.1 by `python -m http.server`, stopped after."""
+    www = tmp_path / "www"
+    www.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
+                               str(www)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "http.server did not start"
+                time.sleep(0.1)
+        yield www, url
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

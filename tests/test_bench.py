@@ -47,8 +47,8 @@ def test_shard_figures(tiny_work, capsys):
     for cache in ("cold", "warm"):
         assert set(shard[cache]) == SHARD_TIMED_FIELDS
         assert all(_positive(v) for v in shard[cache].values())
-    # A sample on disk is the int16 chunk plus tar headers and JSON.
-    assert 32 * 48 * 48 * 2 < shard["bytes_per_sample"] < 32 * 48 * 48 * 2 + 4096
+    # A sample on disk is the int16 chunk plus tar headers, JSON and checksums.
+    assert 32 * 48 * 48 * 2 < shard["bytes_per_sample"] < 32 * 48 * 48 * 2 + 5 * 1024
     assert "shard.cold.build_to_read_ratio" in table
 
 

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import zlib
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -109,7 +110,8 @@ def read_samples(out: Path) -> dict[str, dict]:
     samples = {}
     for path in shard_files(out):
         for key, sample in iter_tar(path):
-            assert set(sample) == {"chunk.npy", "cls", "json"}, f"{path}: {key} has {sorted(sample)}"
+            assert set(sample) == {"chunk.npy", "cls", "json", "crc32.json"}, f"{path}: {key} has {sorted(sample)}"
+            assert json.loads(sample["crc32.json"]) == {name: zlib.crc32(sample[name]) for name in ("chunk.npy", "cls", "json")}
             assert key not in samples, f"{key} in {path.name} and {samples.get(key, {}).get('shard')}"
             samples[key] = {
                 "shard": path.name,
@@ -148,7 +150,7 @@ def tar_is_complete(path: Path) -> None:
         f.seek(size - 1024)
         assert f.read() == b"\0" * 1024, f"{path}: no end-of-archive marker"
     for key, sample in iter_tar(path):
-        assert set(sample) == {"chunk.npy", "cls", "json"}, f"{path}: {key}"
+        assert set(sample) == {"chunk.npy", "cls", "json", "crc32.json"}, f"{path}: {key}"
         assert np.load(io.BytesIO(sample["chunk.npy"])).shape == CHUNK_SHAPE
         json.loads(sample["json"])
 

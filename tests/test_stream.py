@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import re
 import shutil
 import tarfile
 from collections import Counter
@@ -210,7 +211,7 @@ def _zero_middle(file, members) -> str:
     return member.name.split(".")[0]
 
 
-@pytest.mark.parametrize("damage, problem", [(_zero_magic, "chunk.npy unreadable"), (_zero_middle, "no cls")])
+@pytest.mark.parametrize("damage, problem", [(_zero_magic, "chunk.npy does not match its CRC-32"), (_zero_middle, "no crc32.json (cut short? it holds only chunk.npy)")])
 def test_damaged_shard_names_the_shard_and_the_sample(shard_dir, tmp_path, damage, problem):
     shards, victim, key = _damaged_copy(shard_dir, tmp_path, damage)
     with pytest.raises(ShardSetError) as err:
@@ -227,3 +228,121 @@ def test_damaged_segmentation_slab_names_the_shard_and_the_slab(slab, problem):
     with pytest.raises(ShardSetError) as err:
         list(batched_slices(iter([{"__url__": "fold9-val-000000.tar", "__key__": "uid_3", **slab}]), batch_size=4))
     assert str(err.value).startswith(f"fold9-val-000000.tar: sample uid_3: {problem}")
+
+
+def _random_header(file, members) -> str:
+    """512 random bytes over a tar header in mid-archive: Python's tarfile takes it for the end of the archive."""
+    member = members[len(members) // 2]
+    file.seek(member.offset)
+    file.write(np.random.default_rng(0).bytes(512))
+    return member.name.split(".")[0]
+
+
+def _random_payload(file, members) -> str:
+    """8 KB of random bytes inside a chunk: every sample still reads, one holds garbage."""
+    member = next(m for m in members[len(members) // 2:] if m.name.endswith(".chunk.npy"))
+    file.seek(member.offset_data + 1024)
+    file.write(np.random.default_rng(0).bytes(8192))
+    return member.name.split(".")[0]
+
+
+@pytest.mark.parametrize("damage", [_random_header, _random_payload])
+def test_damage_in_place_keeps_the_size_and_stops_validation(shard_dir, tmp_path, damage):
+    shards, victim, key = _damaged_copy(shard_dir, tmp_path, damage)
+    entry = next(s for s in shards.manifest["shards"] if s["name"] == victim.name)
+    assert victim.stat().st_size == entry["bytes"]  # the manifest's size check still passes
+    with pytest.raises(ShardSetError) as err:
+        list(val_pipeline(shards, [9], batch_size=16))
+    if damage is _random_header:
+        assert re.match(rf"{re.escape(str(victim))}: \d+ samples read, its manifest entry says {entry['samples']}",
+                        str(err.value)), err.value
+    else:
+        assert str(err.value).startswith(f"{victim}: sample {key}: chunk.npy does not match its CRC-32")
+
+
+@pytest.mark.parametrize("damage", [_random_header, _random_payload])
+def test_damaged_shard_stops_training_naming_it(shard_dir, tmp_path, damage):
+    """The training stream resamples shards: it must meet the damaged one and fail, not train on it."""
+    shards, victim, _ = _damaged_copy(shard_dir, tmp_path, damage)
+    config = TrainStreamConfig(folds=(9,), batch_size=16, steps=200, num_workers=0, neg_per_pos=0, shuffle_buffer=10)
+    with pytest.raises(ShardSetError) as err:
+        list(train_pipeline(shards, config, epoch=0))
+    assert str(err.value).startswith(str(victim))
+
+
+def test_verify_names_the_shard_whose_sha256_differs(shard_dir, tmp_path):
+    assert open_shard_set(shard_dir).verify()[0] == []
+    shards, victim, _ = _damaged_copy(shard_dir, tmp_path, _random_payload)
+    problems, seconds = shards.verify()
+    assert len(problems) == 1 and problems[0].startswith(f"{victim}: {victim.stat().st_size} bytes streamed with sha256 ")
+    assert "the manifest says" in problems[0] and seconds > 0
+
+
+# -- shard sets behind a URL ------------------------------------------------------------------------
+def _serve_copy(shard_dir, www) -> Path:
+    shutil.copytree(shard_dir, www / "shards")
+    return www / "shards"
+
+
+def test_shards_over_http_read_like_the_folder(shard_dir, served, tmp_path):
+    www, url = served
+    _serve_copy(shard_dir, www)
+    local, remote = open_shard_set(shard_dir), open_shard_set(f"{url}/shards/")
+    assert remote.manifest == local.manifest
+    assert remote.shards([9], "neg") == [f"{url}/shards/{Path(p).name}" for p in local.shards([9], "neg")]
+    keys = {}
+    for name, shards in (("local", local), ("http", remote)):
+        keys[name] = [key for batch in val_pipeline(shards, [9], batch_size=16, batcher=_keys) for key in batch]
+    assert keys["http"] == keys["local"] and len(keys["local"]) == local.count([9], "pos") + local.count([9], "neg")
+    assert remote.verify()[0] == []
+
+
+def _keys(samples, batch_size: int):
+    """A batcher that keeps only the sample keys."""
+    batch = []
+    for sample in samples:
+        batch.append(sample["__key__"])
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def test_bytes_served_must_match_the_manifest(shard_dir, served):
+    """A byte changed after the tar's end: no sample differs, but the sha256 of the stream does."""
+    www, url = served
+    copy = _serve_copy(shard_dir, www)
+    victim = sorted(copy.glob("fold9-neg-*.tar"))[0]
+    with open(victim, "r+b") as file:
+        file.seek(-1, 2)
+        file.write(b"\1")
+    shards = open_shard_set(f"{url}/shards")
+    with pytest.raises(ShardSetError) as err:
+        list(val_pipeline(shards, [9], batch_size=16))
+    assert str(err.value).startswith(f"{url}/shards/{victim.name}: {victim.stat().st_size} bytes streamed with sha256")
+    problems = shards.verify()[0]
+    assert len(problems) == 1 and problems[0].startswith(f"{url}/shards/{victim.name}: ")
+
+
+def test_cache_keeps_checked_copies_and_replaces_a_damaged_one(shard_dir, served, tmp_path):
+    www, url = served
+    _serve_copy(shard_dir, www)
+    cache = tmp_path / "cache"
+    shards = open_shard_set(f"{url}/shards", cache_dir=cache)
+    first = list(val_pipeline(shards, [9], batch_size=16, batcher=_keys))
+    copies = sorted(cache.iterdir())
+    assert len(copies) == len(shards.shards([9], "pos") + shards.shards([9], "neg"))
+    damaged = copies[0]
+    damaged.write_bytes(b"\0" * damaged.stat().st_size)  # same size, other bytes
+    assert list(val_pipeline(shards, [9], batch_size=16, batcher=_keys)) == first  # fetched again, not used
+    source = shards.source
+    location = next(loc for loc in source.entries if damaged.name.endswith(loc.rsplit("/", 1)[-1]))
+    assert damaged.read_bytes()[:512] != b"\0" * 512
+    assert source.entries[location][2] == sha256_of(damaged)
+
+
+def sha256_of(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()

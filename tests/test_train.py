@@ -413,3 +413,162 @@ def test_cls_run_refuses_seg_shards(seg_shard_dir, tmp_path):
                             env={**os.environ, "ACCELERATE_USE_CPU": "true"})
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "shards built with --task seg, this run needs --task cls shards" in result.stderr
+def test_damaged_shard_is_one_error_naming_it(shard_dir, tmp_path):
+    """--verify finds it before training; without it, validation (in a data worker) stops on it."""
+    from tests.test_stream import _damaged_copy, _random_payload
+
+    _, path, _ = _damaged_copy(shard_dir, tmp_path, _random_payload)
+    common = [sys.executable, "-m", "luna_dist.train", "--shards", str(tmp_path / "shards"), "--out",
+              str(tmp_path / "runs"), "--max-steps", "1", "--batch-size", "4", "--val-folds", "9", "--num-workers", "1"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    for extra, expected in ((["--verify"], f"{path}: {path.stat().st_size} bytes streamed with sha256 "),
+                            ([], f"{path}: sample ")):
+        result = subprocess.run([*common, *extra], capture_output=True, text=True, timeout=RUN_TIMEOUT, env=env)
+        assert result.returncode == 1, result.stderr[-3000:]
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and expected in errors[0], result.stderr[-3000:]
+        assert "Traceback" not in result.stderr
+        assert ("E1 trained" in result.stderr) is not bool(extra)  # --verify stops before the first step
+
+
+def test_validation_that_misses_samples_fails_after_the_gather(shard_dir, tmp_path, monkeypatch):
+    """Behind the per-shard counts: the gathered total must equal the manifest's (e.g. a shard no rank read)."""
+    from luna_dist.stream import ShardSetError
+    from luna_dist.train import Trainer, parse_args
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    trainer = Trainer(parse_args(["--shards", str(shard_dir), "--out", str(tmp_path), "--run-name", "r",
+                                  "--val-folds", "9", "--batch-size", "8"]))
+    full_loader = trainer.task.val_loader
+
+    def loses_first_batch(*args, **kwargs):
+        batches = iter(full_loader(*args, **kwargs))
+        next(batches)
+        return batches
+
+    try:
+        shards = open_shard_set(shard_dir)
+        expected = shards.count([9], "pos") + shards.count([9], "neg")
+        monkeypatch.setattr(trainer.task, "val_loader", loses_first_batch)
+        with pytest.raises(ShardSetError, match=f"validation read {expected - 8:,} samples of folds .9., "
+                                                f"the manifest counts {expected:,}"):
+            trainer.validate(1)
+    finally:
+        trainer.close()
+
+
+# -- two nodes on one machine -----------------------------------------------------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch_nodes(args: list[str], tmp_path: Path) -> list[tuple[subprocess.Popen, Path]]:
+    """Two `torchrun --nnodes 2` launches on 127.0.0.1, one CPU rank each, each in a working folder of its own."""
+    port, root = _free_port(), Path(__file__).resolve().parents[1]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    nodes = []
+    for node in (0, 1):
+        cwd = tmp_path / f"node{node}"
+        cwd.mkdir()
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+                   "--nproc_per_node", "1", "--rdzv-endpoint", f"127.0.0.1:{port}", str(root / "launch" / "train.py"),
+                   *args]
+        log = tmp_path / f"node{node}.log"
+        with open(log, "w") as out:
+            process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+        nodes.append((process, log))
+    return nodes
+
+
+def _stop_nodes(nodes) -> None:
+    import signal
+
+    for process, _ in nodes:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # the launcher and its rank (a frozen one too)
+        except ProcessLookupError:
+            pass
+        process.wait(timeout=30)
+
+
+def test_two_nodes_run_one_epoch_like_one_machine(shard_dir, tmp_path):
+    """Node-level splitting: each validation sample once, equal steps, and only global rank 0 writes."""
+    out = tmp_path / "runs"
+    nodes = _launch_nodes(["--shards", str(shard_dir), "--out", str(out), "--run-name", "r", "--max-steps", "3",
+                           "--batch-size", "8", "--balanced", "1", "--val-folds", "8", "9",
+                           "--metrics-json", str(tmp_path / "m.json"), "--dist-timeout", "60"], tmp_path)
+    try:
+        for process, log in nodes:
+            assert process.wait(timeout=RUN_TIMEOUT) == 0, log.read_text()[-4000:]
+    finally:
+        _stop_nodes(nodes)
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    shards = open_shard_set(shard_dir)
+    assert metrics["processes"] == 2
+    assert metrics["count/all"] == sum(shards.count([8, 9], label) for label in ("pos", "neg"))
+    assert metrics["samples_seen"] == 3 * 8 * 2  # both nodes ran 3 steps (a rank short of steps would hang DDP)
+    assert "E1 val " in nodes[0][1].read_text() and "E1 val " not in nodes[1][1].read_text()
+    assert [p.name for p in (tmp_path / "node0").iterdir()] == [] == [p.name for p in (tmp_path / "node1").iterdir()]
+    written = {p.name for p in (out / "r").iterdir()}
+    assert {"args.json", "state", "trn", "val", "val-predictions-E1.csv"} <= written
+    assert written <= {"args.json", "best.pt", "state", "trn", "val", "val-predictions-E1.csv"}
+    for mode in ("trn", "val"):
+        assert len(list((out / "r" / mode).iterdir())) == 1  # one event file: one writer
+    # accelerate's state: the model and optimizer once; each rank's own RNG state beside them.
+    state = sorted(p.name for p in (out / "r" / "state").iterdir())
+    assert "model.safetensors" in state and "random_states_1.pkl" in state
+
+
+@pytest.mark.parametrize("fault", ["kill", "freeze"])
+def test_other_node_stops_within_the_timeout_naming_the_lost_rank(shard_dir, tmp_path, fault):
+    """A rank killed (its sockets close) or frozen (SIGSTOP: nothing closes, as a node that vanished):
+    the other node fails within --dist-timeout, naming rank 1 and how to go on."""
+    import signal
+    import time
+
+    nodes = _launch_nodes(["--shards", str(shard_dir), "--out", str(tmp_path / "runs"), "--run-name", "r",
+                           "--max-steps", "400", "--batch-size", "8", "--val-folds", "9", "--dist-timeout", "5"],
+                          tmp_path)
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while "E1 training" not in nodes[0][1].read_text():
+            assert nodes[0][0].poll() is None and time.monotonic() < deadline, nodes[0][1].read_text()[-3000:]
+            time.sleep(0.2)
+        rank1 = int(subprocess.run(["pgrep", "-P", str(nodes[1][0].pid)], capture_output=True, text=True).stdout.split()[0])
+        os.kill(rank1, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+        stopped = time.monotonic()
+        assert nodes[0][0].wait(timeout=60) != 0
+        # The timeout (5 s), then up to 5 s waiting for rank 1 to check in, and the launcher's own exit.
+        assert time.monotonic() - stopped < 30
+    finally:
+        _stop_nodes(nodes)
+    log = nodes[0][1].read_text()
+    errors = [line[line.index("error:"):] for line in log.splitlines() if "error: " in line]
+    assert len(errors) == 1, log[-4000:]
+    assert f"rank 0 of 2 lost the others in epoch 1: rank(s) 1 on {os.uname().nodename}, pid {rank1} stopped answering" \
+        in errors[0], errors[0]
+    if fault == "freeze":  # gloo words it by the operation that waited
+        assert "Timed out waiting 5000ms" in errors[0] or "Application timeout caused pair closure" in errors[0]
+    else:
+        assert "Connection closed by peer" in errors[0]
+    assert "run the same command again on every node" in errors[0]
+    assert "[rank0]: Traceback" not in log
+
+
+def test_two_ranks_streaming_over_http_train_and_validate_as_from_the_folder(shard_dir, two_rank_run, served, tmp_path):
+    """The run of `two_rank_run`, its shards served by a loopback web server: same samples, same numbers."""
+    www, url = served
+    shutil.copytree(shard_dir, www / "shards")
+    train(["--shards", f"{url}/shards/", "--out", str(tmp_path), "--run-name", "r", "--epochs", "1", "--max-steps", "3",
+           "--batch-size", "8", "--num-workers", "1", "--balanced", "1", "--augment",
+           "--metrics-json", str(tmp_path / "metrics.json")], processes=2)
+    local = json.loads((two_rank_run.parent / "metrics.json").read_text())
+    remote = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("count/all", "count/pos", "count/neg", "correct_count/pos", "correct_count/neg", "samples_seen"):
+        assert remote[key] == local[key], key
+    assert abs(remote["loss/all"] - local["loss/all"]) <= 1e-5 * max(1.0, abs(local["loss/all"]))
