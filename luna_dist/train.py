@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import shutil
 import socket
@@ -84,6 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dist-timeout", type=float, default=300, metavar="SECONDS",
                         help="how long a process waits for the others in a collective before it fails: "
                              "a dead or frozen node stops the run within this (default: 300)")
+    parser.add_argument("--save-every", type=int, default=None, metavar="STEPS",
+                        help="also save the state every STEPS training steps, mid-epoch; --resume continues there")
     parser.add_argument("--max-steps", type=int, default=None, help="cap training steps per epoch (quick checks)")
     parser.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
                         help="channels-last memory layout (auto: on except on MPS)")
@@ -92,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
 
     for flag, least in (("epochs", 1), ("batch_size", 1), ("epoch_samples", 1), ("num_workers", 0), ("max_steps", 1),
-                        ("shuffle_buffer", 1)):
+                        ("shuffle_buffer", 1), ("save_every", 1)):
         value = getattr(args, flag)
         if value is not None and value < least:
             parser.error(f"--{flag.replace('_', '-')} must be at least {least}, got {value}")
@@ -111,13 +114,27 @@ class Progress:
     epoch: int = 0  # epochs completed
     samples_seen: int = 0  # training samples, all ranks together
     best_score: float = -math.inf  # the task's best-model score so far
+    step: int = 0  # steps of epoch `epoch + 1` done (mid-epoch checkpoints, --save-every)
+    epoch_rng: dict | None = None  # this process's random states when that epoch's stream began
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "samples_seen": self.samples_seen, "best_score": self.best_score}
+        return {"epoch": self.epoch, "samples_seen": self.samples_seen, "best_score": self.best_score,
+                "step": self.step, "epoch_rng": self.epoch_rng}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.samples_seen = state["epoch"], state["samples_seen"]
         self.best_score = state["best_score"] if "best_score" in state else state["best_f1"]  # states before tasks
+        self.step, self.epoch_rng = state.get("step", 0), state.get("epoch_rng")
+
+
+def rng_state() -> dict:
+    """The random states a data stream draws from (Python's for the class mixing, torch's for worker seeds)."""
+    return {"python": random.getstate(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
 
 
 def load_weights(path: Path) -> dict:
@@ -197,7 +214,9 @@ class Trainer:
             if not state.is_dir():
                 raise FileNotFoundError(f"{state}: no saved state to resume; check --run-name and --out")
             accelerator.load_state(str(state))
-            log.info(f"resumed {self.run_dir} after epoch {self.progress.epoch}, {self.progress.samples_seen:,} samples seen")
+            at_step = f", at step {self.progress.step} of epoch {self.progress.epoch + 1}" if self.progress.step else ""
+            log.info(f"resumed {self.run_dir} after epoch {self.progress.epoch}{at_step}, "
+                     f"{self.progress.samples_seen:,} samples seen")
         self.writers = {}
         if accelerator.is_main_process and not args.eval_only:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -283,25 +302,53 @@ class Trainer:
         if args.max_steps:
             steps = min(steps, args.max_steps)
         steps = steps_per_epoch(steps, self.num_workers)
+        progress, per_step = self.progress, args.batch_size * world
+        start, epoch_start_seen = progress.step, progress.samples_seen - progress.step * per_step
+        if start == 0:
+            progress.epoch_rng = rng_state()  # a mid-epoch resume replays the stream from here
         loader = task.train_loader(self.shards, self.train_folds, epoch, steps, self.num_workers, self.pin_memory)
+        batches = self._resumed_stream(loader, start) if start else iter(loader)
 
         # Per-sample records stay on the device: no host sync inside the loop. Rows a short
-        # batch leaves empty keep -1 in column 0 and are dropped after the gather.
+        # batch leaves empty keep -1 in column 0 and are dropped after the gather (with the
+        # steps before a mid-epoch resume: their records were not saved).
         record = torch.full((steps, args.batch_size, len(task.record_columns)), -1.0, device=self.device)
         self.model.train()
-        with self._bar(steps * args.batch_size * world, f"E{epoch} training") as bar:
-            for step, batch in enumerate(loader):
+        step = start - 1
+        with self._bar(steps * per_step, f"E{epoch} training", initial=start * per_step) as bar:
+            for step, batch in enumerate(batches, start):
                 loss, rows = task.forward(self.model, batch, train=True)
                 self.optimizer.zero_grad(set_to_none=True)
                 accelerator.backward(loss.mean())
                 self.optimizer.step()
                 record[step, : rows.shape[0]] = rows
-                bar.update(args.batch_size * world)
+                bar.update(per_step)
+                if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < steps:
+                    progress.step, progress.samples_seen = step + 1, epoch_start_seen + (step + 1) * per_step
+                    self.save(None)
+                    log.info(f"E{epoch} step {step + 1} of {steps}: state saved")
         if step + 1 != steps:
             raise RuntimeError(f"training stream gave {step + 1} batches, expected {steps}")
-        self.progress.samples_seen += steps * args.batch_size * world
+        progress.step, progress.epoch_rng = 0, None
+        progress.samples_seen = epoch_start_seen + steps * per_step
         gathered = accelerator.gather(record.flatten(0, 1))  # (world * steps * batch, columns)
         return task.compute_metrics(gathered[gathered[:, 0] >= 0])
+
+    def _resumed_stream(self, loader, done: int):
+        """The epoch's batches after the first `done`, as an uninterrupted run saw them.
+
+        The stream is rebuilt from the random states saved when the epoch began (they
+        decide the class mixing and the workers' seeds) and its first batches are read
+        and dropped; then the states of the checkpoint come back, so augmentation goes on
+        as it would have.
+        """
+        at_checkpoint = rng_state()
+        set_rng_state(self.progress.epoch_rng)
+        batches = iter(loader)
+        for _ in range(done):
+            next(batches)
+        set_rng_state(at_checkpoint)
+        return batches
 
     @torch.no_grad()
     def validate(self, epoch: int) -> tuple[dict, torch.Tensor]:
@@ -329,8 +376,8 @@ class Trainer:
                                 f"{self.val_folds}, the manifest counts {expected:,}; the metrics would be wrong")
         return task.compute_metrics(gathered), gathered
 
-    def _bar(self, total: int | None, desc: str) -> tqdm:
-        return tqdm(total=total, desc=desc, unit="sample", unit_scale=True, dynamic_ncols=True, leave=False,
+    def _bar(self, total: int | None, desc: str, initial: int = 0) -> tqdm:
+        return tqdm(total=total, desc=desc, initial=initial, unit="sample", unit_scale=True, dynamic_ncols=True, leave=False,
                     disable=not self.accelerator.is_main_process, file=sys.stderr)
 
     # -- logging and checkpoints ---------------------------------------------------------------
@@ -351,8 +398,10 @@ class Trainer:
             self.task.save_outputs(self.run_dir, epoch, mode, records)
         writer.flush()
 
-    def save(self, val_metrics: dict) -> None:
+    def save(self, val_metrics: dict | None) -> None:
         """Accelerate's state (model, optimizer, RNG, progress) each epoch; the best model by the task's score.
+
+        Mid-epoch (`val_metrics` None, --save-every) only the state.
 
         The saved progress already holds this epoch's best score, so a resumed run never
         replaces best.pt with a worse model. Every rank learns whether every rank wrote
@@ -362,7 +411,7 @@ class Trainer:
         accelerator, progress = self.accelerator, self.progress
         partial, final = self.run_dir / "state.partial", self.run_dir / "state"
         best, best_partial = self.run_dir / "best.pt", self.run_dir / "best.pt.partial"
-        score, previous_best = self.task.score(val_metrics), progress.best_score
+        score, previous_best = self.task.score(val_metrics) if val_metrics else math.nan, progress.best_score
         improved = math.isfinite(score) and score > previous_best
         if improved:
             progress.best_score = score
@@ -408,9 +457,14 @@ class Trainer:
             reason = "No space left on device"  # torch and safetensors report it as a bare write failure
         else:
             reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        kept = (f"the previous state {final} (epoch {self.progress.epoch - 1}) is intact; "
+        progress = self.progress
+        if progress.step:  # mid-epoch (--save-every)
+            what, previous = f"epoch {progress.epoch + 1}, step {progress.step}", "the last one saved"
+        else:
+            what, previous = f"epoch {progress.epoch}", f"epoch {progress.epoch - 1}"
+        kept = (f"the previous state {final} ({previous}) is intact; "
                 "free space and rerun with --resume" if final.is_dir() else "no earlier state existed")
-        return f"could not write the checkpoint of epoch {self.progress.epoch} under {where}: {reason}; {kept}"
+        return f"could not write the checkpoint of {what} under {where}: {reason}; {kept}"
 
     def run(self) -> dict:
         args, accelerator = self.args, self.accelerator
