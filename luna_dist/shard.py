@@ -474,6 +474,7 @@ def _prepare_work(options: BuildOptions, identity: dict) -> None:
     (work / "done").mkdir(parents=True, exist_ok=True)
     (work / "pos").mkdir(parents=True, exist_ok=True)
     _remove_partials(options.out)
+    (work / LOCK).write_text(f"{os.getpid()}\n")  # held by this build (`_sole_writer`): a refused one names it
     _write_json_atomic(work / "plan.json", {"identity": identity})
 
 
@@ -489,7 +490,8 @@ def _sole_writer(out: Path):
 
     Pool workers share the lock through the descriptor they inherit, so a rerun started
     while workers of a killed build still write waits for them to end, then refuses:
-    their output never mixes into the new build.
+    their output never mixes into the new build. The holder writes its PID into the
+    lock file once it starts writing (`_prepare_work`), so a refused build can name it.
     """
     lock = out / WORK / LOCK
     lock.parent.mkdir(parents=True, exist_ok=True)
@@ -502,8 +504,9 @@ def _sole_writer(out: Path):
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise BuildError(f"{out}: another build is writing there (or workers of a killed build still "
-                                     "run); wait for it to end, then rerun") from None
+                    holder = lock.read_text().strip() or "unknown"
+                    raise BuildError(f"{out}: another build (pid {holder}) is writing there (or workers of a killed "
+                                     "build still run); wait for it to end, then rerun") from None
                 time.sleep(0.1)
         yield
     finally:

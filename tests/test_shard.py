@@ -835,14 +835,15 @@ def test_rerun_waits_for_a_writer_still_holding_the_output(data, tmp_path, small
     out = tmp_path / "out"
     build(options(data, out))
     (out / MANIFEST).unlink()
-    before = file_stats(out)
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
-                               "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)",
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); os.ftruncate(fd, 0); os.write(fd, b'%d\\n' % os.getpid()); "
+                               "print('held', flush=True); time.sleep(120)",
                                str(out / ".build" / "lock")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
+        before = file_stats(out)
         monkeypatch.setattr(shard_module, "LOCK_WAIT_S", 0.5)
-        with pytest.raises(BuildError, match="another build is writing there"):
+        with pytest.raises(BuildError, match=f"another build \\(pid {holder.pid}\\) is writing there"):
             build(options(data, out))
         assert file_stats(out) == before
     finally:
@@ -850,6 +851,7 @@ def test_rerun_waits_for_a_writer_still_holding_the_output(data, tmp_path, small
         holder.wait(timeout=30)
     build(options(data, out))
     assert fingerprint(out) == small_reference
+    assert (out / ".build" / "lock").read_text() == f"{os.getpid()}\n"  # the last holder: this build
 
 
 @pytest.fixture
