@@ -435,10 +435,12 @@ def plot_froc(result: Froc, path: Path | None, title: str = "FROC"):
     return fig
 
 
-def _shard_findings(shards: Path, folds: list[int] | None) -> tuple[list[str], Findings, Findings]:
-    path = Path(shards) / "manifest.json"
+def _shard_findings(shards: str, folds: list[int] | None) -> tuple[list[str], Findings, Findings]:
+    from luna_dist.stream import read_manifest, shard_location  # torch and webdataset only for this
+
+    path = shard_location(shards, "manifest.json")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = read_manifest(shards)
         folds = folds if folds is not None else sorted(int(fold) for fold in manifest["folds"])
         missing = [fold for fold in folds if str(fold) not in manifest["folds"]]
         if missing:
@@ -456,8 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--annotations", type=Path, help="included nodules (annotations.csv)")
     parser.add_argument("--excluded", type=Path, help="irrelevant findings (annotations_excluded.csv)")
     parser.add_argument("--seriesuids", type=Path, help="the scans scored, one UID a line")
-    parser.add_argument("--shards", type=Path,
-                        help="instead of the three above: a shard build, whose manifest lists them per fold")
+    parser.add_argument("--shards",
+                        help="instead of the three above: a shard build (folder or URL), whose manifest lists them per fold")
     parser.add_argument("--folds", type=int, nargs="+", help="with --shards: the folds scored (default: all)")
     parser.add_argument("--predictions", type=Path, required=True,
                         help="CSV with seriesuid,coordX,coordY,coordZ,probability (mm)")

@@ -138,7 +138,8 @@ class ShardSet:
         return sorted(int(k) for k in self.manifest["folds"])
 
 
-def _read_manifest(root: Path | str) -> dict:
+def read_manifest(root: Path | str) -> dict:
+    """A shard set's manifest.json, parsed, from a folder or a URL; FileNotFoundError where there is none."""
     if not is_remote(root):
         return json.loads((Path(root) / MANIFEST).read_text())
     try:
@@ -157,7 +158,7 @@ def open_shard_set(root: Path | str, task: str = "cls", cache_dir: str | Path | 
     root = root if is_remote(root) else Path(root)
     path = shard_location(root, MANIFEST)
     try:
-        manifest = _read_manifest(root)
+        manifest = read_manifest(root)
     except FileNotFoundError:
         raise ShardSetError(f"{path} not found: is {root} a finished shard build? "
                             f"Run `python -m luna_dist.shard --data DIR --out {root}` (again) to finish it.") from None

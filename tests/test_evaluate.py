@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -322,3 +323,20 @@ def test_shards_option_scores_the_folds_listed_in_the_manifest(shard_dir, tmp_pa
     assert "no fold 12" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         evaluate.main([*argv, "--annotations", str(tmp_path / "p.csv")])
+
+
+def test_shards_option_reads_the_manifest_from_a_url(shard_dir, served, tmp_path):
+    from luna_dist.evaluate import fold_findings
+    from luna_dist.stream import open_shard_set
+
+    www, url = served
+    shutil.copy(shard_dir / "manifest.json", www / "manifest.json")  # evaluation reads nothing else
+    series, nodules, _ = fold_findings(open_shard_set(shard_dir).manifest, [9])
+    evaluate.write_marks(tmp_path / "p.csv", marks(*[(uid, *xyz, 0.9) for uid, xyz in
+                                                     zip(nodules.series.tolist(), nodules.xyz.tolist())]))
+    scores = []
+    for shards in (str(shard_dir), f"{url}/"):
+        assert evaluate.main(["--shards", shards, "--folds", "9", "--predictions", str(tmp_path / "p.csv"),
+                              "--bootstrap", "0", "--json", str(tmp_path / "s.json")]) == 0
+        scores.append(json.loads((tmp_path / "s.json").read_text()))
+    assert scores[0] == scores[1] and scores[0]["nodules"] == len(nodules.series)
