@@ -38,6 +38,7 @@ from luna_dist.stream import (
     TrainStreamConfig,
     batched,
     batched_slices,
+    checked_samples,
     collate_located,
     collate_malignancy,
     collate_stacks,
@@ -512,6 +513,7 @@ class SegTask(Task):
             raise ShardSetError(f"{shards.root}: training folds {train_folds} have {len(shards.shards(train_folds, 'pos'))} "
                                 f"positive and {len(shards.shards(train_folds, 'neg'))} negative shards; both are needed")
         self._fixed_urls = sorted(shards.shards(val_folds, "val"))[:FIXED_SLICES]
+        self._fixed_source = shards.source
         self._fixed = None
 
     def build_model(self) -> nn.Module:
@@ -581,7 +583,8 @@ class SegTask(Task):
         ranked = []  # (rank within its CT, -mask pixels, CT, stack, mask)
         for ct, url in enumerate(self._fixed_urls):
             best = []
-            for stacks, masks in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(),
+            for stacks, masks in wds.DataPipeline(wds.SimpleShardList([url]),
+                                                  partial(checked_samples, source=self._fixed_source),
                                                   partial(batched_slices, batch_size=64)):
                 pixels = masks.sum(dim=(1, 2, 3)).tolist()
                 best = sorted(best + [(-pixels[n], stacks[n], masks[n]) for n in range(len(pixels))],
