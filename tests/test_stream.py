@@ -346,3 +346,13 @@ def sha256_of(path: Path) -> str:
     import hashlib
 
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_pipe_shard_set_runs_a_command_per_file(shard_dir):
+    local, piped = open_shard_set(shard_dir), open_shard_set(f"pipe:cat {shard_dir}/{{name}}")
+    assert piped.manifest == local.manifest
+    keys = [[key for batch in val_pipeline(shards, [9], batch_size=16, batcher=_keys) for key in batch]
+            for shards in (local, piped)]
+    assert keys[0] == keys[1]
+    with pytest.raises(ShardSetError, match="needs {name}"):
+        open_shard_set(f"pipe:cat {shard_dir}/manifest.json")
