@@ -15,5 +15,5 @@ RESUME=$([ -d "runs/$RUN/state" ] && echo --resume || true)
 accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
     --num_cpu_threads_per_process "$THREADS" \
     launch/train.py --task seg --shards "$SHARDS" --run-name "$RUN" $RESUME \
-    --epochs "${EPOCHS:-6}" --epoch-samples 2048 --batch-size 16 --augment --seed "${SEED:-0}"
+    --epochs "${EPOCHS:-10}" --epoch-samples 2048 --batch-size 16 --augment --seed "${SEED:-0}"
 echo "TensorBoard logs: runs/$RUN (tensorboard --logdir runs)"
