@@ -363,6 +363,13 @@ def candidate_positions(path: Path, series: dict[str, Path]) -> dict[str, np.nda
 
 def run(args: argparse.Namespace) -> dict:
     accelerator = Accelerator()
+    try:
+        return _run(args, accelerator)
+    finally:
+        accelerator.end_training()  # a process group left to the interpreter's exit can abort it
+
+
+def _run(args: argparse.Namespace, accelerator: Accelerator) -> dict:
     device, rank = accelerator.device, accelerator.process_index
     series = select_series(args)
     positions = candidate_positions(args.candidates, series) if args.candidates else None
