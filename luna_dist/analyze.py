@@ -50,15 +50,13 @@ from luna_dist.candidates import (
     read_candidates,
 )
 from luna_dist.ct import HU_MAX, HU_MIN, CtError, cut_chunks, read_ct
-from luna_dist.evaluate import Findings, Marks, froc, plot_froc, read_findings, write_marks
+from luna_dist.evaluate import Marks, froc, plot_froc, read_findings, write_marks
 from luna_dist.geometry import irc_to_xyz, xyz_to_irc
-from luna_dist.model import LunaModel, SegmentationModel
-from luna_dist.train import load_weights
+from luna_dist.model import LunaModel, SegmentationModel, load_weights
+from luna_dist.seg_samples import CONTEXT
 
 log = get_logger("luna_dist.analyze")
 
-CONTEXT = 3
-"""Slices on each side of the segmented one: the UNet sees 2 * CONTEXT + 1 channels."""
 MATCH_DISTANCE = 0.7
 """A detection matches a nodule when its distance divided by the nodule's diameter is below this."""
 DETECTION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "index", "row", "col", "voxels",
@@ -98,7 +96,8 @@ def segment(hu: Tensor, model: nn.Module, batch_size: int, autocast) -> Tensor:
     """Nodule probability > 0.5 of every voxel, (I, R, C) bool on hu's device.
 
     `hu` is the CT (I, R, C) float32 on the device. The context stacks are gathered
-    there by index (the slice and CONTEXT on each side, clamped at the volume's ends).
+    there by index (the slice and CONTEXT on each side, clamped at the volume's ends,
+    as the segmentation shards cut them).
     """
     slices = hu.shape[0]
     offsets = torch.arange(-CONTEXT, CONTEXT + 1, device=hu.device)

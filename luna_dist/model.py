@@ -8,6 +8,7 @@ is a batch norm over the input slices, a UNet and a sigmoid.
 """
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -152,3 +153,17 @@ class SegmentationModel(nn.Module):
             x = F.pad(x, (0, pad_w, 0, pad_h))
         logits = self.unet(x)[..., :height, :width]
         return torch.sigmoid(logits)
+
+
+def load_weights(path: Path) -> dict:
+    """Model weights from a best-model file (best.pt) or a saved training state folder."""
+    if path.is_dir():
+        from safetensors.torch import load_file
+
+        weights = path / "model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"{path}: no model.safetensors; pass a run's state/ folder or its best.pt")
+        return load_file(weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]

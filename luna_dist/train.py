@@ -43,6 +43,7 @@ from tqdm import tqdm
 from luna_dist.candidates import N_FOLDS
 from luna_dist.hardware import precision_warning
 from luna_dist.stream import ShardSetError, steps_per_epoch
+from luna_dist.model import load_weights
 from luna_dist.tasks import TASKS
 
 log = get_logger("luna_dist.train")
@@ -135,20 +136,6 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
-
-
-def load_weights(path: Path) -> dict:
-    """Model weights from a best-model file (best.pt) or a saved training state folder."""
-    if path.is_dir():
-        from safetensors.torch import load_file
-
-        weights = path / "model.safetensors"
-        if not weights.is_file():
-            raise FileNotFoundError(f"{path}: no model.safetensors; pass a run's state/ folder or its best.pt")
-        return load_file(weights)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 def default_workers(device: torch.device, local_processes: int) -> int:

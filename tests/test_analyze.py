@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 import torch
 
-from luna_dist.analyze import CONTEXT, assign, confusion, group, segment
+from luna_dist.analyze import assign, confusion, group, segment
 from luna_dist.candidates import Annotation, assign_folds, find_series, read_annotations
 from luna_dist.model import LunaModel, SegmentationModel
+from luna_dist.seg_samples import CONTEXT
 
 RUN_TIMEOUT = 300
 THRESHOLD_HU = -250.0
