@@ -523,6 +523,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if trainer is not None:
             trainer.close()
+        elif torch.distributed.is_initialized():
+            # A Trainer that failed to start still joined the process group; left to the
+            # interpreter's exit, gloo's threads can abort the process.
+            torch.distributed.destroy_process_group()
     return 0
 
 
