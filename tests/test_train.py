@@ -6,6 +6,7 @@ accelerator); each has a timeout so that a hang fails the test instead of blocki
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -491,8 +492,16 @@ def _stop_nodes(nodes) -> None:
     import signal
 
     for process, _ in nodes:
+        # The launcher starts its ranks in sessions of their own: kill them by pid (a frozen
+        # one too, which would otherwise stay stopped for ever), then the launcher's group.
+        ranks = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+        for pid in map(int, ranks):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         try:
-            os.killpg(process.pid, signal.SIGKILL)  # the launcher and its rank (a frozen one too)
+            os.killpg(process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         process.wait(timeout=30)
@@ -536,6 +545,7 @@ def test_other_node_stops_within_the_timeout_naming_the_lost_rank(shard_dir, tmp
     nodes = _launch_nodes(["--shards", str(shard_dir), "--out", str(tmp_path / "runs"), "--run-name", "r",
                            "--max-steps", "400", "--batch-size", "8", "--val-folds", "9", "--dist-timeout", "5"],
                           tmp_path)
+    rank1 = None
     try:
         deadline = time.monotonic() + RUN_TIMEOUT
         while "E1 training" not in nodes[0][1].read_text():
@@ -548,6 +558,9 @@ def test_other_node_stops_within_the_timeout_naming_the_lost_rank(shard_dir, tmp
         # The timeout (5 s), then up to 5 s waiting for rank 1 to check in, and the launcher's own exit.
         assert time.monotonic() - stopped < 30
     finally:
+        if rank1 is not None:  # its launcher may be gone already
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(rank1, signal.SIGKILL)
         _stop_nodes(nodes)
     log = nodes[0][1].read_text()
     errors = [line[line.index("error:"):] for line in log.splitlines() if "error: " in line]
