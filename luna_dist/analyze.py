@@ -153,7 +153,7 @@ def analyze_ct(mhd: Path, models: Models, device: torch.device, batch_size: int,
     seconds["read"] = time.perf_counter() - started
     if candidates_xyz is None:
         started = time.perf_counter()
-        hu = torch.from_numpy(ct.hu).to(device).float().clamp_(HU_MIN, HU_MAX)
+        hu = torch.from_numpy(np.require(ct.hu, requirements='W')).to(device).float().clamp_(HU_MIN, HU_MAX)
         mask = segment(hu, models.seg, batch_size, autocast).cpu().numpy()
         del hu
         seconds["segment"] = time.perf_counter() - started
@@ -265,10 +265,10 @@ def score(results: list[dict], data: Path, out: Path) -> dict:
     nodules = [n for n in nodules if n.series_uid in set(analysed)]
     detections = [{**d, "series_uid": r["series_uid"]} for r in results for d in r["detections"]]
     table = confusion(detections, nodules)
-    segmented, predicted = int(table[1:, 1:].sum()), int(table[1:, 2:].sum())
+    matched, predicted = int(table[1:, 1:].sum()), int(table[1:, 2:].sum())
     summary = {"confusion": {"rows": list(CONFUSION_ROWS), "columns": list(CONFUSION_COLUMNS),
                              "table": table.tolist()},
-               "nodules": len(nodules), "nodules_segmented": segmented, "nodules_predicted": predicted,
+               "nodules": len(nodules), "nodules_matched": matched, "nodules_predicted": predicted,
                "detections_predicted": int(table[:, 2:].sum()), "false_detections_predicted": int(table[0, 2:].sum())}
     excluded_csv = data / "annotations_excluded.csv"
     marks = _marks(detections)
@@ -280,7 +280,7 @@ def score(results: list[dict], data: Path, out: Path) -> dict:
         plot_froc(result, out / "froc.png", title=f"FROC of {out / 'submission.csv'}")
     except ImportError:
         log.warning("matplotlib is not installed: no froc.png (pip install 'luna_dist[plot]')")
-    log.info(f"{segmented} of {len(nodules)} nodules segmented, {predicted} of them predicted nodules\n"
+    log.info(f"{matched} of {len(nodules)} nodules matched by a detection, {predicted} of them predicted nodules\n"
              f"{format_confusion(table)}\nLUNA16: {result.summary()}")
     return summary
 

@@ -184,7 +184,7 @@ def test_one_rank_analysis_writes_findings_and_scores_them(synth_data, one_rank)
     table = np.array(summary["confusion"]["table"])
     assert summary["nodules"] == len(nodules) == table[1:].sum()
     assert table[1:, 0].sum() == 0, table  # no nodule missed by the segmentation
-    assert summary["nodules_segmented"] == len(nodules)
+    assert summary["nodules_matched"] == len(nodules)
     assert summary["nodules_predicted"] == table[1:, 2:].sum()
     assert summary["froc"]["scans"] == 3 and summary["froc"]["nodules"] == len(nodules)
     assert 0 <= summary["froc"]["cpm"] <= 1
