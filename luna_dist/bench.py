@@ -236,8 +236,10 @@ def _trainer(shards_dir: Path, out: Path, batch_size: int, steps: int, extra: li
     from luna_dist.train import Trainer, parse_args
 
     last_fold = open_shard_set(shards_dir, task).folds[-1]  # a validation fold that exists, though no epoch validates
+    # An epoch of exactly `steps` batches, however small the data: per-epoch start-up (the
+    # shuffle buffer's first fill) is then paid over the same work in every benchmark.
     args = parse_args(["--task", task, "--shards", str(shards_dir), "--batch-size", str(batch_size),
-                       "--max-steps", str(steps),
+                       "--max-steps", str(steps), "--epoch-samples", str(steps * batch_size),
                        "--out", str(out), "--run-name", f"bench-{batch_size}", "--balanced", "1",
                        "--val-folds", str(last_fold), *extra])
     return Trainer(args)
