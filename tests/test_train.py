@@ -163,19 +163,24 @@ def test_resume_continues_step_and_sample_counters(shard_dir, two_rank_run, tmp_
 
 def test_resumed_training_equals_uninterrupted_training(shard_dir, tmp_path):
     """Stop after epoch 1 and resume: epoch 2 sees the same batches and augmentations, so the weights match."""
+    _assert_resume_equals_straight(["--shards", str(shard_dir), "--out", str(tmp_path), "--max-steps", "2",
+                                    "--batch-size", "4", "--balanced", "1", "--augment", "--val-folds", "9"],
+                                   tmp_path, "head_linear.weight")
+
+
+def _assert_resume_equals_straight(common: list[str], out: Path, trained: str) -> None:
+    """Two epochs straight, and one epoch then a resume: the same weights; `trained` changed in epoch 2."""
     import torch
     from safetensors.torch import load_file
 
-    common = ["--shards", str(shard_dir), "--out", str(tmp_path), "--max-steps", "2", "--batch-size", "4",
-              "--balanced", "1", "--augment", "--val-folds", "9"]
     train([*common, "--run-name", "straight", "--epochs", "2"])
     train([*common, "--run-name", "stopped", "--epochs", "1"])
-    after_one = load_file(tmp_path / "stopped" / "state" / "model.safetensors")
+    after_one = load_file(out / "stopped" / "state" / "model.safetensors")
     train([*common, "--run-name", "stopped", "--epochs", "2", "--resume"])
-    straight = load_file(tmp_path / "straight" / "state" / "model.safetensors")
-    resumed = load_file(tmp_path / "stopped" / "state" / "model.safetensors")
+    straight = load_file(out / "straight" / "state" / "model.safetensors")
+    resumed = load_file(out / "stopped" / "state" / "model.safetensors")
     assert straight.keys() == resumed.keys()
-    assert not torch.equal(after_one["head_linear.weight"], resumed["head_linear.weight"])  # epoch 2 trained
+    assert not torch.equal(after_one[trained], resumed[trained])  # epoch 2 trained
     for name in straight:
         torch.testing.assert_close(resumed[name], straight[name], rtol=1e-5, atol=1e-6, msg=name)
 
@@ -392,22 +397,9 @@ def test_seg_tensorboard_holds_pixel_scalars_and_fixed_slice_images(seg_two_rank
 
 
 def test_seg_resumed_training_equals_uninterrupted_training(seg_shard_dir, tmp_path):
-    import torch
-    from safetensors.torch import load_file
-
-    common = ["--task", "seg", "--shards", str(seg_shard_dir), "--out", str(tmp_path), "--max-steps", "2",
-              "--batch-size", "4", "--augment", "--val-folds", "9"]
-    train([*common, "--run-name", "straight", "--epochs", "2"])
-    train([*common, "--run-name", "stopped", "--epochs", "1"])
-    after_one = load_file(tmp_path / "stopped" / "state" / "model.safetensors")
-    train([*common, "--run-name", "stopped", "--epochs", "2", "--resume"])
-    straight = load_file(tmp_path / "straight" / "state" / "model.safetensors")
-    resumed = load_file(tmp_path / "stopped" / "state" / "model.safetensors")
-    assert straight.keys() == resumed.keys()
-    name = "unet.last.weight"
-    assert not torch.equal(after_one[name], resumed[name])  # epoch 2 trained
-    for name in straight:
-        torch.testing.assert_close(resumed[name], straight[name], rtol=1e-5, atol=1e-6, msg=name)
+    _assert_resume_equals_straight(["--task", "seg", "--shards", str(seg_shard_dir), "--out", str(tmp_path),
+                                    "--max-steps", "2", "--batch-size", "4", "--augment", "--val-folds", "9"],
+                                   tmp_path, "unet.last.weight")
 
 
 def test_cls_run_refuses_seg_shards(seg_shard_dir, tmp_path):
