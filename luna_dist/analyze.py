@@ -27,7 +27,6 @@ import argparse
 import csv
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from accelerate.utils import gather_object
 from scipy import ndimage
 from torch import Tensor, nn
 
+from luna_dist.atomic import atomic_open, write_json
 from luna_dist.candidates import (
     CsvError,
     assign_folds,
@@ -197,12 +197,6 @@ def assign(sizes: dict[str, int], processes: int) -> list[list[str]]:
     return shares
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    temp = path.with_name(path.name + ".partial")
-    temp.write_text(json.dumps(data))
-    os.replace(temp, path)
-
-
 # -- scoring ---------------------------------------------------------------------------------------
 def confusion(detections: list[dict], nodules: list, threshold: float = 0.5, mal_threshold: float = 0.5) -> np.ndarray:
     """The 3x4 table of rows CONFUSION_ROWS by columns CONFUSION_COLUMNS, counting nodules and detections.
@@ -292,8 +286,7 @@ def _marks(detections: list[dict]) -> Marks:
 
 
 def write_detections(path: Path, results: list[dict]) -> None:
-    temp = path.with_name(path.name + ".partial")
-    with temp.open("w", newline="") as f:
+    with atomic_open(path, newline="") as f:
         writer = csv.writer(f)
         writer.writerow(DETECTION_COLUMNS)
         for r in sorted(results, key=lambda r: r["series_uid"]):
@@ -301,7 +294,6 @@ def write_detections(path: Path, results: list[dict]) -> None:
                 p_malignant = "" if d["p_malignant"] is None else f"{d['p_malignant']:.6g}"
                 writer.writerow([r["series_uid"], *(f"{v:.3f}" for v in d["xyz"]), *d["irc"], d["voxels"],
                                  f"{d['p_nodule']:.6g}", p_malignant])
-    os.replace(temp, path)
 
 
 # -- the command ------------------------------------------------------------------------------------
@@ -397,7 +389,7 @@ def _run(args: argparse.Namespace, accelerator: Accelerator) -> dict:
             failed.append({"series_uid": uid, "path": str(series[uid]), "error": str(err)})
             print(f"error: {err}; {uid} left out", file=sys.stderr)
             continue
-        _write_json_atomic(done, result)
+        write_json(done, result)
         results.append(result)
         print(f"rank {rank}: {uid}: {len(result['detections'])} groups in "
               f"{sum(result['seconds'].values()):.1f} s", file=sys.stderr)
@@ -415,7 +407,7 @@ def _run(args: argparse.Namespace, accelerator: Accelerator) -> dict:
                    "processes": accelerator.num_processes, "detections": len(detections),
                    "mode": "candidates" if positions is not None else "segmentation", "seconds": seconds,
                    **score(results, args.data, args.out)}
-        _write_json_atomic(args.out / "summary.json", summary)
+        write_json(args.out / "summary.json", summary)
         log.info(f"{len(results)} of {len(series)} CTs analysed ({skipped} from an earlier run), "
                  f"{len(detections)} detections: {args.out / 'detections.csv'}")
     accelerator.wait_for_everyone()

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from luna_dist.atomic import atomic_open, write_json
 from luna_dist.candidates import CsvError, finite_number, parse_row, read_annotations, read_rows
 
 FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -397,13 +398,10 @@ def _find_bad_mark(path: Path, series_uids: list[str] | None) -> None:
 
 def write_marks(path: Path, marks: Marks) -> None:
     """Write marks as a predictions CSV (the format `read_marks` and the official script read), atomically."""
-    path = Path(path)
-    temp = path.with_name(path.name + ".partial")
-    with temp.open("w", newline="") as f:
+    with atomic_open(path, newline="") as f:
         f.write(",".join(PREDICTION_COLUMNS) + "\n")
         for uid, (x, y, z), p in zip(marks.series.tolist(), marks.xyz.tolist(), marks.probability.tolist()):
             f.write(f"{uid},{x:.3f},{y:.3f},{z:.3f},{p:.9g}\n")  # 9 digits: a float32 probability exactly
-    temp.replace(path)
 
 
 def plot_froc(result: Froc, path: Path | None, title: str = "FROC"):
@@ -501,9 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         if result.cpm_ci else ""
     print(f"CPM {format_value(result.cpm)}{interval}   ({time.perf_counter() - started:.2f} s)")
     if args.json:
-        temp = args.json.with_name(args.json.name + ".partial")
-        temp.write_text(json.dumps(result.to_json(), indent=1) + "\n")
-        temp.replace(args.json)
+        write_json(args.json, result.to_json())
     if args.plot:
         plot_froc(result, args.plot)
     return 0

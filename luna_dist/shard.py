@@ -48,6 +48,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from luna_dist import __version__
+from luna_dist.atomic import write_json
 from luna_dist.candidates import (
     Annotation,
     Candidate,
@@ -388,12 +389,6 @@ def _positives_tar(out: Path, series_uid: str) -> Path:
     return out / WORK / "pos" / f"{series_uid}.tar"
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=1))
-    os.replace(partial, path)
-
-
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -475,7 +470,7 @@ def _prepare_work(options: BuildOptions, identity: dict) -> None:
     (work / "pos").mkdir(parents=True, exist_ok=True)
     _remove_partials(options.out)
     (work / LOCK).write_text(f"{os.getpid()}\n")  # held by this build (`_sole_writer`): a refused one names it
-    _write_json_atomic(work / "plan.json", {"identity": identity})
+    write_json(work / "plan.json", {"identity": identity})
 
 
 def _remove_partials(out: Path) -> None:
@@ -691,7 +686,7 @@ def _build(options: BuildOptions, inputs: Inputs) -> dict:
             stale.unlink()  # numbered by an earlier plan, before a series appeared
     shards += pack_positives(list(results.values()), options.out, options.samples_per_shard)
     manifest = _manifest(options, identity, results, folds, shards, skipped, failed, bad_rows, inputs.findings)
-    _write_json_atomic(options.out / MANIFEST, manifest)
+    write_json(options.out / MANIFEST, manifest)
     if failed:
         listing = "\n  ".join(f"{f['series_uid']}: {f['error']}" for f in failed)
         raise BuildError(f"{len(failed)} CT(s) could not be sharded; the others are in {options.out}:\n  {listing}\n"
@@ -716,7 +711,7 @@ def _run_tasks(todo: list[SeriesTask], results: dict, options: BuildOptions) -> 
             failed.append({"series_uid": task.series_uid, "path": task.mhd_path, "error": str(error)})
             bar.write(f"error: {error}")
         else:
-            _write_json_atomic(work / "done" / f"{task.series_uid}.json", asdict(result))
+            write_json(work / "done" / f"{task.series_uid}.json", asdict(result))
             results[task.series_uid] = result
             samples += result.positives + result.negatives
             megabytes += (result.positives + result.negatives) * CHUNK_BYTES / 1e6

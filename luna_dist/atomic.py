@@ -1,0 +1,28 @@
+"""Files that appear complete or not at all: written as `NAME.partial`, then renamed.
+
+A process killed mid-write leaves at most a `.partial` file, which no reader opens and
+the next run overwrites; the rename replaces the old file in one step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Iterator
+
+
+@contextmanager
+def atomic_open(path: Path, mode: str = "w", **kwargs) -> Iterator[IO]:
+    """Open `path.partial` for writing; on a clean exit it becomes `path`."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, mode, **kwargs) as f:
+        yield f
+    os.replace(partial, path)
+
+
+def write_json(path: Path, data, indent: int | None = 1) -> None:
+    with atomic_open(path) as f:
+        json.dump(data, f, indent=indent)
