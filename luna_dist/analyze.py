@@ -248,16 +248,16 @@ def format_confusion(table: np.ndarray) -> str:
     return "\n".join(lines)
 
 
-def score(results: list[dict], data: Path, out: Path) -> dict:
-    """Confusion table and LUNA16 FROC/CPM of the findings, when the data folder has annotations."""
+def score(analysed: list[str], detections: list[dict], marks: Marks, data: Path, out: Path) -> dict:
+    """Confusion table and LUNA16 FROC/CPM of the findings (`marks`: the same as submission marks), when the
+    data folder has annotations."""
     annotations_csv = data / "annotations.csv"
     if not annotations_csv.is_file():
         return {}
     malignancy_csv = data / "annotations_with_malignancy.csv"
     nodules, _ = read_annotations(malignancy_csv if malignancy_csv.is_file() else annotations_csv)
-    analysed = sorted(r["series_uid"] for r in results)
-    nodules = [n for n in nodules if n.series_uid in set(analysed)]
-    detections = [{**d, "series_uid": r["series_uid"]} for r in results for d in r["detections"]]
+    wanted = set(analysed)
+    nodules = [n for n in nodules if n.series_uid in wanted]
     table = confusion(detections, nodules)
     matched, predicted = int(table[1:, 1:].sum()), int(table[1:, 2:].sum())
     summary = {"confusion": {"rows": list(CONFUSION_ROWS), "columns": list(CONFUSION_COLUMNS),
@@ -265,7 +265,6 @@ def score(results: list[dict], data: Path, out: Path) -> dict:
                "nodules": len(nodules), "nodules_matched": matched, "nodules_predicted": predicted,
                "detections_predicted": int(table[:, 2:].sum()), "false_detections_predicted": int(table[0, 2:].sum())}
     excluded_csv = data / "annotations_excluded.csv"
-    marks = _marks(detections)
     result = froc(analysed, read_findings(annotations_csv), marks,
                   read_findings(excluded_csv, excluded=True) if excluded_csv.is_file() else None,
                   bootstrap=1000, band_points=200)
@@ -400,13 +399,14 @@ def _run(args: argparse.Namespace, accelerator: Accelerator) -> dict:
     if accelerator.is_main_process:
         write_detections(args.out / "detections.csv", results)
         detections = [{**d, "series_uid": r["series_uid"]} for r in results for d in r["detections"]]
-        write_marks(args.out / "submission.csv", _marks(detections))
+        marks = _marks(detections)
+        write_marks(args.out / "submission.csv", marks)
         seconds = {stage: sum(r["seconds"].get(stage, 0.0) for r in results) for stage in
                    ("read", "segment", "group", "classify")}
         summary = {"series": len(series), "analysed": len(results), "resumed": skipped, "failed": failed,
                    "processes": accelerator.num_processes, "detections": len(detections),
                    "mode": "candidates" if positions is not None else "segmentation", "seconds": seconds,
-                   **score(results, args.data, args.out)}
+                   **score(sorted(r["series_uid"] for r in results), detections, marks, args.data, args.out)}
         write_json(args.out / "summary.json", summary)
         log.info(f"{len(results)} of {len(series)} CTs analysed ({skipped} from an earlier run), "
                  f"{len(detections)} detections: {args.out / 'detections.csv'}")
