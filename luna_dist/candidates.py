@@ -15,6 +15,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterator, TextIO
 
 import numpy as np
 
@@ -24,7 +25,7 @@ N_FOLDS = 10
 
 @dataclass(frozen=True)
 class Candidate:
-    row: int  # 0-based data row in candidates.csv (file line - 2): stable whatever is filtered out
+    row: int  # 0-based data row in candidates.csv (lines after the header): stable whatever is filtered out
     series_uid: str
     center_xyz: tuple[float, float, float]  # mm, patient space
     is_nodule: bool
@@ -57,24 +58,48 @@ class CsvError(ValueError):
 _TRUE = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
+def open_csv(path: Path) -> TextIO:
+    """A table opened for `csv.reader`. Spreadsheet programs start UTF-8 files with a byte-order
+    mark; read as part of the first column's name it would turn the header into a data row."""
+    return Path(path).open(newline="", encoding="utf-8-sig")
+
+
+def is_blank(fields: list[str]) -> bool:
+    """A CSV row with nothing in it (an empty line, or only commas and spaces)."""
+    return not fields or all(not field.strip() for field in fields)
+
+
+def non_blank_rows(reader) -> Iterator[tuple[int, list[str]]]:
+    """(physical line number, fields) of every row of a `csv.reader` that is not blank."""
+    for fields in reader:
+        if not is_blank(fields):
+            yield reader.line_num, fields
+
+
+def shown(names: list[str]) -> str:
+    """Column names for a message: one holding an invisible character is shown quoted, escapes and all."""
+    return ", ".join(name if name.isprintable() else repr(name) for name in names)
+
+
 def read_rows(path: Path, required: tuple[str, ...]):
-    """Yield (line number, dict row) for each data row, checking the header first."""
+    """Yield (line number, data row, header, fields) for each row that is not blank, after checking the
+    header: the first row that is not blank. The data row counts the file's lines after the header
+    from 0, so leading blank lines never renumber the rows."""
     path = Path(path)
     if not path.is_file():
         raise CsvError(f"{path}: file not found")
-    with path.open(newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
+    with open_csv(path) as f:
+        rows = non_blank_rows(csv.reader(f))
+        header_line, header = next(rows, (0, None))
         if header is None:
             raise CsvError(f"{path}: empty file, expected a header with {', '.join(required)}")
         header = [name.strip() for name in header]
         missing = [name for name in required if name not in header]
         if missing:
-            raise CsvError(f"{path}:1: header lacks column(s) {', '.join(missing)}; found {', '.join(header)}")
-        for fields in reader:
-            if not fields or all(not field.strip() for field in fields):
-                continue
-            yield reader.line_num, header, fields
+            raise CsvError(f"{path}:{header_line}: header lacks column(s) {', '.join(missing)}; "
+                           f"found {shown(header)}")
+        for line, fields in rows:
+            yield line, line - header_line - 1, header, fields
 
 
 def parse_row(header: list[str], fields: list[str]) -> dict:
@@ -109,7 +134,7 @@ def read_candidates(path: Path) -> tuple[list[Candidate], list[BadRow]]:
     required = ("seriesuid", "coordX", "coordY", "coordZ", "class")
     candidates, bad = [], []
     first_line: dict[tuple, int] = {}
-    for line, header, fields in read_rows(path, required):
+    for line, data_row, header, fields in read_rows(path, required):
         try:
             row = parse_row(header, fields)
             if row["class"] not in ("0", "1"):
@@ -121,7 +146,7 @@ def read_candidates(path: Path) -> tuple[list[Candidate], list[BadRow]]:
             bad.append(BadRow(str(path), line, str(err)))
             continue
         first_line[identity] = line
-        candidates.append(Candidate(line - 2, row["seriesuid"], row["xyz"], row["class"] == "1"))
+        candidates.append(Candidate(data_row, row["seriesuid"], row["xyz"], row["class"] == "1"))
     return candidates, bad
 
 
@@ -133,7 +158,7 @@ def read_annotations(path: Path, allow_unknown_diameter: bool = False) -> tuple[
     """
     required = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
     annotations, bad = [], []
-    for line, header, fields in read_rows(path, required):
+    for line, _, header, fields in read_rows(path, required):
         try:
             row = parse_row(header, fields)
             try:

@@ -45,7 +45,15 @@ from pathlib import Path
 import numpy as np
 
 from luna_dist.atomic import atomic_open, write_json
-from luna_dist.candidates import CsvError, finite_number, parse_row, read_annotations, read_rows
+from luna_dist.candidates import (
+    CsvError,
+    finite_number,
+    non_blank_rows,
+    open_csv,
+    parse_row,
+    read_annotations,
+    read_rows,
+)
 
 FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 """False positives per scan at which LUNA16 reads the sensitivity."""
@@ -314,15 +322,17 @@ def fold_findings(manifest: dict, folds) -> tuple[list[str], Findings, Findings]
 
 # -- reading the files -----------------------------------------------------------------------------
 def read_series_list(path: Path) -> list[str]:
-    """One series UID a line (the first field of a CSV row); a `seriesuid` header line is skipped."""
+    """One series UID a line (the first field of a CSV row), blank lines skipped; a `seriesuid`
+    header on the first line that is not blank is skipped (the official script would count it as
+    one more scan without marks)."""
     path = Path(path)
     if not path.is_file():
         raise EvaluationError(f"{path}: file not found")
     uids: dict[str, int] = {}
-    with path.open(newline="") as f:
-        for line, row in enumerate(csv.reader(f), start=1):
-            uid = row[0].strip() if row else ""
-            if not uid or (line == 1 and uid == "seriesuid"):
+    with open_csv(path) as f:
+        for n, (line, row) in enumerate(non_blank_rows(csv.reader(f))):
+            uid = row[0].strip()
+            if not uid or (n == 0 and uid == "seriesuid"):
                 continue
             if uid in uids:
                 raise EvaluationError(f"{path}:{line}: series {uid} listed twice (first on line {uids[uid]})")
@@ -357,14 +367,15 @@ def read_marks(path: Path, series_uids: list[str] | None = None) -> Marks:
     path = Path(path)
     if not path.is_file():
         raise EvaluationError(f"{path}: file not found")
-    with path.open(newline="") as f:
-        reader = csv.reader(f)
-        header = [name.strip() for name in next(reader, [])]
+    with open_csv(path) as f:
+        rows = non_blank_rows(csv.reader(f))  # as read_rows reads every other table
+        header_line, header = next(rows, (1, []))
+        header = [name.strip() for name in header]
         missing = [name for name in PREDICTION_COLUMNS if name not in header]
         if missing:
-            raise EvaluationError(f"{path}:1: header lacks column(s) {', '.join(missing)}; "
+            raise EvaluationError(f"{path}:{header_line}: header lacks column(s) {', '.join(missing)}; "
                                   f"expected {','.join(PREDICTION_COLUMNS)}")
-        rows = [row for row in reader if row and (row[0] or any(field.strip() for field in row))]  # as read_rows
+        rows = [row for _, row in rows]
     columns = [header.index(name) for name in PREDICTION_COLUMNS]
     try:
         if any(len(row) != len(header) for row in rows):
@@ -386,7 +397,7 @@ def read_marks(path: Path, series_uids: list[str] | None = None) -> Marks:
 def _find_bad_mark(path: Path, series_uids: list[str] | None) -> None:
     """Raise an EvaluationError naming the first bad line of a predictions CSV."""
     known = set(series_uids) if series_uids is not None else None
-    for line, header, fields in read_rows(path, PREDICTION_COLUMNS):
+    for line, _, header, fields in read_rows(path, PREDICTION_COLUMNS):
         try:
             row = parse_row(header, fields)
             finite_number(row, "probability")

@@ -127,6 +127,15 @@ def test_blank_lines_are_skipped_and_line_numbers_stay_physical(tmp_path):
     assert [c.row for c in candidates] == [0, 3]
 
 
+def test_a_byte_order_mark_and_blank_lines_before_the_header_are_not_part_of_it(tmp_path):
+    lines = [CANDIDATES_HEADER, f"{UID_A},1,2,3,0", f"{UID_A},4,5,6,1"]
+    plain = read_candidates(write(tmp_path / "plain.csv", lines))
+    path = tmp_path / "bom.csv"
+    path.write_text("\ufeff\n" + "\n".join(lines) + "\n", encoding="utf-8")
+    candidates, bad = read_candidates(path)
+    assert bad == [] and candidates == plain[0]  # rows count from the header, wherever it is
+
+
 def test_extra_columns_and_column_order_are_fine(tmp_path):
     path = write(tmp_path / "candidates.csv", ["class,note,coordZ,coordY,coordX,seriesuid", f"1,hello,3,2,1,{UID_A}"])
     candidates, bad = read_candidates(path)

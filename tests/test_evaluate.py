@@ -290,6 +290,29 @@ def test_bad_input_names_file_and_line(files, tmp_path, capsys, name, text, mess
     assert message in err and "Traceback" not in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("prefix", ["\ufeff", "\n", "\ufeff\n \n,,\n"], ids=["bom", "blank line", "bom and blanks"])
+@pytest.mark.parametrize("name", ["annotations", "excluded", "seriesuids", "predictions"])
+def test_a_byte_order_mark_or_blank_lines_before_the_header_change_nothing(files, tmp_path, name, prefix):
+    """Spreadsheet programs write a UTF-8 byte-order mark; `\ufeffseriesuid` read as a series was one more scan."""
+    assert run_main(files, tmp_path) == 0
+    plain = json.loads((tmp_path / "out.json").read_text())
+    files[name].write_text(prefix + files[name].read_text(), encoding="utf-8")
+    assert run_main(files, tmp_path) == 0
+    assert json.loads((tmp_path / "out.json").read_text()) == plain
+    assert plain["scans"] == 3
+
+
+def test_a_header_with_an_invisible_character_is_shown_escaped(files, tmp_path, capsys):
+    write(files["predictions"], "seriesuid\u200b,coordX,coordY,coordZ,probability\n1.2.3,0,0,0,0.5\n")
+    assert run_main(files, tmp_path) == 2
+    assert "header lacks column(s) seriesuid; expected" in capsys.readouterr().err
+    from luna_dist.candidates import CsvError, read_candidates
+
+    write(tmp_path / "c.csv", "seriesuid\u200b,coordX,coordY,coordZ,class\n")
+    with pytest.raises(CsvError, match=r"found 'seriesuid\\u200b', coordX"):
+        read_candidates(tmp_path / "c.csv")
+
+
 def test_marks_round_trip_through_the_csv(tmp_path):
     original = marks(("1.2.3", 1.5, -2.25, 300.125, 0.123456), ("1.2.4", 0, 0, 0, 1.0))
     evaluate.write_marks(tmp_path / "p.csv", original)
