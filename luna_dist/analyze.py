@@ -52,7 +52,7 @@ from luna_dist.candidates import (
 from luna_dist.ct import HU_MAX, HU_MIN, CtError, cut_chunks, read_ct
 from luna_dist.evaluate import Marks, froc, plot_froc, read_findings, write_marks
 from luna_dist.geometry import irc_to_xyz, xyz_to_irc
-from luna_dist.model import LunaModel, SegmentationModel, load_weights
+from luna_dist.model import LunaModel, SegmentationModel, WeightsError, load_into
 from luna_dist.seg_samples import CONTEXT
 
 log = get_logger("luna_dist.analyze")
@@ -81,12 +81,9 @@ class Models:
 def load_model(model: nn.Module, path: Path, device: torch.device) -> nn.Module:
     """Weights from a best.pt or a run's state/ folder into `model`, ready for inference on `device`."""
     try:
-        model.load_state_dict(load_weights(Path(path)))
-    except FileNotFoundError as err:
+        load_into(model, Path(path))
+    except (FileNotFoundError, WeightsError) as err:
         raise AnalysisError(str(err)) from None
-    except RuntimeError as err:  # the file holds another network's weights
-        first = str(err).splitlines()[0]
-        raise AnalysisError(f"{path}: not weights of a {type(model).__name__} ({first})") from None
     return model.to(device).eval()
 
 

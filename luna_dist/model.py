@@ -155,15 +155,52 @@ class SegmentationModel(nn.Module):
         return torch.sigmoid(logits)
 
 
-def load_weights(path: Path) -> dict:
-    """Model weights from a best-model file (best.pt) or a saved training state folder."""
-    if path.is_dir():
-        from safetensors.torch import load_file
+class WeightsError(ValueError):
+    """A file that holds no weights of the model asked for; the message names the file and what it holds."""
 
-        weights = path / "model.safetensors"
-        if not weights.is_file():
-            raise FileNotFoundError(f"{path}: no model.safetensors; pass a run's state/ folder or its best.pt")
-        return load_file(weights)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+_WEIGHTS_HINT = "pass a best.pt, a run's state/ folder or its model.safetensors"
+
+
+def load_weights(path: Path) -> dict:
+    """Model weights from a best-model file (best.pt), a saved training state folder or its model.safetensors.
+
+    FileNotFoundError when there is no such file; WeightsError when the file is damaged
+    (truncated, not a checkpoint at all) or holds something else (an optimizer state).
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    file = path / "model.safetensors" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: no model.safetensors; {_WEIGHTS_HINT}" if path.is_dir()
+                                else f"{path}: checkpoint not found")
+    try:
+        if file.suffix == ".safetensors":
+            return load_file(file)
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch, pickle and safetensors each word a damaged file their own way
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise WeightsError(f"{file}: not a readable checkpoint ({reason[:200]}); truncated or another kind of "
+                           f"file? {_WEIGHTS_HINT}") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
+        held = ", ".join(sorted(map(str, checkpoint))[:6]) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise WeightsError(f"{file}: holds no model weights (it holds {held}); {_WEIGHTS_HINT}")
+    return checkpoint["model"]
+
+
+def load_into(model: nn.Module, path: Path) -> nn.Module:
+    """`model` with the weights of `path` (see `load_weights`); WeightsError naming the file when they are
+    another network's."""
+    weights = load_weights(path)
+    expected = model.state_dict()
+    missing = [name for name in expected if name not in weights]
+    unexpected = [name for name in weights if name not in expected]
+    resized = [name for name in expected if name in weights and weights[name].shape != expected[name].shape]
+    if missing or unexpected or resized:
+        problems = [f"{len(names)} {what}, e.g. {names[0]}" for names, what in
+                    ((missing, "of its tensors missing"), (unexpected, "unexpected"), (resized, "of another shape"))
+                    if names]
+        raise WeightsError(f"{path}: not weights of a {type(model).__name__} ({'; '.join(problems)})")
+    model.load_state_dict(weights)
+    return model

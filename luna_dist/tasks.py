@@ -31,7 +31,7 @@ from luna_dist import evaluate
 from luna_dist.augment import AugmentConfig, augment, augment_with_mask, random_crop
 from luna_dist.ct import HU_MAX, HU_MIN
 from luna_dist.metrics import compute_metrics, compute_seg_metrics, format_metrics, format_seg_metrics, roc_auc
-from luna_dist.model import LunaModel, SegmentationModel, load_weights
+from luna_dist.model import LunaModel, SegmentationModel, load_into
 from luna_dist.stream import (
     ShardSet,
     ShardSetError,
@@ -339,7 +339,7 @@ class MalignancyTask(ClsTask):
     def build_model(self) -> nn.Module:
         model = LunaModel()
         if self.args.finetune is not None:
-            model.load_state_dict(load_weights(self.args.finetune))
+            load_into(model, self.args.finetune)
         model.head_linear = nn.Linear(model.head_linear.in_features, 2)  # a new head for the new question
         trained = self.TRAINED[self.args.finetune_depth]
         for name, module in model.named_children():

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from luna_dist.candidates import N_FOLDS
 from luna_dist.hardware import precision_warning
 from luna_dist.stream import ShardSetError, steps_per_epoch
-from luna_dist.model import load_weights
+from luna_dist.model import WeightsError, load_into
 from luna_dist.tasks import TASKS
 
 log = get_logger("luna_dist.train")
@@ -187,7 +187,7 @@ class Trainer:
 
         model = task.build_model()
         if args.checkpoint:
-            model.load_state_dict(load_weights(args.checkpoint))
+            load_into(model, args.checkpoint)
         self.model, self.optimizer = accelerator.prepare(model, task.build_optimizer(model))
         self.progress = Progress()
         self.train_rate = math.nan  # samples/s of the last training epoch, all ranks
@@ -512,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = Trainer(args)
         trainer.run()
-    except (ShardSetError, FileNotFoundError, CheckpointError) as err:
+    except (ShardSetError, FileNotFoundError, CheckpointError, WeightsError) as err:
         print(f"error: {own_line(err)}", file=sys.stderr)
         return 1
     except RuntimeError as err:

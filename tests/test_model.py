@@ -174,3 +174,48 @@ def test_unet_channels_last_and_pickle(unet):
     torch.testing.assert_close(pickle.loads(pickle.dumps(unet))(x), expected, rtol=0, atol=0)
     fast = unet.to(memory_format=torch.channels_last)
     torch.testing.assert_close(fast(x.contiguous(memory_format=torch.channels_last)), expected, rtol=0, atol=1e-3)
+
+
+# -- weights files ---------------------------------------------------------------------------------
+def _weights_files(folder) -> dict:
+    """Each kind of file a user may pass as a model, written as training writes them."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = LunaModel()
+    state = folder / "state"
+    state.mkdir()
+    save_file(model.state_dict(), state / "model.safetensors")
+    torch.save({"state": {}, "param_groups": [{"lr": 0.001}]}, state / "optimizer.bin")
+    torch.save({"model": model.state_dict(), "task": "cls"}, folder / "best.pt")
+    torch.save({"model": SegmentationModel().state_dict(), "task": "seg"}, folder / "seg.pt")
+    (folder / "notes.txt").write_text("not a model\n")
+    truncated = (state / "model.safetensors").read_bytes()
+    (folder / "short.safetensors").write_bytes(truncated[: len(truncated) // 2])
+    (folder / "short.pt").write_bytes((folder / "best.pt").read_bytes()[:5000])
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("name", ["best.pt", "state", "state/model.safetensors"])
+def test_weights_load_from_best_pt_state_folder_or_safetensors(tmp_path, name):
+    from luna_dist.model import load_into
+
+    expected = _weights_files(tmp_path)
+    loaded = load_into(LunaModel(), tmp_path / name).state_dict()
+    assert all(torch.equal(loaded[key], expected[key]) for key in expected)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("notes.txt", "notes.txt: not a readable checkpoint ("),
+    ("state/optimizer.bin", "optimizer.bin: holds no model weights (it holds param_groups, state)"),
+    ("short.safetensors", "short.safetensors: not a readable checkpoint ("),
+    ("short.pt", "short.pt: not a readable checkpoint ("),
+    ("seg.pt", "seg.pt: not weights of a LunaModel (23 of its tensors missing, e.g. tail_batchnorm.weight; 81 unexpected"),
+])
+def test_a_file_that_holds_no_usable_weights_is_one_line_naming_it(tmp_path, name, message):
+    from luna_dist.model import WeightsError, load_into
+
+    _weights_files(tmp_path)
+    with pytest.raises(WeightsError) as err:
+        load_into(LunaModel(), tmp_path / name)
+    assert message in str(err.value) and "\n" not in str(err.value)
