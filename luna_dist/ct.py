@@ -29,9 +29,10 @@ class Ct:
 
 
 def read_ct(mhd_path: Path) -> Ct:
-    """Read a `.mhd/.raw` pair (or any format SimpleITK reads) as int16 HU, without a copy.
+    """Read a `.mhd/.raw` pair (or any format SimpleITK reads) as int16 HU, without a copy when stored as int16.
 
-    Raises CtError naming the file for a missing, unreadable or truncated image.
+    Raises CtError naming the file for a missing, unreadable or truncated image, and for
+    voxel types that cannot hold HU (unsigned or 8-bit).
     """
     mhd_path = Path(mhd_path)
     if not mhd_path.is_file():
@@ -39,12 +40,33 @@ def read_ct(mhd_path: Path) -> Ct:
     if mhd_path.suffix.lower() == ".mhd":
         _check_metaimage(mhd_path)
     try:
-        image = sitk.ReadImage(str(mhd_path), sitk.sitkInt16)
+        image = sitk.ReadImage(str(mhd_path))  # as stored: a cast here would wrap values beyond int16
     except RuntimeError as err:
         raise CtError(f"{mhd_path}: cannot read the image: {_itk_reason(err)}") from err
     if image.GetDimension() != 3:
         raise CtError(f"{mhd_path}: expected a 3-D image, found {image.GetDimension()}-D")
-    return Ct(series_uid=mhd_path.stem, hu=np.asarray(_ImageBuffer(image)), geometry=Geometry.of_image(image))
+    return Ct(series_uid=mhd_path.stem, hu=_as_int16_hu(mhd_path, image), geometry=Geometry.of_image(image))
+
+
+_CANNOT_HOLD_HU = (sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkUInt32, sitk.sitkUInt64)
+"""Voxel types without room for air's -1000 HU: such a CT holds raw scanner values or a picture, not HU."""
+
+
+def _as_int16_hu(path: Path, image: sitk.Image) -> np.ndarray:
+    """The voxels as int16 HU: a view of an int16 image; other types clipped to int16's range in their own
+    type, then converted (floats rounded), so 40000.0 stays bone instead of wrapping round to air."""
+    if image.GetPixelID() == sitk.sitkInt16:
+        return np.asarray(_ImageBuffer(image))
+    if image.GetPixelID() in _CANNOT_HOLD_HU or image.GetNumberOfComponentsPerPixel() != 1:
+        raise CtError(f"{path}: voxels are {image.GetPixelIDTypeAsString()}, which cannot hold Hounsfield units "
+                      "(air is -1000 HU); convert the CT to HU first (signed 16-bit, MET_SHORT, with its rescale "
+                      "slope and intercept applied)")
+    voxels = sitk.GetArrayViewFromImage(image)
+    info = np.iinfo(np.int16)
+    clipped = np.clip(voxels, info.min, info.max)
+    if np.issubdtype(clipped.dtype, np.floating):
+        np.rint(clipped, out=clipped)
+    return clipped.astype(np.int16)
 
 
 class _ImageBuffer:

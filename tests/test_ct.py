@@ -284,3 +284,36 @@ def test_ct_error_is_an_exception_not_a_crash(tmp_path):
     assert issubclass(CtError, Exception)
     with pytest.raises(CtError):
         read_ct(tmp_path)  # a folder is not a CT
+
+
+def _write_ct(path: Path, voxels: np.ndarray) -> Path:
+    image = sitk.GetImageFromArray(voxels)
+    image.SetSpacing((0.7, 0.7, 2.5))
+    image.SetOrigin((-150.0, -160.0, -300.0))
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32])
+def test_values_beyond_int16_are_clipped_not_wrapped(tmp_path, dtype):
+    """A float CT with 40000 (metal) must stay dense: wrapped to int16 it read as -25536, stored as air."""
+    voxels = np.full((4, 5, 6), -1000, dtype=dtype)
+    voxels[1, 2, 3], voxels[2, 2, 2], voxels[3, 0, 0] = 40000, -5000, 500
+    if np.issubdtype(dtype, np.floating):
+        voxels[0, 0, 1], voxels[0, 0, 2] = 499.6, -0.4
+    ct = read_ct(_write_ct(tmp_path / "ct.mhd", voxels))
+    assert ct.hu.dtype == np.int16
+    assert (ct.hu[1, 2, 3], ct.hu[2, 2, 2], ct.hu[3, 0, 0]) == (32767, -5000, 500)
+    if np.issubdtype(dtype, np.floating):
+        assert (ct.hu[0, 0, 1], ct.hu[0, 0, 2]) == (500, 0)
+    chunks, _ = cut_chunks(ct.hu, np.array([[1, 2, 3]]))
+    assert chunks[0, 16, 24, 24] == HU_MAX  # bone, not air
+
+
+@pytest.mark.parametrize("dtype, words", [(np.uint8, "8-bit unsigned integer"), (np.int8, "8-bit signed integer"),
+                                          (np.uint16, "16-bit unsigned integer")])
+def test_voxel_types_that_cannot_hold_hu_are_refused(tmp_path, dtype, words):
+    path = _write_ct(tmp_path / "ct.mhd", np.zeros((4, 5, 6), dtype=dtype))
+    with pytest.raises(CtError) as err:
+        read_ct(path)
+    assert str(err.value).startswith(f"{path}: voxels are {words}, which cannot hold Hounsfield units")
