@@ -100,6 +100,7 @@ class BuildOptions:
     max_samples: int = 1000
     max_mb: float = 1000.0
     strict: bool = False
+    max_bad_rows: float = 1.0  # percent of a table's rows that may be left out (malformed or duplicate)
     overwrite: bool = False
     progress: bool = True
     task: str = "cls"  # what to cut: "cls" chunks per candidate, "seg" slice stacks and masks
@@ -123,6 +124,8 @@ class BuildOptions:
         if self.seg_negatives < 0 or self.seg_val_every < 1:
             raise BuildError(f"--seg-negatives must be >= 0 and --seg-val-every >= 1, "
                              f"got {self.seg_negatives} and {self.seg_val_every}")
+        if not 0 <= self.max_bad_rows <= 100:
+            raise BuildError(f"--max-bad-rows must be a percentage in [0, 100], got {self.max_bad_rows}")
         if self.samples_per_shard < 1:
             raise BuildError(f"--max-mb {self.max_mb} is below one sample ({self.cutter.sample_bytes / 1e6:.2f} MB)")
 
@@ -597,6 +600,7 @@ class Inputs:
     series: dict[str, Path]  # UID -> .mhd, for the series of `candidates` found under --data
     skipped: list[dict]
     bad_rows: list
+    tables: dict[str, dict]  # per CSV: its path, its data rows and how many were left out
     warnings: list[str]
     findings: dict[str, list]  # "annotations" and "excluded" rows [uid, x, y, z, diameter], for the evaluation
     annotations: list[Annotation]
@@ -611,7 +615,12 @@ def read_inputs(options: BuildOptions) -> Inputs:
     malignancy, bad_malignancy = read_annotations(options.malignancy) if options.malignancy else ([], [])
     excluded, bad_excluded = read_annotations(options.excluded, allow_unknown_diameter=True) if options.excluded \
         else ([], [])
-    bad_rows += bad_annotations + bad_malignancy + bad_excluded
+    tables = {name: {"path": str(path), "rows": len(kept) + len(bad), "left_out": len(bad)}
+              for name, path, kept, bad in (("candidates", options.candidates, candidates, bad_rows),
+                                            ("annotations", options.annotations, annotations, bad_annotations),
+                                            ("malignancy", options.malignancy, malignancy, bad_malignancy),
+                                            ("excluded", options.excluded, excluded, bad_excluded)) if path}
+    bad_rows = bad_rows + bad_annotations + bad_malignancy + bad_excluded
     warnings = []
     if bad_rows:
         shown = "\n  ".join(str(row) for row in bad_rows[:20])
@@ -619,6 +628,7 @@ def read_inputs(options: BuildOptions) -> Inputs:
         message = f"{len(bad_rows)} malformed or duplicate CSV row(s):\n  {shown}{more}"
         if options.strict:
             raise BuildError(message + "\n(--strict) fix the rows or run without --strict to leave them out")
+        _check_left_out(tables, bad_rows, options.max_bad_rows)
         warnings.append(f"warning: {message}\nthose rows are left out and listed in the manifest")
     if not candidates:
         raise BuildError(f"{options.candidates}: no usable candidate rows; nothing to shard")
@@ -638,8 +648,31 @@ def read_inputs(options: BuildOptions) -> Inputs:
     findings = {name: [[a.series_uid, *a.center_xyz, a.diameter_mm] for a in table]
                 for name, table in (("annotations", annotations), ("excluded", excluded))}
     return Inputs(join_annotations(candidates, annotations, malignancy),
-                  {uid: found[uid] for uid in listed if uid in found}, skipped, bad_rows, warnings, findings,
+                  {uid: found[uid] for uid in listed if uid in found}, skipped, bad_rows, tables, warnings, findings,
                   annotations)
+
+
+def _check_left_out(tables: dict[str, dict], bad_rows: list, max_percent: float) -> None:
+    """Refuse a table that loses more than `max_percent` of its rows: it is not in the layout the build
+    reads (numbers written by another program, shifted columns), and a build from its remains would
+    silently miss most candidates or nodules."""
+    for table in tables.values():
+        if table["rows"] and 100 * table["left_out"] / table["rows"] > max_percent:
+            share = 100 * table["left_out"] / table["rows"]
+            example = next(row for row in bad_rows if row.path == table["path"])
+            raise BuildError(f"{table['path']}: {table['left_out']:,} of {table['rows']:,} rows ({share:.1f} %) cannot "
+                             f"be used, e.g. {example}; more than {max_percent:g} % left out means the table is not in "
+                             f"the layout the build reads: fix it, or pass --max-bad-rows {math.ceil(share)} to build "
+                             f"from the {table['rows'] - table['left_out']:,} rows that can")
+
+
+def left_out_summary(manifest: dict) -> str | None:
+    """One line on the rows of each table a build left out, or None when it used them all."""
+    tables = manifest.get("tables", {})
+    parts = [f"{t['left_out']:,} of {t['rows']:,} rows of {t['path']}" for t in tables.values() if t["left_out"]]
+    if not parts:
+        return None
+    return f"left out: {', '.join(parts)} (malformed or duplicate; listed in manifest.json under bad_rows)"
 
 
 def build(options: BuildOptions) -> dict:
@@ -664,7 +697,7 @@ def _build(options: BuildOptions, inputs: Inputs) -> dict:
         print(warning, file=sys.stderr)
     _prepare_work(options, identity)
 
-    skipped, bad_rows = inputs.skipped, inputs.bad_rows
+    skipped = inputs.skipped
     folds = assign_folds(inputs.series)
     tasks = plan_tasks([c for c in inputs.candidates if c.series_uid in folds], inputs.series, folds, options,
                        inputs.annotations)
@@ -685,7 +718,7 @@ def _build(options: BuildOptions, inputs: Inputs) -> dict:
         if stale.name not in named and "-pos-" not in stale.name:
             stale.unlink()  # numbered by an earlier plan, before a series appeared
     shards += pack_positives(list(results.values()), options.out, options.samples_per_shard)
-    manifest = _manifest(options, identity, results, folds, shards, skipped, failed, bad_rows, inputs.findings)
+    manifest = _manifest(options, identity, results, folds, shards, skipped, failed, inputs)
     write_json(options.out / MANIFEST, manifest)
     if failed:
         listing = "\n  ".join(f"{f['series_uid']}: {f['error']}" for f in failed)
@@ -745,7 +778,7 @@ def _run_tasks(todo: list[SeriesTask], results: dict, options: BuildOptions) -> 
     return failed
 
 
-def _manifest(options, identity, results, folds, shards, skipped, failed, bad_rows, findings) -> dict:
+def _manifest(options, identity, results, folds, shards, skipped, failed, inputs: Inputs) -> dict:
     fold_counts = {}
     for fold in range(max(folds.values(), default=-1) + 1):
         members = [r for r in results.values() if r.fold == fold]
@@ -756,7 +789,7 @@ def _manifest(options, identity, results, folds, shards, skipped, failed, bad_ro
             "negatives": sum(r.negatives for r in members),
             "samples": sum(r.positives + r.negatives for r in members),
             # What LUNA16's evaluation needs, so training scores a fold without the data folder.
-            **{name: [row for row in rows if row[0] in series] for name, rows in findings.items()},
+            **{name: [row for row in rows if row[0] in series] for name, rows in inputs.findings.items()},
         }
         if options.cutter.per_ct_validation:
             fold_counts[str(fold)]["val_slices"] = sum(r.val_slices for r in members)
@@ -779,7 +812,8 @@ def _manifest(options, identity, results, folds, shards, skipped, failed, bad_ro
         "shards": sorted((asdict(s) for s in shards), key=lambda s: s["name"]),
         "skipped": skipped,
         "failed": failed,
-        "bad_rows": [asdict(row) for row in bad_rows],
+        "tables": inputs.tables,
+        "bad_rows": [asdict(row) for row in inputs.bad_rows],
     }
 
 
@@ -799,6 +833,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-samples", type=int, default=BuildOptions.max_samples, help="samples per shard at most")
     parser.add_argument("--max-mb", type=float, default=BuildOptions.max_mb, help="shard size at most, in MB")
     parser.add_argument("--strict", action="store_true", help="fail on malformed CSV rows and series without .mhd")
+    parser.add_argument("--max-bad-rows", type=float, default=BuildOptions.max_bad_rows, metavar="PERCENT",
+                        help="refuse a table with more than this share of its rows malformed or duplicate "
+                             "(default %(default)s %%)")
     parser.add_argument("--overwrite", action="store_true", help="replace a different build found in --out")
     parser.add_argument("--seg-negatives", type=int, default=BuildOptions.seg_negatives,
                         help="seg: negative stacks per CT (default %(default)s)")
@@ -817,6 +854,8 @@ def main(argv: list[str] | None = None) -> int:
     validation = f", {counts['val_slices']} validation slices" if "val_slices" in counts else ""
     print(f"{options.out}: {counts['samples']} samples ({counts['positives']} pos, {counts['negatives']} neg){validation} "
           f"in {len(manifest['shards'])} shards from {sum(len(f['series']) for f in manifest['folds'].values())} CTs")
+    if (left_out := left_out_summary(manifest)) is not None:
+        print(left_out)
     return 0
 
 

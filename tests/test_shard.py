@@ -618,6 +618,51 @@ def test_malformed_csv_row_is_left_out_and_listed(data, tmp_path, small_referenc
     assert f"{candidates}:5" in str(err.value)
 
 
+def _numpy_reprs(path: Path, every: int) -> int:
+    """Write the coordinates of every `every`-th data row as numpy prints them (`np.float64(-24.24)`),
+    as a table saved from a list of numpy scalars comes out; returns how many rows were changed."""
+    lines = path.read_text().splitlines()
+    changed = 0
+    for n in range(1, len(lines), every):
+        uid, x, y, z, cls = lines[n].split(",")
+        lines[n] = ",".join([uid, *(f"np.float64({v})" for v in (x, y, z)), cls])
+        changed += 1
+    path.write_text("\n".join(lines) + "\n")
+    return changed
+
+
+def test_a_table_that_mostly_fails_to_parse_is_refused_naming_the_flag(data, tmp_path):
+    candidates = data / "candidates.csv"
+    rows = len(candidates.read_text().splitlines()) - 1
+    changed = _numpy_reprs(candidates, every=1)
+    assert changed == rows
+    with pytest.raises(BuildError) as err:
+        build(options(data, tmp_path / "out"))
+    message = str(err.value)
+    assert message.startswith(f"{candidates}: {rows:,} of {rows:,} rows (100.0 %) cannot be used, e.g. {candidates}:2: "
+                              "coordX is not a number: 'np.float64(")
+    assert "more than 1 % left out" in message and "--max-bad-rows 100" in message
+    assert not (tmp_path / "out").exists()  # checked before anything is written
+
+
+def test_the_last_line_says_how_many_rows_of_which_table_were_left_out(data, tmp_path):
+    candidates = data / "candidates.csv"
+    rows = len(candidates.read_text().splitlines()) - 1
+    changed = _numpy_reprs(candidates, every=3)
+    refused = shard_cli("--data", data, "--out", tmp_path / "out", "--no-progress")
+    assert refused.returncode == 1 and "--max-bad-rows 34" in refused.stderr
+    built = shard_cli("--data", data, "--out", tmp_path / "out", "--no-progress", "--max-bad-rows", "34")
+    assert built.returncode == 0, built.stderr
+    assert built.stdout.strip().splitlines()[-1] == (
+        f"left out: {changed:,} of {rows:,} rows of {candidates} (malformed or duplicate; listed in manifest.json "
+        "under bad_rows)")
+    manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    assert manifest["tables"]["candidates"] == {"path": str(candidates), "rows": rows, "left_out": changed}
+    assert manifest["counts"]["samples"] == rows - changed
+    again = shard_cli("--data", data, "--out", tmp_path / "out", "--no-progress", "--max-bad-rows", "34")
+    assert "already complete" in again.stdout and again.stdout.strip().splitlines()[-1].startswith("left out: ")
+
+
 def test_candidates_outside_the_volume_are_padded_and_flagged(data, tmp_path):
     uid, mhd = one_series(data, 2)
     image = sitk.ReadImage(str(mhd))
@@ -787,7 +832,7 @@ def test_duplicate_candidate_rows_are_reported_and_sampled_once(data, tmp_path, 
     positive = next(n for n, row in enumerate(rows) if row.endswith(",1"))
     with open(candidates, "a") as f:
         f.write(rows[positive] + "\n" + rows[1] + "\n")
-    manifest = build(options(data, tmp_path / "out"))
+    manifest = build(options(data, tmp_path / "out", max_bad_rows=2))  # 2 of the small table's 140 rows
     n = len(rows)
     assert [(r["line"], r["problem"]) for r in manifest["bad_rows"]] == [
         (n + 1, f"duplicate of line {positive + 1}"), (n + 2, "duplicate of line 2")]
