@@ -38,19 +38,36 @@ class Geometry:
         }
 
 
+def xyz_to_irc_float(xyz: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Map points in mm, shape (..., 3) X/Y/Z, to continuous voxel indices (..., 3) I/R/C, float64.
+
+    Integer values are voxel centres. Kept un-rounded where a position is reported or
+    scored: rounding moves a point by up to half a voxel per axis (1.25 mm across a
+    2.5 mm slice), enough to carry a mark off a small nodule.
+    """
+    xyz = np.asarray(xyz, dtype=np.float64)
+    to_index = np.linalg.inv(geometry.direction * geometry.spacing_xyz)  # scales columns
+    cri = (xyz - geometry.origin_xyz) @ to_index.T
+    return cri[..., ::-1]
+
+
+def nearest_voxel(irc: np.ndarray) -> np.ndarray:
+    """The voxel (..., 3) int64 holding continuous indices `irc`: halves round up, as SimpleITK's
+    TransformPhysicalPointToIndex does. Every cut of a chunk around a point uses this (np.rint rounds
+    an exact half to even, so 2.5 would give voxel 2 where the shard build cut around voxel 3)."""
+    return np.floor(np.asarray(irc, dtype=np.float64) + 0.5).astype(np.int64)
+
+
 def xyz_to_irc(xyz: np.ndarray, geometry: Geometry) -> np.ndarray:
     """Map points in mm, shape (..., 3) X/Y/Z, to the nearest voxel index (..., 3) I/R/C.
 
     Rounds halves up, as SimpleITK's TransformPhysicalPointToIndex does; indices may lie
     outside the volume (the caller decides what that means).
     """
-    xyz = np.asarray(xyz, dtype=np.float64)
-    to_index = np.linalg.inv(geometry.direction * geometry.spacing_xyz)  # scales columns
-    cri = (xyz - geometry.origin_xyz) @ to_index.T
-    return np.floor(cri + 0.5)[..., ::-1].astype(np.int64)
+    return nearest_voxel(xyz_to_irc_float(xyz, geometry))
 
 
 def irc_to_xyz(irc: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """Map voxel indices (..., 3) I/R/C to the voxel centres in mm (..., 3) X/Y/Z."""
+    """Map voxel indices (..., 3) I/R/C, whole or continuous, to points in mm (..., 3) X/Y/Z."""
     cri = np.asarray(irc, dtype=np.float64)[..., ::-1]
     return cri @ (geometry.direction * geometry.spacing_xyz).T + geometry.origin_xyz

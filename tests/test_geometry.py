@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from luna_dist.geometry import Geometry, irc_to_xyz, xyz_to_irc
+from luna_dist.geometry import Geometry, irc_to_xyz, nearest_voxel, xyz_to_irc, xyz_to_irc_float
 
 
 def rotation_z(degrees: float) -> np.ndarray:
@@ -151,3 +151,19 @@ def test_points_outside_the_volume_give_out_of_range_indices():
     geometry = Geometry.of_image(image)
     assert xyz_to_irc([-5.0, 0.0, 0.0], geometry).tolist() == [0, 0, -5]
     assert xyz_to_irc([0.0, 0.0, 1000.0], geometry).tolist() == [500, 0, 0]
+
+
+def test_xyz_to_irc_float_equals_simpleitk_continuous_index_and_round_trips(image):
+    geometry = Geometry.of_image(image)
+    points = random_points(image, np.random.default_rng(4), 300)
+    expected = np.array([image.TransformPhysicalPointToContinuousIndex(p.tolist())[::-1] for p in points])
+    irc = xyz_to_irc_float(points, geometry)
+    assert irc.shape == (300, 3) and irc.dtype == np.float64
+    np.testing.assert_allclose(irc, expected, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(irc_to_xyz(irc, geometry), points, rtol=0, atol=1e-9)
+    np.testing.assert_array_equal(nearest_voxel(irc), xyz_to_irc(points, geometry))
+
+
+@pytest.mark.parametrize("value, voxel", [(2.5, 3), (3.5, 4), (-0.5, 0), (-1.5, -1), (2.49, 2), (-2.51, -3)])
+def test_nearest_voxel_rounds_halves_up_not_to_even(value, voxel):
+    assert nearest_voxel(np.array([value, 0.0, 0.0]))[0] == voxel
