@@ -15,7 +15,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import Iterable, Iterator, TextIO
 
 import numpy as np
 
@@ -256,3 +256,21 @@ def assign_folds(series: dict[str, Path]) -> dict[str, int]:
     for index, uid in enumerate(loose):
         folds[uid] = index % N_FOLDS
     return folds
+
+
+def folds_as_built(found: dict[str, Path], listed: Iterable[str]) -> dict[str, int]:
+    """The fold of each series as a shard build deals them, for every command that must agree with a build.
+
+    `found` is what `find_series` found on disk, `listed` the series of the candidate
+    table. A series in a `subsetN` folder is in fold N whether listed or not; the others
+    are dealt round-robin (`assign_folds`) over the listed ones only: the build holds no
+    other series, and one more loose .mhd on disk would shift every fold after it.
+    With nothing listed, only the series in `subsetN` folders get a fold.
+    """
+    listed = set(listed)
+    kept = {}
+    for uid, path in found.items():
+        subset = _SUBSET.match(path.parent.name)
+        if uid in listed or (subset and int(subset.group(1)) < N_FOLDS):
+            kept[uid] = path
+    return assign_folds(kept)
