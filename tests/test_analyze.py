@@ -1,30 +1,48 @@
-"""End-to-end analysis: grouping, the share of CTs per process, scoring, 1 vs 2 CPU ranks, kill and rerun, a bad CT.
+"""End-to-end analysis: grouping, the share of CTs per process, scoring, 1 vs 2 CPU ranks, kill and rerun,
+what a rerun reuses, the folds, given coordinates kept, and every bad input as one line.
 
 The models are built here rather than trained: a segmentation model whose weights
 mark every voxel above -250 HU of the middle slice (so the groups are real
 structures of the CT: nodules, vessels, the body), and a randomly initialised
-classifier; both are saved as best.pt files, as training writes them.
+classifier; both are saved as best.pt files, as training writes them. The tests that
+start analysis processes, or analyse the synthetic CTs in this one, are marked slow;
+the others analyse two tiny CTs (`tiny_data`) in this process.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
+from scipy import ndimage
 
-from luna_dist.analyze import assign, confusion, group, segment
-from luna_dist.candidates import Annotation, assign_folds, find_series, read_annotations
+from luna_dist import analyze as analysis
+from luna_dist.analyze import (
+    Models,
+    assign,
+    classify,
+    confusion,
+    group,
+    load_model,
+    main,
+    segment,
+)
+from luna_dist.candidates import Annotation, assign_folds, find_series, folds_as_built, read_annotations
 from luna_dist.model import LunaModel, SegmentationModel
 from luna_dist.seg_samples import CONTEXT
+from luna_dist.shard import BuildOptions, build
 
 RUN_TIMEOUT = 300
 THRESHOLD_HU = -250.0
@@ -154,6 +172,109 @@ def test_confusion_table_by_the_book_rule():
     np.testing.assert_array_equal(table, expected)
 
 
+def _center_of_mass_groups(mask: np.ndarray, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The grouping as scipy's center_of_mass computes it over whole-volume arrays: the reference."""
+    labels, count = ndimage.label(ndimage.binary_erosion(mask, iterations=1))
+    weights = np.clip(hu, -1000, 1000).astype(np.float32) + 1001
+    centres = np.array(ndimage.center_of_mass(weights, labels, np.arange(1, count + 1))).reshape(-1, 3)
+    return centres, np.bincount(labels.ravel(), minlength=count + 1)[1:]
+
+
+@pytest.mark.parametrize("shape", [(30, 40, 50), (3, 9, 200), (2, 20, 20)])
+def test_group_equals_the_whole_volume_center_of_mass_exactly(shape):
+    rng = np.random.default_rng(sum(shape))
+    hu = rng.integers(-1500, 1500, shape).astype(np.int16)  # beyond both ends of the clipping
+    mask = ndimage.uniform_filter(rng.random(shape), 3) > 0.5  # blobs of every size, some touching the border
+    centres, voxels = group(mask, hu)
+    expected_centres, expected_voxels = _center_of_mass_groups(mask, hu)
+    np.testing.assert_array_equal(centres, expected_centres)
+    np.testing.assert_array_equal(voxels, expected_voxels)
+    assert voxels.dtype == np.int64 and centres.shape == (len(voxels), 3)
+
+
+def test_group_needs_at_most_6_bytes_per_voxel():
+    """One group spans the whole volume (a body) and many are small; numpy reports its arrays to tracemalloc."""
+    i, r, c = np.ogrid[:48, :128, :128]
+    hu = np.where(((i - 24) / 22) ** 2 + ((r - 64) / 60) ** 2 + ((c - 64) / 60) ** 2 <= 1, 40, -900).astype(np.int16)
+    hu[::6, ::9, ::9] = -1000  # holes, so the body's box holds voxels of other groups
+    mask = hu > -500
+    mask[2:46:4, 2:126:5, 2:126:5] = True
+    tracemalloc.start()
+    try:
+        group(mask, hu)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak / hu.size <= 6, f"{peak / hu.size:.1f} bytes per voxel"
+
+
+class _Passes(list):
+    """A list that counts how often it is iterated."""
+
+    passes = 0
+
+    def __iter__(self):
+        self.passes += 1
+        return super().__iter__()
+
+
+def test_confusion_reads_the_detections_once_whatever_the_series():
+    detections = _Passes({"series_uid": f"s{k % 7}", "xyz": [float(k), 0.0, 0.0], "p_nodule": 0.9,
+                          "p_malignant": None} for k in range(70))
+    nodules = [Annotation(f"s{k}", (float(k), 0.0, 0.0), 10.0, False) for k in range(7)]
+    table = confusion(detections, nodules)
+    assert detections.passes == 1
+    assert table[1, 2] == 7 and table[0].sum() == 70 - 7  # each s_k's k-th mark is on its nodule, once
+
+
+class _CentreVoxelModel(torch.nn.Module):
+    """A stand-in classifier whose p_nodule is the HU of its chunk's centre voxel / 1000: it shows where a chunk
+    was cut (the chunk around voxel v spans v - w//2 .. v + w//2 - 1, so v sits at index w//2)."""
+
+    def forward(self, x):  # (B, 1, 32, 48, 48)
+        p = x[:, 0, 16, 24, 24] / 1000
+        return None, torch.stack([1 - p, p], dim=1)
+
+
+def test_classify_cuts_around_the_voxel_the_shard_build_rounds_to():
+    """A centre of mass at column 30.5 is cut around column 31 (halves up, as the build's xyz_to_irc), not 30."""
+    hu = np.zeros((20, 40, 60), dtype=np.int16)
+    hu[10, 20, 31] = 700
+    models = Models(seg=None, nodule=_CentreVoxelModel(), malignancy=None)
+    p_nodule, _ = classify(hu, np.array([[9.5, 20.0, 30.5]]), models, torch.device("cpu"), 4, _no_autocast)
+    assert p_nodule[0] == pytest.approx(0.7)
+
+
+def test_weights_hash_is_the_same_for_a_best_pt_and_a_state_folder_of_those_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    weights = LunaModel().state_dict()
+    torch.save({"model": weights}, tmp_path / "best.pt")
+    (tmp_path / "state").mkdir()
+    save_file({name: tensor.contiguous() for name, tensor in weights.items()}, tmp_path / "state" / "model.safetensors")
+    torch.manual_seed(1)
+    torch.save({"model": LunaModel().state_dict()}, tmp_path / "other.pt")
+    cpu = torch.device("cpu")
+    hashes = [load_model(LunaModel(), tmp_path / name, cpu)[1] for name in ("best.pt", "state", "other.pt")]
+    assert hashes[0] == hashes[1] != hashes[2]
+
+
+def test_ct_identity_ignores_where_the_ct_lies_but_not_its_header_or_data_size(synth_data, tmp_path):
+    mhd = next(iter(find_series(synth_data).values()))
+    copy = tmp_path / "elsewhere" / mhd.name
+    copy.parent.mkdir()
+    shutil.copy(mhd, copy)
+    shutil.copy(mhd.with_suffix(".raw"), copy.with_suffix(".raw"))
+    identity = analysis.ct_identity(mhd)
+    assert analysis.ct_identity(copy) == identity and identity["data_bytes"] == mhd.with_suffix(".raw").stat().st_size
+    with copy.with_suffix(".raw").open("ab") as f:
+        f.write(b"\0\0")
+    assert analysis.ct_identity(copy)["data_bytes"] == identity["data_bytes"] + 2
+    copy.write_text(copy.read_text().replace("ElementSpacing", "ElementSpacing ", 1))
+    assert analysis.ct_identity(copy)["header_sha256"] != identity["header_sha256"]
+
+
 # -- the command -----------------------------------------------------------------------------------
 def _three_series(synth_data: Path) -> list[str]:
     folds = assign_folds(find_series(synth_data))
@@ -168,6 +289,7 @@ def one_rank(synth_data, models, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_one_rank_analysis_writes_findings_and_scores_them(synth_data, one_rank):
     series = _three_series(synth_data)
     summary = json.loads((one_rank / "summary.json").read_text())
@@ -191,6 +313,7 @@ def test_one_rank_analysis_writes_findings_and_scores_them(synth_data, one_rank)
     assert (one_rank / "froc.png").is_file()
 
 
+@pytest.mark.slow
 def test_two_ranks_give_the_same_detections(synth_data, models, one_rank, tmp_path):
     out = tmp_path / "two"
     analyze(["--data", str(synth_data), "--seg-model", str(models["seg"]), "--cls-model", str(models["cls"]),
@@ -200,6 +323,7 @@ def test_two_ranks_give_the_same_detections(synth_data, models, one_rank, tmp_pa
     assert (summary["processes"], summary["analysed"]) == (2, 3)
 
 
+@pytest.mark.slow
 def test_killed_analysis_resumes_with_finished_cts_skipped(synth_data, models, one_rank, tmp_path):
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "luna_dist.analyze", "--data", str(synth_data), "--seg-model",
@@ -222,6 +346,7 @@ def test_killed_analysis_resumes_with_finished_cts_skipped(synth_data, models, o
     assert _rows(out / "detections.csv") == _rows(one_rank / "detections.csv")
 
 
+@pytest.mark.slow
 def test_unreadable_ct_is_reported_and_the_others_finish(synth_data, models, one_rank, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(synth_data, data)
@@ -240,6 +365,7 @@ def test_unreadable_ct_is_reported_and_the_others_finish(synth_data, models, one
     assert _rows(out / "detections.csv") == expected
 
 
+@pytest.mark.slow
 def test_candidates_mode_scores_the_given_positions(synth_data, models, tmp_path):
     out = tmp_path / "candidates"
     analyze(["--data", str(synth_data), "--candidates", str(synth_data / "candidates.csv"), "--cls-model",
@@ -252,8 +378,343 @@ def test_candidates_mode_scores_the_given_positions(synth_data, models, tmp_path
     assert summary["mode"] == "candidates" and summary["detections"] == expected
 
 
-def test_missing_model_is_a_clear_error(synth_data, tmp_path):
-    result = analyze(["--data", str(synth_data), "--seg-model", str(tmp_path / "none.pt"), "--cls-model",
-                      str(tmp_path / "none.pt"), "--out", str(tmp_path / "out")], check=False)
-    assert result.returncode == 1
-    assert "none.pt: checkpoint not found" in result.stderr and "Traceback" not in result.stderr
+# -- reruns: what produced a CT's findings --------------------------------------------------------------
+def _detections(out: Path) -> dict[tuple, str]:
+    """p_nodule of each detection of detections.csv by (series, coordinates)."""
+    with (out / "detections.csv").open(newline="") as f:
+        return {(row["seriesuid"], row["coordX"], row["coordY"], row["coordZ"]): row["p_nodule"]
+                for row in csv.DictReader(f)}
+
+
+@pytest.mark.slow
+def test_rerun_of_the_same_command_reuses_every_ct(synth_data, models, one_rank, tmp_path):
+    out = tmp_path / "rerun"
+    shutil.copytree(one_rank, out)
+    assert main(["--data", str(synth_data), "--seg-model", str(models["seg"]), "--cls-model", str(models["cls"]),
+                 "--folds", "7", "8", "9", "--out", str(out), "--batch-size", "16"]) == 0
+    assert _rows(out / "detections.csv") == _rows(one_rank / "detections.csv")
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["resumed"], summary["redone"]) == (3, 0)
+
+
+@pytest.mark.slow
+def test_candidates_rerun_into_a_segmentation_out_redoes_every_ct(synth_data, models, one_rank, tmp_path):
+    out = tmp_path / "rerun"
+    shutil.copytree(one_rank, out)
+    series = set(_three_series(synth_data))
+    with (synth_data / "candidates.csv").open(newline="") as f:
+        rows = [row for row in csv.reader(f)]
+    few = [rows[0]] + [row for row in rows[1:] if row[0] in series][::40]  # a few candidates: quick to classify
+    _write_csv(tmp_path / "few.csv", ",".join(few[0]), few[1:])
+    assert main(["--data", str(synth_data), "--candidates", str(tmp_path / "few.csv"), "--cls-model",
+                 str(models["cls"]), "--folds", "7", "8", "9", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["mode"], summary["analysed"], summary["detections"]) == ("candidates", 3, len(few) - 1)
+    assert (summary["resumed"], summary["redone"]) == (0, 3)
+    assert summary["produced_by"]["candidates"]["path"] == str(tmp_path / "few.csv")
+
+
+def _classifier(seed: int, path: Path) -> Path:
+    """A random classifier saved as best.pt whose input batch norm divides HU by 1000: probabilities that are
+    not all 0 or 1, so two seeds give two sets of them."""
+    torch.manual_seed(seed)
+    model = LunaModel()
+    model.tail_batchnorm.running_var.fill_(1000.0**2)
+    torch.save({"model": model.state_dict()}, path)
+    return path
+
+
+def test_rerun_with_another_classifier_redoes_the_cts_as_a_fresh_run_would(tiny_data, tmp_path):
+    args = ["--data", str(tiny_data), "--candidates", str(tiny_data / "candidates.csv")]
+    out = tmp_path / "rerun"
+    assert main([*args, "--cls-model", str(_classifier(0, tmp_path / "cls0.pt")), "--out", str(out)]) == 0
+    before = _detections(out)
+    other = _classifier(1, tmp_path / "cls1.pt")
+    assert main([*args, "--cls-model", str(other), "--out", str(out)]) == 0
+    assert main([*args, "--cls-model", str(other), "--out", str(tmp_path / "fresh")]) == 0
+    rerun = _detections(out)
+    assert rerun == _detections(tmp_path / "fresh")
+    assert rerun.keys() == before.keys() and all(rerun[key] != before[key] for key in rerun)
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["analysed"], summary["resumed"], summary["redone"]) == (2, 0, 2)
+    sha256 = load_model(LunaModel(), other, torch.device("cpu"))[1]
+    assert summary["produced_by"]["models"]["nodule"] == {"path": str(other), "sha256": sha256}
+
+
+# -- folds as the shard build deals them ------------------------------------------------------------------
+def _loose_copy(synth_data: Path, loose: Path) -> str:
+    """Every CT of synth_data in one folder, and one more .mhd that candidates.csv does not list; its UID
+    sorts first, so folds dealt over the files on disk would all shift by one."""
+    loose.mkdir()
+    for csv_file in synth_data.glob("*.csv"):
+        shutil.copy(csv_file, loose)
+    for mhd in find_series(synth_data).values():
+        shutil.copy(mhd, loose)
+        shutil.copy(mhd.with_suffix(".raw"), loose)
+    extra = "1.0.unlisted"
+    header = mhd.read_text().replace(mhd.with_suffix(".raw").name, f"{extra}.raw")
+    (loose / f"{extra}.mhd").write_text(header)
+    shutil.copy(mhd.with_suffix(".raw"), loose / f"{extra}.raw")
+    return extra
+
+
+def test_folds_as_built_agree_with_the_builds_assign_folds_on_its_series():
+    found = {"a": Path("d/subset3/a.mhd"), "b": Path("d/b.mhd"), "c": Path("d/c.mhd"), "0": Path("d/0.mhd"),
+             "e": Path("d/subset4/e.mhd")}
+    listed = {"a", "b", "c", "gone"}  # "0" is on disk but not listed; "gone" listed but not on disk
+    folds = folds_as_built(found, listed)
+    as_built = assign_folds({uid: path for uid, path in found.items() if uid in listed})
+    assert {uid: folds[uid] for uid in as_built} == as_built
+    assert folds == {"a": 3, "b": 0, "c": 1, "e": 4}  # e: in a subset, whether listed or not
+    assert folds_as_built(found, ()) == {"a": 3, "e": 4}
+
+
+def _analysed(out: Path) -> list[str]:
+    return sorted(p.stem for p in (out / "ct").glob("*.json"))
+
+
+@pytest.mark.slow
+def test_folds_of_loose_data_are_the_shard_builds(synth_data, models, tmp_path, capsys):
+    loose = tmp_path / "loose"
+    extra = _loose_copy(synth_data, loose)
+    shards = tmp_path / "shards"
+    manifest = build(BuildOptions(data=loose, out=shards, workers=2, max_samples=150, progress=False))
+    held_out = sorted(manifest["folds"]["9"]["series"])
+    assert len(held_out) == 1 and extra not in held_out
+    with (loose / "candidates.csv").open(newline="") as f:
+        rows = list(csv.reader(f))
+    _write_csv(tmp_path / "few.csv", ",".join(rows[0]), rows[1::50])  # few to classify; the folds take them all
+    args = ["--data", str(loose), "--candidates", str(tmp_path / "few.csv"), "--cls-model", str(models["cls"]),
+            "--folds", "9"]
+
+    assert main([*args, "--out", str(tmp_path / "folds")]) == 0
+    assert _analysed(tmp_path / "folds") == held_out
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "--shards" in notes[0] and "1 unlisted left out" in notes[0]
+
+    assert main([*args, "--shards", str(shards), "--out", str(tmp_path / "shards-folds")]) == 0
+    assert _analysed(tmp_path / "shards-folds") == held_out
+    capsys.readouterr()
+
+    gone = loose / f"{held_out[0]}.mhd"
+    gone.unlink()
+    assert main([*args, "--shards", str(shards), "--out", str(tmp_path / "gone")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and f"have no .mhd under --data {loose}, e.g. {held_out[0]}" in error[0]
+
+
+# -- candidates keep their coordinates, and bad inputs: tiny CTs analysed in this process --------------
+TINY_SPACING = (0.7, 0.7, 2.5)  # x, y, z mm
+TINY_ORIGIN = (-20.0, -30.0, -100.0)
+NODULE = ("tiny.1", 2.4, -7.6, -80.0, 3.4)  # seriesuid, x, y, z (the centre of voxel (8, 32, 32)), diameter mm
+CANDIDATES = [  # none at a voxel centre; the first 1.5 mm from the nodule's centre: inside it, while the
+    ("tiny.1", 2.4, -7.6, -78.5, 1),  # nearest voxel centre (index 9, not 8.6) is 2.5 mm away: outside
+    ("tiny.1", 5.123, -3.456, -71.789, 0),
+    ("tiny.2", 7.777, 1.234, -88.888, 0),
+]
+
+
+def _write_ct(path: Path, hu: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = sitk.GetImageFromArray(hu)
+    image.SetSpacing(TINY_SPACING)
+    image.SetOrigin(TINY_ORIGIN)
+    sitk.WriteImage(image, str(path))
+
+
+def _write_csv(path: Path, header: str, rows) -> None:
+    path.write_text("\n".join([header, *(",".join(map(str, row)) for row in rows)]) + "\n")
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """Two 16x64x64 CTs of soft tissue (tiny.1 in subset0 with a 3.4 mm nodule, tiny.2 in subset1), CANDIDATES
+    and the nodule as annotations.csv. Soft tissue, not air: a random classifier's probabilities of air chunks
+    are all 0. Read-only: a test that changes it copies it first."""
+    data = tmp_path_factory.mktemp("tiny") / "data"
+    rng = np.random.default_rng(0)
+    i, r, c = np.ogrid[:16, :64, :64]
+    for k, uid in enumerate(("tiny.1", "tiny.2")):
+        hu = rng.integers(-60, 60, (16, 64, 64)).astype(np.int16)
+        hu[(i - 8) ** 2 + (r - 32) ** 2 + (c - 32) ** 2 <= 4] = 200
+        _write_ct(data / f"subset{k}" / f"{uid}.mhd", hu)
+    _write_csv(data / "candidates.csv", "seriesuid,coordX,coordY,coordZ,class", CANDIDATES)
+    _write_csv(data / "annotations.csv", "seriesuid,coordX,coordY,coordZ,diameter_mm", [NODULE])
+    return data
+
+
+def _candidates_args(data: Path, models: dict, out: Path) -> list[str]:
+    return ["--data", str(data), "--candidates", str(data / "candidates.csv"), "--cls-model", str(models["cls"]),
+            "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def tiny_candidates(tiny_data, models, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny-candidates") / "out"
+    assert main(_candidates_args(tiny_data, models, out)) == 0
+    return out
+
+
+def test_candidates_come_out_at_exactly_the_given_coordinates(tiny_candidates):
+    given = sorted((uid, x, y, z) for uid, x, y, z, _ in CANDIDATES)
+    per_ct = sorted((uid, *d["xyz"]) for uid in ("tiny.1", "tiny.2")
+                    for d in json.loads((tiny_candidates / "ct" / f"{uid}.json").read_text())["detections"])
+    assert per_ct == given
+    for table in ("detections.csv", "submission.csv"):
+        with (tiny_candidates / table).open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert sorted((row["seriesuid"], *(float(row[k]) for k in ("coordX", "coordY", "coordZ")))
+                      for row in rows) == given, table
+    irc = json.loads((tiny_candidates / "ct" / "tiny.1.json").read_text())["detections"]
+    assert sorted(d["irc"] for d in irc)[0] == [8.6, 32.0, 32.0]  # continuous, not the voxel [9, 32, 32]
+
+
+def test_a_candidate_off_the_voxel_centre_scores_as_the_hit_it_is(tiny_candidates):
+    """1.5 mm from the centre of a 3.4 mm nodule is a LUNA16 hit (inside its sphere) and a match (0.44 < 0.7);
+    moved to its voxel's centre (2.5 mm) it would be neither."""
+    summary = json.loads((tiny_candidates / "summary.json").read_text())
+    assert summary["froc"]["detected"] == 1 and summary["froc"]["nodules"] == 1
+    assert summary["nodules_matched"] == 1
+
+
+def test_candidate_rows_of_series_not_on_disk_are_counted_and_named(tiny_data, models, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    _write_csv(data / "candidates.csv", "seriesuid,coordX,coordY,coordZ,class",
+               CANDIDATES + [("gone.1", 0, 0, 0, 0), ("gone.1", 1, 0, 0, 0), ("gone.2", 0, 0, 0, 1)])
+    assert main(_candidates_args(data, models, tmp_path / "out")) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: 3 row(s) of --candidates {data / 'candidates.csv'} are of 2 series with no .mhd "
+                        f"under {data} (gone.1: 2, gone.2: 1); they are not scored"]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["candidate_rows_not_on_disk"] == 3 and summary["detections"] == len(CANDIDATES)
+
+
+# Each bad input: (how to make it from a copy of tiny_data, exit code, part(s) of the one line it prints).
+# A maker gets (data, models, tmp_path, monkeypatch) and returns the command's arguments.
+def _model_file(content: bytes, name: str = "cls.pt"):
+    def make(data, models, tmp_path, monkeypatch):
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+        return ["--data", str(data), "--candidates", str(data / "candidates.csv"), "--cls-model", str(path),
+                "--out", str(tmp_path / "out")]
+    return make
+
+
+def _optimizer_state(data, models, tmp_path, monkeypatch):
+    (tmp_path / "state").mkdir()
+    torch.save({"state": {}, "param_groups": [{"lr": 0.001, "params": [0]}]}, tmp_path / "state" / "optimizer.bin")
+    return ["--data", str(data), "--candidates", str(data / "candidates.csv"), "--cls-model",
+            str(tmp_path / "state" / "optimizer.bin"), "--out", str(tmp_path / "out")]
+
+
+def _truncated_safetensors(data, models, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "state" / "model.safetensors"
+    path.parent.mkdir()
+    save_file(LunaModel().state_dict(), path)
+    path.write_bytes(path.read_bytes()[:5000])
+    return ["--data", str(data), "--candidates", str(data / "candidates.csv"), "--cls-model", str(path.parent),
+            "--out", str(tmp_path / "out")]
+
+
+def _missing_model(data, models, tmp_path, monkeypatch):
+    return ["--data", str(data), "--seg-model", str(tmp_path / "none.pt"), "--cls-model", str(models["cls"]),
+            "--out", str(tmp_path / "out")]
+
+
+def _another_network(data, models, tmp_path, monkeypatch):
+    return ["--data", str(data), "--candidates", str(data / "candidates.csv"), "--cls-model", str(models["seg"]),
+            "--out", str(tmp_path / "out")]
+
+
+def _bad_table(name: str, header: str, good: tuple, bad: tuple):
+    """The table `name` with a good row on line 2 and a bad one on line 3."""
+    def make(data, models, tmp_path, monkeypatch):
+        _write_csv(data / name, header, [good, bad])
+        return _candidates_args(data, models, tmp_path / "out")
+    return make
+
+
+def _same_uid_twice(data, models, tmp_path, monkeypatch):
+    shutil.copytree(data / "subset0", data / "subset5")
+    return _candidates_args(data, models, tmp_path / "out")
+
+
+def _loose_without_candidates(data, models, tmp_path, monkeypatch):
+    (data / "subset1" / "tiny.2.mhd").rename(data / "tiny.2.mhd")
+    (data / "subset1" / "tiny.2.raw").rename(data / "tiny.2.raw")
+    (data / "candidates.csv").rename(tmp_path / "candidates.csv")
+    return ["--data", str(data), "--candidates", str(tmp_path / "candidates.csv"), "--cls-model", str(models["cls"]),
+            "--folds", "0", "--out", str(tmp_path / "out")]
+
+
+def _failing(name: str, code: int, where: str):
+    """Replace analyze's `name` by a function that raises OSError(code) when its path lies under `where`."""
+    def make(data, models, tmp_path, monkeypatch):
+        original = getattr(analysis, name)
+
+        def fail(path, *args, **kwargs):
+            if where in Path(path).parts:
+                raise OSError(code, os.strerror(code), str(path))
+            return original(path, *args, **kwargs)
+        monkeypatch.setattr(analysis, name, fail)
+        return _candidates_args(data, models, tmp_path / "out")
+    return make
+
+
+def _interrupted_after_one_ct(data, models, tmp_path, monkeypatch):
+    original, calls = analysis.analyze_ct, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+    monkeypatch.setattr(analysis, "analyze_ct", interrupted)
+    return _candidates_args(data, models, tmp_path / "out")
+
+
+def _single_slice_ct(data, models, tmp_path, monkeypatch):
+    _write_ct(data / "subset2" / "tiny.thin.mhd", np.full((1, 64, 64), 100, dtype=np.int16))
+    return ["--data", str(data), "--seg-model", str(models["seg"]), "--cls-model", str(models["cls"]),
+            "--series", "tiny.thin", "--out", str(tmp_path / "out")]
+
+
+ANNOTATIONS = "seriesuid,coordX,coordY,coordZ,diameter_mm"
+BAD_INPUTS = [
+    ("text file as model", _model_file(b"seriesuid,coordX\n"), 1, "cls.pt: not a readable checkpoint"),
+    ("optimizer state as model", _optimizer_state, 1, "optimizer.bin: holds no model weights (it holds param_groups"),
+    ("truncated safetensors", _truncated_safetensors, 1, "model.safetensors: not a readable checkpoint"),
+    ("missing model", _missing_model, 1, "none.pt: checkpoint not found"),
+    ("another network's weights", _another_network, 1, "seg.pt: not weights of a LunaModel"),
+    ("bad annotations row", _bad_table("annotations.csv", ANNOTATIONS, NODULE, ("tiny.1", 0, 0, 0, "big")), 1,
+     "annotations.csv:3: diameter_mm is not a number: 'big' (this table scores the findings"),
+    ("bad malignancy row", _bad_table("annotations_with_malignancy.csv", ANNOTATIONS + ",mal_bool", (*NODULE, "True"),
+                                      ("tiny.1", 0, 0, 0, 3.4, "maybe")), 1,
+     "annotations_with_malignancy.csv:3: mal_bool must be True or False, found 'maybe'"),
+    ("bad excluded row", _bad_table("annotations_excluded.csv", ANNOTATIONS, NODULE, ("tiny.1", "x", 0, 0, -1)), 1,
+     "annotations_excluded.csv:3: coordX is not a number: 'x'"),
+    ("same series in two subsets", _same_uid_twice, 1, "series tiny.1 is present twice"),
+    ("--folds on loose data without candidates.csv", _loose_without_candidates, 1,
+     "lie outside subsetN folders, and their folds are dealt over"),
+    ("disk full writing a CT", _failing("write_json", errno.ENOSPC, "ct"), 1,
+     ("(No space left on device: ", "nothing finished was lost: 0 CT(s) are kept in", "rerunning the same command")),
+    ("read-only --out writing the outputs", _failing("write_marks", errno.EROFS, "out"), 1,
+     ("(Read-only file system: ", "nothing finished was lost: 2 CT(s) are kept in")),
+    ("interrupted", _interrupted_after_one_ct, 130, "interrupted: 1 finished CT(s) are kept in "),
+    ("single-slice CT", _single_slice_ct, 0, "tiny.thin.mhd: 1x64x64 voxels, under 3 along an axis"),
+]
+
+
+@pytest.mark.parametrize("make, code, line", [row[1:] for row in BAD_INPUTS], ids=[row[0] for row in BAD_INPUTS])
+def test_bad_input_is_one_line(make, code, line, tiny_data, models, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    assert main(make(data, models, tmp_path, monkeypatch)) == code
+    err = capsys.readouterr().err
+    said = [text for text in err.splitlines() if text.startswith(("error:", "warning:", "note:", "interrupted:"))]
+    assert len(said) == 1 and all(part in said[0] for part in ((line,) if isinstance(line, str) else line)), err
+    assert "Traceback" not in err
