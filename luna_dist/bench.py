@@ -13,7 +13,9 @@
           loss.backward -> step) against the same steps on a batch already on the device.
 - analyze: `python -m luna_dist.analyze` on a few CTs: seconds per CT in segmentation,
           grouping and classification (one process), and 2 CPU ranks against 1 (wall
-          time of the whole command, start-up included).
+          time of the whole command, start-up included); the peak memory of grouping
+          one CT (bytes per voxel), and the seconds of the confusion table over 888
+          scans x 850 generated marks.
 - evaluate: LUNA16 scoring of generated marks at the full data set's size (888 scans,
           ~600 marks each): reading the CSVs, the FROC/CPM, and its bootstrap interval.
 
@@ -36,6 +38,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import tracemalloc
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -43,7 +46,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from luna_dist.candidates import Candidate, find_series, read_candidates
+from luna_dist.analyze import confusion, group
+from luna_dist.candidates import Annotation, Candidate, find_series, read_candidates
 from luna_dist.ct import CHUNK_SHAPE, HU_MAX, HU_MIN, cut_chunks, read_ct
 from luna_dist.evaluate import Findings, Marks, froc, read_findings, read_marks, read_series_list, write_marks
 from luna_dist.geometry import xyz_to_irc
@@ -240,7 +244,7 @@ def _trainer(shards_dir: Path, out: Path, batch_size: int, steps: int, extra: li
     # shuffle buffer's first fill) is then paid over the same work in every benchmark.
     args = parse_args(["--task", task, "--shards", str(shards_dir), "--batch-size", str(batch_size),
                        "--max-steps", str(steps), "--epoch-samples", str(steps * batch_size),
-                       "--out", str(out), "--run-name", f"bench-{batch_size}", "--balanced", "1",
+                       "--out", str(out), "--run-name", f"bench-{batch_size}", "--overwrite", "--balanced", "1",
                        "--val-folds", str(last_fold), *extra])
     return Trainer(args)
 
@@ -326,7 +330,7 @@ def _rank_rate(shards_dir: Path, out: Path, processes: int, batch_size: int, ste
     last_fold = open_shard_set(shards_dir).folds[-1]  # validation runs after each epoch; keep it small
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                "-m", "luna_dist.train", "--shards", str(shards_dir), "--batch-size", str(batch_size),
-               "--max-steps", str(steps), "--epochs", "2", "--out", str(out), "--run-name", f"ranks-{processes}",
+               "--max-steps", str(steps), "--epochs", "2", "--out", str(out), "--run-name", f"ranks-{processes}", "--overwrite",
                "--balanced", "1", "--val-folds", str(last_fold), "--metrics-json", str(metrics)]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
@@ -383,8 +387,10 @@ def seg_ceiling(trainer, batch_size: int, steps: int) -> float:
 
 # -- analyze ---------------------------------------------------------------------------------------
 def bench_analyze(data: Path, work: Path, cts: int, seg_model: Path | None, cls_model: Path | None,
-                  ranks: bool) -> dict:
-    """Seconds per CT by stage on one process, and the wall time of 2 CPU ranks against 1."""
+                  ranks: bool, confusion_scans: int = 888, confusion_marks: int = 850) -> dict:
+    """Seconds per CT by stage on one process, and the wall time of 2 CPU ranks against 1; the peak memory
+    of grouping one CT, and the seconds of the confusion table at LUNA16's size (888 scans, ~850 candidates
+    each in candidates mode)."""
     work.mkdir(parents=True, exist_ok=True)
     if seg_model is None:
         seg_model = work / "seg-untrained.pt"
@@ -414,7 +420,43 @@ def bench_analyze(data: Path, work: Path, cts: int, seg_model: Path | None, cls_
             result["voxels_per_ct"] = sum(json.loads(p.read_text())["voxels"] for p in (out / "ct").glob("*.json")) // len(series)
     if ranks:
         result["2_vs_1"] = result["cts_per_s"]["2"] / result["cts_per_s"]["1"]
+    result["group_peak_bytes_per_voxel"] = group_peak_bytes_per_voxel(find_series(data)[series[0]])
+    result["confusion"] = confusion_seconds(confusion_scans, confusion_marks)
     return result
+
+
+def group_peak_bytes_per_voxel(mhd: Path) -> float:
+    """Peak memory of grouping one CT segmented as dense tissue (HU > -250: body, vessels, nodules), beyond
+    the CT and its mask, per voxel (numpy reports its arrays to tracemalloc)."""
+    hu = read_ct(mhd).hu
+    mask = hu > -250
+    tracemalloc.start()
+    try:
+        group(mask, hu)
+        return tracemalloc.get_traced_memory()[1] / hu.size
+    finally:
+        tracemalloc.stop()
+
+
+def confusion_seconds(scans: int, marks_per_scan: int) -> dict:
+    """Seconds of the analysis's confusion table for `scans` x `marks_per_scan` generated detections, a few on
+    each of LUNA16's share of nodules."""
+    rng = np.random.default_rng(0)
+    uids = [f"1.3.6.1.4.1.14519.5.2.1.6279.6001.{i:030d}" for i in range(scans)]
+    n_nodules = round(scans * 1186 / 888)
+    nodule_scan, nodule_xyz = rng.integers(0, scans, n_nodules), rng.uniform(-150, 150, (n_nodules, 3))
+    diameters, malignant = rng.uniform(3, 30, n_nodules).tolist(), (rng.random(n_nodules) < 0.3).tolist()
+    nodules = [Annotation(uids[s], tuple(xyz), d, m)
+               for s, xyz, d, m in zip(nodule_scan.tolist(), nodule_xyz.tolist(), diameters, malignant)]
+    on_nodule = np.repeat(np.arange(n_nodules), 3)
+    scan = np.concatenate([rng.integers(0, scans, scans * marks_per_scan - len(on_nodule)), nodule_scan[on_nodule]])
+    xyz = np.concatenate([rng.uniform(-150, 150, (len(scan) - len(on_nodule), 3)),
+                          nodule_xyz[on_nodule] + rng.normal(0, 1, (len(on_nodule), 3))])
+    detections = [{"series_uid": uids[s], "xyz": p, "p_nodule": pn, "p_malignant": pm} for s, p, pn, pm in
+                  zip(scan.tolist(), xyz.tolist(), rng.beta(1, 8, len(scan)).tolist(), rng.random(len(scan)).tolist())]
+    started = time.perf_counter()
+    confusion(detections, nodules)
+    return {"scans": scans, "marks": len(detections), "seconds": time.perf_counter() - started}
 
 
 # -- report ----------------------------------------------------------------------------------------

@@ -134,6 +134,12 @@ def test_analyze_figures(tiny_work, capsys):
     assert set(analyze["cts_per_s"]) == {"1", "2"} and all(_positive(v) for v in analyze["cts_per_s"].values())
     assert _positive(analyze["2_vs_1"])
     assert "analyze.seconds_per_ct.segment" in table
+    # Grouping keeps the eroded mask and the labels (5 bytes a voxel) and little besides.
+    assert 4 <= analyze["group_peak_bytes_per_voxel"] <= 6
+    assert set(analyze["confusion"]) == {"scans", "marks", "seconds"}
+    assert (analyze["confusion"]["scans"], analyze["confusion"]["marks"]) == (888, 888 * 850)
+    assert _positive(analyze["confusion"]["seconds"])
+    assert "analyze.confusion.seconds" in table
 
 
 def test_seg_figures(tiny_work, capsys):
