@@ -194,6 +194,9 @@ def froc(series_uids: list[str], nodules: Findings, marks: Marks, excluded: Find
     n_scans = len(scans)
     excluded = excluded if excluded is not None else Findings.empty()
 
+    if not np.isfinite(marks.probability).all():
+        raise ValueError(f"{int((~np.isfinite(marks.probability)).sum()):,} marks have a probability that is not a "
+                         "finite number: a diverged model is not scored")
     mark_scan = _scan_index(marks.series, scans)
     if (mark_scan < 0).any():
         raise ValueError(f"mark of series {marks.series[np.argmax(mark_scan < 0)]} not in the series list")
@@ -445,7 +448,7 @@ def plot_froc(result: Froc, path: Path | None, title: str = "FROC"):
 
 
 def _shard_findings(shards: str, folds: list[int] | None) -> tuple[list[str], Findings, Findings]:
-    from luna_dist.stream import read_manifest, shard_location  # torch and webdataset only for this
+    from luna_dist.stream import ShardSetError, read_manifest, shard_location  # torch and webdataset only for this
 
     path = shard_location(shards, "manifest.json")
     try:
@@ -457,6 +460,8 @@ def _shard_findings(shards: str, folds: list[int] | None) -> tuple[list[str], Fi
         return fold_findings(manifest, folds)
     except FileNotFoundError:
         raise EvaluationError(f"{path}: not found; is {shards} a finished shard build?") from None
+    except ShardSetError as err:  # the server or the network failed
+        raise EvaluationError(str(err)) from None
     except (json.JSONDecodeError, KeyError) as err:
         raise EvaluationError(f"{path}: {err.args[0] if isinstance(err, KeyError) else err}") from None
 

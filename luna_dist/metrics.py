@@ -20,6 +20,10 @@ def compute_metrics(label: Tensor, prob: Tensor, loss: Tensor, threshold: float 
     ``count/*`` and ``correct_count/*`` are ints.
     """
     label, prob, loss = (t.detach().cpu().flatten() for t in (label, prob, loss))  # one transfer each
+    if not torch.isfinite(prob).all():
+        # NaN is never above the threshold: a diverged model would pass for one that calls everything negative.
+        raise ValueError(f"{int((~torch.isfinite(prob)).sum()):,} of {prob.numel():,} probabilities are not finite "
+                         "numbers: a diverged model is not scored")
     # Compare in prob's own dtype: a float32 0.3 is then not above a threshold of 0.3.
     pos_pred = prob > threshold
     pos_label = label > 0.5  # labels are 0/1: the class never depends on the decision threshold

@@ -363,3 +363,8 @@ def test_shards_option_reads_the_manifest_from_a_url(shard_dir, served, tmp_path
                               "--bootstrap", "0", "--json", str(tmp_path / "s.json")]) == 0
         scores.append(json.loads((tmp_path / "s.json").read_text()))
     assert scores[0] == scores[1] and scores[0]["nodules"] == len(nodules.series)
+
+
+def test_marks_without_a_finite_probability_are_refused():
+    with pytest.raises(ValueError, match="1 marks have a probability that is not a finite number"):
+        froc(["a"], NODULE, marks(("a", 0, 0, 0, float("nan")), ("a", 9, 9, 9, 0.5)))

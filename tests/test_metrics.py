@@ -212,3 +212,10 @@ def test_seg_metric_lines():
         "E1 val      1.2500 loss, 0.3750 precision, 0.7500 recall, 0.5000 f1 score",
         "E1 val_px   30 tp, 10 fn, 50 fp",
     ]
+
+
+def test_probabilities_that_are_not_numbers_are_never_scored():
+    """NaN > 0.5 is false: NaN probabilities read as 'all negative', 99 % correct and an AUC of the NaN ranks."""
+    prob = torch.tensor([0.2, float("nan"), 0.9, float("inf")])
+    with pytest.raises(ValueError, match="2 of 4 probabilities are not finite numbers: a diverged model is not scored"):
+        compute_metrics(torch.tensor([0, 1, 1, 0]), prob, torch.zeros(4))
