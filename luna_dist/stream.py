@@ -34,15 +34,17 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
 import random
 import re
-import shlex
 import tarfile
 import time
+import subprocess
 import warnings
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -51,8 +53,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 import webdataset as wds
-from webdataset.gopen import gopen, gopen_pipe, gopen_schemes
-from webdataset.cache import FileCache
+from webdataset.gopen import Pipe, gopen, gopen_schemes
 
 from luna_dist.ct import CHUNK_SHAPE
 from luna_dist.seg_samples import CROP, STACK, context_slices, unpack_mask
@@ -82,24 +83,77 @@ def shard_location(root: str | Path, name: str) -> str:
     return f"{root.rstrip('/')}/{name}"
 
 
-def _open_s3(url: str, mode: str = "rb", bufsize: int = 8192):
-    """s3://bucket/key through the AWS command-line tool, as webdataset's gopen does gs:// with gsutil."""
-    return gopen_pipe(f"pipe:aws s3 cp {shlex.quote(url)} -", mode, bufsize)
+DEFAULT_READ_TIMEOUT = 120.0
+"""Seconds a remote shard or manifest may send nothing before its read fails (--read-timeout)."""
+_read_timeout = DEFAULT_READ_TIMEOUT  # this process's, set by each ShardSource before it opens anything
 
 
-gopen_schemes.setdefault("s3", _open_s3)
+def _open_curl(url: str, mode: str = "rb", bufsize: int = 8192) -> Pipe:
+    """http(s):// through curl, as webdataset's gopen does, but a transfer that stalls fails.
+
+    webdataset's curl has a connect timeout only: a server that accepts the connection and
+    then sends nothing would hang the reader (and, with one process, the run) for ever. Here
+    curl gives up after `_read_timeout` seconds below 1 byte/s, retrying within that time.
+    """
+    seconds = str(max(1, math.ceil(_read_timeout)))
+    command = ["curl", "--connect-timeout", seconds, "--speed-limit", "1", "--speed-time", seconds,
+               "--retry", "3", "--retry-max-time", seconds, "-f", "-s", "-L", url]
+    return Pipe(command, mode=mode, bufsize=bufsize, ignore_status=[141, 23])
+
+
+def _open_s3(url: str, mode: str = "rb", bufsize: int = 8192) -> Pipe:
+    """s3://bucket/key through the AWS command-line tool (as webdataset's gopen does gs:// with gsutil),
+    with its read timeout set to `_read_timeout`."""
+    seconds = str(max(1, math.ceil(_read_timeout)))
+    command = ["aws", "s3", "cp", "--cli-read-timeout", seconds, "--cli-connect-timeout", seconds, url, "-"]
+    return Pipe(command, mode=mode, bufsize=bufsize, ignore_status=[141])
+
+
+for _scheme, _opener in (("http", _open_curl), ("https", _open_curl), ("s3", _open_s3)):
+    gopen_schemes[_scheme] = _opener
+
+_EXIT_REASONS = {6: "the server's name cannot be resolved", 7: "the server refuses the connection (is it up?)",
+                 22: "the server answers with an HTTP error (no such file there?)", 52: "the server sent nothing",
+                 56: "the connection broke"}
+"""curl's exit codes, in words; 28 (a stall) is worded with the read timeout."""
+
+
+def _exit_reason(code: int) -> str:
+    if code == 28:
+        return f"nothing arrived for {_read_timeout:g} s (a stalled server or network; --read-timeout sets this bound)"
+    return _EXIT_REASONS.get(code, f"its reader (curl, aws, gsutil or the pipe: command) ended with exit status {code}")
+
+
+def reader_exit(stream) -> int | None:
+    """The exit status of the process streaming a remote file, when it failed; None while it runs or when it
+    ended well.
+
+    Webdataset's `Pipe` raises a bare "exit N" once the stream is closed, and a tar reader
+    fed a cut-off stream reports a damaged archive: asking the process tells a fault of the
+    server or the network from a fault of the file.
+    """
+    process = getattr(stream, "proc", None)
+    if process is None:
+        return None
+    try:
+        code = process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        return None
+    return None if code in (0, 141, 23) else code
 
 
 @dataclass
 class ShardSet:
     """A checked shard set, in a folder or behind a URL: its manifest and the shards of each fold and class.
 
-    `cache_dir`: remote shards are copied there (webdataset's FileCache) and read from the copy.
+    `cache_dir`: remote shards are copied there and read from the copy. `read_timeout`: a remote
+    shard that sends nothing for that many seconds fails.
     """
 
     root: Path | str
     manifest: dict
     cache_dir: str | None = None
+    read_timeout: float = DEFAULT_READ_TIMEOUT
 
     def _select(self, folds: Iterable[int], label: str) -> list[dict]:
         folds = set(folds)
@@ -116,7 +170,7 @@ class ShardSet:
         """What the readers need to open and check each shard; pickles for spawn workers."""
         entries = {shard_location(self.root, s["name"]): (s["samples"], s["bytes"], s["sha256"])
                    for s in self.manifest["shards"]}
-        return ShardSource(entries, is_remote(self.root), self.cache_dir)
+        return ShardSource(entries, is_remote(self.root), self.cache_dir, self.read_timeout)
 
     def verify(self) -> tuple[list[str], float]:
         """sha256 of every shard (read or streamed whole) against the manifest: the problems found, and the seconds."""
@@ -138,18 +192,33 @@ class ShardSet:
         return sorted(int(k) for k in self.manifest["folds"])
 
 
-def read_manifest(root: Path | str) -> dict:
-    """A shard set's manifest.json, parsed, from a folder or a URL; FileNotFoundError where there is none."""
+def read_manifest(root: Path | str, read_timeout: float = DEFAULT_READ_TIMEOUT) -> dict:
+    """A shard set's manifest.json, parsed, from a folder or a URL.
+
+    FileNotFoundError where there is none; behind a URL, ShardSetError when the server or
+    the network fails (unreachable, stalled for `read_timeout` seconds).
+    """
     if not is_remote(root):
         return json.loads((Path(root) / MANIFEST).read_text())
+    global _read_timeout
+    _read_timeout = read_timeout
+    location = shard_location(root, MANIFEST)
+    stream = gopen(location)
     try:
-        with gopen(shard_location(root, MANIFEST)) as stream:
-            return json.loads(stream.read())
-    except OSError as err:  # curl, gsutil or the pipe's command failed: no such file there
-        raise FileNotFoundError(str(err)) from None
+        data = stream.read()
+        stream.close()
+    except OSError as err:
+        code = reader_exit(stream)
+        reason = str(err) if code is None else _exit_reason(code)
+        # An HTTP error (a 404) or a failed command (`cat` of a missing file): no manifest there.
+        if code == 22 or not location.startswith(("http:", "https:")):
+            raise FileNotFoundError(f"{location}: {reason}") from None
+        raise ShardSetError(f"{location}: {reason}") from None
+    return json.loads(data)
 
 
-def open_shard_set(root: Path | str, task: str = "cls", cache_dir: str | Path | None = None) -> ShardSet:
+def open_shard_set(root: Path | str, task: str = "cls", cache_dir: str | Path | None = None,
+                   read_timeout: float = DEFAULT_READ_TIMEOUT) -> ShardSet:
     """Read and check `manifest.json`: format, task, sample layout, and every shard's presence and size.
 
     `root` is a folder or a URL (`is_remote`); behind a URL, each shard's size and sha256 are
@@ -158,8 +227,11 @@ def open_shard_set(root: Path | str, task: str = "cls", cache_dir: str | Path | 
     root = root if is_remote(root) else Path(root)
     path = shard_location(root, MANIFEST)
     try:
-        manifest = read_manifest(root)
+        manifest = read_manifest(root, read_timeout)
     except FileNotFoundError:
+        if is_remote(root):
+            raise ShardSetError(f"{path} not found: {root} must be where the files of a finished shard build are "
+                                "served (its manifest.json and .tar shards, copied as they are); check the URL") from None
         raise ShardSetError(f"{path} not found: is {root} a finished shard build? "
                             f"Run `python -m luna_dist.shard --data DIR --out {root}` (again) to finish it.") from None
     except json.JSONDecodeError as err:
@@ -198,7 +270,7 @@ def open_shard_set(root: Path | str, task: str = "cls", cache_dir: str | Path | 
         warnings.warn(f"{root}: {len(manifest['failed'])} CT(s) failed to shard and are left out "
                       f"(e.g. {manifest['failed'][0]['path']}); fix them and rerun the shard build to add them",
                       stacklevel=2)
-    return ShardSet(root, manifest, None if cache_dir is None else str(cache_dir))
+    return ShardSet(root, manifest, None if cache_dir is None else str(cache_dir), read_timeout)
 
 
 _MANIFEST_FIELDS = ("folds", "shards", "failed")
@@ -294,10 +366,15 @@ class _CheckedStream(io.RawIOBase):
         return len(data)
 
     def check(self) -> None:
-        """Read to the end (tar readers stop at the end-of-archive blocks) and compare with the manifest."""
+        """Read to the end (tar readers stop at the end-of-archive blocks) and compare with the manifest.
+
+        A stream cut off by its server is reported as such, not as a shard that differs.
+        """
         while self.read(1 << 20):
             pass
         if (self._read, self._digest.hexdigest()) != (self._size, self._sha256):
+            if (code := reader_exit(self._stream)) is not None:
+                raise ShardSetError(_unreachable(self.location, self._read, code))
             raise ShardSetError(f"{self.location}: {self._read} bytes streamed with sha256 {self._digest.hexdigest()[:12]}…, "
                                 f"the manifest says {self._size} bytes, {self._sha256[:12]}…: {_REBUILD}, or fix "
                                 "the copy it is served from")
@@ -307,6 +384,11 @@ class _CheckedStream(io.RawIOBase):
         super().close()
 
 
+def _unreachable(location: str, read: int, code: int) -> str:
+    return (f"{location}: reading it from its server failed after {read:,} bytes: {_exit_reason(code)}. A fault of the "
+            "server or the network, not of the shard: check it (or the pipe: command), then rerun with --resume")
+
+
 @dataclass(frozen=True)
 class ShardSource:
     """How readers open the shards of a set and what they expect of each: (samples, bytes, sha256) by location."""
@@ -314,10 +396,13 @@ class ShardSource:
     entries: dict[str, tuple[int, int, str]]
     remote: bool
     cache_dir: str | None = None
+    read_timeout: float = DEFAULT_READ_TIMEOUT
 
     def open(self, location: str, checked: bool = False) -> io.BufferedReader:
         """A local shard as a file; a remote one streamed (or from the cache) and, as with `checked`,
         hashed on the way: `.raw.check()` at its end compares size and sha256 with the manifest."""
+        global _read_timeout
+        _read_timeout = self.read_timeout  # for the remote readers of this process
         samples, size, sha256 = self.entries[location]
         if not self.remote and not checked:
             return open(location, "rb")
@@ -326,17 +411,31 @@ class ShardSource:
         elif self.cache_dir is None:
             stream = gopen(location)
         else:
-            cache = FileCache(self.cache_dir, url_to_name=partial(_cache_name, sha256=sha256),
-                              validator=partial(_is_intact, size=size, sha256=sha256))
-            copy = Path(self.cache_dir) / _cache_name(location, sha256)
-            if copy.is_file() and not _checked_copy(copy, size, sha256):
-                copy.unlink()  # damaged since it was downloaded: fetch it again
-            try:
-                stream = open(cache.get_file(location), "rb")
-            except ValueError:  # the download differs from the manifest: FileCache removed it
-                raise ShardSetError(f"{location}: the downloaded copy differs from the manifest (size or sha256): "
-                                    f"{_REBUILD}, or fix the copy it is served from") from None
+            stream = open(self._cached(location, size, sha256), "rb")
         return io.BufferedReader(_CheckedStream(location, stream, size, sha256), 1 << 20)
+
+    def _cached(self, location: str, size: int, sha256: str) -> Path:
+        """The cache's checked copy of a remote shard, downloaded first if it has none or a damaged one.
+
+        The download streams through the same checks as a direct read (size, sha256, the
+        reader's exit status) into a temporary name, renamed once it matches the manifest,
+        so neither a cut-off download nor one from a changed server enters the cache.
+        """
+        copy = Path(self.cache_dir) / _cache_name(location, sha256)
+        if copy.is_file() and _checked_copy(copy, size, sha256):
+            return copy
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        download = copy.with_name(f"{copy.name}.{os.getpid()}.partial")  # workers may fetch the same shard
+        try:
+            with io.BufferedReader(_CheckedStream(location, gopen(location), size, sha256), 1 << 20) as stream, \
+                    open(download, "wb") as out:
+                while block := stream.read(1 << 20):
+                    out.write(block)
+                stream.raw.check()
+            os.replace(download, copy)
+        finally:
+            download.unlink(missing_ok=True)
+        return copy
 
 
 def _cache_name(url: str, sha256: str) -> str:
@@ -367,26 +466,45 @@ def checked_samples(shards: Iterator[dict], source: ShardSource) -> Iterator[dic
     Raises ShardSetError naming the shard when a sample's bytes differ from its
     checksums, when the tar cannot be read, when the shard ends before (or after) the
     number of samples its manifest entry holds, or when the bytes streamed from a URL
-    differ from the manifest's size and sha256.
+    differ from the manifest's size and sha256. A remote shard whose server or network
+    failed (unreachable, stalled for the read timeout, cut off) is reported as that, not as
+    a damaged shard.
     """
     for shard in shards:
         url, read = shard["url"], 0
         expected = source.entries[url][0]
+        stream = None
         try:
-            with source.open(url) as stream:
-                files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}])
-                for sample in wds.tariterators.group_by_keys(files):
-                    _check_sample(sample)
-                    read += 1
-                    yield sample
-                if source.remote:
-                    stream.raw.check()
+            stream = source.open(url)
+            files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}])
+            for sample in wds.tariterators.group_by_keys(files):
+                _check_sample(sample)
+                read += 1
+                yield sample
+            if source.remote:
+                stream.raw.check()
+            stream.close()  # a remote reader's exit status is known from here
         except (tarfile.TarError, OSError, ValueError) as err:
-            raise ShardSetError(f"{url}: unreadable after {read} samples ({err}); the shard is damaged: "
-                                f"{_REBUILD}") from None
+            raise _unreadable(url, read, err, stream) from None
+        finally:
+            if stream is not None:
+                with suppress(OSError):
+                    stream.close()  # also when the consumer stops early: the reader's pipe just closes
         if read != expected:
             raise ShardSetError(f"{url}: {read} samples read, its manifest entry says {expected}: the shard is "
                                 f"damaged (a broken tar header ends it early): {_REBUILD}")
+
+
+def _unreadable(url: str, read: int, error: Exception, stream: io.BufferedReader | None) -> ShardSetError:
+    """The message for a shard whose reading failed: the server's or network's fault, the disk's, or the shard's."""
+    checked = getattr(stream, "raw", None)
+    code = reader_exit(getattr(checked, "_stream", None))
+    if code is not None:
+        return ShardSetError(_unreachable(url, checked._read, code))
+    if isinstance(error, OSError) and not isinstance(error, tarfile.TarError) and error.errno is not None:
+        return ShardSetError(f"{url}: cannot be read after {read} samples ({error.strerror}); check the disk or copy, "
+                             "then rerun with --resume")
+    return ShardSetError(f"{url}: unreadable after {read} samples ({error}); the shard is damaged: {_REBUILD}")
 
 
 def collate(samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -493,15 +611,28 @@ def _class_stream(urls: list[str], source: ShardSource, seed: int, buffer: int, 
 class TrainStreamConfig:
     folds: tuple[int, ...]
     batch_size: int  # per process
-    steps: int  # per process per epoch; split evenly over the workers
+    steps: int  # per process per epoch, exactly, whatever the number of workers (see `worker_share`)
     num_workers: int
     neg_per_pos: float  # 0 = natural class frequencies
     shuffle_buffer: int = 1000
     seed: int = 0
 
 
+def worker_share(batches: Iterator, steps: int) -> Iterator:
+    """Pipeline stage: this DataLoader worker's part of an epoch of `steps` batches.
+
+    The workers split the steps as evenly as whole batches allow (the first `steps % workers`
+    take one more), so a rank yields exactly `steps` batches whatever its number of workers:
+    ranks on nodes with more or fewer cores run the same steps, and DDP never waits in an
+    all-reduce for a rank that has already stopped.
+    """
+    info = torch.utils.data.get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    yield from itertools.islice(batches, steps // workers + (worker < steps % workers))
+
+
 def train_pipeline(shards: ShardSet, config: TrainStreamConfig, epoch: int, collate=collate) -> wds.DataPipeline:
-    """What each worker runs: class-mixed, shuffled batches, `steps / workers` of them (rounded up).
+    """What each worker runs: class-mixed, shuffled batches, its `worker_share` of `config.steps`.
 
     `collate` turns a list of raw samples into a batch: `collate` for chunks, `collate_stacks` for segmentation.
     """
@@ -519,14 +650,13 @@ def train_pipeline(shards: ShardSet, config: TrainStreamConfig, epoch: int, coll
          _class_stream(neg, shards.source, wds.utils.make_seed(seed, 0), config.shuffle_buffer)],
         probs=probs,
     )
-    workers = max(1, config.num_workers)
-    per_worker = math.ceil(config.steps / workers)
-    return wds.DataPipeline(mixed, partial(batched, batch_size=config.batch_size, collate=collate)).with_epoch(per_worker)
+    return wds.DataPipeline(mixed, partial(batched, batch_size=config.batch_size, collate=collate),
+                            partial(worker_share, steps=config.steps))
 
 
 def train_loader(shards: ShardSet, config: TrainStreamConfig, epoch: int, pin_memory: bool = False,
                  collate=collate) -> wds.WebLoader:
-    """Batches of (int16 chunks, labels) for one epoch: exactly `steps_per_epoch(config.steps, workers)`."""
+    """Batches of (int16 chunks, labels) for one epoch: exactly `config.steps` of them."""
     return wds.WebLoader(train_pipeline(shards, config, epoch, collate), batch_size=None,
                          num_workers=config.num_workers, pin_memory=pin_memory)
 
@@ -581,16 +711,9 @@ def malignancy_train_loader(shards: ShardSet, config: TrainStreamConfig, mix: tu
             streams.append(_class_stream(urls, shards.source, wds.utils.make_seed(seed, salt), buffer, *select))
             probs.append(ratio)
     mixed = wds.RandomMix(streams, probs=probs)
-    per_worker = math.ceil(config.steps / max(1, config.num_workers))
-    pipeline = wds.DataPipeline(mixed, partial(batched, batch_size=config.batch_size, collate=collate_malignancy))
-    return wds.WebLoader(pipeline.with_epoch(per_worker), batch_size=None, num_workers=config.num_workers,
-                         pin_memory=pin_memory)
-
-
-def steps_per_epoch(requested: int, workers: int) -> int:
-    """Steps a rank really runs: every worker yields the same number of batches."""
-    workers = max(1, workers)
-    return workers * math.ceil(requested / workers)
+    pipeline = wds.DataPipeline(mixed, partial(batched, batch_size=config.batch_size, collate=collate_malignancy),
+                                partial(worker_share, steps=config.steps))
+    return wds.WebLoader(pipeline, batch_size=None, num_workers=config.num_workers, pin_memory=pin_memory)
 
 
 def val_pipeline(shards: ShardSet, folds: Iterable[int], batch_size: int, labels: tuple[str, ...] = ("pos", "neg"),

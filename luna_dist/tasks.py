@@ -67,11 +67,14 @@ class Task:
 
     name = ""
     record_columns: tuple[str, ...] = ()
-    score_name = ""  # what `score` returns, for log lines
+    best_by_rules: dict[str, tuple[str, ...]] = {}
+    """The --best-by choices, the first the default: the metrics each compares, in order (later ones
+    break ties); a leading '-' means lower is better."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.augment = augment_config(args)
+        self.best_by = args.best_by or next(iter(self.best_by_rules))  # cls: settled by check_folds
 
     def setup(self, accelerator: Accelerator) -> None:
         """Called once by the loop before anything is built."""
@@ -93,7 +96,7 @@ class Task:
         raise NotImplementedError
 
     def check_folds(self, shards: ShardSet, train_folds: list[int], val_folds: list[int], training: bool) -> None:
-        """Raise ShardSetError, before the first step, when the folds cannot serve this run."""
+        """Raise ShardSetError, before the first step, when the folds cannot serve this run (or its --best-by)."""
         raise NotImplementedError
 
     def build_model(self) -> nn.Module:
@@ -136,9 +139,9 @@ class Task:
     def save_outputs(self, run_dir: Path, epoch: int, mode: str, records: Tensor) -> None:
         """Files the task writes beside the run's logs each epoch (e.g. predictions); main process only."""
 
-    def score(self, metrics: dict) -> float:
-        """The best-model rule: higher is better; NaN never wins."""
-        raise NotImplementedError
+    def score(self, metrics: dict) -> list[float]:
+        """The best-model score by `--best-by`: higher is better, compared entry by entry; NaN never wins."""
+        return [-metrics[key[1:]] if key.startswith("-") else metrics[key] for key in self.best_by_rules[self.best_by]]
 
 
 class ClsTask(Task):
@@ -148,7 +151,8 @@ class ClsTask(Task):
     # series/x/y/z: where a validation sample lies (series = its number in the validation
     # series, -1 in training), so validation can be scored as LUNA16 scores candidates.
     record_columns = ("label", "prob", "loss", "series", "x", "y", "z")
-    score_name = "F1"
+    # LUNA16's score where the shards carry the findings (the default then): what papers compare.
+    best_by_rules = {"cpm": ("cpm", "auc"), "auc": ("auc",), "f1": ("pr/f1_score",), "loss": ("-loss/all",)}
     evaluation: tuple[list[str], evaluate.Findings, evaluate.Findings] | None = None  # validation series, findings
 
     @staticmethod
@@ -175,6 +179,19 @@ class ClsTask(Task):
         if training and not (shards.shards(train_folds, "pos") and shards.shards(train_folds, "neg")):
             raise ShardSetError(f"{shards.root}: training folds {train_folds} have {shard_count(train_folds)}; "
                                 "both classes are needed (change --val-folds?)")
+        try:
+            self.evaluation = evaluate.fold_findings(shards.manifest, val_folds)
+        except KeyError as err:
+            self.evaluation = None
+            if self.accelerator.is_main_process:
+                logging.getLogger(__name__).warning(f"no LUNA16 CPM: {err.args[0]}")
+        nodules = 0 if self.evaluation is None else len(self.evaluation[1].series)
+        if self.args.best_by == "cpm" and not nodules:
+            raise ShardSetError(f"{shards.root}: --best-by cpm needs annotated nodules in validation folds {val_folds}, "
+                                "which " + ("have none" if self.evaluation else "the manifest does not list") +
+                                "; choose another --best-by or --val-folds")
+        if self.args.best_by is None:
+            self.best_by = "cpm" if nodules else "auc"
 
     def build_model(self) -> nn.Module:
         model = LunaModel()
@@ -193,11 +210,7 @@ class ClsTask(Task):
         return train_loader(shards, config, epoch, pin_memory=pin_memory)
 
     def val_loader(self, shards, val_folds, num_workers, pin_memory):
-        try:
-            self.evaluation = evaluate.fold_findings(shards.manifest, val_folds)
-        except KeyError as err:
-            if self.accelerator.is_main_process:
-                logging.getLogger(__name__).warning(f"no LUNA16 CPM: {err.args[0]}")
+        if self.evaluation is None:
             return val_loader(shards, val_folds, self.args.batch_size, num_workers, pin_memory)
         series_index = {uid: n for n, uid in enumerate(self.evaluation[0])}
         return val_loader(shards, val_folds, self.args.batch_size, num_workers, pin_memory,
@@ -281,9 +294,6 @@ class ClsTask(Task):
         if mode == "val" and self.evaluation is not None and len(records) and bool((records[:, 3] >= 0).all()):
             evaluate.write_marks(run_dir / f"val-predictions-E{epoch}.csv", self._marks(records))
 
-    def score(self, metrics):
-        return metrics["pr/f1_score"]
-
 
 class MalignancyTask(ClsTask):
     """Malignant vs benign nodules: the nodule classifier fine-tuned, its head replaced, its last blocks trained.
@@ -296,7 +306,7 @@ class MalignancyTask(ClsTask):
 
     name = "malignancy"
     record_columns = ("label", "prob", "loss", "known", "diameter")
-    score_name = "AUC"
+    best_by_rules = {"auc": ("auc",), "f1": ("pr/f1_score",), "loss": ("-loss/all",)}
     TRAINED = {1: ("head_linear",), 2: ("block4", "head_linear")}
     """The modules each --finetune-depth trains; every other one keeps the nodule classifier's weights."""
 
@@ -428,9 +438,6 @@ class MalignancyTask(ClsTask):
         fig.tight_layout()
         writer.add_figure("roc", fig, step)
 
-    def score(self, metrics):
-        return metrics["auc"]
-
     def save_outputs(self, run_dir, epoch, mode, records):
         """No LUNA16 predictions: these are nodules, not candidates."""
 
@@ -483,7 +490,7 @@ class SegTask(Task):
 
     name = "seg"
     record_columns = ("tp", "fn", "fp", "loss")
-    score_name = "recall at the precision floor"
+    best_by_rules = {"recall": ("pr/recall at --seg-precision-floor",), "f1": ("pr/f1_score",), "loss": ("-loss/all",)}
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -593,11 +600,13 @@ class SegTask(Task):
         return torch.stack([item[3] for item in chosen]), torch.stack([item[4] for item in chosen])
 
     def score(self, metrics):
+        """`recall`: the highest pixel recall among models whose precision reaches the floor; below it, the
+        higher precision (as precision - 1, below every model that reaches it)."""
+        if self.best_by != "recall":
+            return super().score(metrics)
         precision = metrics["pr/precision"]
         precision = 0.0 if math.isnan(precision) else precision
-        if precision >= self.args.seg_precision_floor:
-            return metrics["pr/recall"]
-        return precision - 1  # below every model that reaches the floor
+        return [metrics["pr/recall"] if precision >= self.args.seg_precision_floor else precision - 1]
 
 
 TASKS: dict[str, type[Task]] = {task.name: task for task in (ClsTask, MalignancyTask, SegTask)}

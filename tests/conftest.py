@@ -6,6 +6,7 @@ shards copies them into its own `tmp_path` first.
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import socket
@@ -61,6 +62,29 @@ def shard_dir(shard_build_options) -> Path:
     """
     build(shard_build_options)
     return shard_build_options.out
+
+
+TINY_NEGATIVES = 12
+"""Negative candidates kept per CT in `tiny_shards`."""
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """A shard build of 4 CTs (seed 2, folds 0-3) with every positive and 12 negatives each: a fold of about
+    20 samples, so a run trains and validates in a few seconds. Never modify it; copy it first."""
+    data = tmp_path_factory.mktemp("tiny") / "data"
+    make_dataset(data, n_cts=4, seed=2)
+    with open(data / "candidates.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    kept, negatives = [rows[0]], {}
+    for row in rows[1:]:
+        negatives[row[0]] = negatives.get(row[0], 0) + (row[4] == "0")
+        if row[4] == "1" or negatives[row[0]] <= TINY_NEGATIVES:
+            kept.append(row)
+    (data / "candidates.csv").write_text("".join(",".join(row) + "\n" for row in kept))
+    out = data.parent / "shards"
+    build(BuildOptions(data=data, out=out, workers=1, progress=False))
+    return out
 
 
 SEG_NEGATIVES = 12
@@ -126,3 +150,39 @@ def served(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+@pytest.fixture
+def stalling_server(tmp_path):
+    """(folder, URL, stall): a web server on 127.0.0.1 serving `folder`, in a thread of this process; a
+    request for a file whose name ends with one of the suffixes in the set `stall` is accepted and never
+    answered, as by a frozen server. Stopped after the test."""
+    import functools
+    import http.server
+    import threading
+
+    www = tmp_path / "frozen-www"
+    www.mkdir()
+    stall: set[str] = set()
+    stopped = threading.Event()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            if any(self.path.endswith(suffix) for suffix in stall):
+                stopped.wait(60)  # holds the connection open, sending nothing
+                return
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(www)))
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield www, f"http://127.0.0.1:{server.server_address[1]}", stall
+    finally:
+        stopped.set()
+        server.shutdown()
+        server.server_close()

@@ -24,7 +24,6 @@ from luna_dist.stream import (
     batched_slices,
     collate,
     open_shard_set,
-    steps_per_epoch,
     train_loader,
     train_pipeline,
     val_loader,
@@ -111,15 +110,30 @@ def test_validation_split_scores_each_sample_once(shard_dir, monkeypatch, world,
     assert seen == expected
 
 
-@pytest.mark.parametrize("requested,workers,steps", [(5, 0, 5), (5, 1, 5), (5, 2, 6), (7, 2, 8)])
-def test_train_loader_gives_exactly_the_planned_steps(shard_dir, requested, workers, steps):
+@pytest.mark.parametrize("steps,workers", [(5, 0), (5, 1), (5, 2), (7, 3), (2, 3)])
+def test_train_loader_gives_exactly_the_steps_asked_whatever_the_workers(shard_dir, steps, workers):
+    """Steps rounded up to a multiple of the workers let a node with more cores run more steps than
+    the others, and DDP hung; every worker count must give the same epoch."""
     shards = open_shard_set(shard_dir)
-    assert steps_per_epoch(requested, workers) == steps
     config = TrainStreamConfig(tuple(range(9)), batch_size=8, steps=steps, num_workers=workers, neg_per_pos=1,
                                shuffle_buffer=50)
     batches = list(train_loader(shards, config, epoch=0))
     assert len(batches) == steps
     assert all(len(labels) == 8 and chunks.shape == (8, 1, *CHUNK_SHAPE) for chunks, labels in batches)
+
+
+@pytest.mark.parametrize("steps", [0, 1, 7, 10])
+@pytest.mark.parametrize("workers", [1, 2, 3, 4])
+def test_worker_shares_add_up_to_the_steps(monkeypatch, steps, workers):
+    from types import SimpleNamespace
+
+    from luna_dist.stream import worker_share
+
+    shares = []
+    for worker in range(workers):
+        monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: SimpleNamespace(id=worker, num_workers=workers))
+        shares.append(len(list(worker_share(iter(range(100)), steps))))
+    assert sum(shares) == steps and max(shares) - min(shares) <= 1
 
 
 @pytest.mark.parametrize("neg_per_pos,expected_pos_fraction", [(1, 0.5), (3, 0.25)])
@@ -346,6 +360,46 @@ def sha256_of(path: Path) -> str:
     import hashlib
 
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_frozen_server_fails_within_the_read_timeout_naming_the_url(tiny_shards, stalling_server):
+    """curl had a connect timeout only: a server that accepts and then sends nothing hung the reader for ever."""
+    import time
+
+    www, url, stall = stalling_server
+    shutil.copytree(tiny_shards, www / "shards")
+    stall.add("manifest.json")
+    started = time.monotonic()
+    with pytest.raises(ShardSetError) as err:
+        open_shard_set(f"{url}/shards", read_timeout=1)
+    assert str(err.value) == f"{url}/shards/manifest.json: nothing arrived for 1 s (a stalled server or network; " \
+                             "--read-timeout sets this bound)"
+    stall.clear()
+    stall.add(".tar")
+    shards = open_shard_set(f"{url}/shards", read_timeout=1)
+    with pytest.raises(ShardSetError) as err:
+        list(val_pipeline(shards, [3], batch_size=16))
+    assert time.monotonic() - started < 20
+    first = sorted(shards.shards([3], "neg") + shards.shards([3], "pos"))[0]
+    assert str(err.value).startswith(f"{first}: reading it from its server failed after 0 bytes: nothing arrived for "
+                                     "1 s"), str(err.value)
+    assert "not of the shard" in str(err.value) and "damaged" not in str(err.value)
+
+
+def test_a_dead_server_is_not_called_a_damaged_shard(tiny_shards, stalling_server, tmp_path):
+    www, url, _ = stalling_server
+    shutil.copytree(tiny_shards, www / "shards")
+    shards = open_shard_set(f"{url}/shards", read_timeout=2)
+    shutil.rmtree(www / "shards")  # the manifest was read; now the server has nothing (404)
+    with pytest.raises(ShardSetError) as err:
+        list(val_pipeline(shards, [3], batch_size=16))
+    assert "reading it from its server failed after 0 bytes: the server answers with an HTTP error" in str(err.value)
+    assert "damaged" not in str(err.value) and "rebuild" not in str(err.value)
+    with pytest.raises(ShardSetError) as err:
+        open_shard_set(f"{url}/shards")
+    assert str(err.value).startswith(f"{url}/shards/manifest.json not found: {url}/shards must be where the files of a "
+                                     "finished shard build are served")
+    assert "luna_dist.shard" not in str(err.value)  # no hint to build shards at a URL
 
 
 def test_pipe_shard_set_runs_a_command_per_file(shard_dir):

@@ -87,7 +87,7 @@ def test_metrics_leave_out_unlabelled_nodules_and_rank_the_diameter(nodule_class
     metrics = task.compute_metrics(records)
     assert metrics["count/all"] == 4 and metrics["count/unlabelled"] == 1
     assert metrics["auc"] == 1.0 and metrics["auc_diameter"] == 0.75
-    assert task.score(metrics) == 1.0
+    assert task.score(metrics) == [1.0]
     lines = task.format_metrics(3, "val", metrics)
     assert lines[-1] == "E3 val_auc  1.0000 AUC, diameter alone 0.7500 AUC (4 nodule samples; 1 without a label left out)"
     assert lines[1].startswith("E3 val_ben") and lines[2].startswith("E3 val_mal")
@@ -155,5 +155,6 @@ def test_overlay_colours_hits_misses_and_false_alarms():
 def test_best_model_is_recall_at_the_precision_floor(precision, recall, score):
     task = SegTask(argparse.Namespace(seg_precision_floor=0.3, augment=False, augment_flip=False,
                                       augment_offset=False, augment_scale=False, augment_rotate=False,
-                                      augment_noise=False))
-    assert task.score({"pr/precision": precision, "pr/recall": recall}) == pytest.approx(score)
+                                      augment_noise=False, best_by=None))
+    assert task.best_by == "recall"
+    assert task.score({"pr/precision": precision, "pr/recall": recall}) == [pytest.approx(score)]

@@ -1,0 +1,81 @@
+"""The state swap survives a kill at any moment; the best-model rule; progress of older states."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from luna_dist.checkpoint import BEST, COMPLETE, OLD, PARTIAL, STATE, Progress, is_better, recover
+
+
+def _state(folder: Path, epoch: int, complete: bool = True) -> None:
+    folder.mkdir()
+    (folder / "model.safetensors").write_text(f"weights of epoch {epoch}")
+    if complete:
+        (folder / COMPLETE).write_text(f'{{"epoch": {epoch}, "step": 0}}')
+
+
+def _epoch(folder: Path) -> str:
+    return (folder / "model.safetensors").read_text()
+
+
+# What a kill leaves at each moment of a save of epoch 2 (a new best model) over epoch 1, and what a
+# resume must find: (state folders left as name -> (epoch, marked complete), best.pt.partial left?).
+@pytest.mark.parametrize("left, partial_best, expected", [
+    ({STATE: (1, True), PARTIAL: (2, False)}, True, 1),  # killed while writing the new state
+    ({STATE: (1, True), PARTIAL: (2, True)}, True, 2),   # marked complete, not yet renamed
+    ({OLD: (1, True), PARTIAL: (2, True)}, True, 2),     # between the two renames: no state/ at all
+    ({OLD: (1, True), STATE: (2, True)}, True, 2),       # renamed, the old state not yet removed
+    ({STATE: (2, True)}, True, 2),                       # the state in place, best.pt not yet renamed
+    ({OLD: (1, True)}, False, 1),                        # an old state alone is still a state
+], ids=["writing", "marked", "between renames", "renamed", "best not renamed", "old only"])
+def test_a_resume_finds_the_newest_complete_state_whatever_a_kill_left(tmp_path, left, partial_best, expected):
+    for name, (epoch, complete) in left.items():
+        _state(tmp_path / name, epoch, complete)
+    (tmp_path / BEST).write_text("best of epoch 1")
+    if partial_best:
+        (tmp_path / (BEST + ".partial")).write_text("best of epoch 2")
+    assert recover(tmp_path) == tmp_path / STATE
+    assert _epoch(tmp_path / STATE) == f"weights of epoch {expected}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([STATE, BEST])
+    # best.pt.partial belongs to the save it was written in: kept with its state, dropped without it.
+    assert (tmp_path / BEST).read_text() == f"best of epoch {expected}"
+
+
+def test_no_state_at_all_is_none(tmp_path):
+    _state(tmp_path / PARTIAL, 1, complete=False)
+    assert recover(tmp_path) is None
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("score, best, better", [
+    ([0.5, 0.1], None, True),
+    ([math.nan], None, False),                   # NaN never wins, not even the first time
+    ([0.6, 0.1], [0.5, 0.9], True),              # CPM decides
+    ([0.5, 0.9], [0.5, 0.8], True),              # a tie in CPM: AUC decides
+    ([0.5, 0.8], [0.5, 0.8], False),             # equal: the earlier model stays
+    ([0.5, math.nan], [0.5, 0.1], False),        # an undefined tie-breaker is below any number
+    ([0.5, 0.1], [0.5, math.nan], True),
+    ([-0.3], [-0.4], True),                      # -loss: lower loss wins
+])
+def test_best_score_compares_entry_by_entry(score, best, better):
+    assert is_better(score, best) is better
+
+
+def test_progress_of_older_states_loads():
+    """States written before --best-by held a float (or best_f1), and one process's random states."""
+    progress = Progress(rank=0)
+    progress.load_state_dict({"epoch": 2, "samples_seen": 64, "best_f1": 0.25, "step": 3, "epoch_rng": {"python": 1}})
+    assert (progress.best_score, progress.best_by, progress.epoch_rng) == ([0.25], None, {"python": 1})
+    progress.load_state_dict({"epoch": 0, "samples_seen": 0, "best_score": -math.inf})
+    assert progress.best_score is None and progress.epoch_rngs is None
+
+
+def test_each_rank_takes_its_own_random_states():
+    saved = Progress(epoch=1, step=4, epoch_rngs=[{"rank": 0}, {"rank": 1}]).state_dict()
+    for rank in (0, 1):
+        progress = Progress(rank=rank)
+        progress.load_state_dict(saved)
+        assert progress.epoch_rng == {"rank": rank}
