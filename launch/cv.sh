@@ -4,11 +4,12 @@
 # scored over all series with luna_dist.evaluate (the CPM LUNA16 papers report).
 #   launch/cv.sh SHARD_DIR [train.py flags]
 # Environment: OUT (default runs/cv), FOLDS (default: every fold of the build that has series),
-# LAUNCH (the launcher, default `python -m luna_dist.train`; e.g. "accelerate launch launch/train.py").
+# LAUNCH (the launcher, default `python -m luna_dist.train`; e.g. "accelerate launch -m luna_dist.train").
+# Relative SHARD_DIR and OUT are taken from the folder the script is started in.
 # Resumable per fold: a fold finished with the same flags is skipped, an unfinished one resumes
-# from its last saved epoch. Each fold's last epoch's predictions are the ones merged.
+# from its last saved epoch, and training refuses to resume a fold trained with other flags
+# (naming them) rather than relabel it. Each fold's last epoch's predictions are the ones merged.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 SHARDS=${1:?usage: launch/cv.sh SHARD_DIR [train.py flags]}
 shift
 OUT=${OUT:-runs/cv}
@@ -29,7 +30,11 @@ for fold in $FOLDS; do
     resume=$([ -d "$run/state" ] && echo --resume || true)
     echo "fold $fold: training on the other folds${resume:+ (resuming)}"
     # shellcheck disable=SC2086  # LAUNCH is a command line
-    $LAUNCH --shards "$SHARDS" --val-folds "$fold" --out "$OUT" --run-name "fold$fold" $resume "$@"
+    if ! $LAUNCH --shards "$SHARDS" --val-folds "$fold" --out "$OUT" --run-name "fold$fold" $resume "$@"; then
+        echo "error: fold $fold failed (above); a fold resumes only with the flags it was trained with:" \
+             "use another OUT for other flags, or remove $run to train it afresh" >&2
+        exit 1
+    fi
     printf '%s' "$*" > "$run/cv-done"
 done
 

@@ -10,45 +10,30 @@ from pathlib import Path
 
 import pytest
 
-from luna_dist.shard import BuildOptions, build
-from luna_dist.synth import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-NEGATIVES_PER_CT = 12
 
 
-@pytest.fixture(scope="module")
-def tiny_shards(tmp_path_factory) -> Path:
-    """4 CTs (folds 0-3) with every positive and a few negatives each: a fold trains in seconds."""
-    data = tmp_path_factory.mktemp("cv") / "data"
-    make_dataset(data, n_cts=4, seed=2)
-    with open(data / "candidates.csv", newline="") as f:
-        rows = list(csv.reader(f))
-    kept, negatives = [rows[0]], {}
-    for row in rows[1:]:
-        negatives[row[0]] = negatives.get(row[0], 0) + (row[4] == "0")
-        if row[4] == "1" or negatives[row[0]] <= NEGATIVES_PER_CT:
-            kept.append(row)
-    (data / "candidates.csv").write_text("".join(",".join(row) + "\n" for row in kept))
-    out = data.parent / "shards"
-    build(BuildOptions(data=data, out=out, workers=1, progress=False))
-    return out
-
-
-def cv(shards: Path, out: Path) -> subprocess.CompletedProcess:
+def cv(shards: Path, out: Path, cwd: Path, *flags: str, check: bool = True) -> subprocess.CompletedProcess:
+    """launch/cv.sh started in `cwd` (where relative SHARDS and OUT are taken from) with the test's train flags."""
     env = {**os.environ, "OUT": str(out), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(["launch/cv.sh", str(shards), "--epochs", "2", "--max-steps", "2", "--batch-size", "4",
-                             "--balanced", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    result = subprocess.run([str(ROOT / "launch" / "cv.sh"), str(shards), "--epochs", "2", "--max-steps", "2",
+                             "--batch-size", "4", "--balanced", "1", *flags], cwd=cwd, env=env, capture_output=True,
+                            text=True, timeout=240)
+    if check:
+        assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
 
 
+@pytest.mark.slow
 def test_cv_trains_each_fold_merges_and_scores_every_series(tiny_shards, tmp_path):
     manifest = json.loads((tiny_shards / "manifest.json").read_text())
+    # Started elsewhere, with SHARDS and OUT relative to where it is started: results land there.
+    (tmp_path / "shards").symlink_to(tiny_shards)
     out = tmp_path / "cv"
-    first = cv(tiny_shards, out)
+    first = cv(Path("shards"), Path("cv"), tmp_path)
     for fold in range(4):
-        args = json.loads((out / f"fold{fold}" / "args.json").read_text())
+        args = json.loads((out / f"fold{fold}" / "args.json").read_text())["arguments"]
         assert args["val_folds"] == f"[{fold}]"
         assert (out / f"fold{fold}" / "val-predictions-E2.csv").is_file()
     with open(out / "predictions.csv", newline="") as f:
@@ -64,7 +49,16 @@ def test_cv_trains_each_fold_merges_and_scores_every_series(tiny_shards, tmp_pat
 
     # A rerun with the same flags trains nothing and gives the same merged file and score.
     before = (out / "predictions.csv").read_bytes()
-    again = cv(tiny_shards, out)
+    again = cv(tiny_shards, out, tmp_path)
     assert again.stdout.count("done, skipped") == 4
     assert (out / "predictions.csv").read_bytes() == before
     assert json.loads((out / "cv-score.json").read_text()) == score
+
+    # With another learning rate the trained folds are not relabelled as its results: refused, naming the flag.
+    done = (out / "fold0" / "cv-done").read_text()
+    other = cv(tiny_shards, out, tmp_path, "--lr", "0.01", check=False)
+    assert other.returncode == 1
+    assert "--lr 0.001 (now 0.01)" in other.stderr and "fold 0 failed" in other.stderr
+    assert (out / "fold0" / "cv-done").read_text() == done
+    assert json.loads((out / "fold0" / "args.json").read_text())["arguments"]["lr"] == "0.001"
+    assert (out / "predictions.csv").read_bytes() == before
