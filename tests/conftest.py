@@ -69,9 +69,9 @@ TINY_NEGATIVES = 12
 
 
 @pytest.fixture(scope="session")
-def tiny_shards(tmp_path_factory) -> Path:
-    """A shard build of 4 CTs (seed 2, folds 0-3) with every positive and 12 negatives each: a fold of about
-    20 samples, so a run trains and validates in a few seconds. Never modify it; copy it first."""
+def tiny_data(tmp_path_factory) -> Path:
+    """A synthetic data set of 4 CTs (seed 2, CT k in subset{k}) with every positive and 12 negatives of
+    each: a fold of about 20 samples, so a run trains and validates in a few seconds. Never modify it."""
     data = tmp_path_factory.mktemp("tiny") / "data"
     make_dataset(data, n_cts=4, seed=2)
     with open(data / "candidates.csv", newline="") as f:
@@ -82,8 +82,23 @@ def tiny_shards(tmp_path_factory) -> Path:
         if row[4] == "1" or negatives[row[0]] <= TINY_NEGATIVES:
             kept.append(row)
     (data / "candidates.csv").write_text("".join(",".join(row) + "\n" for row in kept))
-    out = data.parent / "shards"
-    build(BuildOptions(data=data, out=out, workers=1, progress=False))
+    return data
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tiny_data) -> Path:
+    """The classification build of `tiny_data`, at most 10 samples a shard (so the training folds 0-2 hold
+    an odd number of shards of unequal sizes). Never modify it; copy it first."""
+    out = tiny_data.parent / "shards"
+    build(BuildOptions(data=tiny_data, out=out, workers=1, max_samples=10, progress=False))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_seg_shards(tiny_data) -> Path:
+    """The segmentation build of `tiny_data` (12 negative stacks per CT). Never modify it; copy it first."""
+    out = tiny_data.parent / "seg-shards"
+    build(BuildOptions(data=tiny_data, out=out, task="seg", workers=1, seg_negatives=SEG_NEGATIVES, progress=False))
     return out
 
 

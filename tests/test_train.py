@@ -40,19 +40,19 @@ def train(args: list[str], processes: int = 1, cwd: Path | None = None) -> subpr
 
 
 @pytest.fixture(scope="module")
-def two_rank_run(shard_dir, tmp_path_factory) -> Path:
-    """One epoch on 2 CPU ranks with a data worker each, a few steps, balanced and augmented, validated on folds 8, 9."""
+def two_rank_run(tiny_shards, tmp_path_factory) -> Path:
+    """One epoch on 2 CPU ranks with a data worker each, 3 steps, balanced and augmented, validated on fold 3."""
     out = tmp_path_factory.mktemp("runs")
-    train(["--shards", str(shard_dir), "--out", str(out), "--run-name", "r", "--epochs", "1", "--max-steps", "3",
-           "--batch-size", "8", "--num-workers", "1", "--balanced", "1", "--augment", "--val-folds", "8", "9",
+    train(["--shards", str(tiny_shards), "--out", str(out), "--run-name", "r", "--epochs", "1", "--max-steps", "3",
+           "--batch-size", "8", "--num-workers", "1", "--balanced", "1", "--augment", "--val-folds", "3",
            "--metrics-json", str(out / "metrics.json")], processes=2)
     return out / "r"
 
 
-def test_train_shards_are_odd_and_uneven(shard_dir):
+def test_train_shards_are_odd_and_uneven(tiny_shards):
     """The set the 2-rank run trains on cannot be split evenly over ranks and workers."""
-    shards = open_shard_set(shard_dir)
-    train_shards = [s for s in shards.manifest["shards"] if s["fold"] != 9]
+    shards = open_shard_set(tiny_shards)
+    train_shards = [s for s in shards.manifest["shards"] if s["fold"] != 3]
     assert len(train_shards) % 2 == 1
     assert len({s["samples"] for s in train_shards}) > 1
 
@@ -72,20 +72,20 @@ def _close(run: dict, evaluated: dict, keys) -> None:
 
 
 @pytest.mark.slow
-def test_validation_scores_the_saved_model_on_one_and_two_ranks(shard_dir, two_rank_run, tmp_path):
+def test_validation_scores_the_saved_model_on_one_and_two_ranks(tiny_shards, two_rank_run, tmp_path):
     """--eval-only of best.pt on 1 and on 2 ranks gives the very metrics the 2-rank run logged: validation
     runs the main process's model (its batch-norm statistics) on every rank, the model that is saved."""
     run = json.loads((two_rank_run.parent / "metrics.json").read_text())
     results = {}
     for processes in (1, 2):
         out = tmp_path / f"m{processes}.json"
-        train(["--shards", str(shard_dir), "--eval-only", "--checkpoint", str(two_rank_run / "best.pt"),
-               "--out", str(tmp_path), "--run-name", f"eval{processes}", "--batch-size", "16",
-               "--val-folds", "8", "9", "--metrics-json", str(out)], processes=processes)
+        train(["--shards", str(tiny_shards), "--eval-only", "--checkpoint", str(two_rank_run / "best.pt"),
+               "--out", str(tmp_path), "--run-name", f"eval{processes}", "--batch-size", "4",
+               "--val-folds", "3", "--metrics-json", str(out)], processes=processes)
         results[processes] = json.loads(out.read_text())
     one, two = results[1], results[2]
-    shards = open_shard_set(shard_dir)
-    assert one["count/all"] == shards.count([8, 9], "pos") + shards.count([8, 9], "neg")
+    shards = open_shard_set(tiny_shards)
+    assert one["count/all"] == shards.count([3], "pos") + shards.count([3], "neg")
     sensitivities = [key for key in one if key.startswith("froc/sensitivity_")]
     assert len(sensitivities) == 7 and 0 <= one["cpm"] <= 1
     counts = ("count/all", "count/pos", "count/neg", "correct_count/pos", "correct_count/neg", "froc/detected",
@@ -130,17 +130,17 @@ def test_tensorboard_holds_scalars_pr_curve_and_histograms(two_rank_run):
         assert histogram.num > 0
 
 
-def test_validation_writes_luna16_predictions_scored_as_the_evaluation_scores_them(shard_dir, two_rank_run, tmp_path,
+def test_validation_writes_luna16_predictions_scored_as_the_evaluation_scores_them(tiny_shards, two_rank_run, tmp_path,
                                                                                 capsys):
     from luna_dist import evaluate
 
     metrics = json.loads((two_rank_run.parent / "metrics.json").read_text())
     marks = evaluate.read_marks(two_rank_run / "val-predictions-E1.csv")
-    shards = open_shard_set(shard_dir)
-    assert len(marks.probability) == metrics["count/all"] == shards.count([8, 9], "pos") + shards.count([8, 9], "neg")
+    shards = open_shard_set(tiny_shards)
+    assert len(marks.probability) == metrics["count/all"] == shards.count([3], "pos") + shards.count([3], "neg")
     assert ((marks.probability >= 0) & (marks.probability <= 1)).all()
     # The file scored by the command, with the fold's tables from the manifest, gives the logged CPM.
-    series, nodules, excluded = evaluate.fold_findings(shards.manifest, [8, 9])
+    series, nodules, excluded = evaluate.fold_findings(shards.manifest, [3])
     (tmp_path / "series.csv").write_text("\n".join(series) + "\n")
     for name, found in (("annotations", nodules), ("excluded", excluded)):
         rows = [f"{u},{x!r},{y!r},{z!r},{d!r}" for u, (x, y, z), d in zip(found.series, found.xyz.tolist(), found.diameter.tolist())]
@@ -154,12 +154,12 @@ def test_validation_writes_luna16_predictions_scored_as_the_evaluation_scores_th
     assert score["nodules"] == len(nodules.series) > 0 and score["scans"] == len(series)
 
 
-def test_resume_continues_step_and_sample_counters(shard_dir, two_rank_run, tmp_path):
+def test_resume_continues_step_and_sample_counters(tiny_shards, two_rank_run, tmp_path):
     run = tmp_path / "r"
     shutil.copytree(two_rank_run, run)
     # The run's flags; one process instead of two is fine between epochs.
-    train(["--shards", str(shard_dir), "--out", str(tmp_path), "--run-name", "r", "--resume", "--epochs", "2",
-           "--max-steps", "3", "--batch-size", "8", "--balanced", "1", "--augment", "--val-folds", "8", "9",
+    train(["--shards", str(tiny_shards), "--out", str(tmp_path), "--run-name", "r", "--resume", "--epochs", "2",
+           "--max-steps", "3", "--batch-size", "8", "--balanced", "1", "--augment", "--val-folds", "3",
            "--metrics-json", str(tmp_path / "m.json")])
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["epoch"] == 2
@@ -168,16 +168,16 @@ def test_resume_continues_step_and_sample_counters(shard_dir, two_rank_run, tmp_
     accumulator.Reload()
     assert [e.step for e in accumulator.Scalars("loss/all")] == [48, 72]  # same run, counter continued
     # Asking again for 2 epochs does nothing more.
-    result = train(["--shards", str(shard_dir), "--out", str(tmp_path), "--run-name", "r", "--resume",
+    result = train(["--shards", str(tiny_shards), "--out", str(tmp_path), "--run-name", "r", "--resume",
                     "--epochs", "2", "--max-steps", "3", "--batch-size", "8", "--balanced", "1", "--augment",
-                    "--val-folds", "8", "9"])
+                    "--val-folds", "3"])
     assert "already trained for 2 epoch" in result.stderr + result.stdout
 
 
-def test_resumed_training_equals_uninterrupted_training(shard_dir, tmp_path):
+def test_resumed_training_equals_uninterrupted_training(tiny_shards, tmp_path):
     """Stop after epoch 1 and resume: epoch 2 sees the same batches and augmentations, so the weights match."""
-    _assert_resume_equals_straight(["--shards", str(shard_dir), "--out", str(tmp_path), "--max-steps", "2",
-                                    "--batch-size", "4", "--balanced", "1", "--augment", "--val-folds", "9"],
+    _assert_resume_equals_straight(["--shards", str(tiny_shards), "--out", str(tmp_path), "--max-steps", "2",
+                                    "--batch-size", "4", "--balanced", "1", "--augment", "--val-folds", "3"],
                                    tmp_path, "head_linear.weight")
 
 
@@ -205,21 +205,9 @@ def test_bad_shard_folder_is_a_clear_error(tmp_path):
     assert "manifest.json not found" in result.stderr
 
 
-def _copy_without_fold(shard_dir: Path, dest: Path, fold: int) -> Path:
-    """A shard set like `shard_dir` whose build never had `fold` (as a build of fewer than 10 CTs)."""
-    shutil.copytree(shard_dir, dest)
-    manifest = json.loads((dest / "manifest.json").read_text())
-    for shard in [s for s in manifest["shards"] if s["fold"] == fold]:
-        (dest / shard["name"]).unlink()
-    manifest["shards"] = [s for s in manifest["shards"] if s["fold"] != fold]
-    del manifest["folds"][str(fold)]
-    (dest / "manifest.json").write_text(json.dumps(manifest))
-    return dest
-
-
-def test_validation_fold_without_shards_fails_before_training(shard_dir, tmp_path):
-    shards = _copy_without_fold(shard_dir, tmp_path / "shards", 9)
-    result = subprocess.run([sys.executable, "-m", "luna_dist.train", "--shards", str(shards), "--out",
+def test_validation_fold_without_shards_fails_before_training(tiny_shards, tmp_path):
+    """The default --val-folds 9 on a build of fewer than 10 CTs (as the tiny build of 4)."""
+    result = subprocess.run([sys.executable, "-m", "luna_dist.train", "--shards", str(tiny_shards), "--out",
                              str(tmp_path / "runs"), "--run-name", "r", "--max-steps", "2", "--batch-size", "4"],
                             capture_output=True, text=True, timeout=RUN_TIMEOUT,
                             env={**os.environ, "ACCELERATE_USE_CPU": "true"})
@@ -230,13 +218,13 @@ def test_validation_fold_without_shards_fails_before_training(shard_dir, tmp_pat
     assert not (tmp_path / "runs" / "r").exists()  # and no run folder without a state was left
 
 
-def test_run_killed_during_validation_resumes_without_duplicate_steps(shard_dir, tmp_path):
+def test_run_killed_during_validation_resumes_without_duplicate_steps(tiny_shards, tmp_path):
     """Epoch 2's training scalars are written before its state: after a kill in its validation
     and a resume, TensorBoard must hold each step once (the stale events are purged)."""
     import signal
 
-    common = ["--shards", str(shard_dir), "--out", str(tmp_path), "--run-name", "r", "--epochs", "3",
-              "--max-steps", "2", "--batch-size", "4", "--balanced", "1", "--val-folds", "7", "8", "9"]
+    common = ["--shards", str(tiny_shards), "--out", str(tmp_path), "--run-name", "r", "--epochs", "3",
+              "--max-steps", "2", "--batch-size", "4", "--balanced", "1", "--val-folds", "2", "3"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "luna_dist.train", *common], stderr=subprocess.PIPE,
                                stdout=subprocess.DEVNULL, text=True, env=env)
@@ -280,9 +268,9 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mount)], check=True)
 
 
-def test_full_disk_during_checkpoint_is_one_line_and_keeps_the_previous_state(shard_dir, small_disk):
-    common = ["--shards", str(shard_dir), "--out", str(small_disk), "--run-name", "r", "--max-steps", "1",
-              "--batch-size", "4", "--balanced", "1", "--val-folds", "9"]
+def test_full_disk_during_checkpoint_is_one_line_and_keeps_the_previous_state(tiny_shards, small_disk):
+    common = ["--shards", str(tiny_shards), "--out", str(small_disk), "--run-name", "r", "--max-steps", "1",
+              "--batch-size", "4", "--balanced", "1", "--val-folds", "3"]
     train([*common, "--epochs", "1"])
     state_before = {p.name: p.read_bytes() for p in (small_disk / "r" / "state").iterdir()}
     # Leave 1 MB: less than a state (model and optimizer, 1.8 MB) needs.
@@ -307,15 +295,15 @@ def _in_process(args: list[str]):
     return Trainer(parse_args(args))
 
 
-def test_best_model_is_the_best_cpm_ties_broken_by_auc_and_says_so(shard_dir, tmp_path, monkeypatch):
+def test_best_model_is_the_best_cpm_ties_broken_by_auc_and_says_so(tiny_shards, tmp_path, monkeypatch):
     """F1 at 0.5 follows the balancing ratio; LUNA16's CPM is what the field compares. The best score is
     saved with the state, so a resume never replaces best.pt by a worse model."""
     import torch
 
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
-    common = ["--shards", str(shard_dir), "--out", str(tmp_path), "--run-name", "r", "--val-folds", "9"]
+    common = ["--shards", str(tiny_shards), "--out", str(tmp_path), "--run-name", "r", "--val-folds", "3"]
     trainer = _in_process(common)
-    assert trainer.task.best_by == "cpm"  # the shards carry fold 9's nodules
+    assert trainer.task.best_by == "cpm"  # the shards carry fold 3's nodules
     for epoch, metrics in enumerate([{"cpm": 0.5, "auc": 0.9, "pr/f1_score": 0.9},
                                      {"cpm": 0.6, "auc": 0.2, "pr/f1_score": 0.1},   # best CPM, worst F1
                                      {"cpm": 0.6, "auc": 0.3, "pr/f1_score": 0.0},   # CPM tied, better AUC
@@ -333,55 +321,58 @@ def test_best_model_is_the_best_cpm_ties_broken_by_auc_and_says_so(shard_dir, tm
     resumed.close()
     assert torch.load(tmp_path / "r" / "best.pt", weights_only=False)["epoch"] == 3
 
-    by_f1 = _in_process(["--shards", str(shard_dir), "--out", str(tmp_path), "--run-name", "f1", "--best-by", "f1"])
+    by_f1 = _in_process(["--shards", str(tiny_shards), "--out", str(tmp_path), "--run-name", "f1", "--best-by", "f1",
+                         "--val-folds", "3"])
     by_f1.save({"cpm": 0.9, "auc": 0.9, "pr/f1_score": 0.2})
     by_f1.close()
     assert torch.load(tmp_path / "f1" / "best.pt", weights_only=False)["score"] == [0.2]
 
 
-def test_best_by_must_be_a_score_the_task_and_shards_have(shard_dir, tmp_path, monkeypatch, capsys):
+def test_best_by_must_be_a_score_the_task_and_shards_have(tiny_shards, tmp_path, monkeypatch, capsys):
     from luna_dist.stream import ShardSetError
     from luna_dist.train import parse_args
 
     with pytest.raises(SystemExit):
-        parse_args(["--task", "seg", "--shards", str(shard_dir), "--best-by", "cpm"])
+        parse_args(["--task", "seg", "--shards", str(tiny_shards), "--best-by", "cpm"])
     assert "--best-by cpm is not a score of --task seg: choose recall, f1, loss" in capsys.readouterr().err
-    shards = Path(shutil.copytree(shard_dir, tmp_path / "shards"))
+    shards = Path(shutil.copytree(tiny_shards, tmp_path / "shards"))
     manifest = json.loads((shards / "manifest.json").read_text())
     for entry in manifest["folds"].values():
         del entry["annotations"], entry["excluded"]  # a build from before the manifest listed the findings
     (shards / "manifest.json").write_text(json.dumps(manifest))
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
-    trainer = _in_process(["--shards", str(shards), "--out", str(tmp_path), "--run-name", "r"])
+    trainer = _in_process(["--shards", str(shards), "--out", str(tmp_path), "--run-name", "r", "--val-folds", "3"])
     assert trainer.task.best_by == "auc"  # no CPM without the findings: the threshold-free score instead
     trainer.close()
     with pytest.raises(ShardSetError, match="--best-by cpm needs annotated nodules in validation folds"):
-        _in_process(["--shards", str(shards), "--out", str(tmp_path), "--run-name", "s", "--best-by", "cpm"])
+        _in_process(["--shards", str(shards), "--out", str(tmp_path), "--run-name", "s", "--best-by", "cpm",
+                     "--val-folds", "3"])
 
 
 @pytest.mark.parametrize("flag, value, least", [("--epoch-samples", "0", 1), ("--epoch-samples", "-5", 1),
                                                 ("--num-workers", "-3", 0), ("--max-steps", "0", 1),
                                                 ("--shuffle-buffer", "0", 1), ("--batch-size", "0", 1)])
-def test_out_of_range_numbers_are_refused_naming_the_flag(shard_dir, flag, value, least, capsys):
+def test_out_of_range_numbers_are_refused_naming_the_flag(flag, value, least, capsys):
     from luna_dist.train import parse_args
 
     with pytest.raises(SystemExit) as exit_:
-        parse_args(["--shards", str(shard_dir), flag, value])
+        parse_args(["--shards", "unused", flag, value])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {flag} must be at least {least}, got {value}")
 
 
-def test_damaged_shard_read_by_a_data_worker_is_one_line(shard_dir, tmp_path):
+def test_damaged_shard_read_by_a_data_worker_is_one_line(tiny_shards, tmp_path):
     """The worker's traceback stays out of the message; the shard and the sample are named."""
-    shards = Path(shutil.copytree(shard_dir, tmp_path / "shards"))
-    victim = sorted(shards.glob("fold9-neg-*.tar"))[0]
+    shards = Path(shutil.copytree(tiny_shards, tmp_path / "shards"))
+    victim = sorted(shards.glob("fold3-neg-*.tar"))[0]
     with tarfile.open(victim) as tar:
         cls = [member for member in tar.getmembers() if member.name.endswith(".cls")][5]
     with open(victim, "r+b") as f:
         f.seek(cls.offset)
         f.write(b"\0" * 2048)  # a tar reader stops at zero blocks: the sample ends without its cls
     result = subprocess.run([sys.executable, "-m", "luna_dist.train", "--shards", str(shards), "--out",
-                             str(tmp_path / "runs"), "--max-steps", "1", "--batch-size", "4", "--num-workers", "1"],
+                             str(tmp_path / "runs"), "--max-steps", "1", "--batch-size", "4", "--num-workers", "1",
+                             "--val-folds", "3"],
                             capture_output=True, text=True, timeout=RUN_TIMEOUT,
                             env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 1, result.stderr[-3000:]
@@ -395,30 +386,30 @@ def test_damaged_shard_read_by_a_data_worker_is_one_line(shard_dir, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def seg_two_rank_run(seg_shard_dir, tmp_path_factory) -> Path:
+def seg_two_rank_run(tiny_seg_shards, tmp_path_factory) -> Path:
     """One segmentation epoch on 2 CPU ranks with a data worker each: a few steps, augmented."""
     out = tmp_path_factory.mktemp("seg_runs")
-    train(["--task", "seg", "--shards", str(seg_shard_dir), "--out", str(out), "--run-name", "r", "--epochs", "1",
-           "--max-steps", "2", "--batch-size", "8", "--num-workers", "1", "--augment", "--val-folds", "8", "9",
+    train(["--task", "seg", "--shards", str(tiny_seg_shards), "--out", str(out), "--run-name", "r", "--epochs", "1",
+           "--max-steps", "2", "--batch-size", "8", "--num-workers", "1", "--augment", "--val-folds", "2", "3",
            "--metrics-json", str(out / "metrics.json")], processes=2)
     return out / "r"
 
 
 @pytest.mark.slow
-def test_seg_validation_scores_the_saved_model_on_one_and_two_ranks(seg_shard_dir, seg_two_rank_run, tmp_path):
+def test_seg_validation_scores_the_saved_model_on_one_and_two_ranks(tiny_seg_shards, seg_two_rank_run, tmp_path):
     """As for the classifier, and the UNet has batch norm in every block: --eval-only of best.pt on 1 and on
     2 ranks gives the pixel counts and the printed lines of the 2-rank run's validation."""
     run = json.loads((seg_two_rank_run.parent / "metrics.json").read_text())
     results, output = {}, {}
     for processes in (1, 2):
         out = tmp_path / f"m{processes}.json"
-        result = train(["--task", "seg", "--shards", str(seg_shard_dir), "--eval-only", "--checkpoint",
+        result = train(["--task", "seg", "--shards", str(tiny_seg_shards), "--eval-only", "--checkpoint",
                         str(seg_two_rank_run / "best.pt"), "--out", str(tmp_path), "--run-name", f"eval{processes}",
-                        "--batch-size", "16", "--val-folds", "8", "9", "--metrics-json", str(out)],
+                        "--batch-size", "16", "--val-folds", "2", "3", "--metrics-json", str(out)],
                        processes=processes)
         results[processes], output[processes] = json.loads(out.read_text()), result.stderr
-    folds = json.loads((seg_shard_dir / "manifest.json").read_text())["folds"]
-    assert run["count/all"] == folds["8"]["val_slices"] + folds["9"]["val_slices"]  # every slice once
+    folds = json.loads((tiny_seg_shards / "manifest.json").read_text())["folds"]
+    assert run["count/all"] == folds["2"]["val_slices"] + folds["3"]["val_slices"]  # every slice once
     assert run["count/tp"] + run["count/fn"] > 0
     counts = ("count/all", "count/mask_slices", "count/tp", "count/fn", "count/fp")
     for processes, evaluated in results.items():
@@ -449,14 +440,14 @@ def test_seg_tensorboard_holds_pixel_scalars_and_fixed_slice_images(seg_two_rank
     assert image.step == 32 and (image.width, image.height) == (160, 160)
 
 
-def test_seg_resumed_training_equals_uninterrupted_training(seg_shard_dir, tmp_path):
-    _assert_resume_equals_straight(["--task", "seg", "--shards", str(seg_shard_dir), "--out", str(tmp_path),
-                                    "--max-steps", "2", "--batch-size", "4", "--augment", "--val-folds", "9"],
+def test_seg_resumed_training_equals_uninterrupted_training(tiny_seg_shards, tmp_path):
+    _assert_resume_equals_straight(["--task", "seg", "--shards", str(tiny_seg_shards), "--out", str(tmp_path),
+                                    "--max-steps", "2", "--batch-size", "4", "--augment", "--val-folds", "3"],
                                    tmp_path, "unet.last.weight")
 
 
-def test_cls_run_refuses_seg_shards(seg_shard_dir, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "luna_dist.train", "--shards", str(seg_shard_dir),
+def test_cls_run_refuses_seg_shards(tiny_seg_shards, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "luna_dist.train", "--shards", str(tiny_seg_shards),
                              "--out", str(tmp_path)], capture_output=True, text=True, timeout=RUN_TIMEOUT,
                             env={**os.environ, "ACCELERATE_USE_CPU": "true"})
     assert result.returncode == 1 and "Traceback" not in result.stderr
@@ -479,14 +470,14 @@ def test_damaged_shard_is_one_error_naming_it(shard_dir, tmp_path):
         assert ("E1 trained" in result.stderr) is not bool(extra)  # --verify stops before the first step
 
 
-def test_validation_that_misses_samples_fails_after_the_gather(shard_dir, tmp_path, monkeypatch):
+def test_validation_that_misses_samples_fails_after_the_gather(tiny_shards, tmp_path, monkeypatch):
     """Behind the per-shard counts: the gathered total must equal the manifest's (e.g. a shard no rank read)."""
     from luna_dist.stream import ShardSetError
     from luna_dist.train import Trainer, parse_args
 
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
-    trainer = Trainer(parse_args(["--shards", str(shard_dir), "--out", str(tmp_path), "--run-name", "r",
-                                  "--val-folds", "9", "--batch-size", "8"]))
+    trainer = Trainer(parse_args(["--shards", str(tiny_shards), "--out", str(tmp_path), "--run-name", "r",
+                                  "--val-folds", "3", "--batch-size", "8"]))
     full_loader = trainer.task.val_loader
 
     def loses_first_batch(*args, **kwargs):
@@ -495,10 +486,10 @@ def test_validation_that_misses_samples_fails_after_the_gather(shard_dir, tmp_pa
         return batches
 
     try:
-        shards = open_shard_set(shard_dir)
-        expected = shards.count([9], "pos") + shards.count([9], "neg")
+        shards = open_shard_set(tiny_shards)
+        expected = shards.count([3], "pos") + shards.count([3], "neg")
         monkeypatch.setattr(trainer.task, "val_loader", loses_first_batch)
-        with pytest.raises(ShardSetError, match=f"validation read {expected - 8:,} samples of folds .9., "
+        with pytest.raises(ShardSetError, match=f"validation read {expected - 8:,} samples of folds .3., "
                                                 f"the manifest counts {expected:,}"):
             trainer.validate(1)
     finally:
@@ -808,14 +799,14 @@ def _stop_nodes(nodes) -> None:
 
 
 @pytest.mark.slow
-def test_two_nodes_run_one_epoch_like_one_machine(shard_dir, tmp_path):
+def test_two_nodes_run_one_epoch_like_one_machine(tiny_shards, tmp_path):
     """Node-level splitting: each validation sample once, equal steps, and only global rank 0 writes.
 
     The nodes have other numbers of data workers (as machines with other core counts get by
     default): 3 steps over 2 workers once became 4, the other node ran 3, and DDP hung."""
     out = tmp_path / "runs"
-    nodes = _launch_nodes(["--shards", str(shard_dir), "--out", str(out), "--run-name", "r", "--max-steps", "3",
-                           "--batch-size", "8", "--balanced", "1", "--val-folds", "8", "9",
+    nodes = _launch_nodes(["--shards", str(tiny_shards), "--out", str(out), "--run-name", "r", "--epoch-samples", "48",
+                           "--batch-size", "8", "--balanced", "1", "--val-folds", "2", "3",
                            "--metrics-json", str(tmp_path / "m.json"), "--dist-timeout", "60"], tmp_path,
                           per_node=(["--num-workers", "0"], ["--num-workers", "2"]))
     try:
@@ -824,9 +815,9 @@ def test_two_nodes_run_one_epoch_like_one_machine(shard_dir, tmp_path):
     finally:
         _stop_nodes(nodes)
     metrics = json.loads((tmp_path / "m.json").read_text())
-    shards = open_shard_set(shard_dir)
+    shards = open_shard_set(tiny_shards)
     assert metrics["processes"] == 2
-    assert metrics["count/all"] == sum(shards.count([8, 9], label) for label in ("pos", "neg"))
+    assert metrics["count/all"] == sum(shards.count([2, 3], label) for label in ("pos", "neg"))
     assert metrics["samples_seen"] == 3 * 8 * 2  # both nodes ran 3 steps (a rank short of steps would hang DDP)
     assert "E1 val " in nodes[0][1].read_text() and "E1 val " not in nodes[1][1].read_text()
     assert [p.name for p in (tmp_path / "node0").iterdir()] == [] == [p.name for p in (tmp_path / "node1").iterdir()]
@@ -841,14 +832,15 @@ def test_two_nodes_run_one_epoch_like_one_machine(shard_dir, tmp_path):
 
 
 @pytest.mark.parametrize("fault", ["kill", "freeze"])
-def test_other_node_stops_within_the_timeout_naming_the_lost_rank(shard_dir, tmp_path, fault):
+def test_other_node_stops_within_the_timeout_naming_the_lost_rank(tiny_shards, tmp_path, fault):
     """A rank killed (its sockets close) or frozen (SIGSTOP: nothing closes, as a node that vanished):
     the other node fails within --dist-timeout, naming rank 1 and how to go on."""
     import signal
     import time
 
-    nodes = _launch_nodes(["--shards", str(shard_dir), "--out", str(tmp_path / "runs"), "--run-name", "r",
-                           "--max-steps", "400", "--batch-size", "8", "--val-folds", "9", "--dist-timeout", "5"],
+    nodes = _launch_nodes(["--shards", str(tiny_shards), "--out", str(tmp_path / "runs"), "--run-name", "r",
+                           "--epoch-samples", "100000", "--max-steps", "400", "--batch-size", "8", "--val-folds", "3",
+                           "--dist-timeout", "5"],
                           tmp_path)
     rank1 = None
     try:
@@ -880,12 +872,13 @@ def test_other_node_stops_within_the_timeout_naming_the_lost_rank(shard_dir, tmp
     assert "[rank0]: Traceback" not in log
 
 
-def test_two_ranks_streaming_over_http_train_and_validate_as_from_the_folder(shard_dir, two_rank_run, served, tmp_path):
+def test_two_ranks_streaming_over_http_train_and_validate_as_from_the_folder(tiny_shards, two_rank_run, served,
+                                                                             tmp_path):
     """The run of `two_rank_run`, its shards served by a loopback web server: same samples, same numbers."""
     www, url = served
-    shutil.copytree(shard_dir, www / "shards")
+    shutil.copytree(tiny_shards, www / "shards")
     train(["--shards", f"{url}/shards/", "--out", str(tmp_path), "--run-name", "r", "--epochs", "1", "--max-steps", "3",
-           "--batch-size", "8", "--num-workers", "1", "--balanced", "1", "--augment", "--val-folds", "8", "9",
+           "--batch-size", "8", "--num-workers", "1", "--balanced", "1", "--augment", "--val-folds", "3",
            "--metrics-json", str(tmp_path / "metrics.json")], processes=2)
     local = json.loads((two_rank_run.parent / "metrics.json").read_text())
     remote = json.loads((tmp_path / "metrics.json").read_text())
@@ -895,14 +888,14 @@ def test_two_ranks_streaming_over_http_train_and_validate_as_from_the_folder(sha
 
 
 @pytest.mark.slow
-def test_mid_epoch_checkpoint_on_two_ranks_resumes_exactly_there(shard_dir, tmp_path):
+def test_mid_epoch_checkpoint_on_two_ranks_resumes_exactly_there(tiny_shards, tmp_path):
     """--save-every 2 on 2 ranks: killed after step 4's state, resumed, the epoch ends with the weights of an
     uninterrupted run. Each rank replays its own stream: with rank 0's random states for both, it did not."""
     import torch
     from safetensors.torch import load_file
 
-    common = ["--shards", str(shard_dir), "--out", str(tmp_path), "--max-steps", "8", "--batch-size", "4",
-              "--balanced", "1", "--augment", "--val-folds", "9", "--save-every", "2", "--num-workers", "1"]
+    common = ["--shards", str(tiny_shards), "--out", str(tmp_path), "--epoch-samples", "64", "--batch-size", "4",
+              "--balanced", "1", "--augment", "--val-folds", "3", "--save-every", "2", "--num-workers", "1"]
     train([*common, "--run-name", "straight"], processes=2)
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "launch/train.py", *common,
