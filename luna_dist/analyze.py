@@ -66,7 +66,7 @@ from luna_dist.evaluate import (
     EvaluationError,
     Findings,
     Marks,
-    _shard_findings,
+    shard_findings,
     froc,
     plot_froc,
     read_findings,
@@ -529,7 +529,7 @@ def select_series(args: argparse.Namespace, found: dict[str, Path]) -> tuple[dic
 def build_series(shards: str, folds: list[int] | None, found: dict[str, Path], data: Path) -> dict[str, Path]:
     """The series a shard build's manifest holds (in `folds`, all without), each of which must be on disk."""
     try:
-        uids, _, _ = _shard_findings(shards, folds)
+        uids, _, _ = shard_findings(shards, folds)
     except EvaluationError as err:
         raise AnalysisError(f"--shards: {err}") from None
     missing = [uid for uid in uids if uid not in found]

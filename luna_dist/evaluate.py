@@ -447,7 +447,9 @@ def plot_froc(result: Froc, path: Path | None, title: str = "FROC"):
     return fig
 
 
-def _shard_findings(shards: str, folds: list[int] | None) -> tuple[list[str], Findings, Findings]:
+def shard_findings(shards: str, folds: list[int] | None) -> tuple[list[str], Findings, Findings]:
+    """The series, nodules and excluded findings of `folds` (all when None) of a shard build, from its manifest;
+    EvaluationError naming the manifest when it cannot be read or lacks a fold."""
     from luna_dist.stream import ShardSetError, read_manifest, shard_location  # torch and webdataset only for this
 
     path = shard_location(shards, "manifest.json")
@@ -495,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         if args.shards:
-            series_uids, nodules, excluded = _shard_findings(args.shards, args.folds)
+            series_uids, nodules, excluded = shard_findings(args.shards, args.folds)
         else:
             series_uids = read_series_list(args.seriesuids)
             nodules = read_findings(args.annotations)

@@ -207,7 +207,9 @@ class Trainer:
         self.processes = gather_object([f"{socket.gethostname()}, pid {os.getpid()}"])
         self.run_dir = self._run_dir()
         self.checkpoints = Checkpointer(self.run_dir, accelerator)
-        self.record = run_folder.record(args, accelerator.num_processes, accelerator.mixed_precision,
+        # The rule best.pt is chosen by as the task settled it (--best-by's default depends on the shards).
+        recorded = argparse.Namespace(**{**vars(args), "best_by": task.best_by})
+        self.record = run_folder.record(recorded, accelerator.num_processes, accelerator.mixed_precision,
                                         self.shards.manifest.get("identity", {}))
         self.writers: dict[str, SummaryWriter] = {}
         self._open_run()

@@ -424,6 +424,7 @@ def _classifier(seed: int, path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_rerun_with_another_classifier_redoes_the_cts_as_a_fresh_run_would(tiny_data, tmp_path):
     args = ["--data", str(tiny_data), "--candidates", str(tiny_data / "candidates.csv")]
     out = tmp_path / "rerun"

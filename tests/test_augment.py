@@ -122,6 +122,7 @@ def test_flip_through_resampling_matches_index_flips():
     assert len({m[0] for m in matches}) > 1
 
 
+@pytest.mark.slow
 def test_offset_shifts_by_at_most_ten_percent():
     centre = (I / 2, R / 2, C / 2)
     batch = _ball(64, centre, radius=0.5)  # a single bright voxel
@@ -215,6 +216,7 @@ def test_same_seed_same_output(config):
     assert not torch.equal(first, augment(batch, config, _generator(8)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", [AugmentConfig.all(), AugmentConfig(flip=True), AugmentConfig(noise_hu=25.0)])
 def test_keeps_shape_dtype_device_and_never_makes_float64(config):
     class DtypeRecorder(TorchDispatchMode):

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def cv(shards: Path, out: Path, cwd: Path, *flags: str, check: bool = True) -> subprocess.CompletedProcess:
     """launch/cv.sh started in `cwd` (where relative SHARDS and OUT are taken from) with the test's train flags."""
     env = {**os.environ, "OUT": str(out), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([str(ROOT / "launch" / "cv.sh"), str(shards), "--epochs", "2", "--max-steps", "2",
+    result = subprocess.run([str(ROOT / "launch" / "cv.sh"), str(shards), "--epochs", "1", "--max-steps", "2",
                              "--batch-size", "4", "--balanced", "1", *flags], cwd=cwd, env=env, capture_output=True,
                             text=True, timeout=240)
     if check:
@@ -35,7 +35,7 @@ def test_cv_trains_each_fold_merges_and_scores_every_series(tiny_shards, tmp_pat
     for fold in range(4):
         args = json.loads((out / f"fold{fold}" / "args.json").read_text())["arguments"]
         assert args["val_folds"] == f"[{fold}]"
-        assert (out / f"fold{fold}" / "val-predictions-E2.csv").is_file()
+        assert (out / f"fold{fold}" / "val-predictions-E1.csv").is_file()
     with open(out / "predictions.csv", newline="") as f:
         merged = list(csv.DictReader(f))
     # Every candidate once: each validation fold scored its own series, and together they are all series.

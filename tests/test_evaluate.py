@@ -290,6 +290,7 @@ def test_bad_input_names_file_and_line(files, tmp_path, capsys, name, text, mess
     assert message in err and "Traceback" not in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prefix", ["\ufeff", "\n", "\ufeff\n \n,,\n"], ids=["bom", "blank line", "bom and blanks"])
 @pytest.mark.parametrize("name", ["annotations", "excluded", "seriesuids", "predictions"])
 def test_a_byte_order_mark_or_blank_lines_before_the_header_change_nothing(files, tmp_path, name, prefix):

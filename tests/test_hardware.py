@@ -43,6 +43,7 @@ def test_this_machine_reports_its_features():
     assert features and all(isinstance(f, str) for f in features)
 
 
+@pytest.mark.slow
 def test_training_warns_before_the_first_step(shard_dir, tmp_path, monkeypatch, caplog):
     """bf16 on a CPU said to lack bf16 units: the warning comes before any training line."""
     from accelerate.state import AcceleratorState

@@ -235,6 +235,7 @@ def _npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.slow
 def test_killed_seg_build_resumes_to_the_uninterrupted_result(synth_data, seg_dir, tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "luna_dist.shard", "--task", "seg", "--data", str(synth_data), "--out", str(out),

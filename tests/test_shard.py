@@ -208,6 +208,7 @@ def check_chunks_against_the_cts(data: Path, out: Path) -> int:
     return padded
 
 
+@pytest.mark.slow
 def test_every_chunk_equals_a_direct_crop_of_its_ct(synth_data, shard_dir):
     padded = check_chunks_against_the_cts(synth_data, shard_dir)
     assert 0 < padded < len(csv_rows(synth_data / "candidates.csv"))  # border candidates exercised the padding
@@ -342,6 +343,7 @@ def test_open_shard_set_accepts_the_build(shard_dir, manifest):
 # --- kill and resume ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_killed_build_resumes_to_the_uninterrupted_result(synth_data, shard_dir, samples, tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "luna_dist.shard", "--data", str(synth_data), "--out", str(out),
@@ -385,6 +387,7 @@ def is_running(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads worker pids from Linux's /proc")
 def test_workers_end_when_the_build_process_is_killed(synth_data, tmp_path):
     """SIGKILL reaches the main process only: its pool workers must not go on writing."""
@@ -645,6 +648,7 @@ def test_a_table_that_mostly_fails_to_parse_is_refused_naming_the_flag(data, tmp
     assert not (tmp_path / "out").exists()  # checked before anything is written
 
 
+@pytest.mark.slow
 def test_the_last_line_says_how_many_rows_of_which_table_were_left_out(data, tmp_path):
     candidates = data / "candidates.csv"
     rows = len(candidates.read_text().splitlines()) - 1
@@ -808,6 +812,7 @@ def test_strict_error_writes_nothing(data, tmp_path, small_reference):
     assert fingerprint(out) == small_reference
 
 
+@pytest.mark.slow
 def test_missing_data_folder_writes_nothing(tmp_path):
     result = shard_cli("--data", tmp_path / "nope", "--no-progress", cwd=tmp_path)
     assert result.returncode == 1
@@ -921,6 +926,7 @@ def tmpfs(tmp_path):
         subprocess.run(["umount", str(target)], check=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_full_disk_stops_the_build_with_one_line_and_a_rerun_resumes(data, tmp_path, small_reference, tmpfs, workers):
     disk = tmpfs("disk", "12m")
@@ -968,6 +974,7 @@ def test_full_disk_while_packing_positives_or_the_manifest(data, tmp_path, small
     assert read == [] and fingerprint(out) == small_reference
 
 
+@pytest.mark.slow
 def test_read_only_out_is_one_line(data, tmp_path, tmpfs):
     out = tmpfs("readonly", "1m", "ro") / "out"
     result = shard_cli("--data", data, "--out", out, "--no-progress", cwd=tmp_path)
@@ -999,6 +1006,7 @@ def test_open_shard_set_refuses_truncated_or_missing(data, tmp_path):
     assert MANIFEST in str(err.value) and "not found" in str(err.value)
 
 
+@pytest.mark.slow
 def test_cli_builds_and_prints_a_summary(small_data, tmp_path):
     out = tmp_path / "out"
     first = shard_cli("--data", small_data, "--out", out, "--workers", "2", "--max-samples", "25", "--no-progress")
@@ -1013,6 +1021,7 @@ def test_cli_builds_and_prints_a_summary(small_data, tmp_path):
 
 
 
+@pytest.mark.slow
 def test_cli_error_exit_code(small_data, tmp_path):
     """A different build in --out: `python -m luna_dist.shard` exits 1 with an `error:` line, nothing changed."""
     out = tmp_path / "out"
@@ -1027,6 +1036,7 @@ def test_cli_error_exit_code(small_data, tmp_path):
 
 @pytest.mark.parametrize("flag, value, message", [("--workers", "-3", "--workers must be at least 1, got -3"),
                                                   ("--max-samples", "0", "--max-samples must be at least 1, got 0")])
+@pytest.mark.slow
 def test_cli_refuses_out_of_range_numbers(small_data, tmp_path, flag, value, message):
     result = shard_cli("--data", small_data, "--out", tmp_path / "out", flag, value, "--no-progress")
     assert result.returncode == 1

@@ -91,6 +91,7 @@ def test_collate_matches_np_load_on_real_shards(shard_dir):
         assert labels[n].item() == label == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world,workers", [(1, 0), (2, 0), (2, 2), (3, 1), (5, 2)])
 def test_validation_split_scores_each_sample_once(shard_dir, monkeypatch, world, workers):
     shards = open_shard_set(shard_dir)
@@ -136,6 +137,7 @@ def test_worker_shares_add_up_to_the_steps(monkeypatch, steps, workers):
     assert sum(shares) == steps and max(shares) - min(shares) <= 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("neg_per_pos,expected_pos_fraction", [(1, 0.5), (3, 0.25)])
 def test_balanced_mixing(shard_dir, neg_per_pos, expected_pos_fraction):
     shards = open_shard_set(shard_dir)
@@ -154,6 +156,7 @@ def test_natural_frequencies_without_balancing(shard_dir):
     assert labels.float().mean().item() < natural + 0.03
 
 
+@pytest.mark.slow
 def test_pipelines_pickle_and_run_in_spawn_workers(shard_dir):
     shards = open_shard_set(shard_dir)
     config = TrainStreamConfig(tuple(range(9)), batch_size=4, steps=4, num_workers=2, neg_per_pos=1,
@@ -199,11 +202,11 @@ def test_manifest_without_a_field_is_named(shard_dir, tmp_path, damage, problem)
     assert str(err.value).startswith(f"{tmp_path / 'manifest.json'}: {problem}")
 
 
-def _damaged_copy(shard_dir, tmp_path, damage) -> tuple:
-    """A copy of the shard set whose first validation shard `damage(file, members)` changes in place."""
+def _damaged_copy(shard_dir, tmp_path, damage, fold: int = 9) -> tuple:
+    """A copy of the shard set whose first negative shard of `fold` `damage(file, members)` changes in place."""
     out = Path(shutil.copytree(shard_dir, tmp_path / "shards"))
     shards = open_shard_set(out)
-    victim = Path(shards.shards([9], "neg")[0])
+    victim = Path(shards.shards([fold], "neg")[0])
     with tarfile.open(victim) as tar:
         members = tar.getmembers()
     with open(victim, "r+b") as file:
@@ -284,6 +287,7 @@ def test_damaged_shard_stops_training_naming_it(shard_dir, tmp_path, damage):
     assert str(err.value).startswith(str(victim))
 
 
+@pytest.mark.slow
 def test_verify_names_the_shard_whose_sha256_differs(shard_dir, tmp_path):
     assert open_shard_set(shard_dir).verify()[0] == []
     shards, victim, _ = _damaged_copy(shard_dir, tmp_path, _random_payload)
@@ -298,6 +302,7 @@ def _serve_copy(shard_dir, www) -> Path:
     return www / "shards"
 
 
+@pytest.mark.slow
 def test_shards_over_http_read_like_the_folder(shard_dir, served, tmp_path):
     www, url = served
     _serve_copy(shard_dir, www)
@@ -323,6 +328,7 @@ def _keys(samples, batch_size: int):
         yield batch
 
 
+@pytest.mark.slow
 def test_bytes_served_must_match_the_manifest(shard_dir, served):
     """A byte changed after the tar's end: no sample differs, but the sha256 of the stream does."""
     www, url = served
@@ -362,6 +368,7 @@ def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_a_frozen_server_fails_within_the_read_timeout_naming_the_url(tiny_shards, stalling_server):
     """curl had a connect timeout only: a server that accepts and then sends nothing hung the reader for ever."""
     import time

@@ -98,6 +98,7 @@ def test_roc_curve_steps_once_per_distinct_score():
     assert fpr.tolist() == [0, 0, 0.5, 1] and tpr.tolist() == [0, 0.5, 1, 1]
 
 
+@pytest.mark.slow
 def test_short_malignancy_run_end_to_end(shard_dir, nodule_classifier, tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(

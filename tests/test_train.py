@@ -154,6 +154,7 @@ def test_validation_writes_luna16_predictions_scored_as_the_evaluation_scores_th
     assert score["nodules"] == len(nodules.series) > 0 and score["scans"] == len(series)
 
 
+@pytest.mark.slow
 def test_resume_continues_step_and_sample_counters(tiny_shards, two_rank_run, tmp_path):
     run = tmp_path / "r"
     shutil.copytree(two_rank_run, run)
@@ -174,6 +175,7 @@ def test_resume_continues_step_and_sample_counters(tiny_shards, two_rank_run, tm
     assert "already trained for 2 epoch" in result.stderr + result.stdout
 
 
+@pytest.mark.slow
 def test_resumed_training_equals_uninterrupted_training(tiny_shards, tmp_path):
     """Stop after epoch 1 and resume: epoch 2 sees the same batches and augmentations, so the weights match."""
     _assert_resume_equals_straight(["--shards", str(tiny_shards), "--out", str(tmp_path), "--max-steps", "2",
@@ -198,6 +200,7 @@ def _assert_resume_equals_straight(common: list[str], out: Path, trained: str) -
         torch.testing.assert_close(resumed[name], straight[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_bad_shard_folder_is_a_clear_error(tmp_path):
     result = subprocess.run([sys.executable, "-m", "luna_dist.train", "--shards", str(tmp_path / "nowhere"),
                              "--out", str(tmp_path)], capture_output=True, text=True, timeout=RUN_TIMEOUT)
@@ -205,6 +208,7 @@ def test_bad_shard_folder_is_a_clear_error(tmp_path):
     assert "manifest.json not found" in result.stderr
 
 
+@pytest.mark.slow
 def test_validation_fold_without_shards_fails_before_training(tiny_shards, tmp_path):
     """The default --val-folds 9 on a build of fewer than 10 CTs (as the tiny build of 4)."""
     result = subprocess.run([sys.executable, "-m", "luna_dist.train", "--shards", str(tiny_shards), "--out",
@@ -218,6 +222,7 @@ def test_validation_fold_without_shards_fails_before_training(tiny_shards, tmp_p
     assert not (tmp_path / "runs" / "r").exists()  # and no run folder without a state was left
 
 
+@pytest.mark.slow
 def test_run_killed_during_validation_resumes_without_duplicate_steps(tiny_shards, tmp_path):
     """Epoch 2's training scalars are written before its state: after a kill in its validation
     and a resume, TensorBoard must hold each step once (the stale events are purged)."""
@@ -268,6 +273,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mount)], check=True)
 
 
+@pytest.mark.slow
 def test_full_disk_during_checkpoint_is_one_line_and_keeps_the_previous_state(tiny_shards, small_disk):
     common = ["--shards", str(tiny_shards), "--out", str(small_disk), "--run-name", "r", "--max-steps", "1",
               "--batch-size", "4", "--balanced", "1", "--val-folds", "3"]
@@ -361,6 +367,7 @@ def test_out_of_range_numbers_are_refused_naming_the_flag(flag, value, least, ca
     assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {flag} must be at least {least}, got {value}")
 
 
+@pytest.mark.slow
 def test_damaged_shard_read_by_a_data_worker_is_one_line(tiny_shards, tmp_path):
     """The worker's traceback stays out of the message; the shard and the sample are named."""
     shards = Path(shutil.copytree(tiny_shards, tmp_path / "shards"))
@@ -440,25 +447,28 @@ def test_seg_tensorboard_holds_pixel_scalars_and_fixed_slice_images(seg_two_rank
     assert image.step == 32 and (image.width, image.height) == (160, 160)
 
 
+@pytest.mark.slow
 def test_seg_resumed_training_equals_uninterrupted_training(tiny_seg_shards, tmp_path):
     _assert_resume_equals_straight(["--task", "seg", "--shards", str(tiny_seg_shards), "--out", str(tmp_path),
                                     "--max-steps", "2", "--batch-size", "4", "--augment", "--val-folds", "3"],
                                    tmp_path, "unet.last.weight")
 
 
+@pytest.mark.slow
 def test_cls_run_refuses_seg_shards(tiny_seg_shards, tmp_path):
     result = subprocess.run([sys.executable, "-m", "luna_dist.train", "--shards", str(tiny_seg_shards),
                              "--out", str(tmp_path)], capture_output=True, text=True, timeout=RUN_TIMEOUT,
                             env={**os.environ, "ACCELERATE_USE_CPU": "true"})
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "shards built with --task seg, this run needs --task cls shards" in result.stderr
-def test_damaged_shard_is_one_error_naming_it(shard_dir, tmp_path):
+@pytest.mark.slow
+def test_damaged_shard_is_one_error_naming_it(tiny_shards, tmp_path):
     """--verify finds it before training; without it, validation (in a data worker) stops on it."""
     from tests.test_stream import _damaged_copy, _random_payload
 
-    _, path, _ = _damaged_copy(shard_dir, tmp_path, _random_payload)
+    _, path, _ = _damaged_copy(tiny_shards, tmp_path, _random_payload, fold=3)
     common = [sys.executable, "-m", "luna_dist.train", "--shards", str(tmp_path / "shards"), "--out",
-              str(tmp_path / "runs"), "--max-steps", "1", "--batch-size", "4", "--val-folds", "9", "--num-workers", "1"]
+              str(tmp_path / "runs"), "--max-steps", "1", "--batch-size", "4", "--val-folds", "3", "--num-workers", "1"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     for extra, expected in ((["--verify"], f"{path}: {path.stat().st_size} bytes streamed with sha256 "),
                             ([], f"{path}: sample ")):
@@ -520,6 +530,7 @@ def _nan_from_call(task, first_bad: int) -> None:
     task.forward = diverging
 
 
+@pytest.mark.slow
 def test_a_diverged_run_stops_at_the_first_nonfinite_loss_and_keeps_the_last_state(tiny_shards, tmp_path, monkeypatch):
     """--lr 0.1 --momentum 0.5: every probability NaN, yet 99.4 % correct, AUC 0.83 and exit 0. Now training
     stops naming the epoch, the step and the flags, and nothing after the last saved state is saved."""
@@ -572,6 +583,7 @@ def test_a_diverged_model_is_never_scored(tiny_shards, tmp_path, monkeypatch, ca
     assert not (tmp_path / "m.json").exists()
 
 
+@pytest.mark.slow
 def test_logs_that_fail_after_the_state_is_saved_are_written_again_by_the_resume(tiny_shards, tmp_path, monkeypatch):
     """A full disk while logging: the epoch's training is saved first, and the resume writes its logs."""
     import errno
@@ -609,6 +621,7 @@ def test_logs_that_fail_after_the_state_is_saved_are_written_again_by_the_resume
     assert json.loads((tmp_path / "r" / "logged.json").read_text()) == {"epoch": 1}
 
 
+@pytest.mark.slow
 def test_a_kill_between_the_renames_of_a_checkpoint_resumes_from_the_newest_state(tiny_shards, tmp_path, monkeypatch):
     """The swap renames state/ to state.old/, then state.partial/ to state/: killed in between, no state/ is
     left, and --resume once refused. The newest complete state is found whatever its name."""
@@ -628,6 +641,7 @@ def test_a_kill_between_the_renames_of_a_checkpoint_resumes_from_the_newest_stat
     assert sorted(p.name for p in run.iterdir() if p.name.startswith("state")) == ["state"]
 
 
+@pytest.mark.slow
 def test_an_existing_run_is_never_overwritten_by_a_command_without_resume(tiny_shards, tmp_path, monkeypatch):
     """Rerunning --run-name without --resume replaced its state and its best model by a worse one."""
     import torch
@@ -831,6 +845,7 @@ def test_two_nodes_run_one_epoch_like_one_machine(tiny_shards, tmp_path):
     assert "model.safetensors" in state and "random_states_1.pkl" in state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["kill", "freeze"])
 def test_other_node_stops_within_the_timeout_naming_the_lost_rank(tiny_shards, tmp_path, fault):
     """A rank killed (its sockets close) or frozen (SIGSTOP: nothing closes, as a node that vanished):
@@ -872,6 +887,7 @@ def test_other_node_stops_within_the_timeout_naming_the_lost_rank(tiny_shards, t
     assert "[rank0]: Traceback" not in log
 
 
+@pytest.mark.slow
 def test_two_ranks_streaming_over_http_train_and_validate_as_from_the_folder(tiny_shards, two_rank_run, served,
                                                                              tmp_path):
     """The run of `two_rank_run`, its shards served by a loopback web server: same samples, same numbers."""
