@@ -27,8 +27,9 @@ for fold in $FOLDS; do
         echo "fold $fold: done, skipped"
         continue
     fi
-    resume=$([ -d "$run/state" ] && echo --resume || true)
-    echo "fold $fold: training on the other folds${resume:+ (resuming)}"
+    # A saved state (under any name a kill left it) is continued; a folder without one holds nothing to keep.
+    resume=$(compgen -G "$run/state*" >/dev/null && echo --resume || { [ -d "$run" ] && echo --overwrite; } || true)
+    echo "fold $fold: training on the other folds${resume:+ ($resume)}"
     # shellcheck disable=SC2086  # LAUNCH is a command line
     if ! $LAUNCH --shards "$SHARDS" --val-folds "$fold" --out "$OUT" --run-name "fold$fold" $resume "$@"; then
         echo "error: fold $fold failed (above); a fold resumes only with the flags it was trained with:" \

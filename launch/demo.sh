@@ -11,7 +11,8 @@ python -m luna_dist.shard --data "$DATA" --out "$SHARDS"
 # accelerate launch gives a process one CPU thread unless told otherwise: on a machine without
 # an accelerator the CPU does the training, so let it use every core.
 THREADS=$(python -c "import os; print(os.cpu_count())")
-RESUME=$([ -d runs/demo/state ] && echo --resume || true)
+# A saved state (under any name a kill left it) is continued; a run folder without one holds nothing to keep.
+RESUME=$(compgen -G "runs/demo/state*" >/dev/null && echo --resume || { [ -d runs/demo ] && echo --overwrite; } || true)
 accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
     --num_cpu_threads_per_process "$THREADS" \
     launch/train.py --shards "$SHARDS" --run-name demo $RESUME \

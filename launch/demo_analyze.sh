@@ -19,7 +19,7 @@ done
 THREADS=$(python -c "import os; print(os.cpu_count())")
 LAUNCH=(accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
         --num_cpu_threads_per_process "$THREADS")
-RESUME=$([ -d runs/mal-demo/state ] && echo --resume || true)
+RESUME=$(compgen -G "runs/mal-demo/state*" >/dev/null && echo --resume || { [ -d runs/mal-demo ] && echo --overwrite; } || true)
 "${LAUNCH[@]}" launch/train.py --task malignancy --shards "$SHARDS" --finetune "$CLS_MODEL" --finetune-depth 2 \
     --mix 1 1 0 --val-folds 9 --run-name mal-demo $RESUME --epochs "${MAL_EPOCHS:-10}" --augment
 "${LAUNCH[@]}" -m luna_dist.analyze --data "$DATA" --seg-model "$SEG_MODEL" --cls-model "$CLS_MODEL" \

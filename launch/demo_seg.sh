@@ -11,7 +11,7 @@ RUN=${RUN:-seg-demo}
 python -m luna_dist.shard --task seg --data "$DATA" --out "$SHARDS"
 # As in demo.sh: on a machine without an accelerator the CPU trains, with every core.
 THREADS=$(python -c "import os; print(os.cpu_count())")
-RESUME=$([ -d "runs/$RUN/state" ] && echo --resume || true)
+RESUME=$(compgen -G "runs/$RUN/state*" >/dev/null && echo --resume || { [ -d "runs/$RUN" ] && echo --overwrite; } || true)
 accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
     --num_cpu_threads_per_process "$THREADS" \
     launch/train.py --task seg --shards "$SHARDS" --run-name "$RUN" $RESUME \

@@ -20,11 +20,14 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 
 STATE, PARTIAL, OLD = "state", "state.partial", "state.old"
 COMPLETE = "complete.json"
 """Written into a state folder last, by the main process, after every rank wrote its part."""
 BEST = "best.pt"
+
+log = get_logger("luna_dist.train")
 
 
 class CheckpointError(Exception):
@@ -55,17 +58,22 @@ class Progress:
                 "train_metrics": self.train_metrics}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.samples_seen = state["epoch"], state["samples_seen"]
-        best = state.get("best_score", state.get("best_f1"))  # states before tasks held best_f1
-        # States before --best-by held one float, -inf before the first best model.
-        self.best_score = [best] if isinstance(best, float) and math.isfinite(best) else \
-            (best if isinstance(best, list) else None)
-        self.best_by = state.get("best_by")
-        self.step = state.get("step", 0)
-        # States before per-rank random states held the main process's alone.
-        self.epoch_rngs = state.get("epoch_rngs") or ([state["epoch_rng"]] if state.get("epoch_rng") else None)
-        self.layout = state.get("layout")
-        self.train_metrics = state.get("train_metrics")
+        self.epoch, self.samples_seen, self.best_score = state["epoch"], state["samples_seen"], state["best_score"]
+        self.best_by, self.step, self.epoch_rngs = state["best_by"], state["step"], state["epoch_rngs"]
+        self.layout, self.train_metrics = state["layout"], state["train_metrics"]
+
+
+    def resume_problem(self, layout: dict, state: Path) -> str | None:
+        """Why a loaded mid-epoch state cannot go on with this command's `layout` (processes, batch size and
+        workers decide which samples a rank's stream yields); None when it can."""
+        if not self.step or self.layout == layout:
+            return None
+        saved = self.layout
+        return (f"--resume: {state} was saved at step {self.step} of epoch {self.epoch + 1} by {saved['processes']} "
+                f"process(es) with --batch-size {saved['batch_size']} and {saved['num_workers']} data worker(s) each; "
+                f"this command has {layout['processes']}, {layout['batch_size']} and {layout['num_workers']}. The rest "
+                "of the epoch needs the same to see the samples it would have: rerun with them (the next epoch may "
+                "use others)")
 
 
 def is_better(score: list[float], best: list[float] | None) -> bool:
@@ -110,6 +118,35 @@ class Checkpointer:
 
     def __init__(self, run: Path, accelerator: Accelerator):
         self.run, self.accelerator = run, accelerator
+
+    def save_epoch(self, progress: Progress, model: torch.nn.Module, task, val_metrics: dict | None) -> None:
+        """The state (model, optimizer, RNG, progress) and, when the task's score improved, best.pt; mid-epoch
+        (`val_metrics` None, --save-every) the state alone.
+
+        `task` gives the score (`score`, `best_by`, `best_by_rules`). The saved progress holds
+        this epoch's best score, so a resumed run never replaces best.pt with a worse model.
+        """
+        best, previous = None, (progress.best_score, progress.best_by)
+        if val_metrics is not None and is_better(score := task.score(val_metrics), progress.best_score):
+            progress.best_score, progress.best_by = score, task.best_by
+            best = {"task": task.name, "epoch": progress.epoch, "samples_seen": progress.samples_seen,
+                    "val_metrics": val_metrics, "best_by": task.best_by, "score": score,
+                    "score_of": list(task.best_by_rules[task.best_by])}
+        try:
+            self.save(progress, model, best)
+        except CheckpointError:
+            progress.best_score, progress.best_by = previous
+            raise
+        if best is not None:
+            scores = " then ".join(f"{name} {value:.4f}" for name, value in zip(best["score_of"], score))
+            log.info(f"E{progress.epoch} new best model by {task.best_by}, {scores}: {self.run / BEST}")
+
+    def kept(self, progress: Progress) -> str:
+        """What a stopped run keeps, for its last message."""
+        if not (self.run / STATE).is_dir():
+            return "Nothing was saved"
+        at = f"epoch {progress.epoch}" if not progress.step else f"step {progress.step} of epoch {progress.epoch + 1}"
+        return f"The last saved state, {self.run / STATE} (after {at}), is kept"
 
     def save(self, progress: Progress, model: torch.nn.Module, best: dict | None) -> None:
         """The state of every rank, swapped in once complete; with `best` (its metadata), best.pt too.

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from luna_dist import cli
 from luna_dist.atomic import atomic_open, write_json
 from luna_dist.candidates import (
     CsvError,
@@ -450,7 +451,8 @@ def plot_froc(result: Froc, path: Path | None, title: str = "FROC"):
 def shard_findings(shards: str, folds: list[int] | None) -> tuple[list[str], Findings, Findings]:
     """The series, nodules and excluded findings of `folds` (all when None) of a shard build, from its manifest;
     EvaluationError naming the manifest when it cannot be read or lacks a fold."""
-    from luna_dist.stream import ShardSetError, read_manifest, shard_location  # torch and webdataset only for this
+    from luna_dist.shard_format import ShardSetError
+    from luna_dist.shard_io import read_manifest, shard_location  # webdataset's gopen only for this
 
     path = shard_location(shards, "manifest.json")
     try:
@@ -468,14 +470,15 @@ def shard_findings(shards: str, folds: list[int] | None) -> tuple[list[str], Fin
         raise EvaluationError(f"{path}: {err.args[0] if isinstance(err, KeyError) else err}") from None
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m luna_dist.evaluate",
                                      description="LUNA16 FROC and CPM of a predictions CSV, by the official rules.")
     parser.add_argument("--annotations", type=Path, help="included nodules (annotations.csv)")
     parser.add_argument("--excluded", type=Path, help="irrelevant findings (annotations_excluded.csv)")
     parser.add_argument("--seriesuids", type=Path, help="the scans scored, one UID a line")
     parser.add_argument("--shards",
-                        help="instead of the three above: a shard build (folder or URL), whose manifest lists them per fold")
+                        help="instead of the three above: a shard build (folder or URL), whose manifest lists them "
+                             "per fold")
     parser.add_argument("--folds", type=int, nargs="+", help="with --shards: the folds scored (default: all)")
     parser.add_argument("--predictions", type=Path, required=True,
                         help="CSV with seriesuid,coordX,coordY,coordZ,probability (mm)")
@@ -483,9 +486,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, help="draw the FROC curve here (PNG; needs matplotlib)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="scan resamplings for the 95%% interval (0: none)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the resampling")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.bootstrap < 0:
-        parser.error("--bootstrap must be >= 0")
+    cli.check_at_least(parser, args, {"bootstrap": 0})
     tables = (args.annotations, args.seriesuids, args.excluded)
     if (args.shards and any(tables)) or not (args.shards or (args.annotations and args.seriesuids)):
         parser.error("give either --annotations and --seriesuids (and --excluded), or --shards")
@@ -504,8 +511,7 @@ def main(argv: list[str] | None = None) -> int:
             excluded = read_findings(args.excluded, excluded=True) if args.excluded else None
         marks = read_marks(args.predictions, series_uids)
     except EvaluationError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return cli.fail(str(err))
     result = froc(series_uids, nodules, marks, excluded, args.bootstrap, args.seed, band_points=200 if args.plot else 0)
     print(f"{result.scans} scans, {result.marks} marks ({result.marks_counted} counted), {result.nodules} nodules: "
           f"{result.detected} detected, {result.false_positives} false positives, "

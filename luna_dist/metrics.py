@@ -7,6 +7,7 @@ rather than errors or warnings: a validation shard without positives is normal.
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -60,23 +61,24 @@ def compute_metrics(label: Tensor, prob: Tensor, loss: Tensor, threshold: float 
     }
 
 
-def format_metrics(epoch: int, mode: str, metrics: dict) -> list[str]:
-    """Three log lines (all, negatives, positives) for the metrics of one epoch and mode."""
+def format_metrics(epoch: int, mode: str, metrics: dict, classes: tuple[str, str] = ("neg", "pos")) -> list[str]:
+    """Three log lines (all, negatives, positives) for the metrics of one epoch and mode; `classes` names the
+    negative and positive class in the lines' tags (`val_neg`, `val_pos`)."""
     line = _format_line(epoch, mode, metrics, "all")
     if metrics["count/all"]:
         pr = (_or_na(metrics[f"pr/{key}"]) for key in ("precision", "recall", "f1_score"))
         line += ", {} precision, {} recall, {} f1 score".format(*pr)
     return [
         line,
-        _format_line(epoch, f"{mode}_neg", metrics, "neg"),
-        _format_line(epoch, f"{mode}_pos", metrics, "pos"),
+        _format_line(epoch, f"{mode}_{classes[0]}", metrics, "neg"),
+        _format_line(epoch, f"{mode}_{classes[1]}", metrics, "pos"),
     ]
 
 
 def _format_line(epoch: int, mode: str, metrics: dict, group: str) -> str:
     count = metrics[f"count/{group}"]
     if not count:
-        return "E{} {:8} no samples".format(epoch, mode)
+        return f"E{epoch} {mode:8} no samples"
     line = "E{} {:8} {:.4f} loss, {:-5.1f}% correct".format(
         epoch, mode, metrics[f"loss/{group}"], metrics[f"correct/{group}"]
     )
@@ -116,11 +118,12 @@ def compute_seg_metrics(tp: Tensor, fn: Tensor, fp: Tensor, loss: Tensor) -> dic
 def format_seg_metrics(epoch: int, mode: str, metrics: dict) -> list[str]:
     """Two log lines: loss with pixel precision, recall and F1; the pixel counts they come from."""
     if not metrics["count/all"]:
-        return ["E{} {:8} no samples".format(epoch, mode)]
+        return [f"E{epoch} {mode:8} no samples"]
     pr = (_or_na(metrics[f"pr/{key}"]) for key in ("precision", "recall", "f1_score"))
     return [
         "E{} {:8} {:.4f} loss, {} precision, {} recall, {} f1 score".format(epoch, mode, metrics["loss/all"], *pr),
-        "E{} {:8} {} tp, {} fn, {} fp".format(epoch, f"{mode}_px", *(metrics[f"count/{k}"] for k in ("tp", "fn", "fp"))),
+        "E{} {:8} {} tp, {} fn, {} fp".format(epoch, f"{mode}_px",
+                                               *(metrics[f"count/{k}"] for k in ("tp", "fn", "fp"))),
     ]
 
 
@@ -159,3 +162,12 @@ def roc_auc(pos_scores: Tensor, neg_scores: Tensor) -> float:
     average_rank = ends - (counts.to(torch.float64) - 1) / 2  # (U,)
     pos_rank_sum = float(average_rank[inverse[:n_pos]].sum())
     return (pos_rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rates, true positive rates) from (0, 0) to (1, 1), one point per distinct score."""
+    order = np.argsort(-scores, kind="stable")
+    labels, scores = labels[order], scores[order]
+    ends = np.r_[np.flatnonzero(scores[1:] != scores[:-1]), len(scores) - 1]
+    tp, fp = np.cumsum(labels)[ends], np.cumsum(~labels)[ends]
+    return np.r_[0, fp / max(fp[-1], 1)], np.r_[0, tp / max(tp[-1], 1)]

@@ -184,7 +184,8 @@ def load_weights(path: Path) -> dict:
         raise WeightsError(f"{file}: not a readable checkpoint ({reason[:200]}); truncated or another kind of "
                            f"file? {_WEIGHTS_HINT}") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
-        held = ", ".join(sorted(map(str, checkpoint))[:6]) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        held = (", ".join(sorted(map(str, checkpoint))[:6]) if isinstance(checkpoint, dict)
+                else type(checkpoint).__name__)
         raise WeightsError(f"{file}: holds no model weights (it holds {held}); {_WEIGHTS_HINT}")
     return checkpoint["model"]
 

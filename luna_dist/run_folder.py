@@ -1,15 +1,12 @@
 """A training run's folder: which command may start or continue it, what it was trained with, its logs.
 
     RUN/args.json      the command's arguments, the processes, mixed precision and shard build it ran with
-    RUN/trn/, RUN/val/ TensorBoard events (the main process writes them)
     RUN/state/, RUN/best.pt   the saved training state and the best model (luna_dist.checkpoint)
-    RUN/logged.json    the last epoch whose logs and outputs are all written
+    RUN/trn/, RUN/val/, RUN/logged.json   the logs (luna_dist.run_log)
 
 A run folder is started once: a command naming an existing run must say `--resume`
 (continue it) or `--overwrite` (start it again), and a resume must train as the run was
-trained, so that one run folder never mixes two recipes. The state is saved before an
-epoch's logs, so a kill or a full disk between them loses no training: `logged.json`
-then lags behind the state, and the resume writes that epoch's logs again.
+trained, so that one run folder never mixes two recipes.
 """
 
 from __future__ import annotations
@@ -18,13 +15,21 @@ import argparse
 import hashlib
 import json
 import shutil
+from datetime import datetime
 from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import broadcast_object_list
 
 from luna_dist import __version__
 from luna_dist.atomic import write_json
-from luna_dist.checkpoint import BEST, OLD, PARTIAL, STATE
+from luna_dist.checkpoint import BEST, OLD, PARTIAL, STATE, recover
+from luna_dist.run_log import logged_epoch
 
-ARGUMENTS, LOGGED = "args.json", "logged.json"
+log = get_logger("luna_dist.train")
+
+ARGUMENTS = "args.json"
 MAY_CHANGE = frozenset({
     "epochs", "resume", "overwrite", "run_name", "out", "eval_only", "metrics_json", "verify", "dist_timeout",
     "save_every", "cache_dir", "read_timeout", "checkpoint", "finetune", "num_workers", "shards",
@@ -47,14 +52,11 @@ def record(args: argparse.Namespace, processes: int, mixed_precision: str, shard
 
 
 def differences(saved: dict, current: dict) -> list[str]:
-    """The flags (and shard build) of `current` that differ from the run's `saved` record, for a message.
-
-    Flags that the saved record lacks (added to luna_dist after the run started) are not compared.
-    """
-    saved_args = saved.get("arguments", saved)  # older records held the arguments alone
-    found = [f"--{name.replace('_', '-')} {saved_args[name]} (now {value})"
+    """The flags (and shard build) of `current` that differ from the run's `saved` record, for a message."""
+    saved_args = saved["arguments"]
+    found = [f"--{name.replace('_', '-')} {saved_args.get(name)} (now {value})"
              for name, value in current["arguments"].items()
-             if name not in MAY_CHANGE and name in saved_args and saved_args[name] != value]
+             if name not in MAY_CHANGE and saved_args.get(name) != value]
     for key, what in (("shards_identity", "the shard build"), ("mixed_precision", "mixed precision")):
         if key in saved and saved[key] != current[key]:
             found.append(f"{what} {'differs' if key == 'shards_identity' else f'{saved[key]} (now {current[key]})'}")
@@ -82,8 +84,12 @@ def check_resumed(run: Path, current: dict) -> str | None:
     """Why `current` may not continue the run in `run` (None: it may)."""
     try:
         saved = json.loads((run / ARGUMENTS).read_text())
+        if saved.get("luna_dist") != __version__:
+            return (f"--resume: {run} was trained by luna_dist {saved.get('luna_dist', 'before 0.2')}, this is "
+                    f"{__version__}: resume it with that version, or start a new run from its weights with "
+                    f"--checkpoint {run / STATE}")
     except FileNotFoundError:
-        return None  # a run of luna_dist before args.json: nothing to compare
+        return f"--resume: {run} has no {ARGUMENTS}: it cannot be checked for --resume"
     except (OSError, ValueError) as err:
         return f"{run / ARGUMENTS}: unreadable ({err}); the run cannot be checked for --resume"
     found = differences(saved, current)
@@ -97,13 +103,74 @@ def write_record(run: Path, current: dict) -> None:
     write_json(run / ARGUMENTS, current)
 
 
-def logged_epoch(run: Path) -> int | None:
-    """The last epoch whose logs and outputs were all written; None for runs from before logged.json."""
-    try:
-        return json.loads((run / LOGGED).read_text())["epoch"]
-    except (FileNotFoundError, ValueError, KeyError):
-        return None
+def run_path(args: argparse.Namespace, accelerator: Accelerator) -> Path:
+    """The run folder a command names: `--out/--run-name`, the latest run for a bare `--resume`, else a time stamp."""
+    if args.run_name:
+        return args.out / args.run_name
+    if args.resume:
+        runs = sorted((p for p in args.out.glob("*") if (p / STATE).is_dir()), key=lambda p: p.stat().st_mtime)
+        if not runs:
+            raise RunFolderError(f"--resume: no run with a saved state under {args.out}; pass --run-name")
+        return runs[-1]
+    # Every rank must agree on the name: the main process's clock decides.
+    stamp = [datetime.now().strftime("%Y-%m-%d_%H.%M.%S")]
+    broadcast_object_list(stamp)
+    return args.out / stamp[0]
 
 
-def mark_logged(run: Path, epoch: int) -> None:
-    write_json(run / LOGGED, {"epoch": epoch})
+def agree(problem: str | None) -> None:
+    """The main process's verdict on the run folder, raised on every rank alike (no rank left waiting)."""
+    verdict = [problem]
+    broadcast_object_list(verdict)
+    if verdict[0] is not None:
+        raise RunFolderError(verdict[0])
+
+
+class RunFolder:
+    """The folder a command trains in: it is started, continued or refused here, before the first step."""
+
+    def __init__(self, args: argparse.Namespace, accelerator: Accelerator, record: dict):
+        self.args, self.accelerator, self.record = args, accelerator, record
+        self.path = run_path(args, accelerator)
+
+    def open(self, progress, layout: dict, run_log) -> None:
+        """Continue (`--resume`: the newest complete state loaded into `progress`, the flags checked), start
+        (`--overwrite` clears it) or refuse the run; write args.json and open `run_log`. Evaluation only
+        reads a resumed state."""
+        args, accelerator, state = self.args, self.accelerator, self.path / STATE
+        main = accelerator.is_main_process
+        if args.resume:
+            problem = None
+            if main:  # a kill in the middle of a checkpoint swap left the state under another name
+                if recover(self.path) is None:
+                    problem = f"{state}: no saved state to resume; check --run-name and --out"
+                elif not args.eval_only:
+                    problem = check_resumed(self.path, self.record)
+            agree(problem)
+            accelerator.load_state(str(state))
+            if problem := progress.resume_problem(layout, state):
+                raise RunFolderError(problem)
+            at = f", at step {progress.step} of epoch {progress.epoch + 1}" if progress.step else ""
+            log.info(f"resumed {self.path} after epoch {progress.epoch}{at}, {progress.samples_seen:,} samples seen")
+        elif not args.eval_only:
+            agree(check_new(self.path, args.overwrite) if main else None)
+        if args.eval_only:
+            return
+        problem = None
+        if main:
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+                write_record(self.path, self.record)
+                # Events a resumed run logged after its saved progress (killed during validation) are
+                # purged; when the saved epoch's own logs are incomplete, they go too (they are rewritten).
+                purge = progress.samples_seen + (0 if self.logs_behind(progress) else 1) if args.resume else None
+                run_log.open(purge, new=not args.resume)
+            except OSError as err:
+                problem = (f"could not write {err.filename or self.path}: {err.strerror}; nothing of this command was "
+                           "trained yet: free space (or choose another --out) and rerun it")
+        agree(problem)
+
+    def logs_behind(self, progress) -> bool:
+        """Whether the resumed state's epoch was saved without all of its logs (main process: it reads the folder)."""
+        logged = logged_epoch(self.path)
+        return logged is not None and logged < progress.epoch and not progress.step

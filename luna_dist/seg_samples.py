@@ -1,9 +1,9 @@
-"""What the segmentation task cuts from a CT: `python -m luna_dist.shard --task seg`.
+"""The segmentation samples: what `python -m luna_dist.shard --task seg` cuts from a CT, and their decoding.
 
 The build machinery (plan, journal, worker pool, atomic shard writers, manifest) is
-`luna_dist.shard`'s; this module is the segmentation task's part of it, and the
-format that `luna_dist.stream` reads back. Masks come from `annotations.csv` by
-`luna_dist.masks`. Per CT it writes:
+`luna_dist.shard`'s; this module is the segmentation task's part of it and its
+readers' part (batches of training stacks, validation slabs unrolled into slices).
+Masks come from `annotations.csv` by `luna_dist.masks`. Per CT it writes:
 
 - positives (`fold{K}-pos-*.tar`, packed per fold like the classifier's): for every
   slice of every nodule's mask, a 7-slice context stack (the slice and 3 on each side,
@@ -26,17 +26,20 @@ clipped to [-1000, 1000], -1000 outside the CT (in-plane; context slices are cla
 
 from __future__ import annotations
 
+import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
+import torch
 
 from luna_dist.candidates import Candidate
 from luna_dist.ct import HU_MAX, HU_MIN, Ct, cut_boxes, cut_chunks
 from luna_dist.geometry import xyz_to_irc
 from luna_dist.masks import nodule_boxes, nodule_mask
-from luna_dist.shard import Cut, SeriesTask, npy_bytes
+from luna_dist.shard_format import Cut, SeriesInputs, copy_payloads, damaged, npy_bytes, require
 
 CONTEXT = 3
 """Slices on each side of the segmented slice that the model sees."""
@@ -51,6 +54,9 @@ SLAB_SLICES = 32
 """Validation slices per stored slab at most: bounds a sample at 38 slices of the CT."""
 TRAIN_SAMPLE_BYTES = STACK * CROP * CROP * 2 + CROP * CROP // 8 + 5 * 1024
 """Upper bound of one training sample in a tar: stack, packed mask, headers, json and crc32.json."""
+TASK = "seg"
+READS = {"sample": {"context_slices": STACK, "crop": [CROP, CROP], "dtype": "int16"}}
+"""What a reader needs of a build's manifest (`shard_format.check_manifest`)."""
 
 
 def pack_mask(mask: np.ndarray) -> np.ndarray:
@@ -99,7 +105,7 @@ class SegmentCutter:
     negatives_per_ct: int = NEGATIVES_PER_CT
     val_every: int = VAL_EVERY
 
-    task: ClassVar[str] = "seg"
+    task: ClassVar[str] = TASK
     sample_bytes: ClassVar[int] = TRAIN_SAMPLE_BYTES
     per_ct_validation: ClassVar[bool] = True
 
@@ -116,8 +122,8 @@ class SegmentCutter:
             "val_block": VAL_BLOCK, "val_every": self.val_every, "slab_slices": SLAB_SLICES,
         }}
 
-    def cut(self, task: SeriesTask, ct: Ct) -> Cut:
-        nodules_irc = xyz_to_irc(np.array([a.center_xyz for a in task.annotations], dtype=np.float64).reshape(-1, 3),
+    def cut(self, series: SeriesInputs, ct: Ct) -> Cut:
+        nodules_irc = xyz_to_irc(np.array([a.center_xyz for a in series.annotations], dtype=np.float64).reshape(-1, 3),
                                  ct.geometry)
         mask = nodule_mask(ct.hu, nodules_irc)
         has_mask = mask.any(axis=(1, 2))
@@ -134,11 +140,11 @@ class SegmentCutter:
                 pos_names.append({"key": f"{uid}_nodule{n}_slice{s}", "kind": "nodule", "annotation": n})
 
         # Negatives: candidates' stacks, preferring slices without mask.
-        negatives = [c for c in task.candidates if not c.is_nodule]
+        negatives = [c for c in series.candidates if not c.is_nodule]
         neg_irc = xyz_to_irc(np.array([c.center_xyz for c in negatives], dtype=np.float64).reshape(-1, 3), ct.geometry)
         neg_irc[:, 0] = np.clip(neg_irc[:, 0], 0, ct.hu.shape[0] - 1)
         free = ~has_mask[neg_irc[:, 0]]
-        k = self.planned_negatives(task.candidates)
+        k = self.planned_negatives(series.candidates)
         chosen = _spread(np.flatnonzero(free), k)
         chosen = np.sort(np.concatenate([chosen, _spread(np.flatnonzero(~free), k - len(chosen))]))
         neg_names = [{"key": f"{uid}_row{negatives[i].row}", "kind": "negative", "candidate_row": negatives[i].row}
@@ -147,11 +153,12 @@ class SegmentCutter:
         centers = np.array(pos_centers + [tuple(neg_irc[i]) for i in chosen], dtype=np.int64).reshape(-1, 3)
         stacks, outside = self._stacks(ct.hu, centers)
         masks, _ = cut_boxes(mask, centers, (1, CROP, CROP), False, bool)
-        encoded = [self._encode_crop(task, names, center, stack, crop_mask[0], out)
-                   for names, center, stack, crop_mask, out in zip(pos_names + neg_names, centers, stacks, masks, outside)]
+        encoded = [self._encode_crop(series, names, center, stack, crop_mask[0], out)
+                   for names, center, stack, crop_mask, out
+                   in zip(pos_names + neg_names, centers, stacks, masks, outside)]
         runs = slabs(validation_slices(has_mask, self.val_every))
         return Cut(pos=encoded[:len(pos_names)], neg=encoded[len(pos_names):],
-                   val=[self._encode_slab(task, ct, mask, start, stop) for start, stop in runs],
+                   val=[self._encode_slab(series, ct, mask, start, stop) for start, stop in runs],
                    outside_volume=int(outside.sum()), val_slices=sum(stop - start for start, stop in runs))
 
     @staticmethod
@@ -164,9 +171,9 @@ class SegmentCutter:
         return chunks.reshape(n, STACK, CROP, CROP), outside.reshape(n, STACK).any(axis=1)
 
     @staticmethod
-    def _encode_crop(task: SeriesTask, names: dict, center: np.ndarray, stack: np.ndarray, mask: np.ndarray,
+    def _encode_crop(series: SeriesInputs, names: dict, center: np.ndarray, stack: np.ndarray, mask: np.ndarray,
                      outside: bool) -> dict:
-        meta = {"series_uid": task.series_uid, "fold": task.fold, "slice": int(center[0]),
+        meta = {"series_uid": series.series_uid, "fold": series.fold, "slice": int(center[0]),
                 "center_irc": [int(v) for v in center], "kind": names["kind"], "mask_pixels": int(mask.sum()),
                 "outside_volume": bool(outside)}
         meta.update({k: v for k, v in names.items() if k not in ("key", "kind")})
@@ -174,12 +181,58 @@ class SegmentCutter:
                 "json": json.dumps(meta).encode()}
 
     @staticmethod
-    def _encode_slab(task: SeriesTask, ct: Ct, mask: np.ndarray, start: int, stop: int) -> dict:
+    def _encode_slab(series: SeriesInputs, ct: Ct, mask: np.ndarray, start: int, stop: int) -> dict:
         depth = ct.hu.shape[0]
         first, last = max(0, start - CONTEXT), min(depth, stop + CONTEXT)
         images = np.clip(ct.hu[first:last], HU_MIN, HU_MAX).astype(np.int16)
-        meta = {"series_uid": task.series_uid, "fold": task.fold, "first_slice": start, "slices": stop - start,
+        meta = {"series_uid": series.series_uid, "fold": series.fold, "first_slice": start, "slices": stop - start,
                 "ct_first": first, "volume_slices": depth, "mask_slices": int(mask[start:stop].any(axis=(1, 2)).sum()),
                 "mask_pixels": int(mask[start:stop].sum())}
-        return {"__key__": f"{task.series_uid.replace('.', '_')}_val{start}", "ct.npy": npy_bytes(images),
+        return {"__key__": f"{series.series_uid.replace('.', '_')}_val{start}", "ct.npy": npy_bytes(images),
                 "mask.npy": npy_bytes(pack_mask(mask[start:stop])), "json": json.dumps(meta).encode()}
+
+
+# -- reading --------------------------------------------------------------------------------------
+def collate_stacks(samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training samples -> (stacks (N, 7, 96, 96) int16, masks (N, 1, 96, 96) bool), one copy per member."""
+    stacks = torch.empty((len(samples), STACK, CROP, CROP), dtype=torch.int16)
+    require(samples, "ct.npy", "mask.npy")
+    copy_payloads(samples, "ct.npy", stacks.numpy(), (STACK, CROP, CROP))
+    packed = np.empty((len(samples), CROP, -(-CROP // 8)), dtype=np.uint8)
+    copy_payloads(samples, "mask.npy", packed, packed.shape[1:])
+    return stacks, torch.from_numpy(unpack_mask(packed, CROP)).unsqueeze(1)
+
+
+def batched_slices(slabs: Iterator[dict], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Pipeline stage: validation slabs -> batches of full slices with their context,
+    (int16 (N, 7, R, C), bool masks (N, 1, R, C)); a batch ends early where the slice size changes."""
+    images, masks = [], []
+    for slab in slabs:
+        meta, ct, mask = _decode_slab(slab)
+        if images and images[0].shape != ct.shape[1:]:
+            yield _stack_slices(images, masks)
+            images, masks = [], []
+        slices = meta["first_slice"] + np.arange(meta["slices"])
+        for j, context in enumerate(context_slices(slices, meta["volume_slices"]) - meta["ct_first"]):
+            images.append(ct[context])
+            masks.append(mask[j])
+            if len(images) == batch_size:
+                yield _stack_slices(images, masks)
+                images, masks = [], []
+    if images:
+        yield _stack_slices(images, masks)
+
+
+def _decode_slab(slab: dict) -> tuple[dict, np.ndarray, np.ndarray]:
+    """A validation slab's JSON, CT slices (stored slices, R, C) and unpacked masks; errors name the shard and slab."""
+    require([slab], "json", "ct.npy", "mask.npy")
+    try:
+        ct = np.load(io.BytesIO(slab["ct.npy"]), allow_pickle=False)
+        return json.loads(slab["json"]), ct, unpack_mask(np.load(io.BytesIO(slab["mask.npy"]), allow_pickle=False),
+                                                         ct.shape[-1])
+    except ValueError as err:  # a damaged .npy header or JSON
+        raise damaged(slab, f"unreadable ({err})") from None
+
+
+def _stack_slices(images: list[np.ndarray], masks: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(masks)).unsqueeze(1)

@@ -7,8 +7,6 @@ shards copies them into its own `tmp_path` first.
 from __future__ import annotations
 
 import csv
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,14 +15,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import SEG_NEGATIVES, SHARD_MAX_SAMPLES, SHARD_WORKERS, SYNTH_CTS, SYNTH_SEED, TINY_NEGATIVES
 
 from luna_dist.shard import BuildOptions, build
 from luna_dist.synth import make_dataset
-
-SYNTH_CTS = 10
-SYNTH_SEED = 0
-SHARD_WORKERS = 2
-SHARD_MAX_SAMPLES = 150
 
 
 @pytest.fixture(scope="session")
@@ -64,10 +58,6 @@ def shard_dir(shard_build_options) -> Path:
     return shard_build_options.out
 
 
-TINY_NEGATIVES = 12
-"""Negative candidates kept per CT in `tiny_shards`."""
-
-
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A synthetic data set of 4 CTs (seed 2, CT k in subset{k}) with every positive and 12 negatives of
@@ -102,10 +92,6 @@ def tiny_seg_shards(tiny_data) -> Path:
     return out
 
 
-SEG_NEGATIVES = 12
-"""Negative stacks per CT in `seg_shard_dir`: few, so the build stays small."""
-
-
 @pytest.fixture(scope="session")
 def seg_shard_dir(synth_data, tmp_path_factory) -> Path:
     """Folder of a finished `--task seg` build of `synth_data` (12 negatives per CT, 2 workers).
@@ -116,29 +102,6 @@ def seg_shard_dir(synth_data, tmp_path_factory) -> Path:
     build(BuildOptions(data=synth_data, out=out, task="seg", workers=SHARD_WORKERS, seg_negatives=SEG_NEGATIVES,
                        progress=False))
     return out
-
-
-def kill_build_after(command: list[str], done_dir: Path, journaled: int, log: Path) -> tuple[bool, int]:
-    """Run a shard build and SIGKILL its process group once `journaled` CTs are in `done_dir`.
-
-    Returns (whether it finished before the kill, its return code). Output goes to `log`.
-    """
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 120
-            while process.poll() is None and time.monotonic() < deadline:
-                if done_dir.is_dir() and len(list(done_dir.glob("*.json"))) >= journaled:
-                    break
-                time.sleep(0.01)
-            finished_first = process.poll() is not None
-            if not finished_first:
-                os.killpg(process.pid, signal.SIGKILL)
-        finally:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=60)
-    return finished_first, process.returncode
 
 
 @pytest.fixture

@@ -1,12 +1,13 @@
-"""End-to-end analysis: grouping, the share of CTs per process, scoring, 1 vs 2 CPU ranks, kill and rerun,
-what a rerun reuses, the folds, given coordinates kept, and every bad input as one line.
+"""End-to-end analysis (its stages are tested in test_detect and test_findings): the share of CTs per
+process, scoring, 1 vs 2 CPU ranks, kill and rerun, what a rerun reuses, the folds, given coordinates kept,
+and every bad input as one line.
 
-The models are built here rather than trained: a segmentation model whose weights
-mark every voxel above -250 HU of the middle slice (so the groups are real
-structures of the CT: nodules, vessels, the body), and a randomly initialised
-classifier; both are saved as best.pt files, as training writes them. The tests that
-start analysis processes, or analyse the synthetic CTs in this one, are marked slow;
-the others analyse two tiny CTs (`tiny_data`) in this process.
+The models are built rather than trained: a segmentation model whose weights mark every
+voxel above -250 HU of the middle slice (`helpers.threshold_model`: the groups are real
+structures of the CT, nodules, vessels, the body), and a randomly initialised classifier;
+both are saved as best.pt files, as training writes them. The tests that start analysis
+processes, or analyse the synthetic CTs in this one, are marked slow; the others analyse
+two tiny CTs (`tiny_data`) in this process.
 """
 
 from __future__ import annotations
@@ -19,63 +20,22 @@ import shutil
 import signal
 import subprocess
 import sys
-import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from scipy import ndimage
+from helpers import threshold_model
 
 from luna_dist import analyze as analysis
-from luna_dist.analyze import (
-    Models,
-    assign,
-    classify,
-    confusion,
-    group,
-    load_model,
-    main,
-    segment,
-)
-from luna_dist.candidates import Annotation, assign_folds, find_series, folds_as_built, read_annotations
-from luna_dist.model import LunaModel, SegmentationModel
-from luna_dist.seg_samples import CONTEXT
+from luna_dist.analyze import assign, main
+from luna_dist.candidates import assign_folds, find_series, folds_as_built, read_annotations
+from luna_dist.detect import load_model
+from luna_dist.model import LunaModel
 from luna_dist.shard import BuildOptions, build
 
 RUN_TIMEOUT = 300
-THRESHOLD_HU = -250.0
-
-
-def threshold_model() -> SegmentationModel:
-    """A UNet that outputs probability > 0.5 exactly where the middle slice is above THRESHOLD_HU.
-
-    Path: the input batch norm maps HU to (HU + 300) / 100; the first block passes the
-    middle channel through (ReLU keeps the positive part); the skip connection carries
-    it to the last block, which passes it on; the last 1x1 convolution subtracts 0.5.
-    Every other weight is zero, so the deeper path adds nothing.
-    """
-    model = SegmentationModel()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.zero_()
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.weight.fill_(1.0)
-                module.running_mean.zero_()
-                module.running_var.fill_(1.0)
-        model.input_batchnorm.running_mean.fill_(-300.0)
-        model.input_batchnorm.running_var.fill_(100.0**2)
-        first, last_block = model.unet.down[0], model.unet.up[-1]
-        first[0].weight[0, CONTEXT, 1, 1] = 1.0  # conv1: middle slice -> channel 0
-        first[3].weight[0, 0, 1, 1] = 1.0  # conv2: channel 0 -> channel 0
-        skip_channel = last_block[0].weight.shape[1] // 2  # the concat puts the up-sampled part first
-        last_block[0].weight[0, skip_channel, 1, 1] = 1.0
-        last_block[3].weight[0, 0, 1, 1] = 1.0
-        model.unet.last.weight[0, 0, 0, 0] = 1.0
-        model.unet.last.bias.fill_(-0.5)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -108,40 +68,6 @@ def _rows(path: Path) -> list[list[str]]:
 
 
 # -- the stages ------------------------------------------------------------------------------------
-def _no_autocast():
-    return torch.autocast("cpu", enabled=False)
-
-
-def test_threshold_model_segments_by_hu():
-    hu = torch.full((9, 16, 16), -800.0)
-    hu[4, 3:7, 5:9] = 40.0  # soft tissue on slice 4 only
-    hu[0, 0, 0] = -200.0  # an edge slice and corner: the context is clamped, not wrapped
-    mask = segment(hu, threshold_model(), batch_size=4, autocast=_no_autocast)
-    assert torch.equal(mask, hu > THRESHOLD_HU)
-
-
-def test_group_finds_a_planted_blob_at_its_exact_centre():
-    hu = np.full((40, 50, 60), -900, dtype=np.int16)
-    i, r, c = np.ogrid[:40, :50, :60]
-    ball = (i - 12) ** 2 + (r - 20) ** 2 + (c - 33) ** 2 <= 4**2
-    hu[ball] = 50
-    # A second blob whose left half is denser: its centre moves towards the dense half
-    # by the weights HU + 1001, as computed here by hand.
-    box = (slice(28, 33), slice(30, 35), slice(10, 16))
-    hu[box] = 0
-    hu[28:33, 30:35, 10:13] = 1000
-    mask = hu > -500
-    mask[2, 2, 2] = True  # a speck: one erosion removes it
-    centres, voxels = group(mask, hu)
-    assert len(centres) == 2
-    order = np.argsort(centres[:, 0])
-    np.testing.assert_allclose(centres[order[0]], [12, 20, 33], atol=1e-9)
-    # After one erosion the box keeps its inner 3x3x4 voxels: columns 11..14, two dense (2001), two not (1001).
-    expected_c = (11 * 2001 + 12 * 2001 + 13 * 1001 + 14 * 1001) / (2 * 2001 + 2 * 1001)
-    np.testing.assert_allclose(centres[order[1]], [30, 32, expected_c], atol=1e-9)
-    assert voxels[order[1]] == 3 * 3 * 4
-
-
 def test_assign_deals_every_series_once_largest_first():
     sizes = {"a": 100, "b": 60, "c": 50, "d": 10, "e": 0}
     shares = assign(sizes, 2)
@@ -150,114 +76,6 @@ def test_assign_deals_every_series_once_largest_first():
     assert loads == [110, 110]
     assert assign(sizes, 1) == [["a", "b", "c", "d", "e"]]
     assert [len(s) for s in assign(sizes, 8)] == [1, 1, 1, 1, 1, 0, 0, 0]
-
-
-def test_confusion_table_by_the_book_rule():
-    nodules = [Annotation("s1", (0.0, 0.0, 0.0), 10.0, True), Annotation("s1", (50.0, 0.0, 0.0), 10.0, False),
-               Annotation("s2", (0.0, 0.0, 0.0), 10.0, False)]
-    detections = [
-        {"series_uid": "s1", "xyz": [3.0, 0.0, 0.0], "p_nodule": 0.9, "p_malignant": 0.8},  # malignant, found
-        {"series_uid": "s1", "xyz": [0.0, 6.0, 0.0], "p_nodule": 0.2, "p_malignant": 0.1},  # 0.6 < 0.7: same nodule
-        {"series_uid": "s1", "xyz": [50.0, 8.0, 0.0], "p_nodule": 0.9, "p_malignant": 0.9},  # 0.8: no match
-        {"series_uid": "s2", "xyz": [100.0, 0.0, 0.0], "p_nodule": 0.1, "p_malignant": None},  # filtered out
-        {"series_uid": "s3", "xyz": [0.0, 0.0, 0.0], "p_nodule": 0.7, "p_malignant": None},  # no nodules there
-    ]
-    table = confusion(detections, nodules)
-    expected = np.zeros((3, 4), dtype=int)
-    expected[2, 3] = 1  # the malignant nodule, predicted malignant (its best detection)
-    expected[1, 0] = 2  # the benign nodules of s1 and s2: missed
-    expected[0, 3] = 1  # the unmatched detection of s1, predicted malignant
-    expected[0, 1] = 1  # s2's detection, filtered out
-    expected[0, 2] = 1  # s3's detection, predicted benign (no malignancy probability)
-    np.testing.assert_array_equal(table, expected)
-
-
-def _center_of_mass_groups(mask: np.ndarray, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The grouping as scipy's center_of_mass computes it over whole-volume arrays: the reference."""
-    labels, count = ndimage.label(ndimage.binary_erosion(mask, iterations=1))
-    weights = np.clip(hu, -1000, 1000).astype(np.float32) + 1001
-    centres = np.array(ndimage.center_of_mass(weights, labels, np.arange(1, count + 1))).reshape(-1, 3)
-    return centres, np.bincount(labels.ravel(), minlength=count + 1)[1:]
-
-
-@pytest.mark.parametrize("shape", [(30, 40, 50), (3, 9, 200), (2, 20, 20)])
-def test_group_equals_the_whole_volume_center_of_mass_exactly(shape):
-    rng = np.random.default_rng(sum(shape))
-    hu = rng.integers(-1500, 1500, shape).astype(np.int16)  # beyond both ends of the clipping
-    mask = ndimage.uniform_filter(rng.random(shape), 3) > 0.5  # blobs of every size, some touching the border
-    centres, voxels = group(mask, hu)
-    expected_centres, expected_voxels = _center_of_mass_groups(mask, hu)
-    np.testing.assert_array_equal(centres, expected_centres)
-    np.testing.assert_array_equal(voxels, expected_voxels)
-    assert voxels.dtype == np.int64 and centres.shape == (len(voxels), 3)
-
-
-def test_group_needs_at_most_6_bytes_per_voxel():
-    """One group spans the whole volume (a body) and many are small; numpy reports its arrays to tracemalloc."""
-    i, r, c = np.ogrid[:48, :128, :128]
-    hu = np.where(((i - 24) / 22) ** 2 + ((r - 64) / 60) ** 2 + ((c - 64) / 60) ** 2 <= 1, 40, -900).astype(np.int16)
-    hu[::6, ::9, ::9] = -1000  # holes, so the body's box holds voxels of other groups
-    mask = hu > -500
-    mask[2:46:4, 2:126:5, 2:126:5] = True
-    tracemalloc.start()
-    try:
-        group(mask, hu)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak / hu.size <= 6, f"{peak / hu.size:.1f} bytes per voxel"
-
-
-class _Passes(list):
-    """A list that counts how often it is iterated."""
-
-    passes = 0
-
-    def __iter__(self):
-        self.passes += 1
-        return super().__iter__()
-
-
-def test_confusion_reads_the_detections_once_whatever_the_series():
-    detections = _Passes({"series_uid": f"s{k % 7}", "xyz": [float(k), 0.0, 0.0], "p_nodule": 0.9,
-                          "p_malignant": None} for k in range(70))
-    nodules = [Annotation(f"s{k}", (float(k), 0.0, 0.0), 10.0, False) for k in range(7)]
-    table = confusion(detections, nodules)
-    assert detections.passes == 1
-    assert table[1, 2] == 7 and table[0].sum() == 70 - 7  # each s_k's k-th mark is on its nodule, once
-
-
-class _CentreVoxelModel(torch.nn.Module):
-    """A stand-in classifier whose p_nodule is the HU of its chunk's centre voxel / 1000: it shows where a chunk
-    was cut (the chunk around voxel v spans v - w//2 .. v + w//2 - 1, so v sits at index w//2)."""
-
-    def forward(self, x):  # (B, 1, 32, 48, 48)
-        p = x[:, 0, 16, 24, 24] / 1000
-        return None, torch.stack([1 - p, p], dim=1)
-
-
-def test_classify_cuts_around_the_voxel_the_shard_build_rounds_to():
-    """A centre of mass at column 30.5 is cut around column 31 (halves up, as the build's xyz_to_irc), not 30."""
-    hu = np.zeros((20, 40, 60), dtype=np.int16)
-    hu[10, 20, 31] = 700
-    models = Models(seg=None, nodule=_CentreVoxelModel(), malignancy=None)
-    p_nodule, _ = classify(hu, np.array([[9.5, 20.0, 30.5]]), models, torch.device("cpu"), 4, _no_autocast)
-    assert p_nodule[0] == pytest.approx(0.7)
-
-
-def test_weights_hash_is_the_same_for_a_best_pt_and_a_state_folder_of_those_weights(tmp_path):
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    weights = LunaModel().state_dict()
-    torch.save({"model": weights}, tmp_path / "best.pt")
-    (tmp_path / "state").mkdir()
-    save_file({name: tensor.contiguous() for name, tensor in weights.items()}, tmp_path / "state" / "model.safetensors")
-    torch.manual_seed(1)
-    torch.save({"model": LunaModel().state_dict()}, tmp_path / "other.pt")
-    cpu = torch.device("cpu")
-    hashes = [load_model(LunaModel(), tmp_path / name, cpu)[1] for name in ("best.pt", "state", "other.pt")]
-    assert hashes[0] == hashes[1] != hashes[2]
 
 
 def test_ct_identity_ignores_where_the_ct_lies_but_not_its_header_or_data_size(synth_data, tmp_path):

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from luna_dist import bench
+from luna_dist import bench, bench_data
 
 TINY = ["--cts", "3", "--shape", "40", "128", "128", "--workers", "2"]
 
@@ -106,13 +106,14 @@ def test_per_candidate_baseline_cuts_the_shard_chunks_and_pickles_for_spawn(synt
     import numpy as np
     import webdataset as wds
 
+    from luna_dist import chunk_samples
     from luna_dist.candidates import read_candidates
-    from luna_dist.shard import sample_key
+    from luna_dist.shard_format import sample_key
     from luna_dist.stream import open_shard_set
 
     candidates, _ = read_candidates(synth_data / "candidates.csv")
-    dataset = bench.PerCandidateDataset(synth_data, candidates)
-    path = open_shard_set(shard_dir).shards([9], "pos")[0]
+    dataset = bench_data.PerCandidateDataset(synth_data, candidates)
+    path = open_shard_set(shard_dir, chunk_samples).shards([9], "pos")[0]
     for sample in wds.DataPipeline(wds.SimpleShardList([path]), wds.tarfile_to_samples()):
         index = next(i for i, c in enumerate(dataset.candidates) if sample_key(c.series_uid, c.row) == sample["__key__"])
         chunk, label = dataset[index]
@@ -136,7 +137,8 @@ def test_evaluate_figures(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_analyze_figures(tiny_work, capsys):
-    figures, table = run(tiny_work, "analyze", ["--analyze-cts", "2"], capsys)
+    figures, table = run(tiny_work, "analyze", ["--analyze-cts", "2", "--confusion-scans", "20",
+                                                "--confusion-marks", "50"], capsys)
     analyze = figures["analyze"]
     assert analyze["cts"] == 2 and analyze["voxels_per_ct"] > 40 * 128 * 128 // 2
     assert set(analyze["seconds_per_ct"]) == {"read", "segment", "group", "classify"}
@@ -147,7 +149,7 @@ def test_analyze_figures(tiny_work, capsys):
     # Grouping keeps the eroded mask and the labels (5 bytes a voxel) and little besides.
     assert 4 <= analyze["group_peak_bytes_per_voxel"] <= 6
     assert set(analyze["confusion"]) == {"scans", "marks", "seconds"}
-    assert (analyze["confusion"]["scans"], analyze["confusion"]["marks"]) == (888, 888 * 850)
+    assert (analyze["confusion"]["scans"], analyze["confusion"]["marks"]) == (20, 20 * 50)
     assert _positive(analyze["confusion"]["seconds"])
     assert "analyze.confusion.seconds" in table
 

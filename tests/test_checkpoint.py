@@ -64,15 +64,6 @@ def test_best_score_compares_entry_by_entry(score, best, better):
     assert is_better(score, best) is better
 
 
-def test_progress_of_older_states_loads():
-    """States written before --best-by held a float (or best_f1), and one process's random states."""
-    progress = Progress(rank=0)
-    progress.load_state_dict({"epoch": 2, "samples_seen": 64, "best_f1": 0.25, "step": 3, "epoch_rng": {"python": 1}})
-    assert (progress.best_score, progress.best_by, progress.epoch_rng) == ([0.25], None, {"python": 1})
-    progress.load_state_dict({"epoch": 0, "samples_seen": 0, "best_score": -math.inf})
-    assert progress.best_score is None and progress.epoch_rngs is None
-
-
 def test_each_rank_takes_its_own_random_states():
     saved = Progress(epoch=1, step=4, epoch_rngs=[{"rank": 0}, {"rank": 1}]).state_dict()
     for rank in (0, 1):

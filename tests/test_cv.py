@@ -6,17 +6,19 @@ import csv
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def cv(shards: Path, out: Path, cwd: Path, *flags: str, check: bool = True) -> subprocess.CompletedProcess:
     """launch/cv.sh started in `cwd` (where relative SHARDS and OUT are taken from) with the test's train flags."""
-    env = {**os.environ, "OUT": str(out), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    # `python` in the script is the interpreter running the tests, as in an activated venv.
+    env = {**os.environ, "OUT": str(out), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run([str(ROOT / "launch" / "cv.sh"), str(shards), "--epochs", "1", "--max-steps", "2",
                              "--batch-size", "4", "--balanced", "1", *flags], cwd=cwd, env=env, capture_output=True,
                             text=True, timeout=240)

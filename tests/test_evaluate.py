@@ -285,7 +285,7 @@ def test_plot_without_matplotlib_is_a_clear_error(files, tmp_path, monkeypatch, 
 ])
 def test_bad_input_names_file_and_line(files, tmp_path, capsys, name, text, message):
     write(files[name], text)
-    assert run_main(files, tmp_path) == 2
+    assert run_main(files, tmp_path) == 1  # one exit code for bad input, as every command (luna_dist.cli)
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1
 
@@ -305,7 +305,7 @@ def test_a_byte_order_mark_or_blank_lines_before_the_header_change_nothing(files
 
 def test_a_header_with_an_invisible_character_is_shown_escaped(files, tmp_path, capsys):
     write(files["predictions"], "seriesuid\u200b,coordX,coordY,coordZ,probability\n1.2.3,0,0,0,0.5\n")
-    assert run_main(files, tmp_path) == 2
+    assert run_main(files, tmp_path) == 1
     assert "header lacks column(s) seriesuid; expected" in capsys.readouterr().err
     from luna_dist.candidates import CsvError, read_candidates
 
@@ -330,10 +330,11 @@ def test_fold_findings_of_a_manifest_without_them_say_rebuild():
 
 
 def test_shards_option_scores_the_folds_listed_in_the_manifest(shard_dir, tmp_path, capsys):
+    from luna_dist import chunk_samples
     from luna_dist.evaluate import fold_findings
     from luna_dist.stream import open_shard_set
 
-    series, nodules, _ = fold_findings(open_shard_set(shard_dir).manifest, [8, 9])
+    series, nodules, _ = fold_findings(open_shard_set(shard_dir, chunk_samples).manifest, [8, 9])
     on_nodules = [(uid, *xyz, 0.9) for uid, xyz in zip(nodules.series.tolist(), nodules.xyz.tolist())]
     evaluate.write_marks(tmp_path / "p.csv", marks(*on_nodules, (series[0], 900, 900, 900, 0.95)))
     argv = ["--shards", str(shard_dir), "--predictions", str(tmp_path / "p.csv"), "--bootstrap", "0"]
@@ -341,21 +342,22 @@ def test_shards_option_scores_the_folds_listed_in_the_manifest(shard_dir, tmp_pa
     score = json.loads((tmp_path / "s.json").read_text())
     assert (score["scans"], score["nodules"], score["detected"], score["false_positives"]) == \
         (len(series), len(nodules.series), len(nodules.series), 1)
-    assert evaluate.main([*argv, "--folds", "9"]) == 2  # marks of fold 8's series are not in fold 9
+    assert evaluate.main([*argv, "--folds", "9"]) == 1  # marks of fold 8's series are not in fold 9
     assert "is not in the series list" in capsys.readouterr().err
-    assert evaluate.main([*argv, "--folds", "12"]) == 2
+    assert evaluate.main([*argv, "--folds", "12"]) == 1
     assert "no fold 12" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         evaluate.main([*argv, "--annotations", str(tmp_path / "p.csv")])
 
 
 def test_shards_option_reads_the_manifest_from_a_url(shard_dir, served, tmp_path):
+    from luna_dist import chunk_samples
     from luna_dist.evaluate import fold_findings
     from luna_dist.stream import open_shard_set
 
     www, url = served
     shutil.copy(shard_dir / "manifest.json", www / "manifest.json")  # evaluation reads nothing else
-    series, nodules, _ = fold_findings(open_shard_set(shard_dir).manifest, [9])
+    series, nodules, _ = fold_findings(open_shard_set(shard_dir, chunk_samples).manifest, [9])
     evaluate.write_marks(tmp_path / "p.csv", marks(*[(uid, *xyz, 0.9) for uid, xyz in
                                                      zip(nodules.series.tolist(), nodules.xyz.tolist())]))
     scores = []

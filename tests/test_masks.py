@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import SYNTH_CTS, SYNTH_SEED
 
 from luna_dist.candidates import Annotation, find_series, read_annotations
 from luna_dist.ct import read_ct
 from luna_dist.geometry import xyz_to_irc
 from luna_dist.masks import START_RADIUS, THRESHOLD_HU, annotation_mask, box_radii, nodule_mask
 from luna_dist.synth import true_nodule_mask
-
-from conftest import SYNTH_CTS, SYNTH_SEED
 
 TISSUE, AIR = 0, -1000
 
@@ -85,13 +84,13 @@ def test_masks_overlap_the_generators_nodules(synth_data):
     voxels it cuts through.
     """
     tp = fp = fn = 0
-    for ct, mask, truth, annotations in _masks_and_truth(synth_data):
+    for ct, mask, truth, nodules in _masks_and_truth(synth_data):
         assert mask.shape == truth.shape == ct.hu.shape
         ct_tp, ct_fp, ct_fn = (mask & truth).sum(), (mask & ~truth).sum(), (~mask & truth).sum()
         assert 2 * ct_tp / (2 * ct_tp + ct_fp + ct_fn) > 0.8, ct.series_uid
         tp, fp, fn = tp + ct_tp, fp + ct_fp, fn + ct_fn
         # Each nodule's own mask is mostly that nodule (a small one may cut through a vessel).
-        for annotation in annotations:
+        for annotation in nodules:
             alone = annotation_mask(ct, [annotation])
             assert alone.any() and (alone & truth).sum() / alone.sum() > 0.7
     dice = 2 * tp / (2 * tp + fp + fn)

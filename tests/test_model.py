@@ -126,8 +126,11 @@ def unet() -> SegmentationModel:
 
 
 def test_unet_parameter_count(unet):
-    conv = lambda c_in, c_out, k: c_in * c_out * k * k + c_out  # noqa: E731
-    block = lambda c_in, c_out: conv(c_in, c_out, 3) + conv(c_out, c_out, 3) + 4 * c_out  # two convs, two BNs
+    def conv(c_in, c_out, k):
+        return c_in * c_out * k * k + c_out
+
+    def block(c_in, c_out):
+        return conv(c_in, c_out, 3) + conv(c_out, c_out, 3) + 4 * c_out  # two convs, two BNs
     expected = (
         2 * 7  # input batch norm
         + block(7, 16) + block(16, 32) + block(32, 64)  # down

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from luna_dist import run_folder
+from luna_dist import __version__, run_folder
 
 
 def _record(**flags) -> dict:
@@ -22,11 +22,12 @@ def test_flags_that_shape_an_epoch_must_match_and_the_others_may_change():
     assert run_folder.differences(saved, other_build) == ["the shard build differs", "mixed precision no (now bf16)"]
 
 
-def test_older_records_compare_their_arguments_only():
-    """args.json before the record held the arguments alone, as text; flags added since are not compared."""
-    old = {"lr": "0.001", "batch_size": "32"}
-    assert run_folder.differences(old, _record(augment=True)) == []
-    assert run_folder.differences(old, _record(batch_size=16)) == ["--batch-size 32 (now 16)"]
+def test_a_run_of_another_version_is_refused_naming_the_way_out(tmp_path):
+    """args.json before luna_dist 0.2 held the arguments alone: such a run is not resumed by guesswork."""
+    (tmp_path / "args.json").write_text(json.dumps({"lr": "0.001", "batch_size": "32"}))
+    problem = run_folder.check_resumed(tmp_path, _record())
+    assert problem == (f"--resume: {tmp_path} was trained by luna_dist before 0.2, this is {__version__}: resume it "
+                       f"with that version, or start a new run from its weights with --checkpoint {tmp_path / 'state'}")
 
 
 def test_an_existing_run_is_refused_unless_started_again(tmp_path):

@@ -17,7 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import SEG_NEGATIVES as NEGATIVES
+from helpers import kill_build_after
 
+from luna_dist import chunk_samples, seg_samples
 from luna_dist.candidates import find_series, read_annotations, read_candidates
 from luna_dist.ct import read_ct
 from luna_dist.geometry import xyz_to_irc
@@ -27,18 +30,17 @@ from luna_dist.seg_samples import (
     CROP,
     SLAB_SLICES,
     VAL_BLOCK,
+    batched_slices,
+    collate_stacks,
     context_slices,
     pack_mask,
     slabs,
     unpack_mask,
     validation_slices,
 )
-from luna_dist.shard import MANIFEST, BuildOptions, build
-from luna_dist.stream import ShardSetError, batched_slices, collate_stacks, open_shard_set, val_loader
-
-from conftest import SEG_NEGATIVES as NEGATIVES
-from conftest import kill_build_after
-
+from luna_dist.shard import BuildOptions, build
+from luna_dist.shard_format import MANIFEST, ShardSetError
+from luna_dist.stream import open_shard_set, val_loader
 
 # --- the pure parts ------------------------------------------------------------------------------------
 
@@ -134,8 +136,8 @@ def reference_mask(mask: np.ndarray, center) -> np.ndarray:
 
 def test_positives_are_every_mask_slice_of_every_nodule(shards, cts):
     expected = set()
-    for uid, (ct, _, alone, annotations) in cts.items():
-        centers = xyz_to_irc(np.array([a.center_xyz for a in annotations]), ct.geometry)
+    for uid, (ct, _, alone, nodules) in cts.items():
+        centers = xyz_to_irc(np.array([a.center_xyz for a in nodules]), ct.geometry)
         for nodule, center in zip(alone, centers):
             expected |= {(uid, int(s), int(center[1]), int(center[2])) for s in np.flatnonzero(nodule.any(axis=(1, 2)))}
     got = {(s["json"]["series_uid"], *s["json"]["center_irc"]) for s in shards["pos"].values()}
@@ -176,7 +178,7 @@ def test_negatives_are_spread_candidates_on_slices_without_mask(synth_data, shar
 def test_validation_slabs_hold_full_slices_for_each_mask_slice_and_the_chosen_blocks(shards, cts, seg_dir):
     manifest = json.loads((seg_dir / MANIFEST).read_text())
     seen = defaultdict(set)
-    for key, sample in shards["val"].items():
+    for sample in shards["val"].values():
         meta, images = sample["json"], sample["ct.npy"]
         ct, mask, _, _ = cts[meta["series_uid"]]
         depth = ct.hu.shape[0]
@@ -187,7 +189,7 @@ def test_validation_slabs_hold_full_slices_for_each_mask_slice_and_the_chosen_bl
         assert np.array_equal(unpack_mask(sample["mask.npy"], ct.hu.shape[2]), mask[first:stop])
         assert not seen[meta["series_uid"]] & set(range(first, stop))
         seen[meta["series_uid"]] |= set(range(first, stop))
-    for uid, (ct, mask, _, _) in cts.items():
+    for uid, (_, mask, _, _) in cts.items():
         expected = validation_slices(mask.any(axis=(1, 2)), 4)
         assert seen[uid] == set(np.flatnonzero(expected).tolist())
     assert manifest["counts"]["val_slices"] == sum(len(v) for v in seen.values())
@@ -204,9 +206,9 @@ def test_manifest_describes_the_seg_build(seg_dir, shards):
 
 
 def test_pipelines_decode_what_the_tars_hold(seg_dir, shards, cts):
-    shard_set = open_shard_set(seg_dir, task="seg")
+    shard_set = open_shard_set(seg_dir, seg_samples)
     with pytest.raises(ShardSetError, match="--task seg"):
-        open_shard_set(seg_dir)  # a classification run refuses segmentation shards
+        open_shard_set(seg_dir, chunk_samples)  # a classification run refuses segmentation shards
     samples = [{"__key__": key, "ct.npy": _npy(s["ct.npy"]), "mask.npy": _npy(s["mask.npy"])}
                for key, s in list(shards["pos"].items())[:5]]
     stacks, masks = collate_stacks(samples)
@@ -220,7 +222,7 @@ def test_pipelines_decode_what_the_tars_hold(seg_dir, shards, cts):
     (uid,) = {s["json"]["series_uid"] for s in shards["val"].values() if s["json"]["fold"] == fold}
     ct, mask, _, _ = cts[uid]
     chosen = np.flatnonzero(validation_slices(mask.any(axis=(1, 2)), 4))
-    batches = list(val_loader(shard_set, [fold], 8, 0, labels=("val",), batcher=batched_slices))
+    batches = list(val_loader(shard_set, [fold], 8, 0, ("val",), batched_slices))
     images = np.concatenate([b[0].numpy() for b in batches])
     masks = np.concatenate([b[1].numpy() for b in batches])
     assert all(len(b[0]) <= 8 for b in batches) and len(images) == len(chosen)

@@ -27,13 +27,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from helpers import kill_build_after
+from helpers import open_cls as open_shard_set
 
 import luna_dist.shard as shard_module
-from luna_dist.shard import MANIFEST, BuildError, BuildOptions, build
-from luna_dist.stream import ShardSetError, open_shard_set
+import luna_dist.shard_write as shard_write
+from luna_dist.shard import BuildError, BuildOptions, build
+from luna_dist.shard_format import MANIFEST, ShardSetError
+from luna_dist.shard_inputs import InputError
 from luna_dist.synth import make_dataset
-
-from conftest import kill_build_after
 
 CHUNK_SHAPE = (32, 48, 48)
 SHARD_NAME = re.compile(r"^fold(\d+)-(pos|neg)-(\d{6})\.tar$")
@@ -531,7 +533,7 @@ def test_series_without_mhd_is_skipped(data, tmp_path, small_reference):
     assert uid not in [u for f in manifest["folds"].values() for u in f["series"]]
     assert fingerprint(tmp_path / "out") == only_series(small_reference, uid)
 
-    with pytest.raises(BuildError) as err:
+    with pytest.raises(InputError) as err:
         build(options(data, tmp_path / "strict", strict=True))
     assert uid in str(err.value) and "--strict" in str(err.value)
     assert not shard_files(tmp_path / "strict")
@@ -588,8 +590,8 @@ def test_unreadable_mhd_fails_that_ct_only_and_resumes(data, small_data, tmp_pat
 
     shutil.copy2(small_data / mhd.relative_to(data), mhd)
     read = []
-    real_read_ct = shard_module.read_ct
-    monkeypatch.setattr(shard_module, "read_ct", lambda path: read.append(Path(path)) or real_read_ct(path))
+    real_read_ct = shard_write.read_ct
+    monkeypatch.setattr(shard_write, "read_ct", lambda path: read.append(Path(path)) or real_read_ct(path))
     manifest = build(options(data, out))
     assert read == [mhd]  # only the failed CT is read again
     assert manifest["failed"] == []
@@ -616,7 +618,7 @@ def test_malformed_csv_row_is_left_out_and_listed(data, tmp_path, small_referenc
     missing = key_of(uid, 3)
     assert fingerprint(tmp_path / "out") == {s for s in small_reference if s[0] != missing}
 
-    with pytest.raises(BuildError) as err:
+    with pytest.raises(InputError) as err:
         build(options(data, tmp_path / "strict", strict=True))
     assert f"{candidates}:5" in str(err.value)
 
@@ -639,7 +641,7 @@ def test_a_table_that_mostly_fails_to_parse_is_refused_naming_the_flag(data, tmp
     rows = len(candidates.read_text().splitlines()) - 1
     changed = _numpy_reprs(candidates, every=1)
     assert changed == rows
-    with pytest.raises(BuildError) as err:
+    with pytest.raises(InputError) as err:
         build(options(data, tmp_path / "out"))
     message = str(err.value)
     assert message.startswith(f"{candidates}: {rows:,} of {rows:,} rows (100.0 %) cannot be used, e.g. {candidates}:2: "
@@ -792,7 +794,7 @@ def test_failed_input_check_writes_nothing_and_the_fixed_rerun_builds(data, tmp_
                                                                       damage, repair, message):
     out = tmp_path / "out"
     damage(data)
-    with pytest.raises((BuildError, ValueError)) as err:
+    with pytest.raises(ValueError) as err:
         build(options(data, out))
     assert message in str(err.value)
     assert not out.exists()
@@ -804,7 +806,7 @@ def test_failed_input_check_writes_nothing_and_the_fixed_rerun_builds(data, tmp_
 def test_strict_error_writes_nothing(data, tmp_path, small_reference):
     out = tmp_path / "out"
     old = replace_line(data / "candidates.csv", 5, "not,a,valid,row,at,all")
-    with pytest.raises(BuildError, match="--strict"):
+    with pytest.raises(InputError, match="--strict"):
         build(options(data, out, strict=True))
     assert not out.exists()
     replace_line(data / "candidates.csv", 5, old)
@@ -844,7 +846,7 @@ def test_duplicate_candidate_rows_are_reported_and_sampled_once(data, tmp_path, 
     assert "2 malformed or duplicate CSV row(s)" in capsys.readouterr().err
     assert fingerprint(tmp_path / "out") == small_reference
     assert manifest["counts"]["positives"] == sum(row.endswith(",1") for row in rows[1:])
-    with pytest.raises(BuildError, match="duplicate of line 2"):
+    with pytest.raises(InputError, match="duplicate of line 2"):
         build(options(data, tmp_path / "strict", strict=True))
 
 
@@ -864,8 +866,8 @@ def test_moved_data_folder_resumes_its_build(data, tmp_path, small_reference, ca
     assert fingerprint(out) == small_reference
 
 
-def test_build_of_the_previous_version_is_refused_with_a_clear_message(data, tmp_path, small_reference):
-    """Builds of luna_dist 0.1.0 were known by their data folder's path and lack the evaluation findings."""
+def test_build_of_an_older_layout_is_refused_naming_what_differs(data, tmp_path, small_reference):
+    """An older build, known by its data folder's path and without the excluded findings."""
     out = tmp_path / "out"
     build(options(data, out))
     manifest = json.loads((out / MANIFEST).read_text())
@@ -874,8 +876,8 @@ def test_build_of_the_previous_version_is_refused_with_a_clear_message(data, tmp
     (out / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(BuildError) as err:
         build(options(data, out))
-    assert str(err.value) == (f"{out} holds a build of luna_dist 0.1.0, which lacks the evaluation findings; "
-                              "pass --overwrite to rebuild it, or choose another --out")
+    assert str(err.value) == (f"{out} holds a different build (differs in: data, inputs_sha256); "
+                              "pass --overwrite to replace it, or choose another --out")
     build(options(data, out, overwrite=True))
     assert fingerprint(out) == small_reference
 
@@ -969,7 +971,7 @@ def test_full_disk_while_packing_positives_or_the_manifest(data, tmp_path, small
                                      "nothing finished was lost (3 CT(s) done and kept)")
     monkeypatch.setattr(shard_module, "pack_positives", real)
     read = []
-    monkeypatch.setattr(shard_module, "read_ct", lambda path: read.append(path))
+    monkeypatch.setattr(shard_write, "read_ct", lambda path: read.append(path))
     build(options(data, out))
     assert read == [] and fingerprint(out) == small_reference
 
@@ -1039,6 +1041,6 @@ def test_cli_error_exit_code(small_data, tmp_path):
 @pytest.mark.slow
 def test_cli_refuses_out_of_range_numbers(small_data, tmp_path, flag, value, message):
     result = shard_cli("--data", small_data, "--out", tmp_path / "out", flag, value, "--no-progress")
-    assert result.returncode == 1
-    assert result.stderr.strip() == f"error: {message}"
+    assert result.returncode == 2  # the command line is wrong
+    assert result.stderr.strip().splitlines()[-1] == f"python -m luna_dist.shard: error: {message}"
     assert not (tmp_path / "out").exists()

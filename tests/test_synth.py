@@ -193,7 +193,7 @@ def test_excluded_findings_leave_every_other_file_as_it_was(tmp_path, monkeypatc
     import luna_dist.synth as synth
 
     with_excluded = all_bytes(make_dataset(tmp_path / "with", n_cts=2, seed=4).out)
-    monkeypatch.setattr(synth, "_excluded", lambda seed, k, ph: (np.zeros((0, 3)), np.zeros(0)))
+    monkeypatch.setattr(synth, "draw_excluded", lambda seed, k, ph: (np.zeros((0, 3)), np.zeros(0)))
     without = all_bytes(make_dataset(tmp_path / "without", n_cts=2, seed=4).out)
     assert without.pop("annotations_excluded.csv") == (ANNOTATIONS_HEADER + "\n").encode()
     assert with_excluded.pop("annotations_excluded.csv").count(b"\n") > 2

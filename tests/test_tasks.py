@@ -3,7 +3,6 @@ short run end to end) and the pieces of the segmentation task that its training 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -17,8 +16,12 @@ import torch
 from accelerate import Accelerator
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from luna_dist import chunk_samples, seg_samples
+from luna_dist.metrics import roc_curve
 from luna_dist.model import LunaModel
-from luna_dist.tasks import FN_WEIGHT, MalignancyTask, SegTask, dice_loss, overlay, roc_curve
+from luna_dist.stream import open_shard_set
+from luna_dist.tasks.malignancy import Malignancy
+from luna_dist.tasks.segmentation import FN_WEIGHT, Segmentation, dice_loss, overlay
 from luna_dist.train import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,17 +36,16 @@ def nodule_classifier(tmp_path_factory) -> Path:
     return path
 
 
-def malignancy_task(nodule_classifier: Path, depth: int) -> MalignancyTask:
-    args = parse_args(["--task", "malignancy", "--shards", "unused", "--finetune", str(nodule_classifier),
-                       "--finetune-depth", str(depth), "--channels-last", "off", "--lr", "0.1"])
-    task = MalignancyTask(args)
-    task.setup(Accelerator(cpu=True))
-    return task
+def malignancy_task(shards: Path, nodule_classifier: Path, depth: int) -> Malignancy:
+    args = parse_args(["--task", "malignancy", "--shards", str(shards), "--finetune", str(nodule_classifier),
+                       "--finetune-depth", str(depth), "--channels-last", "off", "--lr", "0.1", "--val-folds", "3"])
+    return Malignancy(args, Accelerator(cpu=True), open_shard_set(shards, chunk_samples), [0, 1, 2], [3],
+                      training=True)
 
 
 @pytest.mark.parametrize("depth, trained", [(1, {"head_linear"}), (2, {"block4", "head_linear"})])
-def test_finetuning_trains_exactly_the_blocks_of_its_depth(nodule_classifier, depth, trained):
-    task = malignancy_task(nodule_classifier, depth)
+def test_finetuning_trains_exactly_the_blocks_of_its_depth(tiny_shards, nodule_classifier, depth, trained):
+    task = malignancy_task(tiny_shards, nodule_classifier, depth)
     model = task.build_model()
     source = torch.load(nodule_classifier, weights_only=True)["model"]
     assert {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad} == trained
@@ -74,8 +76,8 @@ def test_finetuning_needs_a_nodule_classifier(capsys):
     assert "--finetune" in capsys.readouterr().err
 
 
-def test_metrics_leave_out_unlabelled_nodules_and_rank_the_diameter(nodule_classifier):
-    task = malignancy_task(nodule_classifier, 1)
+def test_metrics_leave_out_unlabelled_nodules_and_rank_the_diameter(tiny_shards, nodule_classifier):
+    task = malignancy_task(tiny_shards, nodule_classifier, 1)
     # label, prob, loss, known, diameter: the model ranks all malignant first; the diameter one pair wrong.
     records = torch.tensor([
         [1, 0.9, 0.1, 1, 20.0],
@@ -153,9 +155,9 @@ def test_overlay_colours_hits_misses_and_false_alarms():
 
 @pytest.mark.parametrize(("precision", "recall", "score"), [
     (0.5, 0.9, 0.9), (0.3, 0.8, 0.8), (0.29, 0.99, 0.29 - 1), (float("nan"), float("nan"), -1.0)])
-def test_best_model_is_recall_at_the_precision_floor(precision, recall, score):
-    task = SegTask(argparse.Namespace(seg_precision_floor=0.3, augment=False, augment_flip=False,
-                                      augment_offset=False, augment_scale=False, augment_rotate=False,
-                                      augment_noise=False, best_by=None))
+def test_best_model_is_recall_at_the_precision_floor(tiny_seg_shards, precision, recall, score):
+    args = parse_args(["--task", "seg", "--shards", str(tiny_seg_shards), "--val-folds", "3"])
+    task = Segmentation(args, Accelerator(cpu=True), open_shard_set(tiny_seg_shards, seg_samples), [0, 1, 2], [3],
+                        training=False)
     assert task.best_by == "recall"
     assert task.score({"pr/precision": precision, "pr/recall": recall}) == [pytest.approx(score)]

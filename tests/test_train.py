@@ -16,9 +16,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from helpers import damaged_copy, open_cls, random_payload
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-from luna_dist.stream import open_shard_set
 
 RUN_TIMEOUT = 300
 SCALARS = ["loss/all", "loss/neg", "loss/pos", "correct/all", "correct/neg", "correct/pos",
@@ -51,7 +50,7 @@ def two_rank_run(tiny_shards, tmp_path_factory) -> Path:
 
 def test_train_shards_are_odd_and_uneven(tiny_shards):
     """The set the 2-rank run trains on cannot be split evenly over ranks and workers."""
-    shards = open_shard_set(tiny_shards)
+    shards = open_cls(tiny_shards)
     train_shards = [s for s in shards.manifest["shards"] if s["fold"] != 3]
     assert len(train_shards) % 2 == 1
     assert len({s["samples"] for s in train_shards}) > 1
@@ -84,7 +83,7 @@ def test_validation_scores_the_saved_model_on_one_and_two_ranks(tiny_shards, two
                "--val-folds", "3", "--metrics-json", str(out)], processes=processes)
         results[processes] = json.loads(out.read_text())
     one, two = results[1], results[2]
-    shards = open_shard_set(tiny_shards)
+    shards = open_cls(tiny_shards)
     assert one["count/all"] == shards.count([3], "pos") + shards.count([3], "neg")
     sensitivities = [key for key in one if key.startswith("froc/sensitivity_")]
     assert len(sensitivities) == 7 and 0 <= one["cpm"] <= 1
@@ -136,7 +135,7 @@ def test_validation_writes_luna16_predictions_scored_as_the_evaluation_scores_th
 
     metrics = json.loads((two_rank_run.parent / "metrics.json").read_text())
     marks = evaluate.read_marks(two_rank_run / "val-predictions-E1.csv")
-    shards = open_shard_set(tiny_shards)
+    shards = open_cls(tiny_shards)
     assert len(marks.probability) == metrics["count/all"] == shards.count([3], "pos") + shards.count([3], "neg")
     assert ((marks.probability >= 0) & (marks.probability <= 1)).all()
     # The file scored by the command, with the fold's tables from the manifest, gives the logged CPM.
@@ -294,6 +293,11 @@ def test_full_disk_during_checkpoint_is_one_line_and_keeps_the_previous_state(ti
     assert not (small_disk / "r" / "state.partial").exists() and not (small_disk / "r" / "best.pt.partial").exists()
 
 
+def _save(trainer, val_metrics: dict | None) -> None:
+    """What the loop saves after an epoch's validation (or mid-epoch, without metrics)."""
+    trainer.checkpoints.save_epoch(trainer.progress, trainer.model, trainer.task, val_metrics)
+
+
 def _in_process(args: list[str]):
     """A Trainer in this process (CPU), for tests of its parts; close it after use."""
     from luna_dist.train import Trainer, parse_args
@@ -315,7 +319,7 @@ def test_best_model_is_the_best_cpm_ties_broken_by_auc_and_says_so(tiny_shards, 
                                      {"cpm": 0.6, "auc": 0.3, "pr/f1_score": 0.0},   # CPM tied, better AUC
                                      {"cpm": 0.6, "auc": 0.3, "pr/f1_score": 1.0}], 1):  # a tie: the earlier stays
         trainer.progress.epoch = epoch
-        trainer.save(metrics)
+        _save(trainer, metrics)
     trainer.close()
     best = torch.load(tmp_path / "r" / "best.pt", weights_only=False)
     assert (best["epoch"], best["best_by"], best["score"], best["score_of"]) == (3, "cpm", [0.6, 0.3], ["cpm", "auc"])
@@ -323,19 +327,19 @@ def test_best_model_is_the_best_cpm_ties_broken_by_auc_and_says_so(tiny_shards, 
     resumed = _in_process([*common, "--resume"])
     assert (resumed.progress.epoch, resumed.progress.best_score) == (4, [0.6, 0.3])
     resumed.progress.epoch = 5
-    resumed.save({"cpm": 0.55, "auc": 1.0, "pr/f1_score": 1.0})  # worse than the best
+    _save(resumed, {"cpm": 0.55, "auc": 1.0, "pr/f1_score": 1.0})  # worse than the best
     resumed.close()
     assert torch.load(tmp_path / "r" / "best.pt", weights_only=False)["epoch"] == 3
 
     by_f1 = _in_process(["--shards", str(tiny_shards), "--out", str(tmp_path), "--run-name", "f1", "--best-by", "f1",
                          "--val-folds", "3"])
-    by_f1.save({"cpm": 0.9, "auc": 0.9, "pr/f1_score": 0.2})
+    _save(by_f1, {"cpm": 0.9, "auc": 0.9, "pr/f1_score": 0.2})
     by_f1.close()
     assert torch.load(tmp_path / "f1" / "best.pt", weights_only=False)["score"] == [0.2]
 
 
 def test_best_by_must_be_a_score_the_task_and_shards_have(tiny_shards, tmp_path, monkeypatch, capsys):
-    from luna_dist.stream import ShardSetError
+    from luna_dist.shard_format import ShardSetError
     from luna_dist.train import parse_args
 
     with pytest.raises(SystemExit):
@@ -464,9 +468,7 @@ def test_cls_run_refuses_seg_shards(tiny_seg_shards, tmp_path):
 @pytest.mark.slow
 def test_damaged_shard_is_one_error_naming_it(tiny_shards, tmp_path):
     """--verify finds it before training; without it, validation (in a data worker) stops on it."""
-    from tests.test_stream import _damaged_copy, _random_payload
-
-    _, path, _ = _damaged_copy(tiny_shards, tmp_path, _random_payload, fold=3)
+    _, path, _ = damaged_copy(tiny_shards, tmp_path, random_payload, fold=3)
     common = [sys.executable, "-m", "luna_dist.train", "--shards", str(tmp_path / "shards"), "--out",
               str(tmp_path / "runs"), "--max-steps", "1", "--batch-size", "4", "--val-folds", "3", "--num-workers", "1"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
@@ -482,7 +484,7 @@ def test_damaged_shard_is_one_error_naming_it(tiny_shards, tmp_path):
 
 def test_validation_that_misses_samples_fails_after_the_gather(tiny_shards, tmp_path, monkeypatch):
     """Behind the per-shard counts: the gathered total must equal the manifest's (e.g. a shard no rank read)."""
-    from luna_dist.stream import ShardSetError
+    from luna_dist.shard_format import ShardSetError
     from luna_dist.train import Trainer, parse_args
 
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
@@ -496,7 +498,7 @@ def test_validation_that_misses_samples_fails_after_the_gather(tiny_shards, tmp_
         return batches
 
     try:
-        shards = open_shard_set(tiny_shards)
+        shards = open_cls(tiny_shards)
         expected = shards.count([3], "pos") + shards.count([3], "neg")
         monkeypatch.setattr(trainer.task, "val_loader", loses_first_batch)
         with pytest.raises(ShardSetError, match=f"validation read {expected - 8:,} samples of folds .3., "
@@ -575,7 +577,7 @@ def test_a_diverged_model_is_never_scored(tiny_shards, tmp_path, monkeypatch, ca
     code = train.main(["--shards", str(tiny_shards), "--eval-only", "--checkpoint", str(tmp_path / "nan.pt"),
                        "--val-folds", "3", "--metrics-json", str(tmp_path / "m.json")])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    shards = open_shard_set(tiny_shards)
+    shards = open_cls(tiny_shards)
     total = shards.count([3], "pos") + shards.count([3], "neg")
     assert code == 1 and len(errors) == 1
     assert errors[0].startswith(f"error: E0 validation: {total:,} of {total:,} samples have a probability or loss that "
@@ -590,7 +592,7 @@ def test_logs_that_fail_after_the_state_is_saved_are_written_again_by_the_resume
 
     from torch.utils.tensorboard import SummaryWriter
 
-    from luna_dist.train import LoggingError
+    from luna_dist.run_log import LoggingError
 
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     trainer = _in_process(_quick(tiny_shards, tmp_path, "--epochs", "1"))
@@ -676,7 +678,7 @@ def saved_run(tiny_shards, tmp_path_factory) -> Path:
         mid = _in_process([*_quick(tiny_shards, out, "--max-steps", "4"), "--run-name", "mid"])
         mid.progress.epoch_rngs, mid.progress.layout = [{}], mid._layout()
         mid.progress.step, mid.progress.samples_seen = 2, 8
-        mid.save(None)
+        _save(mid, None)
         mid.close()
     return out
 
@@ -713,6 +715,8 @@ def test_bad_models_and_run_folders_are_one_line(tiny_shards, saved_run, tmp_pat
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     fill = {"tmp": tmp_path, "saved": saved_run}
     base = _quick(tiny_shards, tmp_path / "runs")
+    if "--task" in flags:  # --balanced is the classifier's
+        del base[base.index("--balanced"):base.index("--balanced") + 2]
     code = train.main([*base, *(flag.format(**fill) for flag in flags)])
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
@@ -829,7 +833,7 @@ def test_two_nodes_run_one_epoch_like_one_machine(tiny_shards, tmp_path):
     finally:
         _stop_nodes(nodes)
     metrics = json.loads((tmp_path / "m.json").read_text())
-    shards = open_shard_set(tiny_shards)
+    shards = open_cls(tiny_shards)
     assert metrics["processes"] == 2
     assert metrics["count/all"] == sum(shards.count([2, 3], label) for label in ("pos", "neg"))
     assert metrics["samples_seen"] == 3 * 8 * 2  # both nodes ran 3 steps (a rank short of steps would hang DDP)

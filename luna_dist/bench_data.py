@@ -1,0 +1,353 @@
+"""The benchmarks of the data path (`python -m luna_dist.bench shard|loader|analyze|evaluate`): building shards
+against only reading the CTs, loading them against a per-candidate Dataset, analysing CTs, and scoring marks at
+LUNA16's size. Each returns its figures as a dict; `luna_dist.bench` runs them and prints the table.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+import tracemalloc
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from luna_dist import chunk_samples
+from luna_dist.candidates import Annotation, Candidate, find_series, read_candidates
+from luna_dist.ct import CHUNK_SHAPE, cut_chunks, read_ct
+from luna_dist.detect import group
+from luna_dist.evaluate import Findings, Marks, froc, read_findings, read_marks, read_series_list, write_marks
+from luna_dist.findings import confusion
+from luna_dist.geometry import xyz_to_irc
+from luna_dist.model import LunaModel, SegmentationModel
+from luna_dist.shard import BuildOptions, build
+from luna_dist.stream import TrainStreamConfig, open_shard_set, pos_neg_streams, train_loader
+
+# -- shard ------------------------------------------------------------------------------------------------
+
+def _read_only(path: str) -> int:
+    return read_ct(Path(path)).hu.nbytes
+
+
+def evict_from_page_cache(paths: list[Path]) -> None:
+    """Make the next read of these files come from disk, as on a first build of 120 GB of CTs."""
+    os.sync()  # dirty pages (freshly written data) cannot be dropped
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def bench_shard(data: Path, out: Path, workers: int) -> dict:
+    """Build shards from `data` and compare with only reading its CTs, same number of processes.
+
+    Measured twice: with the CTs in the page cache (memory speed: any extra pass over
+    the chunks shows) and with them evicted first (disk speed: the real data set, too
+    large to cache, is always read this way).
+    """
+    candidates, _ = read_candidates(data / "candidates.csv")
+    wanted = {c.series_uid for c in candidates}
+    paths = [str(p) for uid, p in find_series(data).items() if uid in wanted]
+    files = [f for p in paths for f in (Path(p), Path(p).with_suffix(".raw"))]
+    result = {"cts": len(paths), "workers": workers}
+    for cache in ("cold", "warm"):
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(_read_only, paths[:workers]))  # start the workers outside the timing
+            if cache == "cold":
+                evict_from_page_cache(files)
+            else:
+                list(pool.map(_read_only, paths))
+            started = time.perf_counter()
+            input_bytes = sum(pool.map(_read_only, paths))
+            read_seconds = time.perf_counter() - started
+        if cache == "cold":
+            evict_from_page_cache(files)
+        shutil.rmtree(out, ignore_errors=True)
+        started = time.perf_counter()
+        manifest = build(BuildOptions(data=data, out=out, workers=workers, progress=False))
+        build_seconds = time.perf_counter() - started
+        samples = manifest["counts"]["samples"]
+        result[cache] = {
+            "read_seconds": read_seconds,
+            "build_seconds": build_seconds,
+            "build_to_read_ratio": build_seconds / read_seconds,
+            "cts_per_s": len(paths) / build_seconds,
+            "samples_per_s": samples / build_seconds,
+            "chunk_mb_per_s": samples * np.prod(CHUNK_SHAPE) * 2 / 1e6 / build_seconds,
+            "input_mb_per_s": input_bytes / 1e6 / build_seconds,
+        }
+    result["samples"] = samples
+    result["input_mb"] = input_bytes / 1e6
+    result["bytes_per_sample"] = sum(s["bytes"] for s in manifest["shards"]) / samples
+    return result
+
+
+# -- loader -----------------------------------------------------------------------------------------------
+
+class PerCandidateDataset(Dataset):
+    """The approach shards replace: each item opens its CT (through a small LRU cache) and cuts one chunk."""
+
+    def __init__(self, data: Path, candidates: list[Candidate], cached_cts: int = 2, disk_cache: Path | None = None):
+        self.series = {uid: str(path) for uid, path in find_series(data).items()}
+        self.candidates = [c for c in candidates if c.series_uid in self.series]
+        self.disk_cache = disk_cache
+        self.cached_cts = cached_cts
+        self._read = None  # the LRU cache lives in each worker process
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_read": None}  # a cache of CTs neither pickles nor should travel
+
+    def __len__(self) -> int:
+        return len(self.candidates)
+
+    def _cut(self, candidate: Candidate) -> np.ndarray:
+        if self._read is None:
+            self._read = functools.lru_cache(maxsize=self.cached_cts)(read_ct)
+        ct = self._read(Path(self.series[candidate.series_uid]))
+        chunks, _ = cut_chunks(ct.hu, xyz_to_irc(np.array(candidate.center_xyz), ct.geometry))
+        return chunks[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        candidate = self.candidates[index]
+        if self.disk_cache is None:
+            chunk = self._cut(candidate)
+        else:
+            path = self.disk_cache / f"{candidate.series_uid}_{candidate.row}.npy"
+            if path.is_file():
+                chunk = np.load(path)
+            else:
+                chunk = self._cut(candidate)
+                np.save(path, chunk)
+        return torch.from_numpy(chunk).unsqueeze(0).float(), int(candidate.is_nodule)
+
+
+class SeriesOrderSampler(torch.utils.data.Sampler):
+    """Candidates grouped by series (the LRU cache's best case), series in random order."""
+
+    def __init__(self, dataset: PerCandidateDataset, seed: int = 0):
+        self.groups: dict[str, list[int]] = {}
+        for index, candidate in enumerate(dataset.candidates):
+            self.groups.setdefault(candidate.series_uid, []).append(index)
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return sum(len(g) for g in self.groups.values())
+
+    def __iter__(self):
+        order = sorted(self.groups)
+        random.Random(self.seed).shuffle(order)
+        for uid in order:
+            yield from self.groups[uid]
+
+
+def _rate(batches, limit_samples: int) -> float:
+    """Samples/s after the first batch (worker start-up excluded), up to `limit_samples`."""
+    iterator = iter(batches)
+    next(iterator)
+    started, seen = time.perf_counter(), 0
+    for batch in iterator:
+        seen += len(batch[1])
+        if seen >= limit_samples:
+            break
+    return seen / (time.perf_counter() - started)
+
+
+def plain_tar_loop(shard_paths: list[str], limit_samples: int) -> float:
+    """The naive reader: tarfile + np.load + float tensor, one sample at a time."""
+    started, seen = time.perf_counter(), 0
+    for path in shard_paths:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.name.endswith(".npy"):
+                    array = np.load(io.BytesIO(tar.extractfile(member).read()))
+                    torch.from_numpy(array).float()
+                    seen += 1
+                    if seen >= limit_samples:
+                        return seen / (time.perf_counter() - started)
+    return seen / (time.perf_counter() - started)
+
+
+def bench_loader(data: Path, shards_dir: Path, workers: list[int], batch_size: int, samples: int,
+                 baseline_samples: int, cache_dir: Path) -> dict:
+    shards = open_shard_set(shards_dir, chunk_samples)
+    folds = shards.folds
+    balanced = pos_neg_streams(1)
+    result = {"batch_size": batch_size, "shards": {}, "per_candidate_random": {}, "per_candidate_series_order": {},
+              "per_candidate_disk_cache": {}}
+    for w in workers:
+        steps = max(2, samples // batch_size)
+        config = TrainStreamConfig(tuple(folds), batch_size, steps, w, balanced, shuffle_buffer=500)
+        loader = train_loader(shards, config, 0, chunk_samples.collate)
+        result["shards"][str(w)] = _rate(loader, (steps - 1) * batch_size)
+    result["plain_tar_loop"] = plain_tar_loop(shards.shards(folds, "neg"), samples)
+
+    candidates, _ = read_candidates(data / "candidates.csv")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for w in workers:
+        dataset = PerCandidateDataset(data, candidates)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=w)
+        result["per_candidate_random"][str(w)] = _rate(loader, baseline_samples)
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=SeriesOrderSampler(dataset), num_workers=w)
+        result["per_candidate_series_order"][str(w)] = _rate(loader, samples)
+    cached = PerCandidateDataset(data, candidates, disk_cache=cache_dir)
+    for _ in DataLoader(cached, batch_size=batch_size, num_workers=max(workers)):
+        pass  # warm the disk cache, as the book's prepcache step does
+    for w in workers:
+        loader = DataLoader(cached, batch_size=batch_size, shuffle=True, num_workers=w)
+        result["per_candidate_disk_cache"][str(w)] = _rate(loader, samples)
+    result["shards_vs_random_baseline"] = {
+        w: result["shards"][w] / result["per_candidate_random"][w] for w in result["shards"]}
+    result["shards_vs_disk_cache"] = {
+        w: result["shards"][w] / result["per_candidate_disk_cache"][w] for w in result["shards"]}
+    return result
+
+
+# -- analyze ----------------------------------------------------------------------------------------------
+
+def bench_analyze(data: Path, work: Path, cts: int, seg_model: Path | None, cls_model: Path | None,
+                  ranks: bool, confusion_scans: int, confusion_marks: int) -> dict:
+    """Seconds per CT by stage on one process, and the wall time of 2 CPU ranks against 1; the peak memory
+    of grouping one CT, and the seconds of the confusion table at LUNA16's size (888 scans, ~850 candidates
+    each in candidates mode)."""
+    work.mkdir(parents=True, exist_ok=True)
+    if seg_model is None:
+        seg_model = work / "seg-untrained.pt"
+        torch.save({"model": SegmentationModel().state_dict()}, seg_model)
+    if cls_model is None:
+        cls_model = work / "cls-untrained.pt"
+        torch.save({"model": LunaModel().state_dict()}, cls_model)
+    series = sorted(find_series(data))[:cts]
+    result = {"cts": len(series), "voxels_per_ct": 0, "seconds_per_ct": {}, "cts_per_s": {}}
+    for processes in (1, 2) if ranks else (1,):
+        out = work / f"ranks-{processes}"
+        shutil.rmtree(out, ignore_errors=True)  # a finished CT would be skipped, not timed
+        command = ["-m", "luna_dist.analyze", "--data", str(data), "--seg-model", str(seg_model),
+                   "--cls-model", str(cls_model), "--series", *series, "--out", str(out)]
+        if processes > 1:
+            command = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), *command]
+        env = {**os.environ, "ACCELERATE_USE_CPU": "true"} if processes > 1 else dict(os.environ)
+        started = time.perf_counter()
+        finished = subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True, timeout=3600)
+        wall = time.perf_counter() - started
+        if finished.returncode != 0:
+            raise RuntimeError(f"analyze on {processes} process(es) failed:\n{finished.stderr[-3000:]}")
+        result["cts_per_s"][str(processes)] = len(series) / wall
+        if processes == 1:
+            summary = json.loads((out / "summary.json").read_text())
+            result["seconds_per_ct"] = {stage: s / len(series) for stage, s in summary["seconds"].items()}
+            per_ct = [json.loads(p.read_text())["voxels"] for p in (out / "ct").glob("*.json")]
+            result["voxels_per_ct"] = sum(per_ct) // len(series)
+    if ranks:
+        result["2_vs_1"] = result["cts_per_s"]["2"] / result["cts_per_s"]["1"]
+    result["group_peak_bytes_per_voxel"] = group_peak_bytes_per_voxel(find_series(data)[series[0]])
+    result["confusion"] = confusion_seconds(confusion_scans, confusion_marks)
+    return result
+
+
+def group_peak_bytes_per_voxel(mhd: Path) -> float:
+    """Peak memory of grouping one CT segmented as dense tissue (HU > -250: body, vessels, nodules), beyond
+    the CT and its mask, per voxel (numpy reports its arrays to tracemalloc)."""
+    hu = read_ct(mhd).hu
+    mask = hu > -250
+    tracemalloc.start()
+    try:
+        group(mask, hu)
+        return tracemalloc.get_traced_memory()[1] / hu.size
+    finally:
+        tracemalloc.stop()
+
+
+def confusion_seconds(scans: int, marks_per_scan: int) -> dict:
+    """Seconds of the analysis's confusion table for `scans` x `marks_per_scan` generated detections, a few on
+    each of LUNA16's share of nodules."""
+    rng = np.random.default_rng(0)
+    uids = [f"1.3.6.1.4.1.14519.5.2.1.6279.6001.{i:030d}" for i in range(scans)]
+    n_nodules = round(scans * 1186 / 888)
+    nodule_scan, nodule_xyz = rng.integers(0, scans, n_nodules), rng.uniform(-150, 150, (n_nodules, 3))
+    diameters, malignant = rng.uniform(3, 30, n_nodules).tolist(), (rng.random(n_nodules) < 0.3).tolist()
+    nodules = [Annotation(uids[s], tuple(xyz), d, m)
+               for s, xyz, d, m in zip(nodule_scan.tolist(), nodule_xyz.tolist(), diameters, malignant)]
+    on_nodule = np.repeat(np.arange(n_nodules), 3)
+    scan = np.concatenate([rng.integers(0, scans, scans * marks_per_scan - len(on_nodule)), nodule_scan[on_nodule]])
+    xyz = np.concatenate([rng.uniform(-150, 150, (len(scan) - len(on_nodule), 3)),
+                          nodule_xyz[on_nodule] + rng.normal(0, 1, (len(on_nodule), 3))])
+    detections = [{"series_uid": uids[s], "xyz": p, "p_nodule": pn, "p_malignant": pm} for s, p, pn, pm in
+                  zip(scan.tolist(), xyz.tolist(), rng.beta(1, 8, len(scan)).tolist(), rng.random(len(scan)).tolist())]
+    started = time.perf_counter()
+    confusion(detections, nodules)
+    return {"scans": scans, "marks": len(detections), "seconds": time.perf_counter() - started}
+
+
+# -- evaluate ---------------------------------------------------------------------------------------------
+
+def _write_findings(path: Path, found: Findings) -> None:
+    lines = ["seriesuid,coordX,coordY,coordZ,diameter_mm"]
+    lines += [f"{uid},{x:.3f},{y:.3f},{z:.3f},{d:.2f}" for uid, (x, y, z), d in
+              zip(found.series.tolist(), found.xyz.tolist(), found.diameter.tolist())]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def bench_evaluate(work: Path, scans: int, marks_per_scan: int, bootstrap: int) -> dict:
+    """Score `scans` x ~`marks_per_scan` generated marks (LUNA16: 888 scans, 1,186 nodules).
+
+    Marks lie in a 300 mm cube, a few on each nodule, and their probabilities favour
+    the nodules, so every rule (hits, doubles, excluded findings, the 100-mark cap) works.
+    """
+    rng = np.random.default_rng(0)
+    uids = np.array([f"1.3.6.1.4.1.14519.5.2.1.6279.6001.{i:030d}" for i in range(scans)])
+    n_nodules = round(scans * 1186 / 888)
+    nodules = Findings(uids[rng.integers(0, scans, n_nodules)], rng.uniform(-150, 150, (n_nodules, 3)),
+                       rng.uniform(3, 30, n_nodules))
+    n_excluded = 2 * n_nodules
+    excluded = Findings(uids[rng.integers(0, scans, n_excluded)], rng.uniform(-150, 150, (n_excluded, 3)),
+                        rng.choice([-1.0, 2.0, 5.0], n_excluded))
+    n_random = scans * marks_per_scan - 3 * n_nodules
+    on_nodule = np.repeat(np.arange(n_nodules), 3)
+    marks = Marks(
+        np.concatenate([uids[rng.integers(0, scans, n_random)], nodules.series[on_nodule]]),
+        np.concatenate([rng.uniform(-150, 150, (n_random, 3)),
+                        nodules.xyz[on_nodule] + rng.normal(0, 1, (3 * n_nodules, 3))]),
+        np.concatenate([rng.beta(1, 8, n_random), rng.beta(4, 2, 3 * n_nodules)]),
+    )
+    work.mkdir(parents=True, exist_ok=True)
+    paths = {name: work / f"{name}.csv" for name in ("seriesuids", "annotations", "excluded", "predictions")}
+    paths["seriesuids"].write_text("seriesuid\n" + "\n".join(uids.tolist()) + "\n")
+    _write_findings(paths["annotations"], nodules)
+    _write_findings(paths["excluded"], excluded)
+    write_marks(paths["predictions"], marks)
+
+    started = time.perf_counter()
+    series = read_series_list(paths["seriesuids"])
+    read = (read_findings(paths["annotations"]), read_marks(paths["predictions"], series),
+            read_findings(paths["excluded"], excluded=True))
+    read_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    result = froc(series, read[0], read[1], read[2])
+    score_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    froc(series, read[0], read[1], read[2], bootstrap=bootstrap)
+    with_bootstrap_seconds = time.perf_counter() - started
+    return {
+        "scans": scans,
+        "marks": len(marks.probability),
+        "nodules": n_nodules,
+        "cpm": result.cpm,
+        "read_seconds": read_seconds,
+        "score_seconds": score_seconds,
+        "bootstrap": bootstrap,
+        "score_with_bootstrap_seconds": with_bootstrap_seconds,
+        "total_seconds": read_seconds + with_bootstrap_seconds,
+    }

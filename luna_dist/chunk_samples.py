@@ -1,0 +1,146 @@
+"""The classifier's samples: one 32x48x48 chunk per candidate, written by the build and read back here.
+
+Each sample of `fold{K}-pos-*.tar` (nodule candidates) and `fold{K}-neg-*.tar` holds
+
+- `chunk.npy`: int16 (32, 48, 48) in (I, R, C) order, HU clipped to [-1000, 1000],
+  -1000 where the chunk reaches outside the CT (padded, never shifted);
+- `cls`: `1` for a nodule candidate, `0` otherwise;
+- `json`: series_uid, fold, center_xyz (mm), center_irc, is_nodule, diameter_mm,
+  is_malignant (true/false/null), candidate_row, outside_volume;
+- `crc32.json` (`luna_dist.shard_format`).
+
+Decoding copies each chunk's payload into one preallocated int16 batch (no np.load, no
+per-sample tensors); conversion to float and augmentation happen on the training device.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from luna_dist.candidates import Candidate
+from luna_dist.ct import CHUNK_SHAPE, HU_MAX, HU_MIN, Ct, cut_chunks
+from luna_dist.geometry import xyz_to_irc
+from luna_dist.shard_format import Cut, SeriesInputs, copy_payloads, npy_header, require, sample_key
+
+TASK = "cls"
+READS = {"chunk": {"shape": list(CHUNK_SHAPE), "dtype": "int16"}}
+"""What a reader needs of a build's manifest (`shard_format.check_manifest`)."""
+CHUNK_BYTES = int(np.prod(CHUNK_SHAPE)) * 2
+SAMPLE_BYTES_MAX = CHUNK_BYTES + 5 * 1024
+"""Upper bound of one sample in a tar: npy payload, four 512-byte headers and padding, json, crc32.json."""
+CHUNK_NPY_HEADER = npy_header(CHUNK_SHAPE, np.int16)
+
+
+# -- writing --------------------------------------------------------------------------------------
+def encode_sample(candidate: Candidate, fold: int, center_irc: np.ndarray, outside: bool, chunk: np.ndarray) -> dict:
+    """One sample as WebDataset stores it; `chunk.npy` is exactly what np.save writes."""
+    meta = {
+        "series_uid": candidate.series_uid,
+        "fold": fold,
+        "center_xyz": list(candidate.center_xyz),
+        "center_irc": [int(v) for v in center_irc],
+        "is_nodule": candidate.is_nodule,
+        "diameter_mm": candidate.diameter_mm,
+        "is_malignant": candidate.is_malignant,
+        "candidate_row": candidate.row,
+        "outside_volume": bool(outside),
+    }
+    return {
+        "__key__": sample_key(candidate.series_uid, candidate.row),
+        "chunk.npy": b"".join((CHUNK_NPY_HEADER, memoryview(np.ascontiguousarray(chunk, dtype=np.int16)))),
+        "cls": b"1" if candidate.is_nodule else b"0",
+        "json": json.dumps(meta).encode(),
+    }
+
+
+@dataclass(frozen=True)
+class ChunkCutter:
+    """The classification task's part of the build: one 32x48x48 chunk per candidate of candidates.csv."""
+
+    task: ClassVar[str] = TASK
+    sample_bytes: ClassVar[int] = SAMPLE_BYTES_MAX
+    per_ct_validation: ClassVar[bool] = False
+
+    def planned_negatives(self, candidates: list[Candidate]) -> int:
+        return sum(not c.is_nodule for c in candidates)
+
+    def identity(self) -> dict:
+        return {"chunk_shape": list(CHUNK_SHAPE)}
+
+    def layout(self) -> dict:
+        return {"chunk": {"shape": list(CHUNK_SHAPE), "dtype": "int16", "axes": "IRC", "hu_range": [HU_MIN, HU_MAX]}}
+
+    def cut(self, series: SeriesInputs, ct: Ct) -> Cut:
+        centers_xyz = np.array([c.center_xyz for c in series.candidates], dtype=np.float64)
+        centers_irc = xyz_to_irc(centers_xyz, ct.geometry)
+        chunks, outside = cut_chunks(ct.hu, centers_irc)
+        encoded = {True: [], False: []}
+        for candidate, irc, out, chunk in zip(series.candidates, centers_irc, outside, chunks):
+            encoded[candidate.is_nodule].append(encode_sample(candidate, series.fold, irc, out, chunk))
+        return Cut(pos=encoded[True], neg=encoded[False], outside_volume=int(outside.sum()))
+
+
+# -- reading --------------------------------------------------------------------------------------
+def collate(samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw samples -> (chunks (N, 1, I, R, C) int16, labels (N,) int64), one copy per chunk."""
+    chunks = torch.empty((len(samples), 1, *CHUNK_SHAPE), dtype=torch.int16)
+    require(samples, "chunk.npy", "cls")
+    copy_payloads(samples, "chunk.npy", chunks.numpy(), CHUNK_SHAPE)
+    labels = torch.tensor([sample["cls"] == b"1" for sample in samples], dtype=torch.int64)
+    return chunks, labels
+
+
+def locate(samples: list[dict], series_index: dict[str, int]) -> torch.Tensor:
+    """(N, 4) float32: each sample's series (its number in `series_index`) and centre X/Y/Z (mm), from its JSON.
+
+    Validation only, for the LUNA16 score; ~300 bytes of JSON per sample is little
+    beside the 147 kB chunk copied for it.
+    """
+    rows = []
+    for sample in samples:
+        meta = json.loads(sample["json"])
+        rows.append((series_index[meta["series_uid"]], *meta["center_xyz"]))
+    return torch.tensor(rows, dtype=torch.float32).reshape(-1, 4)
+
+
+def collate_located(samples: list[dict], series_index: dict[str, int]) -> tuple[torch.Tensor, ...]:
+    """`collate` plus where each sample lies (`locate`): (chunks, labels, where)."""
+    return (*collate(samples), locate(samples, series_index))
+
+
+def collate_malignancy(samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raw samples -> (chunks, labels (N,) int64: 1 malignant, 0 benign or not a nodule,
+    info (N, 2) float32: 1 where the label is known (non-nodules: benign) else 0, diameter_mm)."""
+    chunks, _ = collate(samples)
+    metas = [json.loads(sample["json"]) for sample in samples]
+    labels = torch.tensor([meta["is_malignant"] is True for meta in metas], dtype=torch.int64)
+    info = torch.tensor([(meta["is_malignant"] is not None or not meta["is_nodule"], meta["diameter_mm"])
+                         for meta in metas], dtype=torch.float32).reshape(-1, 2)
+    return chunks, labels, info
+
+
+def with_malignancy(samples: Iterator[dict], malignant: bool) -> Iterator[dict]:
+    """Pipeline stage: the nodule samples whose `is_malignant` is `malignant` (unlabelled ones never pass)."""
+    for sample in samples:
+        if json.loads(sample["json"])["is_malignant"] is malignant:
+            yield sample
+
+
+def malignancy_counts(shards, folds: Iterable[int]) -> dict[str, int]:
+    """Nodule samples of `folds` of a `ShardSet` by label: {"malignant", "benign", "unknown"}; reads only
+    the JSON members."""
+    counts = {"malignant": 0, "benign": 0, "unknown": 0}
+    for url in shards.shards(folds, "pos"):
+        with shards.source.open(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if member.name.split(".", 1)[-1] == "json":  # not crc32.json
+                    malignant = json.load(tar.extractfile(member))["is_malignant"]
+                    counts[{True: "malignant", False: "benign", None: "unknown"}[malignant]] += 1
+    return counts

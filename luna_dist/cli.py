@@ -1,0 +1,58 @@
+"""What every command shares: its exit codes, its logging, and flag checks worded one way.
+
+Exit codes of every `python -m luna_dist.*` command:
+
+    0    done
+    1    the command could not do its work: bad input, a failed CT or run, a full disk. One
+         line `error: ...` on stderr names the file, flag or rank and what to do; finished
+         work is kept and a rerun resumes it
+    2    the command line itself is wrong (argparse's usage message), before anything starts
+    130  interrupted (Ctrl-C); what is kept and how to go on is said in one line
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def setup_logging() -> None:
+    """Time-stamped lines on stderr; accelerate's per-file checkpoint lines are left out."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+
+
+def below(flag: str, value, least) -> str | None:
+    """The message for a flag's value below its least, worded as every command words it; None when it is not."""
+    if value is not None and value < least:
+        return f"{flag} must be at least {least}, got {value}"
+    return None
+
+
+def check_at_least(parser: argparse.ArgumentParser, args: argparse.Namespace, least: dict[str, float]) -> None:
+    """parser.error for the first flag (by its dest name) of `least` whose value is below its least."""
+    for name, minimum in least.items():
+        if (problem := below(f"--{name.replace('_', '-')}", getattr(args, name), minimum)) is not None:
+            parser.error(problem)
+
+
+def outside(flag: str, value, low, high) -> str | None:
+    """The message for a flag's value outside [low, high], worded as every command words it; None when inside."""
+    if value is not None and not low <= value <= high:
+        return f"{flag} must be in [{low:g}, {high:g}], got {value}"
+    return None
+
+
+def check_in_range(parser: argparse.ArgumentParser, flag: str, value: float, low: float, high: float) -> None:
+    """parser.error where `value` of `flag` is outside [low, high]."""
+    if (problem := outside(flag, value, low, high)) is not None:
+        parser.error(problem)
+
+
+def fail(message: str) -> int:
+    """Print the one line of a failed command and return its exit code."""
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_FAILED

@@ -1,0 +1,197 @@
+"""What the analysis does to one CT: segment every slice, group the segmentation, classify each group.
+
+The UNet segments every slice from its 7-slice context (stacks built on the device,
+slices in batches), probability > SEG_THRESHOLD, EROSION_ITERATIONS binary erosion; 3-D
+connected components are the groups, each placed at its centre of mass weighted by
+HU + 1001; each group's 32x48x48 chunk is cut as the shard build cuts it and scored by
+the nodule classifier, then by the malignancy model. Given candidates (LUNA16's
+false-positive reduction track) skip the first two stages and keep their coordinates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import Tensor, nn
+
+from luna_dist.ct import HU_MAX, HU_MIN, cut_chunks, read_ct
+from luna_dist.geometry import irc_to_xyz, nearest_voxel, xyz_to_irc_float
+from luna_dist.model import load_into
+from luna_dist.seg_samples import CONTEXT
+
+SEG_THRESHOLD = 0.5
+"""A voxel is segmented where the UNet's probability exceeds this."""
+
+EROSION_ITERATIONS = 1
+"""Binary erosions of the segmentation before grouping: they cut the thin bridges between structures."""
+
+MIN_EXTENT = 2 * EROSION_ITERATIONS + 1
+"""Voxels a CT needs along each axis for anything to survive the erosion (the volume's border erodes too)."""
+
+GROUP_SLAB_SHARE = 16
+"""A group's bounding box is summed a slab of slices at a time, each at most 1/16 of the CT (one slice at
+least): the slab's temporaries (5 bytes a voxel) stay below a third of a byte per voxel of the CT."""
+
+
+@dataclass
+class Models:
+    """The networks of the pipeline, in eval mode on one device, and the sha256 of each one's weights."""
+
+    seg: nn.Module | None  # None in candidates mode
+    nodule: nn.Module
+    malignancy: nn.Module | None
+    sha256: dict[str, str | None] = field(default_factory=dict)  # "seg", "nodule", "malignancy"; None: absent
+
+
+def load_model(model: nn.Module, path: Path, device: torch.device) -> tuple[nn.Module, str]:
+    """Weights from a best.pt or a run's state/ folder into `model`, ready for inference on `device`; and
+    their sha256 (`weights_sha256`). FileNotFoundError or WeightsError naming the file where it holds none."""
+    load_into(model, Path(path))
+    sha256 = weights_sha256(model)  # before the move: no copy back from the device
+    return model.to(device).eval(), sha256
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """sha256 of a network's state: each tensor's name, dtype, shape and bytes, in name order.
+
+    Hashes what was loaded rather than the file, so a best.pt and the state/ folder of the
+    same weights agree, and a re-saved file of the same weights changes nothing.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name} {tensor.dtype} {list(tensor.shape)}\n".encode())
+        digest.update(tensor.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+# -- the three stages of one CT -----------------------------------------------------------------
+@torch.no_grad()
+def segment(hu: Tensor, model: nn.Module, batch_size: int, autocast) -> Tensor:
+    """Nodule probability > SEG_THRESHOLD of every voxel, (I, R, C) bool on hu's device.
+
+    `hu` is the CT (I, R, C) float32 on the device. The context stacks are gathered
+    there by index (the slice and CONTEXT on each side, clamped at the volume's ends,
+    as the segmentation shards cut them).
+    """
+    slices = hu.shape[0]
+    offsets = torch.arange(-CONTEXT, CONTEXT + 1, device=hu.device)
+    mask = torch.empty(hu.shape, dtype=torch.bool, device=hu.device)
+    for start in range(0, slices, batch_size):
+        centre = torch.arange(start, min(start + batch_size, slices), device=hu.device)
+        stacks = hu[(centre[:, None] + offsets).clamp(0, slices - 1)]  # (B, 7, R, C)
+        with autocast():
+            probability = model(stacks)  # (B, 1, R, C)
+        mask[centre] = probability[:, 0] > SEG_THRESHOLD
+    return mask
+
+
+def group(mask: np.ndarray, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Connected groups of a segmentation after the erosion: centres (N, 3) IRC float and voxel counts (N,).
+
+    `hu` is the CT's int16 HU. A centre is the group's centre of mass weighted by
+    HU + 1001 (HU clipped to [-1000, 1000]), so denser voxels pull harder and air still
+    weighs a little. The eroded mask (1 byte a voxel) and the labels (4 bytes) are the
+    only arrays the size of the CT; each group is summed within its bounding box, in
+    integers: the same centres as scipy's `center_of_mass` (whose float64 sums of these
+    integer weights are exact too) without its whole-volume float64 temporaries.
+    """
+    eroded = ndimage.binary_erosion(mask, iterations=EROSION_ITERATIONS)
+    labels, count = ndimage.label(eroded)
+    del eroded  # labelled: the grouping needs only the labels from here on
+    centres, voxels = np.zeros((count, 3)), np.zeros(count, dtype=np.int64)
+    slab_voxels = labels.size // GROUP_SLAB_SHARE
+    for index, box in enumerate(ndimage.find_objects(labels)):
+        voxels[index], centres[index] = _box_centre(labels, hu, index + 1, box, slab_voxels)
+    return centres, voxels
+
+
+def _box_centre(labels: np.ndarray, hu: np.ndarray, label: int, box: tuple[slice, slice, slice],
+                slab_voxels: int) -> tuple[int, np.ndarray]:
+    """Voxel count and weighted centre (3,) IRC of group `label`, from the per-axis sums of its weights
+    over its bounding box `box`, a slab of slices at a time."""
+    step = max(1, slab_voxels // ((box[1].stop - box[1].start) * (box[2].stop - box[2].start)))
+    count, per_slice, per_row, per_column = 0, [], 0, 0
+    for first in range(box[0].start, box[0].stop, step):
+        slab = (slice(first, min(first + step, box[0].stop)), box[1], box[2])
+        inside = labels[slab] == label
+        weight = hu[slab].astype(np.int32)
+        np.clip(weight, HU_MIN, HU_MAX, out=weight)
+        weight += 1001
+        weight *= inside
+        count += int(np.count_nonzero(inside))
+        per_slice.append(weight.sum(axis=(1, 2), dtype=np.int64))
+        per_row = per_row + weight.sum(axis=(0, 2), dtype=np.int64)
+        per_column = per_column + weight.sum(axis=(0, 1), dtype=np.int64)
+    sums = [np.concatenate(per_slice), per_row, per_column]
+    moments = [int(s @ np.arange(b.start, b.stop, dtype=np.int64)) for s, b in zip(sums, box)]
+    return count, np.array(moments, dtype=np.float64) / float(sums[0].sum())
+
+
+@torch.no_grad()
+def classify(hu: np.ndarray, centres_irc: np.ndarray, models: Models, device: torch.device, batch_size: int,
+             autocast) -> tuple[np.ndarray, np.ndarray]:
+    """p_nodule and p_malignant (NaN without a malignancy model) of the chunk around each centre.
+
+    A chunk is cut around the voxel holding the centre, halves rounded up as the shard
+    build rounds them, so the classifier sees what it was trained on.
+    """
+    p_nodule, p_malignant = np.zeros(len(centres_irc)), np.full(len(centres_irc), np.nan)
+    for start in range(0, len(centres_irc), batch_size):
+        chunks, _ = cut_chunks(hu, nearest_voxel(centres_irc[start:start + batch_size]))
+        x = torch.from_numpy(chunks).to(device, non_blocking=True).float()[:, None]  # (B, 1, 32, 48, 48)
+        end = start + len(chunks)
+        with autocast():
+            p_nodule[start:end] = models.nodule(x)[1][:, 1].float().cpu().numpy()
+            if models.malignancy is not None:
+                p_malignant[start:end] = models.malignancy(x)[1][:, 1].float().cpu().numpy()
+    return p_nodule, p_malignant
+
+
+def analyze_ct(mhd: Path, models: Models, device: torch.device, batch_size: int, autocast,
+               candidates_xyz: np.ndarray | None = None) -> dict:
+    """Findings of one CT, with the seconds each stage took.
+
+    Given candidates keep their coordinates: only the chunk's cut rounds them to a voxel.
+    """
+    seconds = {}
+    started = time.perf_counter()
+    ct = read_ct(mhd)
+    seconds["read"] = time.perf_counter() - started
+    if candidates_xyz is None:
+        centres_irc, voxels = _segment_and_group(ct.hu, models.seg, device, batch_size, autocast, seconds)
+        centres_xyz = irc_to_xyz(centres_irc, ct.geometry)
+    else:
+        centres_xyz = np.asarray(candidates_xyz, dtype=np.float64).reshape(-1, 3)
+        centres_irc = xyz_to_irc_float(centres_xyz, ct.geometry)
+        voxels = np.zeros(len(centres_irc), dtype=np.int64)
+    started = time.perf_counter()
+    p_nodule, p_malignant = classify(ct.hu, centres_irc, models, device, batch_size, autocast)
+    seconds["classify"] = time.perf_counter() - started
+    detections = [
+        {"xyz": [round(v, 3) for v in xyz], "irc": [round(v, 2) for v in irc], "voxels": int(n),
+         "p_nodule": float(pn), "p_malignant": None if np.isnan(pm) else float(pm)}
+        for xyz, irc, n, pn, pm in zip(centres_xyz.tolist(), centres_irc.tolist(), voxels, p_nodule, p_malignant)
+    ]
+    return {"series_uid": ct.series_uid, "voxels": int(ct.hu.size), "shape": list(ct.hu.shape), "seconds": seconds,
+            "detections": detections}
+
+
+def _segment_and_group(hu: np.ndarray, model: nn.Module, device: torch.device, batch_size: int, autocast,
+                       seconds: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The groups' centres (IRC) and sizes; the host copy of the mask lives only as long as this call."""
+    started = time.perf_counter()
+    on_device = torch.from_numpy(np.require(hu, requirements='W')).to(device).float().clamp_(HU_MIN, HU_MAX)
+    mask = segment(on_device, model, batch_size, autocast).cpu().numpy()
+    del on_device
+    seconds["segment"] = time.perf_counter() - started
+    started = time.perf_counter()
+    grouped = group(mask, hu)
+    seconds["group"] = time.perf_counter() - started
+    return grouped

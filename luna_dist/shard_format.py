@@ -1,0 +1,213 @@
+"""The shard format, owned in one place: names, keys, checksums, the manifest, what a task cuts.
+
+A shard set is a folder (or URL) holding `manifest.json` and tar files
+`fold{K}-{label}-NNNNNN.tar` (labels `pos`, `neg` and, for segmentation, `val`). Every
+sample carries `crc32.json`, the CRC-32 of each of its other members. The writer
+(`luna_dist.shard`) and every reader (`luna_dist.stream`, the sample modules) import
+their names from here; what each kind of sample holds, and how it is encoded and
+decoded, lives in its sample module (`luna_dist.chunk_samples`, `luna_dist.seg_samples`).
+docs/shard-format.md is the contract in words.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Protocol
+
+import numpy as np
+
+from luna_dist.candidates import Annotation, Candidate
+
+FORMAT = "luna_dist-shards"
+FORMAT_VERSION = 2  # 2: every sample carries crc32.json
+MANIFEST = "manifest.json"
+CHECKSUMS = "crc32.json"
+LABELS = ("pos", "neg", "val")
+REBUILD = "rebuild the shards with `python -m luna_dist.shard ... --overwrite`"
+
+
+class ShardSetError(Exception):
+    """A shard set that training must not use; the message says why and what to do."""
+
+
+def sample_key(series_uid: str, row: int) -> str:
+    """WebDataset splits keys at the first dot, and UIDs are full of dots."""
+    return f"{series_uid.replace('.', '_')}_{row}"
+
+
+def shard_name(fold: int, label: str, number: int) -> str:
+    return f"fold{fold}-{label}-{number:06d}.tar"
+
+
+# -- what a build's task cuts from a CT -----------------------------------------------------------
+@dataclass
+class SeriesInputs:
+    """What a cutter reads of one CT besides its voxels: its candidates and annotations, and its fold."""
+
+    series_uid: str
+    fold: int
+    candidates: list[Candidate]
+    annotations: list[Annotation]
+
+
+@dataclass
+class Cut:
+    """What a task cut from one CT, encoded for the tar: positives (packed per fold once every CT
+    is done), the negatives the plan counted, and validation samples (one shard per CT)."""
+
+    pos: list[dict]
+    neg: list[dict]
+    val: list[dict] = field(default_factory=list)
+    outside_volume: int = 0  # samples padded because they reach outside the CT
+    val_slices: int = 0
+
+
+class Cutter(Protocol):
+    """A task's part of the build: what it cuts from a CT. The machinery around it (`luna_dist.shard`) is shared."""
+
+    task: ClassVar[str]
+    sample_bytes: ClassVar[int]  # upper bound of a pos/neg sample in a tar, for --max-mb
+    per_ct_validation: ClassVar[bool]  # writes one fold{K}-val-NNNNNN.tar per CT
+
+    def planned_negatives(self, candidates: list[Candidate]) -> int: ...  # known before the CT is read
+    def identity(self) -> dict: ...  # what makes two builds of this task the same, beside the inputs
+    def layout(self) -> dict: ...  # the manifest's description of the samples
+    def cut(self, series: SeriesInputs, ct) -> Cut: ...  # ct: a luna_dist.ct.Ct
+
+
+# -- encoding ---------------------------------------------------------------------------------------
+def npy_header(shape: tuple[int, ...], dtype) -> bytes:
+    """The `.npy` header np.save writes for an array of `shape` and `dtype`; a sample module writes
+    its fixed-shape header once, so each sample costs a single copy of its data."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                  "fortran_order": False, "shape": shape})
+    return buffer.getvalue()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """What np.save writes for `array`, built with a single copy of the data."""
+    return b"".join((npy_header(array.shape, array.dtype), memoryview(np.ascontiguousarray(array))))
+
+
+def member_checksums(sample: dict) -> dict[str, int]:
+    """CRC-32 of every member of a sample but its checksums; any shard kind, any members.
+
+    CRC-32 costs ~25 µs per 147 KB chunk, a fraction of decoding it, and catches the
+    random damage of disks and transfers; the manifest's sha256 per shard covers the rest.
+    """
+    return {name: zlib.crc32(value) for name, value in sorted(sample.items())
+            if not name.startswith("__") and name != CHECKSUMS}
+
+
+def with_checksums(sample: dict) -> dict:
+    return {**sample, CHECKSUMS: json.dumps(member_checksums(sample)).encode()}
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# -- decoding ---------------------------------------------------------------------------------------
+def damaged(sample: dict, problem: str) -> ShardSetError:
+    """A reader error names the shard and the sample."""
+    return ShardSetError(f"{sample.get('__url__', 'unknown shard')}: sample {sample.get('__key__')}: {problem}; "
+                         f"the shard is damaged: {REBUILD}")
+
+
+def require(samples: list[dict], *fields: str) -> None:
+    """A sample cut short (zeroed blocks end a tar early) lacks fields: name it rather than a KeyError."""
+    for sample in samples:
+        missing = [name for name in fields if name not in sample]
+        if missing:
+            raise damaged(sample, f"no {' and no '.join(missing)}")
+
+
+def check_sample(sample: dict) -> None:
+    """Every member's CRC-32 against the sample's own `crc32.json`."""
+    if CHECKSUMS not in sample:
+        members = sorted(name for name in sample if not name.startswith("__"))
+        raise damaged(sample, f"no {CHECKSUMS} (cut short? it holds only {', '.join(members) or 'nothing'})")
+    try:
+        stored = json.loads(sample[CHECKSUMS])
+    except ValueError:
+        raise damaged(sample, f"{CHECKSUMS} unreadable") from None
+    if stored != (computed := member_checksums(sample)):
+        missing = [name for name in stored if name not in sample]
+        if missing:
+            raise damaged(sample, f"no {' and no '.join(missing)}")
+        changed = [name for name in stored if stored[name] != computed[name]] or sorted(set(computed) - set(stored))
+        raise damaged(sample, f"{', '.join(changed)} does not match its CRC-32 (changed in place)")
+
+
+_NPY_HEADER_CACHE: dict[tuple, int] = {}
+
+
+def _payload_offset(sample: dict, name: str, dtype: type, shape: tuple) -> int:
+    """Byte offset of the payload in a `.npy` blob, checking its header once per distinct header."""
+    data = sample[name]
+    header_len = 10 + int.from_bytes(data[8:10], "little")
+    cache_key = (data[:header_len], np.dtype(dtype).str, shape)
+    if cache_key not in _NPY_HEADER_CACHE:
+        try:
+            array = np.load(io.BytesIO(data), allow_pickle=False)
+        except ValueError as err:
+            raise damaged(sample, f"{name} unreadable ({err})") from None
+        if array.dtype != dtype or array.shape != shape or not array.flags.c_contiguous:
+            raise damaged(sample, f"{name} is {array.dtype} {array.shape}, expected {np.dtype(dtype).name} {shape}")
+        _NPY_HEADER_CACHE[cache_key] = header_len
+    return header_len
+
+
+def copy_payloads(samples: list[dict], name: str, out: np.ndarray, shape: tuple[int, ...]) -> None:
+    """Copy each sample's `.npy` payload of `shape` into row n of `out`, a new contiguous array; check the headers.
+
+    No np.load and no array per sample: a batch is one preallocated array and a copy each.
+    """
+    flat = out.reshape(len(samples), -1)  # a view, as `out` is contiguous
+    for n, sample in enumerate(samples):
+        offset = _payload_offset(sample, name, out.dtype.type, shape)
+        if len(sample[name]) - offset != flat[n].nbytes:
+            raise damaged(sample, f"{name} holds {len(sample[name]) - offset} bytes of data, expected {flat[n].nbytes}")
+        flat[n] = np.frombuffer(sample[name], dtype=out.dtype, offset=offset)
+
+
+# -- the manifest ---------------------------------------------------------------------------------
+_MANIFEST_FIELDS = ("folds", "shards", "failed")
+_SHARD_FIELDS = ("name", "fold", "label", "samples", "bytes")
+
+
+def check_manifest(manifest, location: str, task: str, reads: dict[str, dict]) -> None:
+    """Refuse a manifest this version cannot read for `task`: format, task, the sample layout the
+    reader relies on (`reads`: manifest section -> the fields it must have, as a sample module
+    declares them), and every field the readers use."""
+    if not isinstance(manifest, dict):
+        raise ShardSetError(f"{location}: not a shard manifest (a JSON {type(manifest).__name__}); rebuild the shards")
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise ShardSetError(f"{location}: format {manifest.get('format')} v{manifest.get('format_version')}, "
+                            f"this version reads {FORMAT} v{FORMAT_VERSION}; rebuild the shards")
+    if manifest.get("task") != task:
+        raise ShardSetError(f"{location}: shards built with --task {manifest.get('task')}, this run needs --task "
+                            f"{task} shards (`python -m luna_dist.shard --task {task} --data DIR --out OUT`)")
+    for section, wanted in reads.items():
+        found = manifest.get(section, {})
+        if any(found.get(key) != value for key, value in wanted.items()):
+            shown = {key: found.get(key) for key in wanted}
+            raise ShardSetError(f"{location}: samples are {shown}, this version reads {wanted}; rebuild the shards")
+    missing = [name for name in _MANIFEST_FIELDS if name not in manifest]
+    if missing:
+        raise ShardSetError(f"{location}: no {', '.join(missing)} in the manifest (damaged?); rebuild the shards")
+    for n, shard in enumerate(manifest["shards"]):
+        missing = [name for name in _SHARD_FIELDS if not isinstance(shard, dict) or name not in shard]
+        if missing:
+            raise ShardSetError(f"{location}: shard entry {n} has no {', '.join(missing)} (damaged?); "
+                                "rebuild the shards")

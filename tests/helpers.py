@@ -1,0 +1,165 @@
+"""What several test modules share: the data's sizes, opening shard sets as training does, damaging shards,
+killing a build mid-way, a segmentation model of known output. Fixtures live in conftest.py."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+import tarfile
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from luna_dist import chunk_samples
+from luna_dist.ct import CHUNK_SHAPE
+from luna_dist.model import SegmentationModel
+from luna_dist.seg_samples import CONTEXT
+from luna_dist.stream import ShardSet, batched, open_shard_set
+
+SYNTH_CTS = 10
+SYNTH_SEED = 0
+SHARD_WORKERS = 2
+SHARD_MAX_SAMPLES = 150
+TINY_NEGATIVES = 12
+"""Negative candidates kept per CT in `tiny_shards`."""
+SEG_NEGATIVES = 12
+"""Negative stacks per CT in the segmentation builds: few, so they stay small."""
+
+
+def open_cls(root, **kwargs) -> ShardSet:
+    """A classification shard set, opened as training opens it."""
+    return open_shard_set(root, chunk_samples, **kwargs)
+
+
+def kill_build_after(command: list[str], done_dir: Path, journaled: int, log: Path) -> tuple[bool, int]:
+    """Run a shard build and SIGKILL its process group once `journaled` CTs are in `done_dir`.
+
+    Returns (whether it finished before the kill, its return code). Output goes to `log`.
+    """
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 120
+            while process.poll() is None and time.monotonic() < deadline:
+                if done_dir.is_dir() and len(list(done_dir.glob("*.json"))) >= journaled:
+                    break
+                time.sleep(0.01)
+            finished_first = process.poll() is not None
+            if not finished_first:
+                os.killpg(process.pid, signal.SIGKILL)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=60)
+    return finished_first, process.returncode
+
+
+# -- classification samples as the shards hold them -------------------------------------------------------------
+POS_NEG = ("pos", "neg")
+CLS_BATCHES = partial(batched, collate=chunk_samples.collate)
+"""Validation batches of a classification shard set."""
+
+
+def chunk_sample(key: str, label: int, value: int) -> dict:
+    """A sample as a shard's tar members give it: a chunk of `value` everywhere, labelled `label`."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.full(CHUNK_SHAPE, value, dtype=np.int16))
+    return {"__key__": key, "chunk.npy": buffer.getvalue(), "cls": str(label).encode(), "json": b"{}"}
+
+
+def tar_samples(path) -> dict[str, tuple[np.ndarray, int]]:
+    """Each sample of a classification shard, read with tarfile and np.load: key -> (chunk, label)."""
+    samples = {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            key, ext = member.name.split(".", 1)
+            data = tar.extractfile(member).read()
+            entry = samples.setdefault(key, [None, None])
+            if ext == "chunk.npy":
+                entry[0] = np.load(io.BytesIO(data))
+            elif ext == "cls":
+                entry[1] = int(data)
+    return samples
+
+
+# -- damaged shards: each function changes a shard file in place and returns the key of the sample hit ------------
+def damaged_copy(shard_dir: Path, tmp_path: Path, damage, fold: int = 9) -> tuple[ShardSet, Path, str]:
+    """A copy of the shard set whose first negative shard of `fold` `damage(file, members)` changes in place."""
+    out = Path(shutil.copytree(shard_dir, tmp_path / "shards"))
+    shards = open_cls(out)
+    victim = Path(shards.shards([fold], "neg")[0])
+    with tarfile.open(victim) as tar:
+        members = tar.getmembers()
+    with open(victim, "r+b") as file:
+        key = damage(file, members)
+    return shards, victim, key
+
+
+def zero_magic(file, members) -> str:
+    member = next(m for m in members[30:] if m.name.endswith(".chunk.npy"))
+    file.seek(member.offset_data)
+    file.write(b"\0" * 6)  # np.load then takes it for a pickle
+    return member.name.split(".")[0]
+
+
+def zero_middle(file, members) -> str:
+    member = next(m for m in members[len(members) // 2:] if m.name.endswith(".cls"))
+    file.seek(member.offset)
+    file.write(b"\0" * 2048)  # tar readers stop at zero blocks: this sample ends without its cls
+    return member.name.split(".")[0]
+
+
+def random_header(file, members) -> str:
+    """512 random bytes over a tar header in mid-archive: Python's tarfile takes it for the end of the archive."""
+    member = members[len(members) // 2]
+    file.seek(member.offset)
+    file.write(np.random.default_rng(0).bytes(512))
+    return member.name.split(".")[0]
+
+
+def random_payload(file, members) -> str:
+    """8 KB of random bytes inside a chunk: every sample still reads, one holds garbage."""
+    member = next(m for m in members[len(members) // 2:] if m.name.endswith(".chunk.npy"))
+    file.seek(member.offset_data + 1024)
+    file.write(np.random.default_rng(0).bytes(8192))
+    return member.name.split(".")[0]
+
+
+# -- a segmentation model of known output ----------------------------------------------------------------------
+THRESHOLD_HU = -250.0
+
+
+def threshold_model() -> SegmentationModel:
+    """A UNet that outputs probability > 0.5 exactly where the middle slice is above THRESHOLD_HU.
+
+    Path: the input batch norm maps HU to (HU + 300) / 100; the first block passes the
+    middle channel through (ReLU keeps the positive part); the skip connection carries
+    it to the last block, which passes it on; the last 1x1 convolution subtracts 0.5.
+    Every other weight is zero, so the deeper path adds nothing.
+    """
+    model = SegmentationModel()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.fill_(1.0)
+                module.running_mean.zero_()
+                module.running_var.fill_(1.0)
+        model.input_batchnorm.running_mean.fill_(-300.0)
+        model.input_batchnorm.running_var.fill_(100.0**2)
+        first, last_block = model.unet.down[0], model.unet.up[-1]
+        first[0].weight[0, CONTEXT, 1, 1] = 1.0  # conv1: middle slice -> channel 0
+        first[3].weight[0, 0, 1, 1] = 1.0  # conv2: channel 0 -> channel 0
+        skip_channel = last_block[0].weight.shape[1] // 2  # the concat puts the up-sampled part first
+        last_block[0].weight[0, skip_channel, 1, 1] = 1.0
+        last_block[3].weight[0, 0, 1, 1] = 1.0
+        model.unet.last.weight[0, 0, 0, 0] = 1.0
+        model.unet.last.bias.fill_(-0.5)
+    return model.eval()

@@ -1,0 +1,117 @@
+"""The stages of an analysis, on arrays in this process: segmentation, grouping, classification, weights."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+from helpers import THRESHOLD_HU, threshold_model
+from scipy import ndimage
+
+from luna_dist.detect import Models, classify, group, load_model, segment
+from luna_dist.model import LunaModel
+
+
+def _no_autocast():
+    return torch.autocast("cpu", enabled=False)
+
+
+def test_threshold_model_segments_by_hu():
+    hu = torch.full((9, 16, 16), -800.0)
+    hu[4, 3:7, 5:9] = 40.0  # soft tissue on slice 4 only
+    hu[0, 0, 0] = -200.0  # an edge slice and corner: the context is clamped, not wrapped
+    mask = segment(hu, threshold_model(), batch_size=4, autocast=_no_autocast)
+    assert torch.equal(mask, hu > THRESHOLD_HU)
+
+
+def test_group_finds_a_planted_blob_at_its_exact_centre():
+    hu = np.full((40, 50, 60), -900, dtype=np.int16)
+    i, r, c = np.ogrid[:40, :50, :60]
+    ball = (i - 12) ** 2 + (r - 20) ** 2 + (c - 33) ** 2 <= 4**2
+    hu[ball] = 50
+    # A second blob whose left half is denser: its centre moves towards the dense half
+    # by the weights HU + 1001, as computed here by hand.
+    box = (slice(28, 33), slice(30, 35), slice(10, 16))
+    hu[box] = 0
+    hu[28:33, 30:35, 10:13] = 1000
+    mask = hu > -500
+    mask[2, 2, 2] = True  # a speck: one erosion removes it
+    centres, voxels = group(mask, hu)
+    assert len(centres) == 2
+    order = np.argsort(centres[:, 0])
+    np.testing.assert_allclose(centres[order[0]], [12, 20, 33], atol=1e-9)
+    # After one erosion the box keeps its inner 3x3x4 voxels: columns 11..14, two dense (2001), two not (1001).
+    expected_c = (11 * 2001 + 12 * 2001 + 13 * 1001 + 14 * 1001) / (2 * 2001 + 2 * 1001)
+    np.testing.assert_allclose(centres[order[1]], [30, 32, expected_c], atol=1e-9)
+    assert voxels[order[1]] == 3 * 3 * 4
+
+
+def _center_of_mass_groups(mask: np.ndarray, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The grouping as scipy's center_of_mass computes it over whole-volume arrays: the reference."""
+    labels, count = ndimage.label(ndimage.binary_erosion(mask, iterations=1))
+    weights = np.clip(hu, -1000, 1000).astype(np.float32) + 1001
+    centres = np.array(ndimage.center_of_mass(weights, labels, np.arange(1, count + 1))).reshape(-1, 3)
+    return centres, np.bincount(labels.ravel(), minlength=count + 1)[1:]
+
+
+@pytest.mark.parametrize("shape", [(30, 40, 50), (3, 9, 200), (2, 20, 20)])
+def test_group_equals_the_whole_volume_center_of_mass_exactly(shape):
+    rng = np.random.default_rng(sum(shape))
+    hu = rng.integers(-1500, 1500, shape).astype(np.int16)  # beyond both ends of the clipping
+    mask = ndimage.uniform_filter(rng.random(shape), 3) > 0.5  # blobs of every size, some touching the border
+    centres, voxels = group(mask, hu)
+    expected_centres, expected_voxels = _center_of_mass_groups(mask, hu)
+    np.testing.assert_array_equal(centres, expected_centres)
+    np.testing.assert_array_equal(voxels, expected_voxels)
+    assert voxels.dtype == np.int64 and centres.shape == (len(voxels), 3)
+
+
+def test_group_needs_at_most_6_bytes_per_voxel():
+    """One group spans the whole volume (a body) and many are small; numpy reports its arrays to tracemalloc."""
+    i, r, c = np.ogrid[:48, :128, :128]
+    hu = np.where(((i - 24) / 22) ** 2 + ((r - 64) / 60) ** 2 + ((c - 64) / 60) ** 2 <= 1, 40, -900).astype(np.int16)
+    hu[::6, ::9, ::9] = -1000  # holes, so the body's box holds voxels of other groups
+    mask = hu > -500
+    mask[2:46:4, 2:126:5, 2:126:5] = True
+    tracemalloc.start()
+    try:
+        group(mask, hu)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak / hu.size <= 6, f"{peak / hu.size:.1f} bytes per voxel"
+
+
+class _CentreVoxelModel(torch.nn.Module):
+    """A stand-in classifier whose p_nodule is the HU of its chunk's centre voxel / 1000: it shows where a chunk
+    was cut (the chunk around voxel v spans v - w//2 .. v + w//2 - 1, so v sits at index w//2)."""
+
+    def forward(self, x):  # (B, 1, 32, 48, 48)
+        p = x[:, 0, 16, 24, 24] / 1000
+        return None, torch.stack([1 - p, p], dim=1)
+
+
+def test_classify_cuts_around_the_voxel_the_shard_build_rounds_to():
+    """A centre of mass at column 30.5 is cut around column 31 (halves up, as the build's xyz_to_irc), not 30."""
+    hu = np.zeros((20, 40, 60), dtype=np.int16)
+    hu[10, 20, 31] = 700
+    models = Models(seg=None, nodule=_CentreVoxelModel(), malignancy=None)
+    p_nodule, _ = classify(hu, np.array([[9.5, 20.0, 30.5]]), models, torch.device("cpu"), 4, _no_autocast)
+    assert p_nodule[0] == pytest.approx(0.7)
+
+
+def test_weights_hash_is_the_same_for_a_best_pt_and_a_state_folder_of_those_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    weights = LunaModel().state_dict()
+    torch.save({"model": weights}, tmp_path / "best.pt")
+    (tmp_path / "state").mkdir()
+    save_file({name: tensor.contiguous() for name, tensor in weights.items()}, tmp_path / "state" / "model.safetensors")
+    torch.manual_seed(1)
+    torch.save({"model": LunaModel().state_dict()}, tmp_path / "other.pt")
+    cpu = torch.device("cpu")
+    hashes = [load_model(LunaModel(), tmp_path / name, cpu)[1] for name in ("best.pt", "state", "other.pt")]
+    assert hashes[0] == hashes[1] != hashes[2]

@@ -1,0 +1,76 @@
+"""The shard format's checks: a manifest without a field, a damaged shard or sample, the sha256 check; every
+error names the file, and the shard and sample, and says to rebuild."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from helpers import CLS_BATCHES, POS_NEG, damaged_copy, random_header, random_payload, zero_magic, zero_middle
+from helpers import open_cls as open_shard_set
+
+from luna_dist import seg_samples
+from luna_dist.shard_format import ShardSetError
+from luna_dist.stream import val_pipeline
+
+
+def test_missing_manifest_names_the_command_to_finish(tmp_path):
+    with pytest.raises(ShardSetError) as err:
+        open_shard_set(tmp_path)
+    assert f"--out {tmp_path}`" in str(err.value)
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda m: m.pop("shards"), "no shards in the manifest"),
+    (lambda m: m["shards"][3].pop("bytes"), "shard entry 3 has no bytes"),
+])
+def test_manifest_without_a_field_is_named(shard_dir, tmp_path, damage, problem):
+    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    damage(manifest)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardSetError) as err:
+        open_shard_set(tmp_path)
+    assert str(err.value).startswith(f"{tmp_path / 'manifest.json'}: {problem}")
+
+
+@pytest.mark.parametrize("damage, problem", [(zero_magic, "chunk.npy does not match its CRC-32"), (zero_middle, "no crc32.json (cut short? it holds only chunk.npy)")])
+def test_damaged_shard_names_the_shard_and_thechunk_sample(shard_dir, tmp_path, damage, problem):
+    shards, victim, key = damaged_copy(shard_dir, tmp_path, damage)
+    with pytest.raises(ShardSetError) as err:
+        list(val_pipeline(shards, [9], 16, POS_NEG, CLS_BATCHES))
+    assert str(err.value).startswith(f"{victim}: sample {key}: {problem}")
+    assert "rebuild" in str(err.value)
+
+
+@pytest.mark.parametrize("slab, problem", [
+    ({"json": b"{}", "ct.npy": b"\0" * 200, "mask.npy": b"\0" * 200}, "unreadable ("),
+    ({"json": b"{}", "ct.npy": b"\0" * 200}, "no mask.npy"),
+])
+def test_damaged_segmentation_slab_names_the_shard_and_the_slab(slab, problem):
+    with pytest.raises(ShardSetError) as err:
+        list(seg_samples.batched_slices(iter([{"__url__": "fold9-val-000000.tar", "__key__": "uid_3", **slab}]), batch_size=4))
+    assert str(err.value).startswith(f"fold9-val-000000.tar: sample uid_3: {problem}")
+
+
+@pytest.mark.parametrize("damage", [random_header, random_payload])
+def test_damage_in_place_keeps_the_size_and_stops_validation(shard_dir, tmp_path, damage):
+    shards, victim, key = damaged_copy(shard_dir, tmp_path, damage)
+    entry = next(s for s in shards.manifest["shards"] if s["name"] == victim.name)
+    assert victim.stat().st_size == entry["bytes"]  # the manifest's size check still passes
+    with pytest.raises(ShardSetError) as err:
+        list(val_pipeline(shards, [9], 16, POS_NEG, CLS_BATCHES))
+    if damage is random_header:
+        assert re.match(rf"{re.escape(str(victim))}: \d+ samples read, its manifest entry says {entry['samples']}",
+                        str(err.value)), err.value
+    else:
+        assert str(err.value).startswith(f"{victim}: sample {key}: chunk.npy does not match its CRC-32")
+
+
+@pytest.mark.slow
+def test_verify_names_the_shard_whose_sha256_differs(shard_dir, tmp_path):
+    assert open_shard_set(shard_dir).verify()[0] == []
+    shards, victim, _ = damaged_copy(shard_dir, tmp_path, random_payload)
+    problems, seconds = shards.verify()
+    assert len(problems) == 1 and problems[0].startswith(f"{victim}: {victim.stat().st_size} bytes streamed with sha256 ")
+    assert "the manifest says" in problems[0] and seconds > 0
