@@ -21,8 +21,9 @@ mixed precision, the CT's header and data size). A rerun reuses a CT only when a
 that is the same and redoes it otherwise; a CT that cannot be read is reported and
 left out. The main process gathers every process's findings and writes
 `detections.csv` (every group with both probabilities), `submission.csv` (LUNA16
-format, probability = p_nodule) and `summary.json`. When `DIR/annotations.csv`
-exists (its tables are checked before the first CT) it also scores them
+format, probability = p_nodule) and `summary.json`. When DIR holds `annotations.csv`
+(where the download puts it, `luna_dist.layout`; its tables are checked before the first
+CT) it also scores them
 (`luna_dist.findings`): the confusion table of nodules found, filtered out and predicted
 benign or malignant, and LUNA16's FROC/CPM of `submission.csv`.
 """
@@ -58,6 +59,7 @@ from luna_dist.detect import (
 )
 from luna_dist.evaluate import EvaluationError, shard_findings, write_marks
 from luna_dist.findings import Truth, marks_of, read_truth, score, write_detections
+from luna_dist.layout import find_tables
 from luna_dist.model import LunaModel, SegmentationModel, WeightsError
 
 log = get_logger("luna_dist.analyze")
@@ -244,7 +246,7 @@ def dealt_folds(data: Path, found: dict[str, Path]) -> tuple[dict[str, int], str
     """The fold of each series as the shard build deals them, and a note when that needed the candidate table.
 
     Series in subsetN folders are in fold N. Others are dealt over the series that
-    `DATA/candidates.csv` lists, as the build deals them: dealt over the files on
+    the candidate table lists (found as the build finds it), as the build deals them: dealt over the files on
     disk instead, one extra .mhd would shift every later fold and put training CTs in
     the held-out one.
     """
@@ -252,10 +254,12 @@ def dealt_folds(data: Path, found: dict[str, Path]) -> tuple[dict[str, int], str
     loose = len(found) - len(in_subsets)
     if not loose:
         return in_subsets, None
-    table = data / "candidates.csv"
-    if not table.is_file():
+    try:
+        table = find_tables(data, {}, ("candidates",)).paths["candidates"]
+    except CsvError as err:
         raise AnalysisError(f"--folds: {loose} series under {data} lie outside subsetN folders, and their folds are "
-                            f"dealt over {table}, which is missing; give --shards BUILD to analyse a build's folds")
+                            f"dealt over the candidate table: {err}; or give --shards BUILD to analyse a build's "
+                            "folds") from None
     try:
         listed = {candidate.series_uid for candidate in read_candidates(table)[0]}
     except CsvError as err:

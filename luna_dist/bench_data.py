@@ -24,10 +24,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from luna_dist import chunk_samples
-from luna_dist.candidates import Annotation, Candidate, find_series, read_candidates
+from luna_dist.candidates import Annotation, Candidate, find_series, read_candidates, read_series_list
 from luna_dist.ct import CHUNK_SHAPE, cut_chunks, read_ct
 from luna_dist.detect import group
-from luna_dist.evaluate import Findings, Marks, froc, read_findings, read_marks, read_series_list, write_marks
+from luna_dist.evaluate import Findings, Marks, froc, read_findings, read_marks, write_marks
 from luna_dist.findings import confusion
 from luna_dist.geometry import xyz_to_irc
 from luna_dist.model import LunaModel, SegmentationModel

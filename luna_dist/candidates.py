@@ -125,6 +125,27 @@ def finite_number(row: dict, name: str) -> float:
     return value
 
 
+def read_series_list(path: Path) -> list[str]:
+    """One series UID a line (the first field of a CSV row), blank lines skipped; a `seriesuid`
+    header on the first line that is not blank is skipped (the official script would count it as
+    one more scan without marks)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CsvError(f"{path}: file not found")
+    uids: dict[str, int] = {}
+    with open_csv(path) as f:
+        for n, (line, row) in enumerate(non_blank_rows(csv.reader(f))):
+            uid = row[0].strip()
+            if not uid or (n == 0 and uid == "seriesuid"):
+                continue
+            if uid in uids:
+                raise CsvError(f"{path}:{line}: series {uid} listed twice (first on line {uids[uid]})")
+            uids[uid] = line
+    if not uids:
+        raise CsvError(f"{path}: no series listed")
+    return list(uids)
+
+
 def read_candidates(path: Path) -> tuple[list[Candidate], list[BadRow]]:
     """Parse `candidates.csv` (seriesuid, coordX, coordY, coordZ, class).
 

@@ -54,6 +54,7 @@ from luna_dist.candidates import (
     parse_row,
     read_annotations,
     read_rows,
+    read_series_list,
 )
 
 FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -325,27 +326,6 @@ def fold_findings(manifest: dict, folds) -> tuple[list[str], Findings, Findings]
 
 
 # -- reading the files -----------------------------------------------------------------------------
-def read_series_list(path: Path) -> list[str]:
-    """One series UID a line (the first field of a CSV row), blank lines skipped; a `seriesuid`
-    header on the first line that is not blank is skipped (the official script would count it as
-    one more scan without marks)."""
-    path = Path(path)
-    if not path.is_file():
-        raise EvaluationError(f"{path}: file not found")
-    uids: dict[str, int] = {}
-    with open_csv(path) as f:
-        for n, (line, row) in enumerate(non_blank_rows(csv.reader(f))):
-            uid = row[0].strip()
-            if not uid or (n == 0 and uid == "seriesuid"):
-                continue
-            if uid in uids:
-                raise EvaluationError(f"{path}:{line}: series {uid} listed twice (first on line {uids[uid]})")
-            uids[uid] = line
-    if not uids:
-        raise EvaluationError(f"{path}: no series listed")
-    return list(uids)
-
-
 def read_findings(path: Path, excluded: bool = False) -> Findings:
     """Included nodules (`annotations.csv`) or, with `excluded`, irrelevant findings (negative diameter allowed)."""
     try:
@@ -510,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
             nodules = read_findings(args.annotations)
             excluded = read_findings(args.excluded, excluded=True) if args.excluded else None
         marks = read_marks(args.predictions, series_uids)
-    except EvaluationError as err:
+    except (EvaluationError, CsvError) as err:
         return cli.fail(str(err))
     result = froc(series_uids, nodules, marks, excluded, args.bootstrap, args.seed, band_points=200 if args.plot else 0)
     print(f"{result.scans} scans, {result.marks} marks ({result.marks_counted} counted), {result.nodules} nodules: "

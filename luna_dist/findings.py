@@ -17,6 +17,7 @@ from accelerate.logging import get_logger
 from luna_dist.atomic import atomic_open
 from luna_dist.candidates import Annotation, CsvError, read_annotations
 from luna_dist.evaluate import EvaluationError, Findings, Marks, froc, plot_froc, read_findings
+from luna_dist.layout import TABLES, find_table
 
 log = get_logger("luna_dist.analyze")
 
@@ -93,16 +94,17 @@ class Truth:
 
 
 def read_truth(data: Path) -> Truth | None:
-    """The tables that score the findings (None without `annotations.csv`); a malformed row is an
-    EvaluationError naming its file and line, found now rather than after every CT was analysed."""
-    annotations_csv = data / "annotations.csv"
-    if not annotations_csv.is_file():
-        return None
-    malignancy_csv, excluded_csv = data / "annotations_with_malignancy.csv", data / "annotations_excluded.csv"
+    """The tables that score the findings (None without `annotations.csv`), found where the shard build
+    finds them (`luna_dist.layout`); a malformed row is an EvaluationError naming its file and line,
+    found now rather than after every CT was analysed."""
     try:
+        annotations_csv, malignancy_csv, excluded_csv = (find_table(data, TABLES[name].names[0])
+                                                         for name in ("annotations", "malignancy", "excluded"))
+        if annotations_csv is None:
+            return None
         findings = read_findings(annotations_csv)
-        excluded = read_findings(excluded_csv, excluded=True) if excluded_csv.is_file() else None
-        nodules, bad = read_annotations(malignancy_csv if malignancy_csv.is_file() else annotations_csv)
+        excluded = read_findings(excluded_csv, excluded=True) if excluded_csv else None
+        nodules, bad = read_annotations(malignancy_csv or annotations_csv)
         if bad:
             raise EvaluationError(str(bad[0]))
     except (EvaluationError, CsvError) as err:

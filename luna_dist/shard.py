@@ -83,10 +83,12 @@ class OutputError(BuildError):
 class BuildOptions:
     data: Path
     out: Path
-    candidates: Path | None = None  # default: data/candidates.csv
-    annotations: Path | None = None  # default: data/annotations.csv
-    malignancy: Path | None = None  # default: data/annotations_with_malignancy.csv, if present
-    excluded: Path | None = None  # default: data/annotations_excluded.csv, if present
+    # The tables; None: found under `data` where the LUNA16 download puts them (luna_dist.layout).
+    candidates: Path | None = None  # candidates_V2.csv, else candidates.csv
+    annotations: Path | None = None
+    malignancy: Path | None = None  # annotations_with_malignancy.csv, if present
+    excluded: Path | None = None  # annotations_excluded.csv, if present
+    seriesuids: Path | None = None  # the evaluation kit's list of the series scored, if present
     workers: int = max(1, os.cpu_count() or 1)
     max_samples: int = 1000
     max_mb: float = 1000.0
@@ -100,12 +102,6 @@ class BuildOptions:
 
     def __post_init__(self):
         self.data, self.out = Path(self.data), Path(self.out)
-        self.candidates = Path(self.candidates or self.data / "candidates.csv")
-        self.annotations = Path(self.annotations or self.data / "annotations.csv")
-        if self.malignancy is None and (self.data / "annotations_with_malignancy.csv").is_file():
-            self.malignancy = self.data / "annotations_with_malignancy.csv"
-        if self.excluded is None and (self.data / "annotations_excluded.csv").is_file():
-            self.excluded = self.data / "annotations_excluded.csv"
         if self.task not in CUTTERS:
             raise BuildError(f"--task must be {' or '.join(CUTTERS)}, got {self.task!r}")
         problems = [cli.below("--workers", self.workers, 1), cli.below("--max-samples", self.max_samples, 1),
@@ -139,17 +135,16 @@ def _read_json(path: Path) -> dict | None:
         raise BuildError(f"{path}: unreadable ({err}); remove it or build with --overwrite") from err
 
 
-def _identity(options: BuildOptions) -> dict:
+def _identity(options: BuildOptions, tables: dict[str, Path | None]) -> dict:
     """What makes two builds the same: the CSVs' content and the shard layout, not where the data lies.
 
     CTs are known by series UID, so a data folder moved or copied elsewhere resumes its build.
+    The series list only checks the others, so it is not part of a build's identity.
     """
-    inputs = {"candidates": options.candidates, "annotations": options.annotations, "malignancy": options.malignancy,
-              "excluded": options.excluded}
     return {
         "format_version": FORMAT_VERSION,
-        "inputs_sha256": {name: sha256_file(path) if path and path.is_file() else None
-                          for name, path in inputs.items()},
+        "inputs_sha256": {name: sha256_file(path) if path is not None else None
+                          for name, path in tables.items() if name != "series_list"},
         **options.cutter.identity(),
         "samples_per_shard": options.samples_per_shard,
     }
@@ -307,8 +302,10 @@ def plan_tasks(candidates: list[Candidate], series: dict, folds: dict, options: 
 def build(options: BuildOptions) -> dict:
     """Build (or finish, or confirm) the shard set; returns the manifest."""
     inputs = read_inputs(options.data, {"candidates": options.candidates, "annotations": options.annotations,
-                                        "malignancy": options.malignancy, "excluded": options.excluded},
+                                        "malignancy": options.malignancy, "excluded": options.excluded,
+                                        "series_list": options.seriesuids},
                          options.strict, options.max_bad_rows)
+    print(inputs.found.report())
     try:
         with _sole_writer(options.out):
             return _build(options, inputs)
@@ -319,7 +316,7 @@ def build(options: BuildOptions) -> dict:
 
 
 def _build(options: BuildOptions, inputs: Inputs) -> dict:
-    identity = _identity(options)
+    identity = _identity(options, inputs.found.paths)
     finished = _check_output(options, identity)
     if _is_complete(finished, inputs.series):
         print(f"{options.out}: build already complete ({finished['counts']['samples']} samples); nothing to do")
@@ -442,6 +439,7 @@ def _manifest(options, identity, results, folds, shards, skipped, failed, inputs
         "folds": fold_counts,
         "shards": sorted((asdict(s) for s in shards), key=lambda s: s["name"]),
         "skipped": skipped,
+        "unlisted": inputs.unlisted,
         "failed": failed,
         "tables": inputs.tables,
         "bad_rows": [asdict(row) for row in inputs.bad_rows],
@@ -459,13 +457,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cls: a chunk per candidate (default); seg: slice stacks and nodule masks")
     parser.add_argument("--out", type=Path,
                         help="output folder (default: shards/<name of --data>, -seg for --task seg)")
-    parser.add_argument("--candidates", type=Path, help="default: DATA/candidates.csv")
-    parser.add_argument("--annotations", type=Path, help="default: DATA/annotations.csv")
+    parser.add_argument("--candidates", type=Path,
+                        help="the points to classify (default: candidates_V2.csv, else candidates.csv, found in DATA "
+                             "or up to two folders below it)")
+    parser.add_argument("--annotations", type=Path, help="the nodules (default: annotations.csv, found likewise)")
     parser.add_argument("--malignancy", type=Path,
-                        help="malignancy table with mal_bool "
-                             "(default: DATA/annotations_with_malignancy.csv if present)")
+                        help="malignancy table with mal_bool (default: annotations_with_malignancy.csv if found)")
     parser.add_argument("--excluded", type=Path,
-                        help="findings the evaluation ignores (default: DATA/annotations_excluded.csv if present)")
+                        help="findings the evaluation ignores (default: annotations_excluded.csv if found, as in "
+                             "the evaluation kit's evaluationScript/annotations/)")
+    parser.add_argument("--seriesuids", type=Path,
+                        help="the series LUNA16 scores, to check the tables against (default: seriesuids.csv if "
+                             "found)")
     parser.add_argument("--workers", type=int, default=BuildOptions.workers,
                         help="parallel CT readers (default: cores)")
     parser.add_argument("--max-samples", type=int, default=BuildOptions.max_samples, help="samples per shard at most")

@@ -163,3 +163,17 @@ def threshold_model() -> SegmentationModel:
         model.unet.last.weight[0, 0, 0, 0] = 1.0
         model.unet.last.bias.fill_(-0.5)
     return model.eval()
+
+
+REAL_TABLES = Path(__file__).parent / "fixtures" / "luna16"
+"""The real LUNA16 tables, gzip-compressed (see its README.md): annotations, excluded findings,
+the evaluation kit's series list and the book's malignancy table."""
+
+
+def real_table(name: str, dest: Path) -> Path:
+    """The real table `name` (e.g. "annotations.csv") unpacked to the file `dest`."""
+    import gzip
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(gzip.decompress((REAL_TABLES / f"{name}.gz").read_bytes()))
+    return dest

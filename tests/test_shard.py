@@ -785,7 +785,7 @@ def restore_cts(data: Path) -> None:
 
 
 @pytest.mark.parametrize("damage, repair, message", [
-    (drop_annotations, restore_annotations, "annotations.csv: file not found"),
+    (drop_annotations, restore_annotations, "no annotations.csv (the nodules) in"),
     (bad_header, restore_annotations, "header lacks column(s) diameter_mm"),
     (header_only, restore_candidates, "candidates.csv: no usable candidate rows"),
     (no_ct_on_disk, restore_cts, "none of the 3 series of"),
