@@ -71,6 +71,9 @@ class ChunkCutter:
     def planned_negatives(self, candidates: list[Candidate]) -> int:
         return sum(not c.is_nodule for c in candidates)
 
+    def planned_samples(self, series: SeriesInputs, shape: tuple[int, int, int], geometry) -> tuple[int, int]:
+        return len(series.candidates), 0  # a chunk per candidate, inside the volume or not
+
     def identity(self) -> dict:
         return {"chunk_shape": list(CHUNK_SHAPE)}
 

@@ -112,6 +112,20 @@ class SegmentCutter:
     def planned_negatives(self, candidates: list[Candidate]) -> int:
         return min(self.negatives_per_ct, sum(not c.is_nodule for c in candidates))
 
+    def planned_samples(self, series: SeriesInputs, shape: tuple[int, int, int], geometry) -> tuple[int, int]:
+        """An estimate: a nodule's mask is taken to span the slices within its radius of its centre
+        (the mask itself follows the CT's densities, known only once the CT is read)."""
+        slices = np.arange(shape[0])
+        has_mask = np.zeros(shape[0], dtype=bool)
+        positives = 0
+        for annotation in series.annotations:
+            center = xyz_to_irc(np.array([annotation.center_xyz], dtype=np.float64), geometry)[0]
+            spans = np.abs(slices - center[0]) * abs(float(geometry.spacing_xyz[2])) <= annotation.diameter_mm / 2
+            positives += int(spans.sum())
+            has_mask |= spans
+        validated = validation_slices(has_mask, self.val_every)
+        return positives + self.planned_negatives(series.candidates), int(validated.sum())
+
     def identity(self) -> dict:
         return {"task": self.task, "sample": self.layout()["sample"]}
 

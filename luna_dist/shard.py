@@ -43,7 +43,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from luna_dist import __version__, chunk_samples, cli, seg_samples
+from luna_dist import __version__, chunk_samples, cli, seg_samples, shard_plan
 from luna_dist.atomic import write_json
 from luna_dist.candidates import Annotation, Candidate, assign_folds
 from luna_dist.ct import CtError
@@ -299,13 +299,19 @@ def plan_tasks(candidates: list[Candidate], series: dict, folds: dict, options: 
     return tasks
 
 
-def build(options: BuildOptions) -> dict:
-    """Build (or finish, or confirm) the shard set; returns the manifest."""
+def read_build_inputs(options: BuildOptions) -> Inputs:
+    """The build's inputs, checked, with the tables it uses printed before any work."""
     inputs = read_inputs(options.data, {"candidates": options.candidates, "annotations": options.annotations,
                                         "malignancy": options.malignancy, "excluded": options.excluded,
                                         "series_list": options.seriesuids},
                          options.strict, options.max_bad_rows)
     print(inputs.found.report())
+    return inputs
+
+
+def build(options: BuildOptions) -> dict:
+    """Build (or finish, or confirm) the shard set; returns the manifest."""
+    inputs = read_build_inputs(options)
     try:
         with _sole_writer(options.out):
             return _build(options, inputs)
@@ -484,12 +490,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seg: validate every slice with mask and 1 block of slices without in N "
                              "(default %(default)s)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.add_argument("--plan", action="store_true",
+                        help="read the tables and CT headers only, and print per fold the samples, bytes, disk and "
+                             "time a build would take (measured on one synthetic CT); write nothing")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    plan_only = vars(args).pop("plan")
     given = {token.split("=", 1)[0] for token in (sys.argv[1:] if argv is None else argv)}
     if args.task != seg_samples.TASK and (flags := sorted(given & set(SEG_FLAGS))):
         parser.error(f"{flags[0]} is a flag of --task seg; --task {args.task} does not use it")
@@ -498,6 +508,16 @@ def main(argv: list[str] | None = None) -> int:
         options = BuildOptions(**{**vars(args), "out": args.out or default_out})
     except BuildError as err:  # a flag out of range: the command line is wrong
         parser.error(str(err))
+    if plan_only:
+        try:
+            inputs = read_build_inputs(options)
+            for warning in inputs.warnings:
+                print(warning, file=sys.stderr)
+            plans, rate = shard_plan.plan(options, inputs)
+        except (InputError, CtError, ValueError) as err:
+            return cli.fail(str(err))
+        print(shard_plan.format_plan(plans, rate, options.workers, options.out))
+        return 0
     try:
         manifest = build(options)
     except (BuildError, InputError, CtError, ValueError) as err:

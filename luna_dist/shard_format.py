@@ -75,6 +75,8 @@ class Cutter(Protocol):
     per_ct_validation: ClassVar[bool]  # writes one fold{K}-val-NNNNNN.tar per CT
 
     def planned_negatives(self, candidates: list[Candidate]) -> int: ...  # known before the CT is read
+    def planned_samples(self, series: SeriesInputs, shape: tuple[int, int, int], geometry) -> tuple[int, int]: ...
+    # (training samples, validation slices) from the CT's header alone, for `--plan`
     def identity(self) -> dict: ...  # what makes two builds of this task the same, beside the inputs
     def layout(self) -> dict: ...  # the manifest's description of the samples
     def cut(self, series: SeriesInputs, ct) -> Cut: ...  # ct: a luna_dist.ct.Ct

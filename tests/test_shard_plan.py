@@ -1,0 +1,100 @@
+"""`python -m luna_dist.shard --plan`: the samples, bytes and time of a build from the tables and CT headers
+alone, agreeing with the build it plans, and in seconds at the real tables' scale."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from helpers import SEG_NEGATIVES, real_table
+
+from luna_dist.candidates import read_annotations, read_series_list
+from luna_dist.ct import CtError, read_ct
+from luna_dist.shard import BuildOptions, main, read_build_inputs
+from luna_dist.shard_plan import Rate, plan, read_header
+
+
+def test_a_header_says_what_the_ct_holds(tiny_data):
+    mhd = next(tiny_data.rglob("*.mhd"))
+    header, ct = read_header(mhd), read_ct(mhd)
+    assert header.shape == ct.hu.shape and header.voxels == ct.hu.size
+    for name in ("origin_xyz", "spacing_xyz", "direction"):
+        np.testing.assert_array_equal(getattr(header.geometry, name), getattr(ct.geometry, name))
+    (tiny_data.parent / "bad.mhd").write_text("not a header")
+    with pytest.raises(CtError, match="bad.mhd: cannot read the header"):
+        read_header(tiny_data.parent / "bad.mhd")
+
+
+@pytest.mark.slow
+def test_the_plan_is_the_build(tiny_data, tiny_shards, tmp_path, capsys):
+    """Per fold, the planned samples are the built ones, the bytes within 1 %; nothing is written."""
+    out = tmp_path / "out"
+    assert main(["--data", str(tiny_data), "--out", str(out), "--plan", "--max-samples", "10"]) == 0
+    printed = capsys.readouterr().out
+    assert not out.exists()
+    built = json.loads((tiny_shards / "manifest.json").read_text())
+    rows = {line.split()[0]: line.split() for line in printed.splitlines() if line.split()[:1] and
+            (line.split()[0].isdigit() or line.split()[0] == "all")}
+    for fold, counts in built["folds"].items():
+        assert int(rows[fold][5].replace(",", "")) == counts["samples"]
+        assert int(rows[fold][1]) == len(counts["series"])
+        assert int(rows[fold][4].replace(",", "")) == len(counts["excluded"])
+    planned_gb = float(rows["all"][7])
+    built_gb = sum(s["bytes"] for s in built["shards"]) / 1e9
+    assert planned_gb == pytest.approx(built_gb, rel=0.01, abs=0.005)
+    assert "rate measured here on a synthetic" in printed and "free at" in printed
+
+
+@pytest.mark.slow
+def test_the_segmentation_plan_is_close_to_its_build(tiny_data, tiny_seg_shards):
+    options = BuildOptions(data=tiny_data, out=tiny_data.parent / "unused", task="seg", workers=1,
+                           seg_negatives=SEG_NEGATIVES, progress=False)
+    plans, _ = plan(options, read_build_inputs(options), Rate((1, 1, 1), 0.0, 0.0, 1.0, 1.0))
+    built = json.loads((tiny_seg_shards / "manifest.json").read_text())
+    planned_samples = sum(p.samples for p in plans.values())
+    planned_val = sum(p.val_slices for p in plans.values())
+    assert planned_samples == pytest.approx(built["counts"]["samples"], rel=0.15)
+    assert planned_val == pytest.approx(built["counts"]["val_slices"], rel=0.15)
+
+
+HEADER = """ObjectType = Image
+NDims = 3
+DimSize = 512 512 {slices}
+ElementSpacing = 0.703125 0.703125 {spacing}
+Offset = -180 -180 {z0}
+TransformMatrix = 1 0 0 0 1 0 0 0 1
+ElementType = MET_SHORT
+ElementDataFile = {uid}.raw
+"""
+
+
+@pytest.mark.slow
+def test_the_plan_of_the_real_tables_takes_seconds(tmp_path):
+    """888 real series (headers only, of CT size), the real nodules and excluded findings, 20 candidates a
+    series: the plan is made in seconds and counts what the tables hold."""
+    root = tmp_path / "LUNA16"
+    nodules, _ = read_annotations(real_table("annotations.csv", root / "annotations.csv"))
+    kit = root / "evaluationScript" / "annotations"
+    series = read_series_list(real_table("seriesuids.csv", kit / "seriesuids.csv"))
+    real_table("annotations_excluded.csv", kit / "annotations_excluded.csv")
+    rows = [f"{n.series_uid},{','.join(map(str, n.center_xyz))},1" for n in nodules]
+    rows += [f"{uid},{x},0,-100,0" for uid in series for x in range(20)]
+    (root / "candidates_V2.csv").write_text("seriesuid,coordX,coordY,coordZ,class\n" + "\n".join(rows) + "\n")
+    for k, uid in enumerate(series):
+        (root / f"subset{k % 10}").mkdir(exist_ok=True)
+        (root / f"subset{k % 10}" / f"{uid}.mhd").write_text(HEADER.format(slices=100 + k % 400, spacing=1.25,
+                                                                         z0=-400, uid=uid))
+    options = BuildOptions(data=root, out=tmp_path / "out", workers=8, progress=False)
+    started = time.perf_counter()
+    plans, _ = plan(options, read_build_inputs(options), Rate((1, 1, 1), 1e-9, 1e-3, 151_552.0, 0.0))
+    assert time.perf_counter() - started < 20
+    assert sum(p.series for p in plans.values()) == 888 and sorted(plans) == list(range(10))
+    assert sum(p.nodules for p in plans.values()) == 1186
+    assert sum(p.excluded for p in plans.values()) == 35192
+    assert sum(p.samples for p in plans.values()) == 1186 + 888 * 20
+    voxels = sum(512 * 512 * (100 + k % 400) for k in range(888))
+    assert sum(p.voxels for p in plans.values()) == voxels
+    assert sum(p.seconds for p in plans.values()) == pytest.approx(voxels * 1e-9 + (1186 + 888 * 20) * 1e-3)
+    assert not (tmp_path / "out").exists()
