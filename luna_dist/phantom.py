@@ -141,7 +141,7 @@ class Phantom:
     noise_sd: float
 
 
-def _unit_ball(rng: np.random.Generator, n: int, dim: int = 3) -> np.ndarray:
+def unit_ball(rng: np.random.Generator, n: int, dim: int = 3) -> np.ndarray:
     """n points uniform in the unit ball (disk for dim=2)."""
     v = rng.standard_normal((n, dim))
     v /= np.linalg.norm(v, axis=1, keepdims=True)
@@ -184,14 +184,23 @@ def _vessels(rng: np.random.Generator, lungs: tuple[Ellipsoid, ...]) -> tuple[Tu
         hilum = lung.centre + np.array([towards_midline * 0.6, 0.0, 0.0]) * lung.semi
         n = int(rng.integers(4, 8))
         starts = hilum + rng.uniform(-0.15, 0.15, (n, 3)) * lung.semi
-        ends = lung.centre + _unit_ball(rng, n) * lung.semi * 0.9
+        ends = lung.centre + unit_ball(rng, n) * lung.semi * 0.9
         radii = rng.uniform(0.04, 0.09, n) * lung.semi[:2].min()
         tubes += [Tube(s, e, float(r)) for s, e, r in zip(starts, ends, radii)]
     return tuple(tubes)
 
 
-def _nodule(rng: np.random.Generator, centre: np.ndarray, diameter: float) -> Nodule:
-    malignant = bool(rng.random() < MALIGNANT_FRACTION)
+def draw_nodule(
+    rng: np.random.Generator, centre: np.ndarray, diameter: float, malignant: bool | None = None
+) -> Nodule:
+    """A nodule's look at a given centre (X/Y/Z mm) and diameter (mm): malignant ones lobulated,
+    spiculated and denser, benign ones smooth, some with a calcified core.
+
+    `malignant` None draws it (MALIGNANT_FRACTION of them); given, as for a real annotation of
+    known malignancy (`luna_dist.rehearsal`), that draw is skipped and the rest is as drawn.
+    """
+    if malignant is None:
+        malignant = bool(rng.random() < MALIGNANT_FRACTION)
     if malignant:
         n_lobes, n_spicules = int(rng.integers(2, 5)), int(rng.integers(8, 16))
         dirs = rng.standard_normal((n_lobes + n_spicules, 3))
@@ -221,9 +230,9 @@ def _nodules(rng: np.random.Generator, lungs: tuple[Ellipsoid, ...]) -> tuple[No
             lung = lungs[int(rng.integers(len(lungs)))]
             cap = min(DIAMETER_MM[1], lung.semi.min())
             diameter = float(np.exp(rng.uniform(np.log(DIAMETER_MM[0]), np.log(cap))))
-            centre = lung.centre + _unit_ball(rng, 1)[0] * (0.75 * lung.semi - diameter / 2)
+            centre = lung.centre + unit_ball(rng, 1)[0] * (0.75 * lung.semi - diameter / 2)
             if all(np.linalg.norm(centre - o.centre) > diameter + o.diameter + 5 for o in nodules):
-                nodules.append(_nodule(rng, centre, diameter))
+                nodules.append(draw_nodule(rng, centre, diameter))
                 break
     return tuple(nodules)
 
@@ -365,7 +374,7 @@ def _in_lungs(rng: np.random.Generator, lungs: tuple[Ellipsoid, ...], n: int) ->
     which = rng.integers(len(lungs), size=n)
     centres = np.array([lung.centre for lung in lungs])[which]
     semis = np.array([lung.semi for lung in lungs])[which]
-    return centres + _unit_ball(rng, n) * semis
+    return centres + unit_ball(rng, n) * semis
 
 
 def _on_vessels(rng: np.random.Generator, tubes: tuple[Tube, ...], n: int) -> np.ndarray:
@@ -375,9 +384,9 @@ def _on_vessels(rng: np.random.Generator, tubes: tuple[Tube, ...], n: int) -> np
     return starts + rng.random((n, 1)) * (ends - starts)
 
 
-def _in_body(rng: np.random.Generator, ph: Phantom, n: int) -> np.ndarray:
+def in_body(rng: np.random.Generator, ph: Phantom, n: int) -> np.ndarray:
     """Anywhere in the body's elliptic cylinder, over the whole scan length."""
-    xy = ph.body_centre + _unit_ball(rng, n, dim=2) * ph.body_semi
+    xy = ph.body_centre + unit_ball(rng, n, dim=2) * ph.body_semi
     geom = ph.geometry
     z = rng.uniform(geom.origin[2], geom.last_voxel[2], (n, 1))
     return np.hstack([xy, z])
@@ -409,7 +418,7 @@ def draw_candidates(rng: np.random.Generator, ph: Phantom) -> tuple[np.ndarray, 
     negatives = np.concatenate([
         _in_lungs(rng, ph.lungs, 2 * n_lung),
         _on_vessels(rng, ph.vessels, 2 * n_vessel),
-        _in_body(rng, ph, 2 * (n_neg - n_edge - n_vessel - n_lung)),
+        in_body(rng, ph, 2 * (n_neg - n_edge - n_vessel - n_lung)),
         _near_edge(rng, ph.geometry, 2 * n_edge),
     ])
     centres = np.array([n.centre for n in ph.nodules])
@@ -418,7 +427,7 @@ def draw_candidates(rng: np.random.Generator, ph: Phantom) -> tuple[np.ndarray, 
     negatives = negatives[(gap > diameters).all(axis=1)]
     negatives = negatives[rng.permutation(len(negatives))[:n_neg]]
     per_nodule = rng.integers(POSITIVES_PER_NODULE[0], POSITIVES_PER_NODULE[1] + 1, len(ph.nodules))
-    positives = [n.centre + _unit_ball(rng, int(k)) * n.diameter / 4 for n, k in zip(ph.nodules, per_nodule)]
+    positives = [n.centre + unit_ball(rng, int(k)) * n.diameter / 4 for n, k in zip(ph.nodules, per_nodule)]
     # Every centre lies inside the scan, as in the real table.
     points = np.clip(np.concatenate([negatives, *positives]), ph.geometry.origin, ph.geometry.last_voxel)
     labels = np.zeros(len(points), dtype=int)

@@ -90,7 +90,7 @@ def _series_uid(rng: np.random.Generator) -> str:
     return SERIES_UID_PREFIX + "".join(map(str, digits))
 
 
-def _write_ct(mhd_path: Path, volume: np.ndarray, geom: ScanGeometry) -> None:
+def write_ct(mhd_path: Path, volume: np.ndarray, geom: ScanGeometry) -> None:
     """Write <uid>.mhd + <uid>.raw, uncompressed like the real data."""
     image = sitk.GetImageFromArray(volume)
     image.SetSpacing(geom.spacing.tolist())
@@ -179,7 +179,7 @@ def make_dataset(
         geom = phantom.geometry
         points, labels = draw_candidates(rng, phantom)
         mhd_path = out / f"subset{k % N_SUBSETS}" / f"{uid}.mhd"
-        _write_ct(mhd_path, render(phantom, rng), geom)
+        write_ct(mhd_path, render(phantom, rng), geom)
         records.append(_CtRecord(uid, mhd_path, phantom.nodules, points, labels, draw_excluded(seed, k, phantom)))
     _write_csvs(out, records)
     return SynthSummary(
