@@ -179,3 +179,16 @@ def test_a_build_from_the_download_layout(tiny_data, tmp_path, capsys):
     assert manifest["tables"]["candidates"]["path"] == str(root / "candidates_V2" / "candidates_V2.csv")
     assert manifest["counts"]["samples"] == len(dict.fromkeys(v2)) - 1
     assert sum(len(fold["excluded"]) for fold in manifest["folds"].values()) > 0
+
+
+@pytest.mark.slow
+def test_the_analysis_scores_with_the_tables_where_the_download_puts_them(tmp_path):
+    """analyze reads its answer tables as the build finds them: the kit's excluded findings included."""
+    from luna_dist.findings import read_truth
+
+    root = download(tmp_path / "LUNA16")
+    truth = read_truth(root)
+    assert len(truth.findings.series) == len(truth.nodules) == 1186
+    assert truth.excluded is not None and len(truth.excluded.series) == 35192
+    real_table("annotations_with_malignancy.csv", root / "annotations_with_malignancy.csv")
+    assert sum(bool(n.is_malignant) for n in read_truth(root).nodules) == 378
