@@ -2,15 +2,17 @@
 
 Each sample of `fold{K}-pos-*.tar` (nodule candidates) and `fold{K}-neg-*.tar` holds
 
-- `chunk.npy`: int16 (32, 48, 48) in (I, R, C) order, HU clipped to [-1000, 1000],
-  -1000 where the chunk reaches outside the CT (padded, never shifted);
+- `chunk.npy.zst` (or, built with `--codec none`, `chunk.npy`): int16 (32, 48, 48) in
+  (I, R, C) order, HU clipped to [-1000, 1000], -1000 where the chunk reaches outside the
+  CT (padded, never shifted), stored as `luna_dist.shard_format.CODECS` describes;
 - `cls`: `1` for a nodule candidate, `0` otherwise;
 - `json`: series_uid, fold, center_xyz (mm), center_irc, is_nodule, diameter_mm,
   is_malignant (true/false/null), candidate_row, outside_volume;
 - `crc32.json` (`luna_dist.shard_format`).
 
-Decoding copies each chunk's payload into one preallocated int16 batch (no np.load, no
-per-sample tensors); conversion to float and augmentation happen on the training device.
+Decoding copies each chunk's payload (decompressed first, where it is stored so) into one
+preallocated int16 batch (no np.load, no per-sample tensors); conversion to float and
+augmentation happen on the training device.
 """
 
 from __future__ import annotations
@@ -27,7 +29,16 @@ import torch
 from luna_dist.candidates import Candidate
 from luna_dist.ct import CHUNK_SHAPE, HU_MAX, HU_MIN, Ct, cut_chunks
 from luna_dist.geometry import xyz_to_irc
-from luna_dist.shard_format import Cut, SeriesInputs, copy_payloads, npy_header, require, sample_key
+from luna_dist.shard_format import (
+    CODECS,
+    Cut,
+    SeriesInputs,
+    copy_payloads,
+    npy_header,
+    require,
+    sample_key,
+    stored_array,
+)
 
 TASK = "cls"
 READS = {"chunk": {"shape": list(CHUNK_SHAPE), "dtype": "int16"}}
@@ -39,8 +50,9 @@ CHUNK_NPY_HEADER = npy_header(CHUNK_SHAPE, np.int16)
 
 
 # -- writing --------------------------------------------------------------------------------------
-def encode_sample(candidate: Candidate, fold: int, center_irc: np.ndarray, outside: bool, chunk: np.ndarray) -> dict:
-    """One sample as WebDataset stores it; `chunk.npy` is exactly what np.save writes."""
+def encode_sample(candidate: Candidate, fold: int, center_irc: np.ndarray, outside: bool, chunk: np.ndarray,
+                  codec: str = CODECS[0]) -> dict:
+    """One sample as WebDataset stores it; its `chunk.npy` is exactly what np.save writes, stored by `codec`."""
     meta = {
         "series_uid": candidate.series_uid,
         "fold": fold,
@@ -52,9 +64,11 @@ def encode_sample(candidate: Candidate, fold: int, center_irc: np.ndarray, outsi
         "candidate_row": candidate.row,
         "outside_volume": bool(outside),
     }
+    npy = b"".join((CHUNK_NPY_HEADER, memoryview(np.ascontiguousarray(chunk, dtype=np.int16))))
+    name, stored = stored_array("chunk.npy", npy, codec)
     return {
         "__key__": sample_key(candidate.series_uid, candidate.row),
-        "chunk.npy": b"".join((CHUNK_NPY_HEADER, memoryview(np.ascontiguousarray(chunk, dtype=np.int16)))),
+        name: stored,
         "cls": b"1" if candidate.is_nodule else b"0",
         "json": json.dumps(meta).encode(),
     }
@@ -64,8 +78,10 @@ def encode_sample(candidate: Candidate, fold: int, center_irc: np.ndarray, outsi
 class ChunkCutter:
     """The classification task's part of the build: one 32x48x48 chunk per candidate of candidates.csv."""
 
+    codec: str = CODECS[0]
+
     task: ClassVar[str] = TASK
-    sample_bytes: ClassVar[int] = SAMPLE_BYTES_MAX
+    sample_bytes: ClassVar[int] = SAMPLE_BYTES_MAX  # uncompressed: the bound holds for every codec
     per_ct_validation: ClassVar[bool] = False
 
     def planned_negatives(self, candidates: list[Candidate]) -> int:
@@ -75,10 +91,11 @@ class ChunkCutter:
         return len(series.candidates), 0  # a chunk per candidate, inside the volume or not
 
     def identity(self) -> dict:
-        return {"chunk_shape": list(CHUNK_SHAPE)}
+        return {"chunk_shape": list(CHUNK_SHAPE), "codec": self.codec}
 
     def layout(self) -> dict:
-        return {"chunk": {"shape": list(CHUNK_SHAPE), "dtype": "int16", "axes": "IRC", "hu_range": [HU_MIN, HU_MAX]}}
+        return {"chunk": {"shape": list(CHUNK_SHAPE), "dtype": "int16", "axes": "IRC", "hu_range": [HU_MIN, HU_MAX],
+                          "codec": self.codec}}
 
     def cut(self, series: SeriesInputs, ct: Ct) -> Cut:
         centers_xyz = np.array([c.center_xyz for c in series.candidates], dtype=np.float64)
@@ -86,7 +103,7 @@ class ChunkCutter:
         chunks, outside = cut_chunks(ct.hu, centers_irc)
         encoded = {True: [], False: []}
         for candidate, irc, out, chunk in zip(series.candidates, centers_irc, outside, chunks):
-            encoded[candidate.is_nodule].append(encode_sample(candidate, series.fold, irc, out, chunk))
+            encoded[candidate.is_nodule].append(encode_sample(candidate, series.fold, irc, out, chunk, self.codec))
         return Cut(pos=encoded[True], neg=encoded[False], outside_volume=int(outside.sum()))
 
 
@@ -94,7 +111,7 @@ class ChunkCutter:
 def collate(samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw samples -> (chunks (N, 1, I, R, C) int16, labels (N,) int64), one copy per chunk."""
     chunks = torch.empty((len(samples), 1, *CHUNK_SHAPE), dtype=torch.int16)
-    require(samples, "chunk.npy", "cls")
+    require(samples, "cls")
     copy_payloads(samples, "chunk.npy", chunks.numpy(), CHUNK_SHAPE)
     labels = torch.tensor([sample["cls"] == b"1" for sample in samples], dtype=torch.int64)
     return chunks, labels

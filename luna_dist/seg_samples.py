@@ -22,11 +22,12 @@ Masks come from `annotations.csv` by `luna_dist.masks`. Per CT it writes:
 
 Masks are stored as bits (`np.packbits` along the columns); images are int16 HU
 clipped to [-1000, 1000], -1000 outside the CT (in-plane; context slices are clamped).
+Both are `.npy` members stored as the build's codec says (`luna_dist.shard_format.CODECS`:
+`ct.npy.zst` and `mask.npy.zst` by default).
 """
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,7 +40,17 @@ from luna_dist.candidates import Candidate
 from luna_dist.ct import HU_MAX, HU_MIN, Ct, cut_boxes, cut_chunks
 from luna_dist.geometry import xyz_to_irc
 from luna_dist.masks import nodule_boxes, nodule_mask
-from luna_dist.shard_format import Cut, SeriesInputs, copy_payloads, damaged, npy_bytes, require
+from luna_dist.shard_format import (
+    CODECS,
+    Cut,
+    SeriesInputs,
+    copy_payloads,
+    damaged,
+    load_array,
+    npy_bytes,
+    require,
+    stored_array,
+)
 
 CONTEXT = 3
 """Slices on each side of the segmented slice that the model sees."""
@@ -104,6 +115,7 @@ class SegmentCutter:
 
     negatives_per_ct: int = NEGATIVES_PER_CT
     val_every: int = VAL_EVERY
+    codec: str = CODECS[0]
 
     task: ClassVar[str] = TASK
     sample_bytes: ClassVar[int] = TRAIN_SAMPLE_BYTES
@@ -133,7 +145,7 @@ class SegmentCutter:
         return {"sample": {
             "context_slices": STACK, "crop": [CROP, CROP], "dtype": "int16", "axes": "IRC",
             "hu_range": [HU_MIN, HU_MAX], "mask": "packbits along columns", "negatives_per_ct": self.negatives_per_ct,
-            "val_block": VAL_BLOCK, "val_every": self.val_every, "slab_slices": SLAB_SLICES,
+            "val_block": VAL_BLOCK, "val_every": self.val_every, "slab_slices": SLAB_SLICES, "codec": self.codec,
         }}
 
     def cut(self, series: SeriesInputs, ct: Ct) -> Cut:
@@ -167,12 +179,12 @@ class SegmentCutter:
         centers = np.array(pos_centers + [tuple(neg_irc[i]) for i in chosen], dtype=np.int64).reshape(-1, 3)
         stacks, outside = self._stacks(ct.hu, centers)
         masks, _ = cut_boxes(mask, centers, (1, CROP, CROP), False, bool)
-        encoded = [self._encode_crop(series, names, center, stack, crop_mask[0], out)
+        encoded = [self._encode_crop(series, names, center, stack, crop_mask[0], out, self.codec)
                    for names, center, stack, crop_mask, out
                    in zip(pos_names + neg_names, centers, stacks, masks, outside)]
         runs = slabs(validation_slices(has_mask, self.val_every))
         return Cut(pos=encoded[:len(pos_names)], neg=encoded[len(pos_names):],
-                   val=[self._encode_slab(series, ct, mask, start, stop) for start, stop in runs],
+                   val=[self._encode_slab(series, ct, mask, start, stop, self.codec) for start, stop in runs],
                    outside_volume=int(outside.sum()), val_slices=sum(stop - start for start, stop in runs))
 
     @staticmethod
@@ -186,31 +198,36 @@ class SegmentCutter:
 
     @staticmethod
     def _encode_crop(series: SeriesInputs, names: dict, center: np.ndarray, stack: np.ndarray, mask: np.ndarray,
-                     outside: bool) -> dict:
+                     outside: bool, codec: str) -> dict:
         meta = {"series_uid": series.series_uid, "fold": series.fold, "slice": int(center[0]),
                 "center_irc": [int(v) for v in center], "kind": names["kind"], "mask_pixels": int(mask.sum()),
                 "outside_volume": bool(outside)}
         meta.update({k: v for k, v in names.items() if k not in ("key", "kind")})
-        return {"__key__": names["key"], "ct.npy": npy_bytes(stack), "mask.npy": npy_bytes(pack_mask(mask)),
+        return {"__key__": names["key"], **_arrays({"ct.npy": stack, "mask.npy": pack_mask(mask)}, codec),
                 "json": json.dumps(meta).encode()}
 
     @staticmethod
-    def _encode_slab(series: SeriesInputs, ct: Ct, mask: np.ndarray, start: int, stop: int) -> dict:
+    def _encode_slab(series: SeriesInputs, ct: Ct, mask: np.ndarray, start: int, stop: int, codec: str) -> dict:
         depth = ct.hu.shape[0]
         first, last = max(0, start - CONTEXT), min(depth, stop + CONTEXT)
         images = np.clip(ct.hu[first:last], HU_MIN, HU_MAX).astype(np.int16)
         meta = {"series_uid": series.series_uid, "fold": series.fold, "first_slice": start, "slices": stop - start,
                 "ct_first": first, "volume_slices": depth, "mask_slices": int(mask[start:stop].any(axis=(1, 2)).sum()),
                 "mask_pixels": int(mask[start:stop].sum())}
-        return {"__key__": f"{series.series_uid.replace('.', '_')}_val{start}", "ct.npy": npy_bytes(images),
-                "mask.npy": npy_bytes(pack_mask(mask[start:stop])), "json": json.dumps(meta).encode()}
+        return {"__key__": f"{series.series_uid.replace('.', '_')}_val{start}",
+                **_arrays({"ct.npy": images, "mask.npy": pack_mask(mask[start:stop])}, codec),
+                "json": json.dumps(meta).encode()}
+
+
+def _arrays(arrays: dict[str, np.ndarray], codec: str) -> dict[str, bytes]:
+    """A sample's `.npy` members, stored by `codec`."""
+    return dict(stored_array(name, npy_bytes(array), codec) for name, array in arrays.items())
 
 
 # -- reading --------------------------------------------------------------------------------------
 def collate_stacks(samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """Training samples -> (stacks (N, 7, 96, 96) int16, masks (N, 1, 96, 96) bool), one copy per member."""
     stacks = torch.empty((len(samples), STACK, CROP, CROP), dtype=torch.int16)
-    require(samples, "ct.npy", "mask.npy")
     copy_payloads(samples, "ct.npy", stacks.numpy(), (STACK, CROP, CROP))
     packed = np.empty((len(samples), CROP, -(-CROP // 8)), dtype=np.uint8)
     copy_payloads(samples, "mask.npy", packed, packed.shape[1:])
@@ -239,12 +256,11 @@ def batched_slices(slabs: Iterator[dict], batch_size: int) -> Iterator[tuple[tor
 
 def _decode_slab(slab: dict) -> tuple[dict, np.ndarray, np.ndarray]:
     """A validation slab's JSON, CT slices (stored slices, R, C) and unpacked masks; errors name the shard and slab."""
-    require([slab], "json", "ct.npy", "mask.npy")
+    require([slab], "json")
+    ct, masks = load_array(slab, "ct.npy"), load_array(slab, "mask.npy")
     try:
-        ct = np.load(io.BytesIO(slab["ct.npy"]), allow_pickle=False)
-        return json.loads(slab["json"]), ct, unpack_mask(np.load(io.BytesIO(slab["mask.npy"]), allow_pickle=False),
-                                                         ct.shape[-1])
-    except ValueError as err:  # a damaged .npy header or JSON
+        return json.loads(slab["json"]), ct, unpack_mask(masks, ct.shape[-1])
+    except ValueError as err:  # a damaged JSON, or masks of another shape
         raise damaged(slab, f"unreadable ({err})") from None
 
 

@@ -47,7 +47,7 @@ from luna_dist import __version__, chunk_samples, cli, seg_samples, shard_plan
 from luna_dist.atomic import write_json
 from luna_dist.candidates import Annotation, Candidate, assign_folds
 from luna_dist.ct import CtError
-from luna_dist.shard_format import FORMAT, FORMAT_VERSION, MANIFEST, Cutter, sha256_file
+from luna_dist.shard_format import CODECS, FORMAT, FORMAT_VERSION, MANIFEST, Cutter, sha256_file
 from luna_dist.shard_inputs import InputError, Inputs, left_out_summary, read_inputs
 from luna_dist.shard_write import (
     WORK,
@@ -99,11 +99,14 @@ class BuildOptions:
     task: str = "cls"  # what to cut: "cls" chunks per candidate, "seg" slice stacks and masks
     seg_negatives: int = 64  # seg: negative stacks per CT
     seg_val_every: int = 4  # seg: validate one block of slices without mask in this many
+    codec: str = CODECS[0]  # how the samples' arrays are stored (shard_format.CODECS)
 
     def __post_init__(self):
         self.data, self.out = Path(self.data), Path(self.out)
         if self.task not in CUTTERS:
             raise BuildError(f"--task must be {' or '.join(CUTTERS)}, got {self.task!r}")
+        if self.codec not in CODECS:
+            raise BuildError(f"--codec must be {' or '.join(CODECS)}, got {self.codec!r}")
         problems = [cli.below("--workers", self.workers, 1), cli.below("--max-samples", self.max_samples, 1),
                     cli.below("--seg-negatives", self.seg_negatives, 0),
                     cli.below("--seg-val-every", self.seg_val_every, 1),
@@ -120,8 +123,9 @@ class BuildOptions:
 
 
 CUTTERS: dict[str, Callable[[BuildOptions], Cutter]] = {
-    chunk_samples.TASK: lambda options: chunk_samples.ChunkCutter(),
-    seg_samples.TASK: lambda options: seg_samples.SegmentCutter(options.seg_negatives, options.seg_val_every),
+    chunk_samples.TASK: lambda options: chunk_samples.ChunkCutter(options.codec),
+    seg_samples.TASK: lambda options: seg_samples.SegmentCutter(options.seg_negatives, options.seg_val_every,
+                                                                options.codec),
 }
 """What each --task cuts from a CT: its sample module's cutter, built from the build's options."""
 
@@ -479,6 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="parallel CT readers (default: cores)")
     parser.add_argument("--max-samples", type=int, default=BuildOptions.max_samples, help="samples per shard at most")
     parser.add_argument("--max-mb", type=float, default=BuildOptions.max_mb, help="shard size at most, in MB")
+    parser.add_argument("--codec", choices=CODECS, default=BuildOptions.codec,
+                        help="how the samples' arrays are stored: zstd, losslessly compressed (default), or none")
     parser.add_argument("--strict", action="store_true", help="fail on malformed CSV rows and series without .mhd")
     parser.add_argument("--max-bad-rows", type=float, default=BuildOptions.max_bad_rows, metavar="PERCENT",
                         help="refuse a table with more than this share of its rows malformed or duplicate "

@@ -20,11 +20,14 @@ from pathlib import Path
 from typing import ClassVar, Protocol
 
 import numpy as np
+import zstandard
 
 from luna_dist.candidates import Annotation, Candidate
 
 FORMAT = "luna_dist-shards"
-FORMAT_VERSION = 2  # 2: every sample carries crc32.json
+FORMAT_VERSION = 3  # 2: every sample carries crc32.json; 3: arrays may be compressed (CODECS)
+READABLE_VERSIONS = (2, 3)
+"""The versions readers take: a version 2 build holds plain `.npy` members, which 3 reads alike."""
 MANIFEST = "manifest.json"
 CHECKSUMS = "crc32.json"
 LABELS = ("pos", "neg", "val")
@@ -97,6 +100,111 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return b"".join((npy_header(array.shape, array.dtype), memoryview(np.ascontiguousarray(array))))
 
 
+CODECS = ("zstd", "none")
+"""How a sample's arrays are stored, the first the default (the manifest's `codec` says which
+a build wrote; readers take both). `none`: `NAME.npy` holds what np.save writes. `zstd`:
+`NAME.npy.zst` holds the same bytes with the payload's bytes grouped by their place in an
+element (all low bytes of the int16 HU, then all high bytes, which hardly vary), compressed
+with Zstandard at level ZSTD_LEVEL. Lossless; see docs/shard-format.md for the measured sizes
+and speeds that chose it."""
+ZSTD_SUFFIX = ".zst"
+ZSTD_LEVEL = 1
+_ZSTD_COMPRESSOR = zstandard.ZstdCompressor(level=ZSTD_LEVEL)  # one per process: the build's workers are processes
+
+
+def stored_array(name: str, npy: bytes, codec: str) -> tuple[str, bytes]:
+    """A `.npy` member as a sample stores it under `codec`: its member name and bytes."""
+    if codec == "none":
+        return name, npy
+    header = _npy_header_length(npy)
+    itemsize = _itemsize(npy, header)
+    payload = np.frombuffer(npy, dtype=np.uint8, offset=header)
+    grouped = payload.reshape(-1, itemsize).T.tobytes() if itemsize > 1 else payload.tobytes()
+    return name + ZSTD_SUFFIX, _ZSTD_COMPRESSOR.compress(npy[:header] + grouped)
+
+
+def load_array(sample: dict, name: str) -> np.ndarray:
+    """The array of `.npy` member `name`, stored plain or compressed; a reader error when it has neither
+    or it cannot be read."""
+    if name in sample:
+        try:
+            return np.load(io.BytesIO(sample[name]), allow_pickle=False)
+        except ValueError as err:
+            raise damaged(sample, f"{name} unreadable ({err})") from None
+    data = _decompressed(sample, name)
+    dtype, shape = _npy_layout(sample, name, data)
+    array = np.empty(shape, dtype=dtype)
+    _ungroup(sample, name, data, array.reshape(-1))
+    return array
+
+
+def _decompressed(sample: dict, name: str) -> bytes:
+    if (stored := sample.get(name + ZSTD_SUFFIX)) is None:
+        raise damaged(sample, f"no {name}")
+    try:
+        return _ZSTD_DECOMPRESSOR.decompress(stored)
+    except zstandard.ZstdError as err:
+        raise damaged(sample, f"{name}{ZSTD_SUFFIX} cannot be decompressed ({err})") from None
+
+
+_ZSTD_DECOMPRESSOR = zstandard.ZstdDecompressor()
+
+
+def _ungroup(sample: dict, name: str, data: bytes, out: np.ndarray) -> None:
+    """Undo `stored_array`'s grouping of the payload bytes of `data` (a decompressed member) into the
+    flat array `out`: the high bytes shifted onto the low ones, which is faster than a strided copy."""
+    header = _npy_header_length(data)
+    grouped = np.frombuffer(data, dtype=np.uint8, offset=header)
+    if grouped.size != out.nbytes:
+        raise damaged(sample, f"{name} holds {grouped.size} bytes of data, expected {out.nbytes}")
+    if out.itemsize == 1:
+        out.view(np.uint8)[:] = grouped
+    elif out.itemsize == 2:
+        low, high = grouped[:out.size], grouped[out.size:]
+        np.left_shift(high.astype(out.dtype), 8, out=out)
+        out |= low.astype(out.dtype)
+    else:
+        out.view(np.uint8)[:] = grouped.reshape(out.itemsize, -1).T.ravel()
+
+
+def _npy_header_length(npy: bytes) -> int:
+    return 10 + int.from_bytes(npy[8:10], "little")
+
+
+_ITEMSIZE_CACHE: dict[bytes, int] = {}
+
+
+def _itemsize(npy: bytes, header: int) -> int:
+    """The element size a `.npy` header (that this module wrote) declares; parsed once per distinct header."""
+    key = bytes(npy[:header])
+    if key not in _ITEMSIZE_CACHE:
+        _ITEMSIZE_CACHE[key] = np.dtype(_parse_header(key)[0]).itemsize
+    return _ITEMSIZE_CACHE[key]
+
+
+def _parse_header(header: bytes) -> tuple[np.dtype, tuple]:
+    stream = io.BytesIO(header)
+    np.lib.format.read_magic(stream)
+    shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
+    if fortran_order:
+        raise ValueError("Fortran-ordered arrays are not written by the build")
+    return dtype, shape
+
+
+_LAYOUT_CACHE: dict[bytes, tuple[np.dtype, tuple]] = {}
+
+
+def _npy_layout(sample: dict, name: str, data: bytes) -> tuple[np.dtype, tuple]:
+    """dtype and shape of a `.npy` blob's header, parsed once per distinct header; a reader error when damaged."""
+    key = bytes(data[:_npy_header_length(data)])
+    if key not in _LAYOUT_CACHE:
+        try:
+            _LAYOUT_CACHE[key] = _parse_header(key)
+        except ValueError as err:
+            raise damaged(sample, f"{name} unreadable ({err})") from None
+    return _LAYOUT_CACHE[key]
+
+
 def member_checksums(sample: dict) -> dict[str, int]:
     """CRC-32 of every member of a sample but its checksums; any shard kind, any members.
 
@@ -154,10 +262,9 @@ def check_sample(sample: dict) -> None:
 _NPY_HEADER_CACHE: dict[tuple, int] = {}
 
 
-def _payload_offset(sample: dict, name: str, dtype: type, shape: tuple) -> int:
+def _payload_offset(sample: dict, name: str, data: bytes, dtype: type, shape: tuple) -> int:
     """Byte offset of the payload in a `.npy` blob, checking its header once per distinct header."""
-    data = sample[name]
-    header_len = 10 + int.from_bytes(data[8:10], "little")
+    header_len = _npy_header_length(data)
     cache_key = (data[:header_len], np.dtype(dtype).str, shape)
     if cache_key not in _NPY_HEADER_CACHE:
         try:
@@ -173,14 +280,23 @@ def _payload_offset(sample: dict, name: str, dtype: type, shape: tuple) -> int:
 def copy_payloads(samples: list[dict], name: str, out: np.ndarray, shape: tuple[int, ...]) -> None:
     """Copy each sample's `.npy` payload of `shape` into row n of `out`, a new contiguous array; check the headers.
 
-    No np.load and no array per sample: a batch is one preallocated array and a copy each.
+    No np.load and no array per sample: a batch is one preallocated array and a copy (or,
+    for a compressed member, a decompression and a shift) each.
     """
     flat = out.reshape(len(samples), -1)  # a view, as `out` is contiguous
     for n, sample in enumerate(samples):
-        offset = _payload_offset(sample, name, out.dtype.type, shape)
-        if len(sample[name]) - offset != flat[n].nbytes:
-            raise damaged(sample, f"{name} holds {len(sample[name]) - offset} bytes of data, expected {flat[n].nbytes}")
-        flat[n] = np.frombuffer(sample[name], dtype=out.dtype, offset=offset)
+        if name in sample:
+            data = sample[name]
+            offset = _payload_offset(sample, name, data, out.dtype.type, shape)
+            if len(data) - offset != flat[n].nbytes:
+                raise damaged(sample, f"{name} holds {len(data) - offset} bytes of data, expected {flat[n].nbytes}")
+            flat[n] = np.frombuffer(data, dtype=out.dtype, offset=offset)
+        else:
+            data = _decompressed(sample, name)
+            if _npy_layout(sample, name, data) != (out.dtype, shape):
+                dtype, found = _npy_layout(sample, name, data)
+                raise damaged(sample, f"{name} is {dtype} {found}, expected {out.dtype.name} {shape}")
+            _ungroup(sample, name, data, flat[n])
 
 
 # -- the manifest ---------------------------------------------------------------------------------
@@ -194,9 +310,10 @@ def check_manifest(manifest, location: str, task: str, reads: dict[str, dict]) -
     declares them), and every field the readers use."""
     if not isinstance(manifest, dict):
         raise ShardSetError(f"{location}: not a shard manifest (a JSON {type(manifest).__name__}); rebuild the shards")
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format") != FORMAT or manifest.get("format_version") not in READABLE_VERSIONS:
         raise ShardSetError(f"{location}: format {manifest.get('format')} v{manifest.get('format_version')}, "
-                            f"this version reads {FORMAT} v{FORMAT_VERSION}; rebuild the shards")
+                            f"this version reads {FORMAT} v{' and v'.join(map(str, READABLE_VERSIONS))}; "
+                            "rebuild the shards (or use the luna_dist that built them)")
     if manifest.get("task") != task:
         raise ShardSetError(f"{location}: shards built with --task {manifest.get('task')}, this run needs --task "
                             f"{task} shards (`python -m luna_dist.shard --task {task} --data DIR --out OUT`)")

@@ -100,7 +100,7 @@ def measure_rate(options, shape: tuple[int, int, int]) -> Rate:
         made = make_dataset(data, n_cts=1, seed=0, shape=shape)
         started = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):  # its tables are not the user's
-            build(BuildOptions(data=data, out=out, workers=1, task=options.task, progress=False,
+            build(BuildOptions(data=data, out=out, workers=1, task=options.task, progress=False, codec=options.codec,
                                seg_negatives=options.seg_negatives, seg_val_every=options.seg_val_every))
         build_seconds = time.perf_counter() - started
         started = time.perf_counter()

@@ -20,6 +20,7 @@ from luna_dist import chunk_samples
 from luna_dist.ct import CHUNK_SHAPE
 from luna_dist.model import SegmentationModel
 from luna_dist.seg_samples import CONTEXT
+from luna_dist.shard_format import ZSTD_SUFFIX, load_array
 from luna_dist.stream import ShardSet, batched, open_shard_set
 
 SYNTH_CTS = 10
@@ -81,8 +82,8 @@ def tar_samples(path) -> dict[str, tuple[np.ndarray, int]]:
             key, ext = member.name.split(".", 1)
             data = tar.extractfile(member).read()
             entry = samples.setdefault(key, [None, None])
-            if ext == "chunk.npy":
-                entry[0] = np.load(io.BytesIO(data))
+            if ext in CHUNK_MEMBERS:
+                entry[0] = load_array({ext: data}, "chunk.npy")
             elif ext == "cls":
                 entry[1] = int(data)
     return samples
@@ -101,8 +102,16 @@ def damaged_copy(shard_dir: Path, tmp_path: Path, damage, fold: int = 9) -> tupl
     return shards, victim, key
 
 
+CHUNK_MEMBERS = ("chunk.npy", "chunk.npy" + ZSTD_SUFFIX)
+"""A classification sample's chunk, stored plain or compressed (the default)."""
+
+
+def is_chunk(member: tarfile.TarInfo) -> bool:
+    return member.name.split(".", 1)[-1] in CHUNK_MEMBERS
+
+
 def zero_magic(file, members) -> str:
-    member = next(m for m in members[30:] if m.name.endswith(".chunk.npy"))
+    member = next(m for m in members[30:] if is_chunk(m))
     file.seek(member.offset_data)
     file.write(b"\0" * 6)  # np.load then takes it for a pickle
     return member.name.split(".")[0]
@@ -125,7 +134,7 @@ def random_header(file, members) -> str:
 
 def random_payload(file, members) -> str:
     """8 KB of random bytes inside a chunk: every sample still reads, one holds garbage."""
-    member = next(m for m in members[len(members) // 2:] if m.name.endswith(".chunk.npy"))
+    member = next(m for m in members[len(members) // 2:] if is_chunk(m))
     file.seek(member.offset_data + 1024)
     file.write(np.random.default_rng(0).bytes(8192))
     return member.name.split(".")[0]

@@ -11,7 +11,11 @@ from luna_dist import bench, bench_data
 
 TINY = ["--cts", "3", "--shape", "40", "128", "128", "--workers", "2"]
 
-SHARD_FIELDS = {"cts", "workers", "samples", "input_mb", "bytes_per_sample", "cold", "warm"}
+SHARD_FIELDS = {"cts", "workers", "samples", "input_mb", "bytes_per_sample", "bytes_per_sample_uncompressed", "codec",
+                "codecs", "cold", "warm"}
+CODEC_FIELDS = {f"{variant}{figure}" for variant in ("", "low_noise_")
+                for figure in ("member_bytes", "encode_samples_per_s_per_core", "decode_samples_per_s_per_core",
+                               "bytes_ratio")}
 SHARD_TIMED_FIELDS = {"read_seconds", "build_seconds", "build_to_read_ratio", "cts_per_s", "samples_per_s",
                       "chunk_mb_per_s", "input_mb_per_s"}
 LOADER_FIELDS = {"batch_size", "shards", "per_candidate_random", "per_candidate_series_order",
@@ -44,12 +48,19 @@ def test_shard_figures(tiny_work, capsys):
     shard = figures["shard"]
     assert set(shard) == SHARD_FIELDS
     assert shard["cts"] == 3 and shard["workers"] == 2
-    assert all(_positive(shard[key]) for key in SHARD_FIELDS - {"cold", "warm"})
+    assert all(_positive(shard[key]) for key in SHARD_FIELDS - {"cold", "warm", "codec", "codecs"})
     for cache in ("cold", "warm"):
         assert set(shard[cache]) == SHARD_TIMED_FIELDS
         assert all(_positive(v) for v in shard[cache].values())
-    # A sample on disk is the int16 chunk plus tar headers, JSON and checksums.
-    assert 32 * 48 * 48 * 2 < shard["bytes_per_sample"] < 32 * 48 * 48 * 2 + 5 * 1024
+    # Uncompressed, a sample on disk is the int16 chunk plus tar headers, JSON and checksums; built by default
+    # (zstd) it is about half that on the synthetic CTs' noise.
+    assert 32 * 48 * 48 * 2 < shard["bytes_per_sample_uncompressed"] < 32 * 48 * 48 * 2 + 5 * 1024
+    assert shard["codec"] == "zstd" and shard["bytes_per_sample"] < 0.6 * shard["bytes_per_sample_uncompressed"]
+    assert set(shard["codecs"]) == {"zstd", "none"}
+    for codec, figures in shard["codecs"].items():
+        assert set(figures) == CODEC_FIELDS and all(_positive(v) for v in figures.values()), codec
+    assert shard["codecs"]["none"]["bytes_ratio"] == 1 and shard["codecs"]["zstd"]["bytes_ratio"] > 1.8
+    assert shard["codecs"]["zstd"]["low_noise_bytes_ratio"] > shard["codecs"]["zstd"]["bytes_ratio"]
     assert "shard.cold.build_to_read_ratio" in table
 
 
@@ -100,7 +111,6 @@ def test_plot_is_drawn(tmp_path):
 
 def test_per_candidate_baseline_cuts_the_shard_chunks_and_pickles_for_spawn(synth_data, shard_dir):
     """The baseline reads the same chunks as the shards, and a used one still pickles (macOS workers)."""
-    import io
     import pickle
 
     import numpy as np
@@ -108,7 +118,7 @@ def test_per_candidate_baseline_cuts_the_shard_chunks_and_pickles_for_spawn(synt
 
     from luna_dist import chunk_samples
     from luna_dist.candidates import read_candidates
-    from luna_dist.shard_format import sample_key
+    from luna_dist.shard_format import load_array, sample_key
     from luna_dist.stream import open_shard_set
 
     candidates, _ = read_candidates(synth_data / "candidates.csv")
@@ -117,7 +127,7 @@ def test_per_candidate_baseline_cuts_the_shard_chunks_and_pickles_for_spawn(synt
     for sample in wds.DataPipeline(wds.SimpleShardList([path]), wds.tarfile_to_samples()):
         index = next(i for i, c in enumerate(dataset.candidates) if sample_key(c.series_uid, c.row) == sample["__key__"])
         chunk, label = dataset[index]
-        stored = np.load(io.BytesIO(sample["chunk.npy"]))
+        stored = load_array(sample, "chunk.npy")
         assert np.array_equal(chunk[0].numpy(), stored) and label == 1
     clone = pickle.loads(pickle.dumps(dataset))
     assert len(clone) == len(dataset)
@@ -161,8 +171,8 @@ def test_seg_figures(tiny_work, capsys):
     assert set(seg) == {"batch_size", "steps", "bytes_per_training_sample", "bytes_per_validation_slice",
                         "validation_slice_in_int16_slices", "end_to_end", "ceiling", "ratio"}
     assert all(_positive(seg[key]) for key in seg)
-    # A training sample is its int16 stack, the mask bits, tar headers and JSON.
-    assert 7 * 96 * 96 * 2 + 96 * 12 < seg["bytes_per_training_sample"] < 7 * 96 * 96 * 2 + 96 * 12 + 5 * 1024  # + crc32.json
+    # A training sample is its int16 stack and mask bits, compressed (zstd, the default), tar headers and JSON.
+    assert 7 * 96 * 96 * 2 / 4 < seg["bytes_per_training_sample"] < 7 * 96 * 96 * 2 * 0.7
     # A validation slice shares its context with the slab's other slices: far from 7 slices.
-    assert 1 < seg["validation_slice_in_int16_slices"] < 3
+    assert 0.2 < seg["validation_slice_in_int16_slices"] < 3  # compressed, it may be below one slice
     assert "seg.ratio" in table

@@ -10,7 +10,6 @@ import contextlib
 import csv
 import errno
 import hashlib
-import io
 import json
 import os
 import re
@@ -33,11 +32,13 @@ from helpers import open_cls as open_shard_set
 import luna_dist.shard as shard_module
 import luna_dist.shard_write as shard_write
 from luna_dist.shard import BuildError, BuildOptions, build
-from luna_dist.shard_format import MANIFEST, ShardSetError
+from luna_dist.shard_format import MANIFEST, ZSTD_SUFFIX, ShardSetError, load_array
 from luna_dist.shard_inputs import InputError
 from luna_dist.synth import make_dataset
 
 CHUNK_SHAPE = (32, 48, 48)
+CHUNK = "chunk.npy" + ZSTD_SUFFIX
+"""The chunk's member as the default codec stores it."""
 SHARD_NAME = re.compile(r"^fold(\d+)-(pos|neg)-(\d{6})\.tar$")
 JSON_FIELDS = {"series_uid", "fold", "center_xyz", "center_irc", "is_nodule", "diameter_mm", "is_malignant",
                "candidate_row", "outside_volume"}
@@ -112,14 +113,15 @@ def read_samples(out: Path) -> dict[str, dict]:
     samples = {}
     for path in shard_files(out):
         for key, sample in iter_tar(path):
-            assert set(sample) == {"chunk.npy", "cls", "json", "crc32.json"}, f"{path}: {key} has {sorted(sample)}"
-            assert json.loads(sample["crc32.json"]) == {name: zlib.crc32(sample[name]) for name in ("chunk.npy", "cls", "json")}
+            chunk = CHUNK if CHUNK in sample else "chunk.npy"  # as the default codec stores it, or as none does
+            assert set(sample) == {chunk, "cls", "json", "crc32.json"}, f"{path}: {key} has {sorted(sample)}"
+            assert json.loads(sample["crc32.json"]) == {name: zlib.crc32(sample[name]) for name in (chunk, "cls", "json")}
             assert key not in samples, f"{key} in {path.name} and {samples.get(key, {}).get('shard')}"
             samples[key] = {
                 "shard": path.name,
                 "cls": sample["cls"],
                 "json": json.loads(sample["json"]),
-                "sha": hashlib.sha256(sample["chunk.npy"]).hexdigest(),
+                "sha": hashlib.sha256(load_array(sample, "chunk.npy").tobytes()).hexdigest(),
             }
     return samples
 
@@ -152,8 +154,8 @@ def tar_is_complete(path: Path) -> None:
         f.seek(size - 1024)
         assert f.read() == b"\0" * 1024, f"{path}: no end-of-archive marker"
     for key, sample in iter_tar(path):
-        assert set(sample) == {"chunk.npy", "cls", "json", "crc32.json"}, f"{path}: {key}"
-        assert np.load(io.BytesIO(sample["chunk.npy"])).shape == CHUNK_SHAPE
+        assert set(sample) == {CHUNK, "cls", "json", "crc32.json"}, f"{path}: {key}"
+        assert load_array(sample, "chunk.npy").shape == CHUNK_SHAPE
         json.loads(sample["json"])
 
 
@@ -199,7 +201,7 @@ def check_chunks_against_the_cts(data: Path, out: Path) -> int:
                 volumes[uid] = sitk.GetArrayFromImage(images[uid])
             irc = images[uid].TransformPhysicalPointToIndex(xyz_of(rows[key]))[::-1]
             expected, outside = reference_chunk(volumes[uid], irc)
-            chunk = np.load(io.BytesIO(sample["chunk.npy"]), allow_pickle=False)
+            chunk = load_array(sample, "chunk.npy")
             assert chunk.dtype == np.int16 and chunk.shape == CHUNK_SHAPE, key
             assert np.array_equal(chunk, expected), f"{path.name}: {key} differs from the crop at {irc}"
             assert meta["center_irc"] == list(irc), key
@@ -687,7 +689,7 @@ def test_candidates_outside_the_volume_are_padded_and_flagged(data, tmp_path):
     for path in shard_files(out):
         for key, sample in iter_tar(path):
             if key in (far_key, corner_key):
-                chunks[key] = np.load(io.BytesIO(sample["chunk.npy"]))
+                chunks[key] = load_array(sample, "chunk.npy")
     far_meta = samples[far_key]["json"]
     assert far_meta["outside_volume"] is True and far_meta["candidate_row"] == n_rows
     assert (chunks[far_key] == -1000).all()
@@ -931,7 +933,7 @@ def tmpfs(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_full_disk_stops_the_build_with_one_line_and_a_rerun_resumes(data, tmp_path, small_reference, tmpfs, workers):
-    disk = tmpfs("disk", "12m")
+    disk = tmpfs("disk", "4m")  # less than the build's 6 MB of compressed shards
     out = disk / "out"
     failed = shard_cli("--data", data, "--out", out, "--workers", workers, "--max-samples", SMALL_MAX_SAMPLES,
                        "--no-progress", cwd=tmp_path)
@@ -1044,3 +1046,19 @@ def test_cli_refuses_out_of_range_numbers(small_data, tmp_path, flag, value, mes
     assert result.returncode == 2  # the command line is wrong
     assert result.stderr.strip().splitlines()[-1] == f"python -m luna_dist.shard: error: {message}"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_the_codec_changes_the_bytes_not_the_samples(tiny_data, tiny_shards, tmp_path):
+    """--codec none stores plain .npy members; the default zstd stores the same chunks in about half the bytes."""
+    plain = tmp_path / "plain"
+    build(BuildOptions(data=tiny_data, out=plain, workers=1, max_samples=10, progress=False, codec="none"))
+    manifests = {name: json.loads((out / MANIFEST).read_text()) for name, out in (("zstd", tiny_shards),
+                                                                                   ("none", plain))}
+    assert manifests["zstd"]["chunk"]["codec"] == "zstd" and manifests["none"]["chunk"]["codec"] == "none"
+    members = {name: {ext for path in shard_files(out) for _, sample in iter_tar(path) for ext in sample}
+               for name, out in (("zstd", tiny_shards), ("none", plain))}
+    assert members == {"zstd": {CHUNK, "cls", "json", "crc32.json"}, "none": {"chunk.npy", "cls", "json", "crc32.json"}}
+    assert read_samples(plain) == read_samples(tiny_shards)  # every chunk's sha256, label and JSON alike
+    sizes = {name: sum(s["bytes"] for s in m["shards"]) for name, m in manifests.items()}
+    assert sizes["zstd"] < 0.6 * sizes["none"]

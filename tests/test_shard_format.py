@@ -6,12 +6,23 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 from helpers import CLS_BATCHES, POS_NEG, damaged_copy, random_header, random_payload, zero_magic, zero_middle
 from helpers import open_cls as open_shard_set
 
 from luna_dist import seg_samples
-from luna_dist.shard_format import ShardSetError
+from luna_dist.shard_format import (
+    CODECS,
+    ZSTD_SUFFIX,
+    ShardSetError,
+    check_sample,
+    copy_payloads,
+    load_array,
+    npy_bytes,
+    stored_array,
+    with_checksums,
+)
 from luna_dist.stream import val_pipeline
 
 
@@ -34,7 +45,7 @@ def test_manifest_without_a_field_is_named(shard_dir, tmp_path, damage, problem)
     assert str(err.value).startswith(f"{tmp_path / 'manifest.json'}: {problem}")
 
 
-@pytest.mark.parametrize("damage, problem", [(zero_magic, "chunk.npy does not match its CRC-32"), (zero_middle, "no crc32.json (cut short? it holds only chunk.npy)")])
+@pytest.mark.parametrize("damage, problem", [(zero_magic, "chunk.npy.zst does not match its CRC-32"), (zero_middle, "no crc32.json (cut short? it holds only chunk.npy.zst)")])
 def test_damaged_shard_names_the_shard_and_thechunk_sample(shard_dir, tmp_path, damage, problem):
     shards, victim, key = damaged_copy(shard_dir, tmp_path, damage)
     with pytest.raises(ShardSetError) as err:
@@ -44,8 +55,8 @@ def test_damaged_shard_names_the_shard_and_thechunk_sample(shard_dir, tmp_path, 
 
 
 @pytest.mark.parametrize("slab, problem", [
-    ({"json": b"{}", "ct.npy": b"\0" * 200, "mask.npy": b"\0" * 200}, "unreadable ("),
-    ({"json": b"{}", "ct.npy": b"\0" * 200}, "no mask.npy"),
+    ({"json": b"{}", "ct.npy": b"\0" * 200, "mask.npy": b"\0" * 200}, "ct.npy unreadable ("),
+    ({"json": b"{}", "ct.npy": npy_bytes(np.zeros((1, 4, 4), dtype=np.int16))}, "no mask.npy"),
 ])
 def test_damaged_segmentation_slab_names_the_shard_and_the_slab(slab, problem):
     with pytest.raises(ShardSetError) as err:
@@ -64,7 +75,7 @@ def test_damage_in_place_keeps_the_size_and_stops_validation(shard_dir, tmp_path
         assert re.match(rf"{re.escape(str(victim))}: \d+ samples read, its manifest entry says {entry['samples']}",
                         str(err.value)), err.value
     else:
-        assert str(err.value).startswith(f"{victim}: sample {key}: chunk.npy does not match its CRC-32")
+        assert str(err.value).startswith(f"{victim}: sample {key}: chunk.npy.zst does not match its CRC-32")
 
 
 @pytest.mark.slow
@@ -74,3 +85,46 @@ def test_verify_names_the_shard_whose_sha256_differs(shard_dir, tmp_path):
     problems, seconds = shards.verify()
     assert len(problems) == 1 and problems[0].startswith(f"{victim}: {victim.stat().st_size} bytes streamed with sha256 ")
     assert "the manifest says" in problems[0] and seconds > 0
+
+
+ARRAYS = [
+    np.array([[-32768, -1000, -1], [0, 1000, 32767]], dtype=np.int16),  # every byte pattern that matters
+    np.random.default_rng(0).integers(-1000, 1001, size=(32, 48, 48)).astype(np.int16),
+    np.packbits(np.random.default_rng(1).random((96, 96)) < 0.1, axis=-1),  # a packed mask, uint8
+    np.zeros((0, 5), dtype=np.int16),
+]
+
+
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("array", ARRAYS, ids=["extremes", "chunk", "mask", "empty"])
+def test_every_codec_gives_back_the_array_it_stored(codec, array):
+    name, stored = stored_array("x.npy", npy_bytes(array), codec)
+    assert name == ("x.npy" if codec == "none" else "x.npy" + ZSTD_SUFFIX)
+    loaded = load_array({name: stored}, "x.npy")
+    assert loaded.dtype == array.dtype and np.array_equal(loaded, array)
+    batch = np.empty((2, *array.shape), dtype=array.dtype)
+    copy_payloads([{name: stored}, {"x.npy": npy_bytes(array)}], "x.npy", batch, array.shape)
+    assert np.array_equal(batch[0], array) and np.array_equal(batch[1], array)
+
+
+def test_compression_pays_on_a_chunk_and_the_crc_covers_the_stored_bytes():
+    chunk = ARRAYS[1]
+    name, stored = stored_array("chunk.npy", npy_bytes(chunk), "zstd")
+    assert len(stored) < 0.8 * chunk.nbytes  # uniform noise of 11 bits in 16 (log2 2001): ~0.69 of raw at best
+    sample = with_checksums({"__key__": "k", name: stored, "cls": b"0"})
+    check_sample(sample)
+    flipped = bytearray(stored)
+    flipped[len(stored) // 2] ^= 1
+    with pytest.raises(ShardSetError, match=r"sample k: chunk.npy.zst does not match its CRC-32"):
+        check_sample({**sample, name: bytes(flipped)})
+
+
+def test_a_compressed_member_that_cannot_be_read_is_named():
+    _, stored = stored_array("chunk.npy", npy_bytes(ARRAYS[1]), "zstd")
+    with pytest.raises(ShardSetError, match=r"sample k: chunk.npy.zst cannot be decompressed"):
+        load_array({"__key__": "k", "chunk.npy.zst": stored[:-10]}, "chunk.npy")
+    with pytest.raises(ShardSetError, match=r"sample k: no chunk.npy"):
+        load_array({"__key__": "k", "cls": b"0"}, "chunk.npy")
+    wrong = np.empty((1, 16, 48, 48), dtype=np.int16)
+    with pytest.raises(ShardSetError, match=r"chunk.npy is int16 \(32, 48, 48\), expected int16 \(16, 48, 48\)"):
+        copy_payloads([{"__key__": "k", "chunk.npy.zst": stored}], "chunk.npy", wrong, (16, 48, 48))
