@@ -498,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.add_argument("--plan", action="store_true",
                         help="read the tables and CT headers only, and print per fold the samples, bytes, disk and "
-                             "time a build would take (measured on one synthetic CT); write nothing")
+                             "time a build would take (measured on two synthetic CTs); write nothing")
     return parser
 
 

@@ -44,7 +44,7 @@ def test_the_plan_is_the_build(tiny_data, tiny_shards, tmp_path, capsys):
     planned_gb = float(rows["all"][7])
     built_gb = sum(s["bytes"] for s in built["shards"]) / 1e9
     assert planned_gb == pytest.approx(built_gb, rel=0.01, abs=0.005)
-    assert "rate measured here on a synthetic" in printed and "free at" in printed
+    assert "rate measured here on two synthetic CTs" in printed and "free at" in printed
 
 
 @pytest.mark.slow
