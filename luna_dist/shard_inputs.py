@@ -95,16 +95,12 @@ def read_inputs(data: Path, given: dict[str, Path | None], strict: bool, max_bad
     if skipped:
         message = (f"{len(skipped)} series of {paths['candidates']} have no .mhd under {data}"
                    f"{_missing_subsets(data)}, e.g. {skipped[0]['series_uid']}")
-        if strict:
-            raise InputError(message + " (--strict)")
-        warnings.append(f"warning: {message}; skipped and listed in the manifest")
+        _left_out(message, "; skipped and listed in the manifest", strict, warnings)
     unlisted = sorted(set(on_disk) - set(listed))
     if unlisted:
         message = (f"{len(unlisted)} CT(s) under {data} are in no row of {paths['candidates']}, "
                    f"e.g. {on_disk[unlisted[0]]}")
-        if strict:
-            raise InputError(message + " (--strict)")
-        warnings.append(f"warning: {message}; they are left out and listed in the manifest under unlisted")
+        _left_out(message, "; they are left out and listed in the manifest under unlisted", strict, warnings)
     findings = {name: [[a.series_uid, *a.center_xyz, a.diameter_mm] for a in table]
                 for name, table in (("annotations", annotations), ("excluded", excluded))}
     return Inputs(join_annotations(candidates, annotations, malignancy),
@@ -132,16 +128,19 @@ def _check_series_of_tables(paths: dict[str, Path | None], listed: list[str], se
                              f"pass {TABLES[name].flag} with the table of these series")
         message = (f"{len(outside):,} of the {len(series):,} series of {paths[name]} are not in "
                    f"{candidates_table}, e.g. {outside[0]}")
-        if strict:
-            raise InputError(message + " (--strict)")
-        warnings.append(f"warning: {message}; their rows are not in the build")
+        _left_out(message, "; their rows are not in the build", strict, warnings)
     if series_list is not None and (unscored := sorted(listed_set - set(series_list))):
         message = (f"{len(unscored):,} series of {candidates_table} are not in {paths['series_list']}, the series "
                    f"LUNA16 scores, e.g. {unscored[0]}")
-        if strict:
-            raise InputError(message + " (--strict)")
-        warnings.append(f"warning: {message}")
+        _left_out(message, "", strict, warnings)
     return warnings
+
+
+def _left_out(message: str, consequence: str, strict: bool, warnings: list[str]) -> None:
+    """Inputs that do not all go into the build: refused under --strict, else one warning line."""
+    if strict:
+        raise InputError(message + " (--strict)")
+    warnings.append(f"warning: {message}{consequence}")
 
 
 def _missing_subsets(data: Path) -> str:
