@@ -117,7 +117,7 @@ def stored_array(name: str, npy: bytes, codec: str) -> tuple[str, bytes]:
     if codec == "none":
         return name, npy
     header = _npy_header_length(npy)
-    itemsize = _itemsize(npy, header)
+    itemsize = _npy_layout({}, name, npy)[0].itemsize
     payload = np.frombuffer(npy, dtype=np.uint8, offset=header)
     grouped = payload.reshape(-1, itemsize).T.tobytes() if itemsize > 1 else payload.tobytes()
     return name + ZSTD_SUFFIX, _ZSTD_COMPRESSOR.compress(npy[:header] + grouped)
@@ -169,17 +169,6 @@ def _ungroup(sample: dict, name: str, data: bytes, out: np.ndarray) -> None:
 
 def _npy_header_length(npy: bytes) -> int:
     return 10 + int.from_bytes(npy[8:10], "little")
-
-
-_ITEMSIZE_CACHE: dict[bytes, int] = {}
-
-
-def _itemsize(npy: bytes, header: int) -> int:
-    """The element size a `.npy` header (that this module wrote) declares; parsed once per distinct header."""
-    key = bytes(npy[:header])
-    if key not in _ITEMSIZE_CACHE:
-        _ITEMSIZE_CACHE[key] = np.dtype(_parse_header(key)[0]).itemsize
-    return _ITEMSIZE_CACHE[key]
 
 
 def _parse_header(header: bytes) -> tuple[np.dtype, tuple]:
