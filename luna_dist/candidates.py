@@ -248,7 +248,8 @@ def join_annotations(
     return joined
 
 
-_SUBSET = re.compile(r"subset(\d+)$")
+SUBSET_FOLDER = re.compile(r"subset(\d+)$")
+"""A LUNA16 subset folder's name; its number is the fold of the series in it."""
 
 
 def find_series(data_dir: Path) -> dict[str, Path]:
@@ -270,7 +271,7 @@ def assign_folds(series: dict[str, Path]) -> dict[str, int]:
     """
     folds, loose = {}, []
     for uid in sorted(series):
-        match = _SUBSET.match(series[uid].parent.name)
+        match = SUBSET_FOLDER.match(series[uid].parent.name)
         if match and int(match.group(1)) < N_FOLDS:
             folds[uid] = int(match.group(1))
         else:
@@ -292,7 +293,7 @@ def folds_as_built(found: dict[str, Path], listed: Iterable[str]) -> dict[str, i
     listed = set(listed)
     kept = {}
     for uid, path in found.items():
-        subset = _SUBSET.match(path.parent.name)
+        subset = SUBSET_FOLDER.match(path.parent.name)
         if uid in listed or (subset and int(subset.group(1)) < N_FOLDS):
             kept[uid] = path
     return assign_folds(kept)

@@ -8,12 +8,12 @@ layout the build reads, and a build from its remains would silently miss most of
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from luna_dist.candidates import (
     N_FOLDS,
+    SUBSET_FOLDER,
     Annotation,
     Candidate,
     find_series,
@@ -146,7 +146,7 @@ def _left_out(message: str, consequence: str, strict: bool, warnings: list[str])
 def _missing_subsets(data: Path) -> str:
     """Which of subset0..9 are missing, when the data has some of them: the likeliest cause of series without CTs."""
     present = {int(m.group(1)) for path in data.glob("**/subset*") if path.is_dir()
-               and (m := re.fullmatch(r"subset(\d+)", path.name))}
+               and (m := SUBSET_FOLDER.match(path.name))}
     missing = [f"subset{n}/" for n in range(N_FOLDS) if n not in present]
     if not present or not missing:
         return ""
