@@ -154,7 +154,7 @@ def plan(options, inputs: Inputs, rate: Rate | None = None) -> tuple[dict[int, F
         header = headers[uid]
         series = SeriesInputs(uid, folds[uid], by_series[uid], nodules[uid])
         samples, val_slices = options.cutter.planned_samples(series, header.shape, header.geometry)
-        positives = sum(c.is_nodule for c in by_series[uid]) if options.task == "cls" else 0
+        positives = samples - options.cutter.planned_negatives(by_series[uid])  # also packed per fold once all done
         fold.series += 1
         fold.candidates += len(by_series[uid])
         fold.nodules += len(nodules[uid])
