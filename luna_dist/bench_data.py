@@ -24,7 +24,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, Dataset
 
 from luna_dist import chunk_samples
-from luna_dist.candidates import Annotation, Candidate, find_series, read_candidates, read_series_list
+from luna_dist.candidates import N_FOLDS, Annotation, Candidate, find_series, read_candidates, read_series_list
 from luna_dist.ct import CHUNK_SHAPE, cut_chunks, read_ct
 from luna_dist.detect import group
 from luna_dist.evaluate import Findings, Marks, froc, read_findings, read_marks, write_marks
@@ -32,7 +32,7 @@ from luna_dist.findings import confusion
 from luna_dist.geometry import xyz_to_irc
 from luna_dist.model import LunaModel, SegmentationModel
 from luna_dist.shard import BuildOptions, build
-from luna_dist.shard_format import CODECS, copy_payloads, load_array, npy_bytes, stored_array
+from luna_dist.shard_format import CODECS, copy_payloads, load_array, stored_arrays
 from luna_dist.stream import TrainStreamConfig, open_shard_set, pos_neg_streams, train_loader
 
 # -- shard ------------------------------------------------------------------------------------------------
@@ -112,7 +112,7 @@ def bench_codecs(shards_dir: Path, n_samples: int = 300) -> dict:
 
     shards = open_shard_set(shards_dir, chunk_samples)
     chunks = []
-    for sample in wds.DataPipeline(wds.SimpleShardList(shards.shards(range(10), "neg")), wds.tarfile_to_samples()):
+    for sample in wds.DataPipeline(wds.SimpleShardList(shards.shards(range(N_FOLDS), "neg")), wds.tarfile_to_samples()):
         chunks.append(load_array(sample, "chunk.npy"))
         if len(chunks) == n_samples:
             break
@@ -124,13 +124,13 @@ def bench_codecs(shards_dir: Path, n_samples: int = 300) -> dict:
         figures = {}
         for prefix, arrays in variants.items():
             started = time.perf_counter()
-            stored = [stored_array("chunk.npy", npy_bytes(a), codec) for a in arrays]
+            name, stored = stored_arrays("chunk.npy", arrays, codec)
             encode_seconds = time.perf_counter() - started
             started = time.perf_counter()
-            for name, data in stored:
+            for data in stored:
                 copy_payloads([{name: data}], "chunk.npy", batch, CHUNK_SHAPE)
             decode_seconds = time.perf_counter() - started
-            figures |= {f"{prefix}member_bytes": float(np.mean([len(data) for _, data in stored])),
+            figures |= {f"{prefix}member_bytes": float(np.mean([len(data) for data in stored])),
                         f"{prefix}encode_samples_per_s_per_core": len(arrays) / encode_seconds,
                         f"{prefix}decode_samples_per_s_per_core": len(arrays) / decode_seconds}
         result[codec] = figures

@@ -180,7 +180,8 @@ def cut_boxes(
     ends = starts + np.asarray(shape)
     size = np.asarray(volume.shape)
     outside = np.any((starts < 0) | (ends > size), axis=1)
-    boxes = np.full((len(centers_irc), *shape), fill, dtype=dtype)
+    boxes = np.empty((len(centers_irc), *shape), dtype=dtype)
+    boxes[outside] = fill  # the others are copied whole: filling them first would be a wasted pass
     # One slice copy per box (a few hundred per CT): the voxels themselves are never looped over.
     for n, (start, end) in enumerate(zip(starts, ends)):
         src_lo = np.maximum(start, 0)

@@ -47,7 +47,6 @@ from luna_dist.shard_format import (
     copy_payloads,
     damaged,
     load_array,
-    npy_bytes,
     require,
     stored_array,
 )
@@ -221,7 +220,7 @@ class SegmentCutter:
 
 def _arrays(arrays: dict[str, np.ndarray], codec: str) -> dict[str, bytes]:
     """A sample's `.npy` members, stored by `codec`."""
-    return dict(stored_array(name, npy_bytes(array), codec) for name, array in arrays.items())
+    return dict(stored_array(name, array, codec) for name, array in arrays.items())
 
 
 # -- reading --------------------------------------------------------------------------------------
