@@ -34,6 +34,7 @@ from luna_dist.shard_format import (
     Cut,
     SeriesInputs,
     copy_payloads,
+    new_batch,
     require,
     sample_key,
     stored_arrays,
@@ -113,7 +114,7 @@ class ChunkCutter:
 # -- reading --------------------------------------------------------------------------------------
 def collate(samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw samples -> (chunks (N, 1, I, R, C) int16, labels (N,) int64), one copy per chunk."""
-    chunks = torch.empty((len(samples), 1, *CHUNK_SHAPE), dtype=torch.int16)
+    chunks = new_batch((len(samples), 1, *CHUNK_SHAPE), torch.int16)
     require(samples, "cls")
     copy_payloads(samples, "chunk.npy", chunks.numpy(), CHUNK_SHAPE)
     labels = torch.tensor([sample["cls"] == b"1" for sample in samples], dtype=torch.int64)

@@ -47,6 +47,7 @@ from luna_dist.shard_format import (
     copy_payloads,
     damaged,
     load_array,
+    new_batch,
     require,
     stored_array,
 )
@@ -226,7 +227,7 @@ def _arrays(arrays: dict[str, np.ndarray], codec: str) -> dict[str, bytes]:
 # -- reading --------------------------------------------------------------------------------------
 def collate_stacks(samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """Training samples -> (stacks (N, 7, 96, 96) int16, masks (N, 1, 96, 96) bool), one copy per member."""
-    stacks = torch.empty((len(samples), STACK, CROP, CROP), dtype=torch.int16)
+    stacks = new_batch((len(samples), STACK, CROP, CROP), torch.int16)
     copy_payloads(samples, "ct.npy", stacks.numpy(), (STACK, CROP, CROP))
     packed = np.empty((len(samples), CROP, -(-CROP // 8)), dtype=np.uint8)
     copy_payloads(samples, "mask.npy", packed, packed.shape[1:])

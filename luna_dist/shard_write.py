@@ -8,19 +8,15 @@ into `fold{K}-pos-NNNNNN.tar`. What a build is and when it resumes is `luna_dist
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
-import tarfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import webdataset as wds
-
 from luna_dist.ct import read_ct
 from luna_dist.shard_format import Cutter, SeriesInputs, shard_name, with_checksums
+from luna_dist.shard_tar import TarShard, read_samples
 
 WORK = ".build"
 """The build's journal under --out: the plan, a record per finished CT, the positives waiting to be packed."""
@@ -68,81 +64,6 @@ class SeriesResult:
     bytes_read: int
     seconds: float = field(default=0.0)
     val_slices: int = 0
-
-
-# -- tar files ---------------------------------------------------------------------------------------
-# A shard's bytes are exactly those webdataset's TarWriter writes (Python's tarfile, PAX format:
-# ustar headers, mode 0o444, owner bigdata, mtime 0), but written here: tarfile builds each
-# 512-byte header field by field and writes a member in several calls, a third of a CT's build.
-_BLOCK, _RECORD = 512, 20 * 512  # tarfile ends an archive with two zero blocks, padded to a whole record
-_ZEROS = bytes(_RECORD)
-_MODE_IDS = b"0000444\0" b"0000000\0" b"0000000\0"  # mode 0o444, uid 0, gid 0
-_MTIME = b"00000000000\0"
-_AFTER_CHECKSUM = (b"0" + bytes(100) + b"ustar\x0000" + b"bigdata".ljust(32, b"\0") * 2
-                   + bytes(8 + 8 + 155 + 12))  # regular file, no link, magic, owner names, devices, prefix
-_HEADER_SUM = sum(_MODE_IDS) + sum(_MTIME) + 8 * ord(" ") + sum(_AFTER_CHECKSUM)
-
-
-def _member_header(name: str, size: int) -> bytes:
-    """The tar header of a regular file `name` of `size` bytes, as tarfile writes it for TarWriter."""
-    if not (name.isascii() and len(name) <= 100 and size < 8 ** 11):  # ustar cannot hold it: tarfile adds pax
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o444, "bigdata", "bigdata"
-        return info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
-    name_field, size_field = name.encode().ljust(100, b"\0"), b"%011o\0" % size
-    checksum = _HEADER_SUM + sum(name_field) + sum(size_field)  # of the header with its checksum field blank
-    return b"".join((name_field, _MODE_IDS, size_field, _MTIME, b"%06o\0 " % checksum, _AFTER_CHECKSUM))
-
-
-class TarShard:
-    """A tar file that exists under its name only once complete: written as `NAME.partial`, each sample's
-    members in one system call, hashed as they pass (never read back), renamed when closed without error.
-
-    No fsync: the rename is what protects against a killed build, and a resumed build
-    checks every journaled shard's size before trusting it.
-    """
-
-    def __init__(self, path: Path):
-        self.path, self.samples, self.size, self.sha256 = path, 0, 0, hashlib.sha256()
-        self._partial = path.with_name(path.name + ".partial")
-        self._fd = os.open(self._partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-
-    def write(self, sample: dict) -> None:
-        """A sample's members `KEY.NAME` in name order, as TarWriter writes them; fields starting with `_`
-        (`__key__`, and a reader's `__url__`) are not members."""
-        key, pieces = sample["__key__"], []
-        for name in sorted(sample):
-            if not name.startswith("_"):
-                data = sample[name]
-                pieces += (_member_header(f"{key}.{name}", len(data)), data, _ZEROS[:-len(data) % _BLOCK])
-        self._write(pieces)
-        self.samples += 1
-
-    def _write(self, pieces: list) -> None:
-        for piece in pieces:
-            self.sha256.update(piece)
-        total = sum(map(len, pieces))
-        written = os.writev(self._fd, pieces)
-        if written < total:  # a regular file takes it all, unless e.g. the disk fills: then os.write raises
-            rest = memoryview(b"".join(pieces))[written:]
-            while rest:
-                rest = rest[os.write(self._fd, rest):]
-        self.size += total
-
-    def __enter__(self) -> TarShard:
-        return self
-
-    def __exit__(self, error_type, error, traceback) -> None:
-        try:
-            if error_type is None:
-                end = self.size + 2 * _BLOCK
-                self._write([_ZEROS[:2 * _BLOCK + (-end % _RECORD)]])
-        finally:
-            os.close(self._fd)
-        if error_type is None:
-            os.replace(self._partial, self.path)
-        else:
-            self._partial.unlink(missing_ok=True)
 
 
 def write_shards(samples: list[dict], out_dir: Path, fold: int, label: str, first: int,
@@ -198,6 +119,9 @@ def pack_positives(results: list[SeriesResult], out: Path, per_shard: int) -> li
     for path in out.glob("fold*-pos-*.tar"):
         path.unlink()  # an earlier packing, maybe with fewer CTs
     for fold, tars in sorted(by_fold.items()):
-        samples = list(wds.DataPipeline(wds.SimpleShardList(tars), wds.tarfile_to_samples()))
+        samples = []
+        for tar in tars:
+            with open(tar, "rb") as stream:
+                samples += read_samples(stream, tar)
         records += write_shards(samples, out, fold, "pos", 0, per_shard)
     return records

@@ -125,7 +125,7 @@ def zero_middle(file, members) -> str:
 
 
 def random_header(file, members) -> str:
-    """512 random bytes over a tar header in mid-archive: Python's tarfile takes it for the end of the archive."""
+    """512 random bytes over a tar header in mid-archive: the reader finds its checksum wrong."""
     member = members[len(members) // 2]
     file.seek(member.offset)
     file.write(np.random.default_rng(0).bytes(512))
