@@ -33,6 +33,7 @@ from luna_dist.geometry import xyz_to_irc
 from luna_dist.model import LunaModel, SegmentationModel
 from luna_dist.shard import BuildOptions, build
 from luna_dist.shard_format import CODECS, copy_payloads, load_array, stored_arrays
+from luna_dist.shard_write import WORK
 from luna_dist.stream import (
     ShardSet,
     TrainStreamConfig,
@@ -91,6 +92,7 @@ def bench_shard(data: Path, out: Path, workers: int) -> dict:
             seconds = time.perf_counter() - started
             result[cache][f"{codec}_build_seconds"] = seconds
             result[cache][f"{codec}_build_over_read"] = seconds / read_seconds
+            result[cache][f"{codec}_worker_seconds_per_ct"] = _stage_seconds_per_ct(out)
         samples, build_seconds = manifest["counts"]["samples"], result[cache][f"{CODECS[0]}_build_seconds"]
         result[cache] |= {
             "build_seconds": build_seconds,
@@ -112,6 +114,13 @@ def bench_shard(data: Path, out: Path, workers: int) -> dict:
     result["build_over_read"] = result["cold"]["build_to_read_ratio"]
     result["build_over_read_page_cache"] = result["warm"]["build_to_read_ratio"]
     return result
+
+
+def _stage_seconds_per_ct(out: Path) -> dict[str, float]:
+    """Where a build's workers spent their time, per CT on average: reading, cutting (with encoding and
+    compressing), writing; from the journal each CT's worker wrote."""
+    journal = [json.loads(path.read_text()) for path in (out / WORK / "done").glob("*.json")]
+    return {stage: sum(r["stage_seconds"][stage] for r in journal) / len(journal) for stage in ("read", "cut", "write")}
 
 
 def bench_codecs(shards_dir: Path, n_samples: int = 300) -> dict:

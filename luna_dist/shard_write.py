@@ -64,6 +64,7 @@ class SeriesResult:
     bytes_read: int
     seconds: float = field(default=0.0)
     val_slices: int = 0
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # read, cut (and encode), write
 
 
 def write_shards(samples: list[dict], out_dir: Path, fold: int, label: str, first: int,
@@ -80,9 +81,11 @@ def write_shards(samples: list[dict], out_dir: Path, fold: int, label: str, firs
 
 def shard_series(task: SeriesTask) -> SeriesResult:
     """Read one CT, cut it, write its negative (and validation) shards and its positives' tar."""
-    started = time.perf_counter()
+    stages, started = {}, time.perf_counter()
     ct = read_ct(Path(task.mhd_path))
+    stages["read"] = time.perf_counter() - started
     cut = task.cutter.cut(task, ct)
+    stages["cut"] = time.perf_counter() - started - stages["read"]
 
     out_dir = Path(task.out_dir)
     shards = write_shards(cut.neg, out_dir, task.fold, "neg", task.neg_first_shard, task.samples_per_shard)
@@ -91,6 +94,8 @@ def shard_series(task: SeriesTask) -> SeriesResult:
         with TarShard(positives_tar(out_dir, task.series_uid)) as tar:
             for sample in cut.pos:
                 tar.write(sample)
+    seconds = time.perf_counter() - started
+    stages["write"] = seconds - stages["read"] - stages["cut"]
     return SeriesResult(
         series_uid=task.series_uid,
         fold=task.fold,
@@ -99,8 +104,9 @@ def shard_series(task: SeriesTask) -> SeriesResult:
         negatives=len(cut.neg),
         outside_volume=cut.outside_volume,
         bytes_read=ct.hu.nbytes,
-        seconds=time.perf_counter() - started,
+        seconds=seconds,
         val_slices=cut.val_slices,
+        stage_seconds=stages,
     )
 
 

@@ -18,7 +18,8 @@ CODEC_FIELDS = {f"{variant}{figure}" for variant in ("", "low_noise_")
                                "bytes_ratio")}
 SHARD_TIMED_FIELDS = {"read_seconds", "build_seconds", "build_to_read_ratio", "cts_per_s", "samples_per_s",
                       "chunk_mb_per_s", "input_mb_per_s", "zstd_build_seconds", "zstd_build_over_read",
-                      "none_build_seconds", "none_build_over_read"}
+                      "none_build_seconds", "none_build_over_read", "zstd_worker_seconds_per_ct",
+                      "none_worker_seconds_per_ct"}
 LOADER_FIELDS = {"batch_size", "shards", "per_candidate_random", "per_candidate_series_order",
                  "per_candidate_disk_cache", "plain_tar_loop", "shards_vs_random_baseline", "shards_vs_disk_cache",
                  "worker_over_in_process", "decode_samples_per_s_per_core"}
@@ -53,7 +54,10 @@ def test_shard_figures(tiny_work, capsys):
     assert all(_positive(shard[key]) for key in SHARD_FIELDS - {"cold", "warm", "codec", "codecs"})
     for cache in ("cold", "warm"):
         assert set(shard[cache]) == SHARD_TIMED_FIELDS
-        assert all(_positive(v) for v in shard[cache].values())
+        assert all(_positive(v) for k, v in shard[cache].items() if not k.endswith("_per_ct"))
+        for codec in ("zstd", "none"):
+            stages = shard[cache][f"{codec}_worker_seconds_per_ct"]
+            assert set(stages) == {"read", "cut", "write"} and all(_positive(v) for v in stages.values())
     # Uncompressed, a sample on disk is the int16 chunk plus tar headers, JSON and checksums; built by default
     # (zstd) it is about half that on the synthetic CTs' noise.
     assert 32 * 48 * 48 * 2 < shard["bytes_per_sample_uncompressed"] < 32 * 48 * 48 * 2 + 5 * 1024
