@@ -64,9 +64,10 @@ from luna_dist.model import LunaModel, SegmentationModel, WeightsError
 
 log = get_logger("luna_dist.analyze")
 
-ANALYSIS_VERSION = 2
+ANALYSIS_VERSION = 3
 """Part of every CT's `produced_by`: bumped whenever the same inputs would give other findings, so a rerun
-redoes the CTs of an earlier version (version 1 wrote no `produced_by`; its findings sat on voxel centres)."""
+redoes the CTs of an earlier version (version 1 wrote no `produced_by`; its findings sat on voxel centres;
+version 2 gave no sizes)."""
 
 
 class AnalysisError(Exception):
@@ -335,7 +336,8 @@ def analyse_share(share: list[str], series: dict[str, Path], positions: Position
             done.reused += 1
             continue
         try:
-            result = analyze_ct(series[uid], models, accelerator.device, args.batch_size, accelerator.autocast, xyz)
+            result = analyze_ct(series[uid], models, accelerator.device, args.batch_size, accelerator.autocast,
+                                xyz).result
         except CtError as err:
             done.failed.append({"series_uid": uid, "path": str(series[uid]), "error": str(err)})
             print(f"error: {err}; {uid} left out", file=sys.stderr)

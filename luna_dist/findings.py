@@ -25,7 +25,9 @@ MATCH_DISTANCE = 0.7
 """A detection matches a nodule when its distance divided by the nodule's diameter is below this."""
 
 DETECTION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "index", "row", "col", "voxels",
-                     "p_nodule", "p_malignant")
+                     "diameter_mm", "volume_mm3", "p_nodule", "p_malignant")
+"""detections.csv: position (mm, and continuous voxel indices), the group's voxels, longest axial diameter (mm)
+and volume (mm³), both probabilities; sizes and p_malignant are empty where there are none."""
 
 CONFUSION_ROWS = ("non-nodule", "benign", "malignant")
 
@@ -147,6 +149,7 @@ def write_detections(path: Path, results: list[dict]) -> None:
         writer.writerow(DETECTION_COLUMNS)
         for r in sorted(results, key=lambda r: r["series_uid"]):
             for d in sorted(r["detections"], key=lambda d: -d["p_nodule"]):
+                optional = ["" if d[key] is None else f"{d[key]:.6g}" for key in ("diameter_mm", "volume_mm3")]
                 p_malignant = "" if d["p_malignant"] is None else f"{d['p_malignant']:.6g}"
                 writer.writerow([r["series_uid"], *(f"{v:.3f}" for v in d["xyz"]), *d["irc"], d["voxels"],
-                                 f"{d['p_nodule']:.6g}", p_malignant])
+                                 *optional, f"{d['p_nodule']:.6g}", p_malignant])
