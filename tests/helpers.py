@@ -186,3 +186,36 @@ def real_table(name: str, dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_bytes(gzip.decompress((REAL_TABLES / f"{name}.gz").read_bytes()))
     return dest
+
+
+# -- a CT written as a DICOM series --------------------------------------------------------------------------
+def write_dicom_series(image, folder: Path, series_uid: str, modality: str = "CT", skip: tuple[int, ...] = (),
+                       moved: dict[int, float] | None = None) -> Path:
+    """Write a 3-D SimpleITK image of HU as one DICOM file per slice in `folder`, as a scanner does: unsigned
+    16-bit values with rescale intercept -1024, each slice placed by ImagePositionPatient and oriented by
+    ImageOrientationPatient (positions as decimal strings, 6 decimals). `skip` leaves slices out; `moved`
+    shifts slices along the slice normal by that many mm."""
+    import SimpleITK as sitk
+
+    folder.mkdir(parents=True, exist_ok=True)
+    floats = sitk.Cast(image, sitk.sitkFloat32)  # so the writer stores them with the rescale given below
+    d = image.GetDirection()
+    normal = np.array(d[2::3])
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for i in range(image.GetDepth()):
+        if i in skip:
+            continue
+        position = np.array(image.TransformIndexToPhysicalPoint((0, 0, i))) + normal * (moved or {}).get(i, 0.0)
+        tags = {"0008|0060": modality, "0020|000e": series_uid, "0020|000d": series_uid + ".0",
+                "0008|0018": f"{series_uid}.{i + 1}", "0020|0013": str(i + 1),
+                "0020|0032": "\\".join(f"{v:.6f}" for v in position),
+                "0020|0037": "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
+                "0018|0050": f"{image.GetSpacing()[2]:.6f}", "0028|1052": "-1024", "0028|1053": "1",
+                "0028|0100": "16", "0028|0101": "16", "0028|0102": "15", "0028|0103": "0"}
+        plane = floats[:, :, i]
+        for key, value in tags.items():
+            plane.SetMetaData(key, value)
+        writer.SetFileName(str(folder / f"slice{i:04d}.dcm"))
+        writer.Execute(plane)
+    return folder
