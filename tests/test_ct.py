@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from helpers import write_dicom_series
+from helpers import BAD_CTS, tilted_image, write_dicom_series
 
 from luna_dist.ct import CHUNK_SHAPE, HU_MAX, HU_MIN, CtError, chunk_bounds, cut_chunks, find_ct, read_ct
 from luna_dist.geometry import Geometry
@@ -321,16 +321,6 @@ def test_voxel_types_that_cannot_hold_hu_are_refused(tmp_path, dtype, words):
 
 
 # --- CTs of other formats: a DICOM series, NIfTI --------------------------------------------------------
-def tilted_image(hu: np.ndarray) -> sitk.Image:
-    """`hu` as an image whose slices are tilted 20° about y, at a non-trivial origin: geometry that shows."""
-    image = sitk.GetImageFromArray(hu)
-    image.SetSpacing((0.7, 0.8, 2.5))
-    image.SetOrigin((-20.125, 30.5, -100.25))
-    t = np.radians(20)
-    image.SetDirection([np.cos(t), 0, np.sin(t), 0, 1, 0, -np.sin(t), 0, np.cos(t)])
-    return image
-
-
 @pytest.mark.parametrize("kind", ["dicom", "nifti", "mha"])
 def test_other_formats_read_as_the_mhd_they_came_from(tmp_path, kind):
     hu = np.random.default_rng(0).integers(-1000, 1000, (6, 20, 24)).astype(np.int16)
@@ -348,43 +338,6 @@ def test_other_formats_read_as_the_mhd_they_came_from(tmp_path, kind):
     for field in ("origin_xyz", "spacing_xyz", "direction"):  # DICOM's decimals, NIfTI's float32
         np.testing.assert_allclose(getattr(ct.geometry, field), getattr(expected.geometry, field), atol=1e-5)
     assert find_ct(path).size_irc == hu.shape
-
-
-def _series_with(**options):
-    def make(image, tmp_path):
-        return write_dicom_series(image, tmp_path / "series", "1.2.3", **options)
-    return make
-
-
-def _two_series(image, tmp_path):
-    write_dicom_series(image, tmp_path / "series", "1.2.3")
-    for file in write_dicom_series(image, tmp_path / "other", "1.2.4").iterdir():
-        file.rename(tmp_path / "series" / f"other-{file.name}")
-    return tmp_path / "series"
-
-
-def _flat_nifti(image, tmp_path):
-    sitk.WriteImage(image[:, :, 0], str(tmp_path / "flat.nii.gz"))
-    return tmp_path / "flat.nii.gz"
-
-
-def _no_dicom(image, tmp_path):
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "notes.txt").write_text("no images here\n")
-    return tmp_path / "empty"
-
-
-BAD_CTS = [  # (name, how to make it, what the one line says after the path)
-    ("two series", _two_series, "series: 2 DICOM series (1.2.3, 1.2.4): give a folder holding one series"),
-    ("not CT", _series_with(modality="MR"), "slice0000.dcm: DICOM modality MR (0008|0060), not CT"),
-    ("one slice", _series_with(skip=(1, 2, 3, 4, 5)), "series: a DICOM series of one slice: a 2-D image, not a CT"),
-    ("2-D file", _flat_nifti, "flat.nii.gz: expected a 3-D image, found 2-D"),
-    ("missing slice", _series_with(skip=(3,)),
-     "series: 1 slice(s) missing: 5 mm between slice0002.dcm and slice0004.dcm"),
-    ("uneven spacing", _series_with(moved={3: 0.8}),
-     "series: uneven slice spacing: 3.3 mm between slice0002.dcm and slice0003.dcm"),
-    ("no DICOM", _no_dicom, "empty: a folder holding no DICOM series"),
-]
 
 
 @pytest.mark.parametrize("make, said", [row[1:] for row in BAD_CTS], ids=[row[0] for row in BAD_CTS])
