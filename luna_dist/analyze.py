@@ -39,6 +39,7 @@ import hashlib
 import json
 import re
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,7 +51,7 @@ from accelerate.utils import gather_object
 
 from luna_dist import __version__, cli
 from luna_dist.atomic import write_json
-from luna_dist.candidates import CsvError, find_series, folds_as_built, read_candidates
+from luna_dist.candidates import Annotation, CsvError, find_series, folds_as_built, read_candidates
 from luna_dist.ct import CtError, find_ct
 from luna_dist.detect import (
     EROSION_ITERATIONS,
@@ -64,13 +65,14 @@ from luna_dist.evaluate import EvaluationError, shard_findings, write_marks
 from luna_dist.findings import Truth, marks_of, read_truth, score, write_detections
 from luna_dist.layout import find_tables
 from luna_dist.model import LunaModel, SegmentationModel, WeightsError
+from luna_dist.report import draw_ct, write_report
 
 log = get_logger("luna_dist.analyze")
 
 ANALYSIS_VERSION = 3
 """Part of every CT's `produced_by`: bumped whenever the same inputs would give other findings, so a rerun
 redoes the CTs of an earlier version (version 1 wrote no `produced_by`; its findings sat on voxel centres;
-version 2 gave no sizes)."""
+version 2 gave no sizes and drew no images)."""
 
 
 class AnalysisError(Exception):
@@ -168,9 +170,18 @@ def produced_by(models: Models, mixed_precision: str, candidates_mode: bool) -> 
             "mixed_precision": mixed_precision}
 
 
-def ct_produced_by(shared: dict, path: Path, candidates_xyz: np.ndarray | None) -> dict:
+def ct_produced_by(shared: dict, path: Path, candidates_xyz: np.ndarray | None,
+                   nodules: list[Annotation] | None) -> dict:
+    """`shared` and what is the CT's own: its candidates, its file(s), and its annotated nodules, whose
+    matches and images of missed ones its result holds."""
     return {**shared, "candidates_sha256": None if candidates_xyz is None else positions_sha256(candidates_xyz),
-            "ct": ct_identity(path)}
+            "nodules_sha256": None if nodules is None else nodules_sha256(nodules), "ct": ct_identity(path)}
+
+
+def nodules_sha256(nodules: list[Annotation]) -> str:
+    """sha256 of one series' annotated nodules: centre, diameter and malignancy of each, in the table's order."""
+    rows = "".join(f"{n.center_xyz!r} {n.diameter_mm!r} {n.is_malignant!r}\n" for n in nodules)
+    return hashlib.sha256(rows.encode()).hexdigest()
 
 
 def finished_result(path: Path, wanted: dict) -> tuple[dict | None, bool]:
@@ -364,27 +375,36 @@ class Share:
     write_error: str | None = None  # why a result could not be written; the share stops there
 
 
-def analyse_share(share: list[str], series: dict[str, Path], positions: Positions | None, models: Models,
-                  shared: dict, args: argparse.Namespace, accelerator: Accelerator) -> Share:
-    """Analyse (or reuse) this process's CTs, writing each one's findings as soon as it is done."""
+def analyse_share(share: list[str], series: dict[str, Path], positions: Positions | None, truth: Truth | None,
+                  models: Models, shared: dict, args: argparse.Namespace, accelerator: Accelerator) -> Share:
+    """Analyse (or reuse) this process's CTs, writing each one's findings and images as soon as it is done."""
     done, per_ct = Share(), args.out / "ct"
+    nodules_of: dict[str, list[Annotation]] = {}
+    for nodule in truth.nodules if truth else []:
+        nodules_of.setdefault(nodule.series_uid, []).append(nodule)
     for uid in share:
         path, xyz = per_ct / f"{uid}.json", None if positions is None else positions.xyz[uid]
-        wanted = ct_produced_by(shared, series[uid], xyz)
+        nodules = nodules_of.get(uid, []) if truth else None
+        wanted = ct_produced_by(shared, series[uid], xyz, nodules)
         result, existed = finished_result(path, wanted)
         if result is not None:
             done.results.append(result)
             done.reused += 1
             continue
         try:
-            result = analyze_ct(series[uid], models, accelerator.device, args.batch_size, accelerator.autocast,
-                                xyz).result
+            analysed = analyze_ct(series[uid], models, accelerator.device, args.batch_size, accelerator.autocast,
+                                  xyz)
         except CtError as err:
             done.failed.append({"series_uid": uid, "path": str(series[uid]), "error": str(err)})
             print(f"error: {err}; {uid} left out", file=sys.stderr)
             continue
+        result = analysed.result
         result["produced_by"] = wanted
         try:
+            started = time.perf_counter()
+            draw_ct(analysed, nodules, args.out)  # while the CT and its groups are in memory
+            result["seconds"]["images"] = time.perf_counter() - started
+            del analysed
             write_json(path, result)
         except OSError as err:
             done.write_error = f"{err.strerror or err}: {err.filename or path}"
@@ -439,7 +459,8 @@ def _run(args: argparse.Namespace, accelerator: Accelerator) -> dict:
     accelerator.wait_for_everyone()
 
     share = assign({uid: ct_voxels(path) for uid, path in series.items()}, accelerator.num_processes)
-    done = analyse_share(share[accelerator.process_index], series, positions, models, shared, args, accelerator)
+    done = analyse_share(share[accelerator.process_index], series, positions, truth, models, shared, args,
+                         accelerator)
     results, failed = gather_object(done.results), gather_object(done.failed)
     reused, redone = (sum(gather_object([n])) for n in (done.reused, done.redone))
     write_errors = gather_object([done.write_error] if done.write_error else [])
@@ -457,6 +478,7 @@ def _run(args: argparse.Namespace, accelerator: Accelerator) -> dict:
                    "produced_by": run_produced_by(args, models, shared)}
         try:
             summary = write_outputs(args, results, summary, truth)
+            log.info(f"report: {write_report(args.out, results, summary, series)}")
         except OSError as err:
             output_error = unwritable(f"{err.strerror or err}: {err.filename}", args.out, len(results))
     accelerator.wait_for_everyone()
@@ -496,7 +518,7 @@ def write_outputs(args: argparse.Namespace, results: list[dict], summary: dict, 
     marks = marks_of(detections)
     write_marks(args.out / "submission.csv", marks)
     seconds = {stage: sum(r["seconds"].get(stage, 0.0) for r in results) for stage in
-               ("read", "segment", "group", "classify")}
+               ("read", "segment", "group", "classify", "images")}
     analysed = sorted(r["series_uid"] for r in results)
     summary = {**summary, "detections": len(detections), "mode": summary["produced_by"]["mode"], "seconds": seconds,
                **(score(analysed, detections, marks, truth, args.out) if truth else {})}

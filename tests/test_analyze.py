@@ -16,6 +16,7 @@ import csv
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -33,6 +34,7 @@ from luna_dist.analyze import assign, main
 from luna_dist.candidates import assign_folds, find_series, folds_as_built, read_annotations
 from luna_dist.detect import load_model
 from luna_dist.model import LunaModel
+from luna_dist.report import IMAGES_PER_CT
 from luna_dist.shard import BuildOptions, build
 
 RUN_TIMEOUT = 300
@@ -129,6 +131,21 @@ def test_one_rank_analysis_writes_findings_and_scores_them(synth_data, one_rank)
     assert summary["froc"]["scans"] == 3 and summary["froc"]["nodules"] == len(nodules)
     assert 0 <= summary["froc"]["cpm"] <= 1
     assert (one_rank / "froc.png").is_file()
+    _check_report(one_rank, series)
+
+
+def _check_report(out: Path, series: list[str]) -> None:
+    """report.html links a page per CT, each page lists every detection of its CT, and every image linked
+    is there: the top IMAGES_PER_CT detections' and the missed nodules'."""
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert sorted(re.findall(r'<a class="path" href="ct/([^"]+)\.html">', page)) == series
+    for uid in series:
+        result = json.loads((out / "ct" / f"{uid}.json").read_text())
+        ct_page = (out / "ct" / f"{uid}.html").read_text(encoding="utf-8")
+        assert ct_page.count('<tr class="detection">') == len(result["detections"])
+        images = re.findall(r'<img class="slices" src="([^"]+)"', ct_page)
+        assert len(images) == min(IMAGES_PER_CT, len(result["detections"])) + len(result["missed"])
+        assert all((out / "ct" / image).is_file() for image in images)
 
 
 @pytest.mark.slow
@@ -139,6 +156,7 @@ def test_two_ranks_give_the_same_detections(synth_data, models, one_rank, tmp_pa
     assert _rows(out / "detections.csv") == _rows(one_rank / "detections.csv")
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["processes"], summary["analysed"]) == (2, 3)
+    _check_report(out, _three_series(synth_data))  # each process drew its own CTs' images
 
 
 @pytest.mark.slow
