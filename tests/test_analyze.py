@@ -144,7 +144,7 @@ def _check_report(out: Path, series: list[str]) -> None:
         ct_page = (out / "ct" / f"{uid}.html").read_text(encoding="utf-8")
         assert ct_page.count('<tr class="detection">') == len(result["detections"])
         images = re.findall(r'<img class="slices" src="([^"]+)"', ct_page)
-        assert len(images) == min(IMAGES_PER_CT, len(result["detections"])) + len(result["missed"])
+        assert len(images) == min(IMAGES_PER_CT, len(result["detections"])) + len(result.get("missed", []))
         assert all((out / "ct" / image).is_file() for image in images)
 
 
@@ -591,6 +591,7 @@ def test_own_cts_as_dicom_and_nifti_give_the_detections_of_the_mhd(own_ct, model
         found[kind] = json.loads((tmp_path / kind / "ct" / f"{OWN_UID}.json").read_text())["detections"]
         summary = json.loads((tmp_path / kind / "summary.json").read_text())
         assert (summary["analysed"], summary["detections"]) == (1, len(found["mhd"])) and "confusion" not in summary
+        _check_report(tmp_path / kind, [OWN_UID])
     assert len(found["mhd"]) == 3  # a group per ball
     for kind in ("dicom", "nifti"):
         for mine, theirs in zip(found[kind], found["mhd"]):
