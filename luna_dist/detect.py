@@ -3,9 +3,10 @@
 The UNet segments every slice from its 7-slice context (stacks built on the device,
 slices in batches), probability > SEG_THRESHOLD, EROSION_ITERATIONS binary erosion; 3-D
 connected components are the groups, each placed at its centre of mass weighted by
-HU + 1001 and measured (volume, longest axial diameter); each group's 32x48x48 chunk is cut as the shard build cuts it and scored by
-the nodule classifier, then by the malignancy model. Given candidates (LUNA16's
-false-positive reduction track) skip the first two stages and keep their coordinates.
+HU + 1001 and measured (volume, longest axial diameter); each group's 32x48x48 chunk is
+cut as the shard build cuts it and scored by the nodule classifier, then by the
+malignancy model. Given candidates (LUNA16's false-positive reduction track) skip the
+first two stages and keep their coordinates.
 """
 
 from __future__ import annotations
