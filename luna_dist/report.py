@@ -58,7 +58,7 @@ PAGE_STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#111;ba
 h1{font-size:1.4em;word-break:break-all}table{border-collapse:collapse;margin:.5em 0 1.5em}
 th,td{border:1px solid #ccc;padding:.25em .5em;vertical-align:top}th{background:#f2f2f2;text-align:left}
 td.n{text-align:right;font-variant-numeric:tabular-nums}code,.path{font-size:.85em;word-break:break-all}
-img.slices{image-rendering:pixelated;width:460px}.note{color:#555}.missed td{background:#fff4f4}"""
+img.slices{image-rendering:pixelated;width:420px}.note{color:#555}.missed td{background:#fff4f4}"""
 
 
 # -- images, in the analysis process -----------------------------------------------------------------------
@@ -277,9 +277,10 @@ def _ct_page(result: dict, source: Path | None, scored: bool) -> str:
     if len(ranked) > IMAGES_PER_CT:
         body.append(f"<p class=\"note\">Images for the {IMAGES_PER_CT} detections of highest p_nodule; the other "
                     f"{len(ranked) - IMAGES_PER_CT} are listed without.</p>")
-    body.append("<table><tr><th>rank</th><th>slices</th><th>p_nodule</th><th>p_malignant</th><th>longest axial "
-                "diameter mm</th><th>equivalent diameter mm</th><th>volume mm³</th><th>x, y, z mm</th>"
-                + ("<th>matches the nodule</th>" if scored else "") + "</tr>")
+    body.append("<table><tr><th>rank</th><th>slices: axial, coronal, sagittal</th><th>p_nodule</th>"
+                "<th>p_malig&shy;nant</th><th title=\"longest axial diameter\">axial ⌀ mm</th>"
+                "<th title=\"diameter of the sphere of the group's volume\">equiv. ⌀ mm</th><th>volume mm³</th>"
+                "<th>x, y, z mm</th>" + ("<th>matches the nodule</th>" if scored else "") + "</tr>")
     for rank, d in enumerate(ranked, start=1):
         cells = [str(rank), _image(d.get("image"), f"detection {rank}"), _number(d["p_nodule"]),
                  _number(d["p_malignant"]), _number(d["diameter_mm"], 1),
