@@ -43,6 +43,15 @@ def test_a_shard_holds_exactly_the_bytes_webdatasets_tar_writer_writes(tmp_path,
     assert names == [f"{s['__key__']}.{name}" for s in samples for name in sorted(s) if not name.startswith("_")]
 
 
+def test_every_length_of_archive_ends_padded_as_tarfile_pads_it(tmp_path):
+    """An archive ends with two zero blocks and is padded to whole records of 20 blocks, whatever its length."""
+    for blocks in range(21):
+        sample = {"__key__": "k", "a": b"x" * (512 * blocks)}
+        with TarShard(tmp_path / "x.tar") as tar:
+            tar.write(sample)
+        assert (tmp_path / "x.tar").read_bytes() == tar_writer_bytes([sample]), blocks
+
+
 def test_a_shard_that_fails_leaves_nothing_under_its_name(tmp_path):
     with pytest.raises(KeyError):
         with TarShard(tmp_path / "x.tar") as tar:
