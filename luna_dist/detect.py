@@ -1,7 +1,8 @@
 """What the analysis does to one CT: segment every slice, group the segmentation, classify each group.
 
 The UNet segments every slice from its 7-slice context (stacks built on the device,
-slices in batches), probability > SEG_THRESHOLD, EROSION_ITERATIONS binary erosion; 3-D
+slices in batches), within the rows and columns of the patient's body (air outside it
+holds no nodule), probability > SEG_THRESHOLD, EROSION_ITERATIONS binary erosion; 3-D
 connected components are the groups, each placed at its centre of mass weighted by
 HU + 1001; each group's 32x48x48 chunk is cut as the shard build cuts it and scored by
 the nodule classifier, then by the malignancy model. Given candidates (LUNA16's
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 
 from luna_dist.ct import HU_MAX, HU_MIN, cut_chunks, read_ct
 from luna_dist.geometry import irc_to_xyz, nearest_voxel, xyz_to_irc_float
+from luna_dist.hardware import seg_memory_format
 from luna_dist.model import load_into
 from luna_dist.seg_samples import CONTEXT
 
@@ -202,17 +204,19 @@ def classify(hu: np.ndarray, centres_irc: np.ndarray, models: Models, device: to
 
 
 def analyze_ct(mhd: Path, models: Models, device: torch.device, batch_size: int, autocast,
-               candidates_xyz: np.ndarray | None = None) -> dict:
+               candidates_xyz: np.ndarray | None = None, body_crop: bool = True) -> dict:
     """Findings of one CT, with the seconds each stage took.
 
     Given candidates keep their coordinates: only the chunk's cut rounds them to a voxel.
+    `body_crop` segments only the body's box (`body_box`); False, every pixel.
     """
     seconds = {}
     started = time.perf_counter()
     ct = read_ct(mhd)
     seconds["read"] = time.perf_counter() - started
     if candidates_xyz is None:
-        centres_irc, voxels = _segment_and_group(ct.hu, models.seg, device, batch_size, autocast, seconds)
+        centres_irc, voxels = _segment_and_group(ct.hu, models.seg, device, batch_size, autocast, seconds,
+                                                   body_crop)
         centres_xyz = irc_to_xyz(centres_irc, ct.geometry)
     else:
         centres_xyz = np.asarray(candidates_xyz, dtype=np.float64).reshape(-1, 3)
@@ -231,11 +235,12 @@ def analyze_ct(mhd: Path, models: Models, device: torch.device, batch_size: int,
 
 
 def _segment_and_group(hu: np.ndarray, model: nn.Module, device: torch.device, batch_size: int, autocast,
-                       seconds: dict) -> tuple[np.ndarray, np.ndarray]:
+                       seconds: dict, body_crop: bool) -> tuple[np.ndarray, np.ndarray]:
     """The groups' centres (IRC) and sizes; the host copy of the mask lives only as long as this call."""
     started = time.perf_counter()
+    box = body_box(hu) if body_crop else None
     on_device = torch.from_numpy(np.require(hu, requirements='W')).to(device).float().clamp_(HU_MIN, HU_MAX)
-    mask = segment(on_device, model, batch_size, autocast).cpu().numpy()
+    mask = segment(on_device, model, batch_size, autocast, box, seg_memory_format(device)).cpu().numpy()
     del on_device
     seconds["segment"] = time.perf_counter() - started
     started = time.perf_counter()
