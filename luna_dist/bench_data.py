@@ -316,11 +316,12 @@ SEG_VARIANTS = {
 
 
 def segment_variants(mhd: Path, seg_model: Path, slices: int) -> dict:
-    """Slices/s of the UNet over the middle `slices` of one CT in each of SEG_VARIANTS, and bf16 autocast
-    with the body crop where the device has bf16 arithmetic (measured, never a default: it moves the
-    probabilities); and the voxels of each variant's mask that differ from version 2's, inside the body's
-    box and outside it. Each variant runs once untimed (oneDNN builds its kernels on first use), then twice
-    in turns, the faster counted: the machine may be shared."""
+    """Slices/s of the UNet over the middle `slices` of one CT in each of SEG_VARIANTS, in channels_last
+    with the body crop where the device's layout is another (a GPU: the figure that would change its
+    default), and bf16 autocast with the body crop where the device has bf16 arithmetic (measured, never a
+    default: it moves the probabilities); and the voxels of each variant's mask that differ from version
+    2's, inside the body's box and outside it. Each variant runs once untimed (oneDNN builds its kernels on
+    first use), then twice in turns, the faster counted: the machine may be shared."""
     device = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU") != "true"
                           else "cpu")
     hu = read_ct(mhd).hu
@@ -332,6 +333,8 @@ def segment_variants(mhd: Path, seg_model: Path, slices: int) -> dict:
     variants = {name: (crop, layout or seg_memory_format(device), size or analysis_batch_size(device),
                        functools.partial(torch.autocast, device.type, enabled=False))
                 for name, (crop, layout, size) in SEG_VARIANTS.items()}
+    if variants["body"][1] != torch.channels_last:  # a GPU: measure the layout its default does not use
+        variants["body_channels_last"] = (True, torch.channels_last, *variants["body"][2:])
     if native_bf16(device)[0]:
         variants["body_bf16"] = (*variants["body"][:3], functools.partial(torch.autocast, device.type, torch.bfloat16))
     masks, seconds = {}, {name: math.inf for name in variants}
