@@ -61,7 +61,6 @@ from luna_dist.detect import (
 )
 from luna_dist.evaluate import EvaluationError, shard_findings, write_marks
 from luna_dist.findings import Truth, marks_of, read_truth, score, write_detections
-from luna_dist.hardware import analysis_batch_size
 from luna_dist.layout import find_tables
 from luna_dist.model import LunaModel, SegmentationModel, WeightsError
 
@@ -193,8 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--candidates", type=Path,
                         help="score these candidate positions instead of the segmentation's groups")
     parser.add_argument("--out", type=Path, required=True, help="results folder")
-    parser.add_argument("--batch-size", type=int,
-                        help="slices, and chunks, per forward pass (default: 8 on a CPU, 32 on a GPU)")
+    parser.add_argument("--batch-size", type=int, default=32, help="slices, and chunks, per forward pass")
     parser.add_argument("--no-body-crop", dest="body_crop", action="store_false",
                         help="segment every pixel of each slice, not only the body's box")
     return parser
@@ -399,7 +397,6 @@ def _run(args: argparse.Namespace, accelerator: Accelerator) -> dict:
         for line in ([note] if note else []) + (candidate_warnings(positions, args.candidates, args.data)
                                                 if positions else []):
             print(line, file=sys.stderr)
-    args.batch_size = args.batch_size or analysis_batch_size(accelerator.device)  # summary.json records it
     models = load_models(args, accelerator.device, positions is not None)
     shared = produced_by(models, accelerator.mixed_precision, positions is not None, args.body_crop)
     try:

@@ -15,8 +15,8 @@ in one run.
 - analyze: `python -m luna_dist.analyze` on a few CTs: seconds per CT in segmentation,
           grouping and classification (one process), and 2 CPU ranks against 1 (wall
           time of the whole command, start-up included); the UNet's slices/s on whole
-          slices in NCHW batches of 32 (analysis version 2), in the device's layout and
-          batch size, and on the body's box only (with bf16 too where it is native), and
+          slices in NCHW (analysis version 2), in the device's layout, and on the body's
+          box only (with bf16 too where it is native), and
           the mask voxels each changes; the peak memory of grouping one CT (bytes per
           voxel), and the seconds of the confusion table over 888 scans x 850 generated marks.
 - evaluate: LUNA16 scoring of generated marks at the full data set's size (888 scans,

@@ -31,7 +31,7 @@ from luna_dist.detect import body_box, group, load_model, segment
 from luna_dist.evaluate import Findings, Marks, froc, read_findings, read_marks, write_marks
 from luna_dist.findings import confusion
 from luna_dist.geometry import xyz_to_irc
-from luna_dist.hardware import analysis_batch_size, native_bf16, seg_memory_format
+from luna_dist.hardware import native_bf16, seg_memory_format
 from luna_dist.model import LunaModel, SegmentationModel
 from luna_dist.shard import BuildOptions, build
 from luna_dist.shard_format import CODECS, copy_payloads, load_array, npy_bytes, stored_array
@@ -308,11 +308,13 @@ def bench_analyze(data: Path, work: Path, cts: int, seg_model: Path | None, cls_
 
 
 SEG_VARIANTS = {
-    "whole_nchw_32": (False, torch.contiguous_format, 32),  # analysis version 2 on every device
-    "whole": (False, None, None),  # the device's layout and batch size
-    "body": (True, None, None),  # analysis version 3: also only the body's box
+    "whole_nchw": (False, torch.contiguous_format),  # analysis version 2 on every device
+    "whole": (False, None),  # the device's layout
+    "body": (True, None),  # analysis version 3: also only the body's box
 }
-"""How the segmentation benchmark runs the UNet: body crop, layout and slices per pass (None: the device's)."""
+"""How the segmentation benchmark runs the UNet: body crop, and layout (None: the device's)."""
+SEG_BATCH = 32
+"""Slices per pass in every variant: `--batch-size`'s default (8 and 16 ran as fast in channels_last)."""
 
 
 def segment_variants(mhd: Path, seg_model: Path, slices: int) -> dict:
@@ -330,19 +332,19 @@ def segment_variants(mhd: Path, seg_model: Path, slices: int) -> dict:
     model, _ = load_model(SegmentationModel(), seg_model, device)
     box = body_box(hu)
     on_device = torch.from_numpy(np.require(hu, requirements="W")).to(device).float().clamp_(HU_MIN, HU_MAX)
-    variants = {name: (crop, layout or seg_memory_format(device), size or analysis_batch_size(device),
-                       functools.partial(torch.autocast, device.type, enabled=False))
-                for name, (crop, layout, size) in SEG_VARIANTS.items()}
+    fp32 = functools.partial(torch.autocast, device.type, enabled=False)
+    variants = {name: (crop, layout or seg_memory_format(device), fp32)
+                for name, (crop, layout) in SEG_VARIANTS.items()}
     if variants["body"][1] != torch.channels_last:  # a GPU: measure the layout its default does not use
-        variants["body_channels_last"] = (True, torch.channels_last, *variants["body"][2:])
+        variants["body_channels_last"] = (True, torch.channels_last, fp32)
     if native_bf16(device)[0]:
-        variants["body_bf16"] = (*variants["body"][:3], functools.partial(torch.autocast, device.type, torch.bfloat16))
+        variants["body_bf16"] = (*variants["body"][:2], functools.partial(torch.autocast, device.type, torch.bfloat16))
     masks, seconds = {}, {name: math.inf for name in variants}
     for turn in range(3):
-        for name, (crop, layout, size, autocast) in variants.items():
+        for name, (crop, layout, autocast) in variants.items():
             started = time.perf_counter()
-            mask = segment(on_device if turn else on_device[:size], model, size, autocast, box if crop else None,
-                           layout)
+            mask = segment(on_device if turn else on_device[:SEG_BATCH], model, SEG_BATCH, autocast,
+                           box if crop else None, layout)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if turn:
@@ -350,13 +352,13 @@ def segment_variants(mhd: Path, seg_model: Path, slices: int) -> dict:
                 masks[name] = mask.cpu()
     inside = torch.zeros(hu.shape, dtype=torch.bool)
     inside[:, box[0], box[1]] = True
-    reference = masks["whole_nchw_32"]
+    reference = masks["whole_nchw"]
     return {"device": str(device), "slices": len(hu), "box_share_of_slice": inside[0].float().mean().item(),
             "slices_per_s": {name: len(hu) / s for name, s in seconds.items()},
             "mask_voxels": int(reference.sum()),
             "differing_voxels": {name: {"inside_box": int((mask != reference)[inside].sum()),
                                         "outside_box": int((mask != reference)[~inside].sum())}
-                                 for name, mask in masks.items() if name != "whole_nchw_32"}}
+                                 for name, mask in masks.items() if name != "whole_nchw"}}
 
 
 def group_peak_bytes_per_voxel(mhd: Path) -> float:

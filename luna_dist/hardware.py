@@ -1,5 +1,5 @@
 """What the hardware runs natively, so a precision it only emulates is named before training; and the
-layout and batch size each device runs the analysis fastest with.
+layout each device runs the analysis's UNet fastest in.
 
 bf16 autocast more than doubles training speed where the hardware has bf16 arithmetic
 (CUDA compute capability 8.0 and up; x86 CPUs with AVX-512 BF16 or AMX; recent Arm
@@ -75,13 +75,7 @@ def precision_warning(device: torch.device, mixed_precision: str, features: list
 def seg_memory_format(device: torch.device) -> torch.memory_format:
     """The layout of the analysis's UNet inputs on `device`: channels_last on a CPU, where oneDNN's
     convolutions and batch norms work in it natively and NCHW is reordered at every layer (the UNet ran
-    1.6-2 times faster so on a 2-core Xeon with AVX-512, fp32, probabilities the same to float rounding);
+    1.5 times faster so on a 2-core Xeon with AVX-512, fp32, probabilities the same to float rounding);
     NCHW elsewhere, until a GPU's figures (`launch/bench_gpu.sh`) say otherwise."""
     return torch.channels_last if device.type == "cpu" else torch.contiguous_format
 
-
-def analysis_batch_size(device: torch.device) -> int:
-    """Slices (and chunks) per forward pass of the analysis on `device` when `--batch-size` is not given: 8 on
-    a CPU, where larger batches only add memory traffic (51 s against 41 s a 512 x 512 CT at 32 and 8, NCHW;
-    4-16 alike and 32 the slowest in channels_last, 2-core Xeon); 32 elsewhere, to keep a GPU busy."""
-    return 8 if device.type == "cpu" else 32

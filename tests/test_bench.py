@@ -158,9 +158,9 @@ def test_analyze_figures(tiny_work, capsys):
     assert "analyze.seconds_per_ct.segment" in table
     variants = analyze["segment_variants"]
     assert variants["slices"] == 8 and 0 < variants["box_share_of_slice"] <= 1
-    assert {"whole_nchw_32", "whole", "body"} <= set(variants["slices_per_s"])
+    assert {"whole_nchw", "whole", "body"} <= set(variants["slices_per_s"])
     assert all(_positive(v) for v in variants["slices_per_s"].values())
-    assert set(variants["differing_voxels"]) == set(variants["slices_per_s"]) - {"whole_nchw_32"}
+    assert set(variants["differing_voxels"]) == set(variants["slices_per_s"]) - {"whole_nchw"}
     # Grouping keeps the eroded mask and the labels (5 bytes a voxel) and little besides.
     assert 4 <= analyze["group_peak_bytes_per_voxel"] <= 6
     assert set(analyze["confusion"]) == {"scans", "marks", "seconds"}

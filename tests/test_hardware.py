@@ -71,7 +71,6 @@ def test_training_warns_before_the_first_step(tiny_shards, tmp_path, monkeypatch
     assert warned and trained and warned[0] < trained[0], lines
 
 
-def test_the_analysis_runs_channels_last_and_small_batches_on_a_cpu_only():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert (hardware.seg_memory_format(cpu), hardware.analysis_batch_size(cpu)) == (torch.channels_last, 8)
-    assert (hardware.seg_memory_format(cuda), hardware.analysis_batch_size(cuda)) == (torch.contiguous_format, 32)
+def test_the_unet_runs_channels_last_on_a_cpu_only():
+    assert hardware.seg_memory_format(torch.device("cpu")) == torch.channels_last
+    assert hardware.seg_memory_format(torch.device("cuda")) == torch.contiguous_format  # until a GPU is measured
