@@ -2,6 +2,7 @@
 
     accelerate launch -m luna_dist.analyze --data DIR --seg-model S --cls-model C [--mal-model M] \\
         [--shards BUILD] [--folds 9 | --series UID ...] [--candidates candidates.csv] --out RESULTS
+    python -m luna_dist.analyze --ct DICOM_FOLDER scan.nii.gz ... --seg-model S --cls-model C --out RESULTS
     ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 -m luna_dist.analyze ...   # CPU ranks
 
 For each CT (`luna_dist.detect`): the UNet segments every slice, the segmentation's
@@ -9,6 +10,9 @@ groups are placed at their centres of mass, and each group's chunk is scored by 
 nodule classifier, then by the malignancy model. With `--candidates` the given positions
 are scored instead of the segmentation's groups (LUNA16's false-positive reduction
 track), and reported at exactly the positions given.
+
+`--ct` analyses CTs of one's own instead (a DICOM series folder, NIfTI, .mha, .nrrd, .mhd:
+`luna_dist.ct.find_ct`), in their patient coordinates, unscored.
 
 `--folds` takes a fold's series as the shard build deals them (`folds_as_built`);
 `--shards BUILD --folds K` takes exactly the series that build holds in fold K.
@@ -35,11 +39,11 @@ import hashlib
 import json
 import re
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -47,8 +51,8 @@ from accelerate.utils import gather_object
 
 from luna_dist import __version__, cli
 from luna_dist.atomic import write_json
-from luna_dist.candidates import CsvError, find_series, folds_as_built, read_candidates
-from luna_dist.ct import CtError
+from luna_dist.candidates import Annotation, CsvError, find_series, folds_as_built, read_candidates
+from luna_dist.ct import CtError, find_ct
 from luna_dist.detect import (
     BODY_HU,
     EROSION_ITERATIONS,
@@ -63,13 +67,15 @@ from luna_dist.evaluate import EvaluationError, shard_findings, write_marks
 from luna_dist.findings import Truth, marks_of, read_truth, score, write_detections
 from luna_dist.layout import find_tables
 from luna_dist.model import LunaModel, SegmentationModel, WeightsError
+from luna_dist.report import draw_ct, write_report
 
 log = get_logger("luna_dist.analyze")
 
-ANALYSIS_VERSION = 3
+ANALYSIS_VERSION = 4
 """Part of every CT's `produced_by`: bumped whenever the same inputs would give other findings, so a rerun
 redoes the CTs of an earlier version (version 1 wrote no `produced_by`; its findings sat on voxel centres;
-version 2 segmented every pixel, also outside the body, and in NCHW on a CPU)."""
+version 2 gave no sizes and drew no images; version 3 segmented every pixel, also outside the body, and in
+NCHW on a CPU)."""
 
 
 class AnalysisError(Exception):
@@ -93,15 +99,12 @@ def load_models(args: argparse.Namespace, device: torch.device, candidates_mode:
 
 
 # -- distribution ---------------------------------------------------------------------------------
-def ct_voxels(mhd: Path) -> int:
-    """Voxel count from the image header alone (0 when unreadable: the analysis reports it)."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(mhd))
+def ct_voxels(path: Path) -> int:
+    """Voxel count from the image's headers alone (0 when unreadable: the analysis reports it)."""
     try:
-        reader.ReadImageInformation()
-    except RuntimeError:
+        return int(np.prod(find_ct(path).size_irc))
+    except CtError:
         return 0
-    return int(np.prod(reader.GetSize()))
 
 
 def assign(sizes: dict[str, int], processes: int) -> list[list[str]]:
@@ -118,20 +121,37 @@ def assign(sizes: dict[str, int], processes: int) -> list[list[str]]:
 _DATA_FILE = re.compile(rb"^\s*ElementDataFile\s*=\s*(.*?)\s*$", re.MULTILINE)
 
 
-def ct_identity(mhd: Path) -> dict:
-    """The CT without where it lies: sha256 of its header and the size of its data file (None: unknown).
+def ct_identity(path: Path) -> dict:
+    """The CT without where it lies: of a `.mhd`, the sha256 of its header and the size of its data file;
+    of any other CT (`--ct`: NIfTI, a DICOM series, ...), the sha256 of every file its voxels are read from,
+    named, and their bytes (None: unknown).
 
-    Cheap (no voxel is read), and a copied or moved data folder is still the same CT,
-    while a new header or a replaced .raw of another size is not.
+    A copied or moved CT is still the same CT, while a new header or a replaced .raw of another size is
+    not. A `.mhd` is checked cheaply (no voxel is read) because LUNA16 has 888 of them; the files of other
+    formats are hashed whole, since their header and voxels may share one file.
     """
+    if Path(path).suffix.lower() != ".mhd":
+        return _files_identity(path)
+    mhd = Path(path)
     try:
-        header = Path(mhd).read_bytes()
+        header = mhd.read_bytes()
     except OSError:
         return {"header_sha256": None, "data_bytes": None}  # reading it fails too, and is reported
     named = _DATA_FILE.search(header)
-    data_file = Path(mhd).parent / named.group(1).decode(errors="replace") if named else None
+    data_file = mhd.parent / named.group(1).decode(errors="replace") if named else None
     return {"header_sha256": hashlib.sha256(header).hexdigest(),
             "data_bytes": data_file.stat().st_size if data_file is not None and data_file.is_file() else None}
+
+
+def _files_identity(path: Path) -> dict:
+    try:
+        files = find_ct(path).files
+    except CtError:
+        return {"files_sha256": None, "data_bytes": None}  # reading it fails too, and is reported
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.name} {file_sha256(file)}\n".encode())
+    return {"files_sha256": digest.hexdigest(), "data_bytes": sum(file.stat().st_size for file in files)}
 
 
 def positions_sha256(xyz: np.ndarray) -> str:
@@ -160,9 +180,18 @@ def body_crop_setting(candidates_mode: bool, body_crop: bool) -> dict | None:
     return {"body_hu": BODY_HU, "margin": SEG_MARGIN} if body_crop and not candidates_mode else None
 
 
-def ct_produced_by(shared: dict, mhd: Path, candidates_xyz: np.ndarray | None) -> dict:
+def ct_produced_by(shared: dict, path: Path, candidates_xyz: np.ndarray | None,
+                   nodules: list[Annotation] | None) -> dict:
+    """`shared` and what is the CT's own: its candidates, its file(s), and its annotated nodules, whose
+    matches and images of missed ones its result holds."""
     return {**shared, "candidates_sha256": None if candidates_xyz is None else positions_sha256(candidates_xyz),
-            "ct": ct_identity(mhd)}
+            "nodules_sha256": None if nodules is None else nodules_sha256(nodules), "ct": ct_identity(path)}
+
+
+def nodules_sha256(nodules: list[Annotation]) -> str:
+    """sha256 of one series' annotated nodules: centre, diameter and malignancy of each, in the table's order."""
+    rows = "".join(f"{n.center_xyz!r} {n.diameter_mm!r} {n.is_malignant!r}\n" for n in nodules)
+    return hashlib.sha256(rows.encode()).hexdigest()
 
 
 def finished_result(path: Path, wanted: dict) -> tuple[dict | None, bool]:
@@ -179,7 +208,11 @@ def finished_result(path: Path, wanted: dict) -> tuple[dict | None, bool]:
 # -- choosing the series ------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m luna_dist.analyze", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, required=True, help="LUNA16-format folder (subset*/ with .mhd/.raw)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="LUNA16-format folder (subset*/ with .mhd/.raw)")
+    source.add_argument("--ct", type=Path, nargs="+", action="extend", metavar="PATH",
+                        help="analyse these CTs instead (no tables, no scoring): a DICOM series folder, or a "
+                             "NIfTI, .mha, .nrrd, .mhd or other 3-D file SimpleITK reads; may be given again")
     parser.add_argument("--seg-model", type=Path, help="segmentation model: best.pt or a run's state/ folder")
     parser.add_argument("--cls-model", type=Path, required=True, help="nodule classifier: best.pt or state/")
     parser.add_argument("--mal-model", type=Path, help="malignancy classifier: best.pt or state/ (optional)")
@@ -206,7 +239,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--seg-model is needed (or --candidates CSV to score given positions)")
     if args.shards and args.series:
         parser.error("--shards takes the series of a build's folds: give --folds (or nothing), not --series")
+    if args.ct:
+        given = [flag for flag, value in (("--folds", args.folds), ("--series", args.series),
+                                          ("--shards", args.shards), ("--candidates", args.candidates)) if value]
+        if given:
+            parser.error(f"--ct analyses the CTs given, with no LUNA16 folder or tables: leave out {given[0]}")
     return args
+
+
+def ct_sources(paths: list[Path]) -> dict[str, Path]:
+    """The series of `--ct`'s CTs by their uid (`ct.find_ct`), each one's headers read and checked before
+    the first CT is analysed."""
+    series: dict[str, Path] = {}
+    for path in paths:
+        try:
+            uid = find_ct(path).series_uid
+        except CtError as err:
+            raise AnalysisError(f"--ct {err}") from None
+        if uid in series:
+            raise AnalysisError(f"--ct {path}: series {uid} again (also {series[uid]}): give each series once")
+        series[uid] = path
+    return series
 
 
 def find_on_disk(data: Path) -> dict[str, Path]:
@@ -334,27 +387,36 @@ class Share:
     write_error: str | None = None  # why a result could not be written; the share stops there
 
 
-def analyse_share(share: list[str], series: dict[str, Path], positions: Positions | None, models: Models,
-                  shared: dict, args: argparse.Namespace, accelerator: Accelerator) -> Share:
-    """Analyse (or reuse) this process's CTs, writing each one's findings as soon as it is done."""
+def analyse_share(share: list[str], series: dict[str, Path], positions: Positions | None, truth: Truth | None,
+                  models: Models, shared: dict, args: argparse.Namespace, accelerator: Accelerator) -> Share:
+    """Analyse (or reuse) this process's CTs, writing each one's findings and images as soon as it is done."""
     done, per_ct = Share(), args.out / "ct"
+    nodules_of: dict[str, list[Annotation]] = {}
+    for nodule in truth.nodules if truth else []:
+        nodules_of.setdefault(nodule.series_uid, []).append(nodule)
     for uid in share:
         path, xyz = per_ct / f"{uid}.json", None if positions is None else positions.xyz[uid]
-        wanted = ct_produced_by(shared, series[uid], xyz)
+        nodules = nodules_of.get(uid, []) if truth else None
+        wanted = ct_produced_by(shared, series[uid], xyz, nodules)
         result, existed = finished_result(path, wanted)
         if result is not None:
             done.results.append(result)
             done.reused += 1
             continue
         try:
-            result = analyze_ct(series[uid], models, accelerator.device, args.batch_size, accelerator.autocast, xyz,
-                                args.body_crop)
+            analysed = analyze_ct(series[uid], models, accelerator.device, args.batch_size, accelerator.autocast,
+                                  xyz, args.body_crop)
         except CtError as err:
             done.failed.append({"series_uid": uid, "path": str(series[uid]), "error": str(err)})
             print(f"error: {err}; {uid} left out", file=sys.stderr)
             continue
+        result = analysed.result
         result["produced_by"] = wanted
         try:
+            started = time.perf_counter()
+            draw_ct(analysed, nodules, args.out)  # while the CT and its groups are in memory
+            result["seconds"]["images"] = time.perf_counter() - started
+            del analysed
             write_json(path, result)
         except OSError as err:
             done.write_error = f"{err.strerror or err}: {err.filename or path}"
@@ -386,12 +448,15 @@ def run(args: argparse.Namespace) -> dict:
 def _run(args: argparse.Namespace, accelerator: Accelerator) -> dict:
     # Every input is read and checked before the first CT: a bad one costs seconds, not an analysis.
     is_main = accelerator.is_main_process
-    found = find_on_disk(args.data)
-    series, note = select_series(args, found)
-    try:
-        truth = read_truth(args.data)
-    except EvaluationError as err:
-        raise AnalysisError(str(err)) from None
+    if args.ct:
+        series, note, truth = ct_sources(args.ct), None, None
+    else:
+        found = find_on_disk(args.data)
+        series, note = select_series(args, found)
+        try:
+            truth = read_truth(args.data)
+        except EvaluationError as err:
+            raise AnalysisError(str(err)) from None
     positions = candidate_positions(args.candidates, series, found) if args.candidates else None
     if is_main:
         for line in ([note] if note else []) + (candidate_warnings(positions, args.candidates, args.data)
@@ -406,7 +471,8 @@ def _run(args: argparse.Namespace, accelerator: Accelerator) -> dict:
     accelerator.wait_for_everyone()
 
     share = assign({uid: ct_voxels(path) for uid, path in series.items()}, accelerator.num_processes)
-    done = analyse_share(share[accelerator.process_index], series, positions, models, shared, args, accelerator)
+    done = analyse_share(share[accelerator.process_index], series, positions, truth, models, shared, args,
+                         accelerator)
     results, failed = gather_object(done.results), gather_object(done.failed)
     reused, redone = (sum(gather_object([n])) for n in (done.reused, done.redone))
     write_errors = gather_object([done.write_error] if done.write_error else [])
@@ -424,6 +490,7 @@ def _run(args: argparse.Namespace, accelerator: Accelerator) -> dict:
                    "produced_by": run_produced_by(args, models, shared)}
         try:
             summary = write_outputs(args, results, summary, truth)
+            log.info(f"report: {write_report(args.out, results, summary, series)}")
         except OSError as err:
             output_error = unwritable(f"{err.strerror or err}: {err.filename}", args.out, len(results))
     accelerator.wait_for_everyone()
@@ -439,7 +506,7 @@ def run_produced_by(args: argparse.Namespace, models: Models, shared: dict) -> d
     """What produced the whole result folder, for summary.json: versions, arguments, models and inputs."""
     paths = {"seg": args.seg_model, "nodule": args.cls_model, "malignancy": args.mal_model}
     return {"luna_dist": __version__, "analysis_version": ANALYSIS_VERSION,
-            "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "arguments": {k: _as_json(v) for k, v in vars(args).items()},
             "mode": shared["mode"],
             "models": {name: {"path": str(paths[name]), "sha256": sha} if sha else None
                        for name, sha in models.sha256.items()},
@@ -449,6 +516,13 @@ def run_produced_by(args: argparse.Namespace, models: Models, shared: dict) -> d
             "body_crop": shared["body_crop"], "mixed_precision": shared["mixed_precision"]}
 
 
+def _as_json(value):
+    """An argument as JSON holds it: paths (alone or in a list, as --ct gives them) as strings."""
+    if isinstance(value, list):
+        return [_as_json(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
 def write_outputs(args: argparse.Namespace, results: list[dict], summary: dict, truth: Truth | None) -> dict:
     """detections.csv, submission.csv, the scores and summary.json, from every process's findings."""
     write_detections(args.out / "detections.csv", results)
@@ -456,7 +530,7 @@ def write_outputs(args: argparse.Namespace, results: list[dict], summary: dict, 
     marks = marks_of(detections)
     write_marks(args.out / "submission.csv", marks)
     seconds = {stage: sum(r["seconds"].get(stage, 0.0) for r in results) for stage in
-               ("read", "segment", "group", "classify")}
+               ("read", "segment", "group", "classify", "images")}
     analysed = sorted(r["series_uid"] for r in results)
     summary = {**summary, "detections": len(detections), "mode": summary["produced_by"]["mode"], "seconds": seconds,
                **(score(analysed, detections, marks, truth, args.out) if truth else {})}

@@ -15,7 +15,7 @@ in one run.
 - analyze: `python -m luna_dist.analyze` on a few CTs: seconds per CT in segmentation,
           grouping and classification (one process), and 2 CPU ranks against 1 (wall
           time of the whole command, start-up included); the UNet's slices/s on whole
-          slices in NCHW (analysis version 2), in the device's layout, and on the body's
+          slices in NCHW (analysis versions 2 and 3), in the device's layout, and on the body's
           box only (with bf16 too where it is native), and
           the mask voxels each changes; the peak memory of grouping one CT (bytes per
           voxel), and the seconds of the confusion table over 888 scans x 850 generated marks.
@@ -30,16 +30,18 @@ table; --json writes them, --plot draws them (needs matplotlib). The measurement
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from luna_dist import __version__
+from luna_dist.atomic import write_json
 from luna_dist.bench_data import bench_analyze, bench_evaluate, bench_loader, bench_shard
 from luna_dist.bench_train import bench_seg, bench_train
 from luna_dist.hardware import cpu_features, native_bf16
@@ -75,16 +77,44 @@ def rows(results: dict) -> list[tuple[str, str]]:
     return flat
 
 
+def data_path_ratios(results: dict) -> dict[str, tuple[float, float]]:
+    """The data path's headline ratios present in `results`, each with its aim: label -> (measured, aim).
+    Each is a figure over another figure or over a constant."""
+    wanted = {
+        "bytes stored plain / as built": (("shard", "bytes_per_sample_uncompressed"), ("shard", "bytes_per_sample"), 2),
+        "build / read, CTs from disk": (("shard", "build_over_read"), 1, 1.5),
+        "build / read, CTs in page cache": (("shard", "build_over_read_page_cache"), 1, 1.5),
+        "1 loader worker / in-process": (("loader", "worker_over_in_process"), 1, 1),
+        "decode samples/s a core / 4,000": (("loader", "decode_samples_per_s_per_core"), 4000, 1),
+    }
+    ratios = {}
+    for label, ((stage, figure), denominator, aim) in wanted.items():
+        if figure in results.get(stage, {}):
+            below = denominator if isinstance(denominator, int) else results[denominator[0]][denominator[1]]
+            ratios[label] = (results[stage][figure] / below, aim)
+    return ratios
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    ratios = data_path_ratios(results)
     panels = [(name, results[name]) for name in ("loader", "train") if name in results]
+    panels += [("data path", ratios)] if ratios else []
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6 * max(1, len(panels)), 4))
     for ax, (name, figures) in zip(np.atleast_1d(axes), panels):
-        if name == "loader":
+        if name == "data path":
+            labels = list(figures)
+            ax.barh(np.arange(len(labels)), [figures[k][0] for k in labels], 0.5, label="measured")
+            ax.scatter([figures[k][1] for k in labels], np.arange(len(labels)), marker="|", s=400, color="black",
+                       label="aim")
+            ax.set_yticks(np.arange(len(labels)), labels, fontsize=7)
+            ax.invert_yaxis()
+            ax.set_xlabel("ratio")
+        elif name == "loader":
             series = {k: figures[k] for k in ("shards", "per_candidate_random", "per_candidate_series_order",
                                                "per_candidate_disk_cache")}
             labels = sorted(figures["shards"])
@@ -92,14 +122,15 @@ def plot(results: dict, path: Path) -> None:
                 ax.bar(np.arange(len(labels)) + i * 0.2, [values[w] for w in labels], 0.2, label=label)
             ax.set_xticks(np.arange(len(labels)) + 0.3, [f"{w} workers" for w in labels])
             ax.set_yscale("log")
+            ax.set_ylabel("samples/s")
         else:
             labels = sorted(figures["end_to_end"], key=int)
             ax.bar(np.arange(len(labels)), [figures["end_to_end"][b] for b in labels], 0.4, label="end to end")
             ax.bar(np.arange(len(labels)) + 0.4, [figures["ceiling"][b] for b in labels], 0.4, label="compute ceiling")
             ax.set_xticks(np.arange(len(labels)) + 0.2, [f"batch {b}" for b in labels])
-        ax.set_ylabel("samples/s")
+            ax.set_ylabel("samples/s")
         ax.set_title(name)
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
     fig.tight_layout()
     fig.savefig(path)
 
@@ -141,31 +172,63 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", type=Path, help="draw the figures here (PNG, needs matplotlib)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="training device (auto: what accelerate picks)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller sizes for every stage (QUICK): `all` in under 2 minutes on 2 cores; "
+                             "flags given still win")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+QUICK = {"cts": 4, "shape": [120, 256, 256], "loader_samples": 1500, "baseline_samples": 64, "batch_sizes": [32],
+         "train_steps": 6, "variants": ["default+no", "cl3d+bf16"], "ranks": False, "eval_scans": 300,
+         "eval_bootstrap": 100, "analyze_cts": 1, "analyze_slices": 8}
+"""What --quick changes: every figure is still measured, on less data and with fewer repeats."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.quick:  # the preset replaces the defaults only: a flag given explicitly keeps its value
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device visible")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.device == "cpu":
         os.environ["ACCELERATE_USE_CPU"] = "true"
-    elif args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device visible")
 
     work = args.work or Path(tempfile.mkdtemp(prefix="luna_dist-bench-"))
-    results: dict = {"machine": machine()}
+    results: dict = {"machine": machine(), "luna_dist": __version__,
+                     "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                     "seconds": {}}
+    started = time.perf_counter()
     if args.what in ("evaluate", "all"):
-        results["evaluate"] = bench_evaluate(work / "evaluate", args.eval_scans, args.eval_marks, args.eval_bootstrap)
+        measure(results, args.json, "evaluate", bench_evaluate, work / "evaluate", args.eval_scans, args.eval_marks,
+                args.eval_bootstrap)
     if args.what != "evaluate":
         run_data_benchmarks(args, work, results)
+    results["seconds"]["total"] = time.perf_counter() - started
     width = max(len(name) for name, _ in rows(results))
     for name, value in rows(results):
         print(f"{name:<{width}}  {value:>14}")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+        write_json(args.json, results)
     if args.plot:
         plot(results, args.plot)
     return 0
+
+
+def measure(results: dict, json_path: Path | None, stage: str, benchmark, *arguments) -> None:
+    """Run one stage's benchmark into results[stage], and how long the stage took into results["seconds"];
+    the figures so far are written to `json_path` after each stage, so a stage that fails loses no other."""
+    started = time.perf_counter()
+    results[stage] = benchmark(*arguments)
+    results["seconds"][stage] = time.perf_counter() - started
+    if json_path:
+        write_json(json_path, results)
 
 
 def run_data_benchmarks(args: argparse.Namespace, work: Path, results: dict) -> None:
@@ -174,29 +237,30 @@ def run_data_benchmarks(args: argparse.Namespace, work: Path, results: dict) -> 
     if data is None:
         data = work / "data"
         if not (data / "candidates.csv").is_file():
+            started = time.perf_counter()
             make_dataset(data, n_cts=args.cts, seed=0, shape=tuple(args.shape))
+            results["seconds"]["synthetic_data"] = time.perf_counter() - started
     shards = args.shards
     if args.what in ("shard", "all") or (shards is None and args.what not in ("seg", "analyze")):
         shard_out = work / "shards"
         if args.what in ("shard", "all"):
-            results["shard"] = bench_shard(data, shard_out, args.workers)
+            measure(results, args.json, "shard", bench_shard, data, shard_out, args.workers)
         else:
             build(BuildOptions(data=data, out=shard_out, workers=args.workers, progress=False))
         shards = shards or shard_out
+    extra = ["--num-workers", str(args.train_workers)] if args.train_workers is not None else []
     if args.what in ("loader", "all"):
-        results["loader"] = bench_loader(data, shards, args.loader_workers, args.batch_sizes[0], args.loader_samples,
-                                         args.baseline_samples, work / "diskcache")
+        measure(results, args.json, "loader", bench_loader, data, shards, args.loader_workers, args.batch_sizes[0],
+                args.loader_samples, args.baseline_samples, work / "diskcache")
     if args.what in ("train", "all"):
-        extra = ["--num-workers", str(args.train_workers)] if args.train_workers is not None else []
-        results["train"] = bench_train(shards, work / "runs", args.batch_sizes, args.train_steps, args.ranks,
-                                       args.variants, extra)
+        measure(results, args.json, "train", bench_train, shards, work / "runs", args.batch_sizes, args.train_steps,
+                args.ranks, args.variants, extra)
     if args.what in ("seg", "all"):
-        extra = ["--num-workers", str(args.train_workers)] if args.train_workers is not None else []
-        results["seg"] = bench_seg(data, work / "seg", args.workers, args.batch_sizes[0], args.train_steps, extra)
+        measure(results, args.json, "seg", bench_seg, data, work / "seg", args.workers, args.batch_sizes[0],
+                args.train_steps, extra)
     if args.what in ("analyze", "all"):
-        results["analyze"] = bench_analyze(data, work / "analyze", args.analyze_cts, args.seg_model, args.cls_model,
-                                           args.ranks, args.confusion_scans, args.confusion_marks,
-                                           args.analyze_slices)
+        measure(results, args.json, "analyze", bench_analyze, data, work / "analyze", args.analyze_cts, args.seg_model,
+                args.cls_model, args.ranks, args.confusion_scans, args.confusion_marks, args.analyze_slices)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, Dataset
 
 from luna_dist import chunk_samples
-from luna_dist.candidates import Annotation, Candidate, find_series, read_candidates, read_series_list
+from luna_dist.candidates import N_FOLDS, Annotation, Candidate, find_series, read_candidates, read_series_list
 from luna_dist.ct import CHUNK_SHAPE, HU_MAX, HU_MIN, cut_chunks, read_ct
 from luna_dist.detect import body_box, group, load_model, segment
 from luna_dist.evaluate import Findings, Marks, froc, read_findings, read_marks, write_marks
@@ -34,8 +34,16 @@ from luna_dist.geometry import xyz_to_irc
 from luna_dist.hardware import native_bf16, seg_memory_format
 from luna_dist.model import LunaModel, SegmentationModel
 from luna_dist.shard import BuildOptions, build
-from luna_dist.shard_format import CODECS, copy_payloads, load_array, npy_bytes, stored_array
-from luna_dist.stream import TrainStreamConfig, open_shard_set, pos_neg_streams, train_loader
+from luna_dist.shard_format import CODECS, copy_payloads, load_array, stored_arrays
+from luna_dist.shard_write import WORK
+from luna_dist.stream import (
+    ShardSet,
+    TrainStreamConfig,
+    checked_samples,
+    open_shard_set,
+    pos_neg_streams,
+    train_loader,
+)
 
 # -- shard ------------------------------------------------------------------------------------------------
 
@@ -76,15 +84,19 @@ def bench_shard(data: Path, out: Path, workers: int) -> dict:
             started = time.perf_counter()
             input_bytes = sum(pool.map(_read_only, paths))
             read_seconds = time.perf_counter() - started
-        if cache == "cold":
-            evict_from_page_cache(files)
-        shutil.rmtree(out, ignore_errors=True)
-        started = time.perf_counter()
-        manifest = build(BuildOptions(data=data, out=out, workers=workers, progress=False))
-        build_seconds = time.perf_counter() - started
-        samples = manifest["counts"]["samples"]
-        result[cache] = {
-            "read_seconds": read_seconds,
+        result[cache] = {"read_seconds": read_seconds}
+        for codec in reversed(CODECS):  # the default last: its build is the one measured further
+            if cache == "cold":
+                evict_from_page_cache(files)
+            shutil.rmtree(out, ignore_errors=True)
+            started = time.perf_counter()
+            manifest = build(BuildOptions(data=data, out=out, workers=workers, codec=codec, progress=False))
+            seconds = time.perf_counter() - started
+            result[cache][f"{codec}_build_seconds"] = seconds
+            result[cache][f"{codec}_build_over_read"] = seconds / read_seconds
+            result[cache][f"{codec}_worker_seconds_per_ct"] = _stage_seconds_per_ct(out)
+        samples, build_seconds = manifest["counts"]["samples"], result[cache][f"{CODECS[0]}_build_seconds"]
+        result[cache] |= {
             "build_seconds": build_seconds,
             "build_to_read_ratio": build_seconds / read_seconds,
             "cts_per_s": len(paths) / build_seconds,
@@ -100,7 +112,17 @@ def bench_shard(data: Path, out: Path, workers: int) -> dict:
     # The same samples with the chunk stored plain: tar headers, JSON and checksums stay as they are.
     result["bytes_per_sample_uncompressed"] = (result["bytes_per_sample"] + result["codecs"]["none"]["member_bytes"]
                                                - result["codecs"][result["codec"]]["member_bytes"])
+    # The headline: the CTs read from disk, as the real data set (too large to cache) always is.
+    result["build_over_read"] = result["cold"]["build_to_read_ratio"]
+    result["build_over_read_page_cache"] = result["warm"]["build_to_read_ratio"]
     return result
+
+
+def _stage_seconds_per_ct(out: Path) -> dict[str, float]:
+    """Where a build's workers spent their time, per CT on average: reading, cutting (with encoding and
+    compressing), writing; from the journal each CT's worker wrote."""
+    journal = [json.loads(path.read_text()) for path in (out / WORK / "done").glob("*.json")]
+    return {stage: sum(r["stage_seconds"][stage] for r in journal) / len(journal) for stage in ("read", "cut", "write")}
 
 
 def bench_codecs(shards_dir: Path, n_samples: int = 300) -> dict:
@@ -114,7 +136,7 @@ def bench_codecs(shards_dir: Path, n_samples: int = 300) -> dict:
 
     shards = open_shard_set(shards_dir, chunk_samples)
     chunks = []
-    for sample in wds.DataPipeline(wds.SimpleShardList(shards.shards(range(10), "neg")), wds.tarfile_to_samples()):
+    for sample in wds.DataPipeline(wds.SimpleShardList(shards.shards(range(N_FOLDS), "neg")), wds.tarfile_to_samples()):
         chunks.append(load_array(sample, "chunk.npy"))
         if len(chunks) == n_samples:
             break
@@ -126,13 +148,13 @@ def bench_codecs(shards_dir: Path, n_samples: int = 300) -> dict:
         figures = {}
         for prefix, arrays in variants.items():
             started = time.perf_counter()
-            stored = [stored_array("chunk.npy", npy_bytes(a), codec) for a in arrays]
+            name, stored = stored_arrays("chunk.npy", arrays, codec)
             encode_seconds = time.perf_counter() - started
             started = time.perf_counter()
-            for name, data in stored:
+            for data in stored:
                 copy_payloads([{name: data}], "chunk.npy", batch, CHUNK_SHAPE)
             decode_seconds = time.perf_counter() - started
-            figures |= {f"{prefix}member_bytes": float(np.mean([len(data) for _, data in stored])),
+            figures |= {f"{prefix}member_bytes": float(np.mean([len(data) for data in stored])),
                         f"{prefix}encode_samples_per_s_per_core": len(arrays) / encode_seconds,
                         f"{prefix}decode_samples_per_s_per_core": len(arrays) / decode_seconds}
         result[codec] = figures
@@ -228,6 +250,20 @@ def plain_tar_loop(shard_paths: list[str], limit_samples: int) -> float:
     return seen / (time.perf_counter() - started)
 
 
+def decode_rate(shards: ShardSet, batch_size: int, samples: int) -> float:
+    """Samples/s one core turns into batches (`chunk_samples.collate`) from samples already read: the decoding
+    a loader worker does, the shards as built (compressed by default)."""
+    read = []
+    for sample in checked_samples(({"url": url} for url in shards.shards(shards.folds, "neg")), shards.source):
+        read.append(sample)
+        if len(read) == samples:
+            break
+    started = time.process_time()  # one thread's work: CPU time, whatever else the machine runs
+    for start in range(0, len(read), batch_size):
+        chunk_samples.collate(read[start:start + batch_size])
+    return len(read) / (time.process_time() - started)
+
+
 def bench_loader(data: Path, shards_dir: Path, workers: list[int], batch_size: int, samples: int,
                  baseline_samples: int, cache_dir: Path) -> dict:
     shards = open_shard_set(shards_dir, chunk_samples)
@@ -241,6 +277,9 @@ def bench_loader(data: Path, shards_dir: Path, workers: list[int], batch_size: i
         loader = train_loader(shards, config, 0, chunk_samples.collate)
         result["shards"][str(w)] = _rate(loader, (steps - 1) * batch_size)
     result["plain_tar_loop"] = plain_tar_loop(shards.shards(folds, "neg"), samples)
+    if {"0", "1"} <= set(result["shards"]):
+        result["worker_over_in_process"] = result["shards"]["1"] / result["shards"]["0"]
+    result["decode_samples_per_s_per_core"] = decode_rate(shards, batch_size, samples)
 
     candidates, _ = read_candidates(data / "candidates.csv")
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -308,9 +347,9 @@ def bench_analyze(data: Path, work: Path, cts: int, seg_model: Path | None, cls_
 
 
 SEG_VARIANTS = {
-    "whole_nchw": (False, torch.contiguous_format),  # analysis version 2 on every device
+    "whole_nchw": (False, torch.contiguous_format),  # analysis versions 2 and 3 on every device
     "whole": (False, None),  # the device's layout
-    "body": (True, None),  # analysis version 3: also only the body's box
+    "body": (True, None),  # analysis version 4: also only the body's box
 }
 """How the segmentation benchmark runs the UNet: body crop, and layout (None: the device's)."""
 SEG_BATCH = 32

@@ -34,10 +34,10 @@ from luna_dist.shard_format import (
     Cut,
     SeriesInputs,
     copy_payloads,
-    npy_header,
+    new_batch,
     require,
     sample_key,
-    stored_array,
+    stored_arrays,
 )
 
 TASK = "cls"
@@ -46,13 +46,15 @@ READS = {"chunk": {"shape": list(CHUNK_SHAPE), "dtype": "int16"}}
 CHUNK_BYTES = int(np.prod(CHUNK_SHAPE)) * 2
 SAMPLE_BYTES_MAX = CHUNK_BYTES + 5 * 1024
 """Upper bound of one sample in a tar: npy payload, four 512-byte headers and padding, json, crc32.json."""
-CHUNK_NPY_HEADER = npy_header(CHUNK_SHAPE, np.int16)
+CUT_BLOCK = 128
+"""Chunks cut and encoded at a time (18.9 MB): the block's buffers stay small enough to be reused
+(below glibc's largest mmap threshold), and a CT's candidates need no more memory than one block."""
 
 
 # -- writing --------------------------------------------------------------------------------------
-def encode_sample(candidate: Candidate, fold: int, center_irc: np.ndarray, outside: bool, chunk: np.ndarray,
-                  codec: str = CODECS[0]) -> dict:
-    """One sample as WebDataset stores it; its `chunk.npy` is exactly what np.save writes, stored by `codec`."""
+def encode_sample(candidate: Candidate, fold: int, center_irc: np.ndarray, outside: bool,
+                  chunk_member: tuple[str, bytes]) -> dict:
+    """One sample as WebDataset stores it, around its chunk as `stored_arrays` stores it (name, bytes)."""
     meta = {
         "series_uid": candidate.series_uid,
         "fold": fold,
@@ -64,11 +66,9 @@ def encode_sample(candidate: Candidate, fold: int, center_irc: np.ndarray, outsi
         "candidate_row": candidate.row,
         "outside_volume": bool(outside),
     }
-    npy = b"".join((CHUNK_NPY_HEADER, memoryview(np.ascontiguousarray(chunk, dtype=np.int16))))
-    name, stored = stored_array("chunk.npy", npy, codec)
     return {
         "__key__": sample_key(candidate.series_uid, candidate.row),
-        name: stored,
+        chunk_member[0]: chunk_member[1],
         "cls": b"1" if candidate.is_nodule else b"0",
         "json": json.dumps(meta).encode(),
     }
@@ -100,17 +100,21 @@ class ChunkCutter:
     def cut(self, series: SeriesInputs, ct: Ct) -> Cut:
         centers_xyz = np.array([c.center_xyz for c in series.candidates], dtype=np.float64)
         centers_irc = xyz_to_irc(centers_xyz, ct.geometry)
-        chunks, outside = cut_chunks(ct.hu, centers_irc)
-        encoded = {True: [], False: []}
-        for candidate, irc, out, chunk in zip(series.candidates, centers_irc, outside, chunks):
-            encoded[candidate.is_nodule].append(encode_sample(candidate, series.fold, irc, out, chunk, self.codec))
-        return Cut(pos=encoded[True], neg=encoded[False], outside_volume=int(outside.sum()))
+        encoded, outside_volume = {True: [], False: []}, 0
+        for start in range(0, len(centers_irc), CUT_BLOCK):
+            block = slice(start, start + CUT_BLOCK)
+            chunks, outside = cut_chunks(ct.hu, centers_irc[block])
+            name, stored = stored_arrays("chunk.npy", chunks, self.codec)
+            for candidate, irc, out, data in zip(series.candidates[block], centers_irc[block], outside, stored):
+                encoded[candidate.is_nodule].append(encode_sample(candidate, series.fold, irc, out, (name, data)))
+            outside_volume += int(outside.sum())
+        return Cut(pos=encoded[True], neg=encoded[False], outside_volume=outside_volume)
 
 
 # -- reading --------------------------------------------------------------------------------------
 def collate(samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw samples -> (chunks (N, 1, I, R, C) int16, labels (N,) int64), one copy per chunk."""
-    chunks = torch.empty((len(samples), 1, *CHUNK_SHAPE), dtype=torch.int16)
+    chunks = new_batch((len(samples), 1, *CHUNK_SHAPE), torch.int16)
     require(samples, "cls")
     copy_payloads(samples, "chunk.npy", chunks.numpy(), CHUNK_SHAPE)
     labels = torch.tensor([sample["cls"] == b"1" for sample in samples], dtype=torch.int64)

@@ -28,24 +28,143 @@ class Ct:
     geometry: Geometry
 
 
-def read_ct(mhd_path: Path) -> Ct:
-    """Read a `.mhd/.raw` pair (or any format SimpleITK reads) as int16 HU, without a copy when stored as int16.
+@dataclass(frozen=True)
+class CtSource:
+    """A CT on disk, its headers read and checked before any voxel is."""
 
-    Raises CtError naming the file for a missing, unreadable or truncated image, and for
-    voxel types that cannot hold HU (unsigned or 8-bit).
+    path: Path  # as given: an image file, or a folder holding one DICOM series
+    series_uid: str  # DICOM's SeriesInstanceUID where there is one, else the file's name without its suffixes
+    files: tuple[Path, ...]  # what the voxels are read from: the file, or the series' slices in order
+    size_irc: tuple[int, int, int]  # slices, rows, columns
+
+
+DICOM_TAGS = {"modality": "0008|0060", "series_uid": "0020|000e", "position": "0020|0032",
+              "orientation": "0020|0037"}
+"""The DICOM tags a CT's headers are checked by (SimpleITK's group|element keys)."""
+
+SLICE_GAP_TOLERANCE = 0.01
+"""Slices of a series may lie this share of their spacing off even spacing (DICOM keeps positions as
+decimal strings) before the series counts as unevenly spaced or missing slices."""
+
+
+def find_ct(path: Path) -> CtSource:
+    """A CT's source from its headers: a `.mhd/.raw` pair, another 3-D image file SimpleITK reads (NIfTI,
+    `.mha`, `.nrrd`, a multi-frame DICOM file), or a folder holding one DICOM series.
+
+    Raises CtError naming the path and the problem: not found, unreadable, not 3-D, a DICOM modality other
+    than CT, a folder of no or several series, a series of one slice, slices missing or unevenly spaced.
     """
-    mhd_path = Path(mhd_path)
-    if not mhd_path.is_file():
-        raise CtError(f"{mhd_path}: file not found")
-    if mhd_path.suffix.lower() == ".mhd":
-        _check_metaimage(mhd_path)
-    try:
-        image = sitk.ReadImage(str(mhd_path))  # as stored: a cast here would wrap values beyond int16
+    path = Path(path)
+    if path.is_dir():
+        return _dicom_series(path)
+    if not path.is_file():
+        raise CtError(f"{path}: file not found")
+    if path.suffix.lower() == ".mhd":
+        _check_metaimage(path)
+    reader = _header(path)
+    _check_modality(path, reader)
+    if reader.GetDimension() != 3:
+        raise CtError(f"{path}: expected a 3-D image, found {reader.GetDimension()}-D")
+    return CtSource(path, _tag(reader, "series_uid") or _stem(path), (path,), tuple(reader.GetSize()[::-1]))
+
+
+def _stem(path: Path) -> str:
+    """The file's name without its suffix, and without `.gz` before it: `1.2.3.nii.gz` is series 1.2.3."""
+    name = path.name[:-3] if path.name.lower().endswith(".gz") else path.name
+    return Path(name).stem
+
+
+def read_ct(path: Path) -> Ct:
+    """Read a CT (`find_ct`: a `.mhd/.raw` pair, another image file, a DICOM series folder) as int16 HU, with
+    its geometry (origin, spacing, direction cosines), without a copy when stored as int16.
+
+    DICOM's rescale slope and intercept are applied by SimpleITK. Raises CtError naming the file for what
+    `find_ct` refuses, a truncated image, and voxel types that cannot hold HU (unsigned or 8-bit).
+    """
+    source = find_ct(path)
+    try:  # as stored: a cast here would wrap values beyond int16
+        image = sitk.ReadImage([str(f) for f in source.files] if source.path.is_dir() else str(source.path))
     except RuntimeError as err:
-        raise CtError(f"{mhd_path}: cannot read the image: {_itk_reason(err)}") from err
-    if image.GetDimension() != 3:
-        raise CtError(f"{mhd_path}: expected a 3-D image, found {image.GetDimension()}-D")
-    return Ct(series_uid=mhd_path.stem, hu=_as_int16_hu(mhd_path, image), geometry=Geometry.of_image(image))
+        raise CtError(f"{source.path}: cannot read the image: {_itk_reason(err)}") from err
+    return Ct(series_uid=source.series_uid, hu=_as_int16_hu(source.path, image), geometry=Geometry.of_image(image))
+
+
+def _header(path: Path) -> sitk.ImageFileReader:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        raise CtError(f"{path}: cannot read the image: {_itk_reason(err)}") from err
+    return reader
+
+
+def _tag(reader: sitk.ImageFileReader, name: str) -> str | None:
+    """A DICOM tag's value, without DICOM's padding; None where the file has none (or is no DICOM file)."""
+    key = DICOM_TAGS[name]
+    if not reader.HasMetaDataKey(key):
+        return None
+    return reader.GetMetaData(key).strip(" \0") or None
+
+
+def _check_modality(path: Path, reader: sitk.ImageFileReader) -> None:
+    modality = _tag(reader, "modality")
+    if modality is not None and modality.upper() != "CT":
+        raise CtError(f"{path}: DICOM modality {modality} ({DICOM_TAGS['modality']}), not CT: only CTs are analysed")
+
+
+def _dicom_series(folder: Path) -> CtSource:
+    """The one DICOM series of `folder`, its slices in order along their normal, checked evenly spaced."""
+    try:
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    except RuntimeError as err:
+        raise CtError(f"{folder}: cannot list its DICOM series: {_itk_reason(err)}") from err
+    if not series:
+        raise CtError(f"{folder}: a folder holding no DICOM series (give a folder of one DICOM series, or an image "
+                      "file such as .mhd, .nii.gz, .mha or .nrrd)")
+    if len(series) > 1:
+        raise CtError(f"{folder}: {len(series)} DICOM series ({', '.join(series[:3])}"
+                      f"{', ...' if len(series) > 3 else ''}): give a folder holding one series")
+    files = [Path(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])]
+    headers = [_header(f) for f in files]
+    for file, reader in zip(files, headers):
+        _check_modality(file, reader)
+    if len(files) < 2:
+        raise CtError(f"{folder}: a DICOM series of one slice: a 2-D image, not a CT")
+    order = _slice_order(folder, files, headers)
+    columns, rows = headers[0].GetSize()[:2]
+    return CtSource(folder, _tag(headers[0], "series_uid") or folder.name, tuple(files[k] for k in order),
+                    (len(files), rows, columns))
+
+
+def _slice_order(folder: Path, files: list[Path], headers: list[sitk.ImageFileReader]) -> np.ndarray:
+    """The slices' order along their normal, from each file's ImagePositionPatient
+    projected on the normal of its ImageOrientationPatient; CtError where slices are missing or uneven."""
+    try:
+        position = np.array([[float(v) for v in _tag(r, "position").split("\\")] for r in headers])
+        orientation = np.array([float(v) for v in _tag(headers[0], "orientation").split("\\")])
+    except (AttributeError, ValueError):
+        raise CtError(f"{folder}: a DICOM slice without a readable ImagePositionPatient "
+                      f"({DICOM_TAGS['position']}) or ImageOrientationPatient ({DICOM_TAGS['orientation']}): "
+                      "the slices cannot be placed") from None
+    along = position @ np.cross(orientation[:3], orientation[3:])
+    order = np.argsort(along, kind="stable")
+    along = along[order]
+    gaps = np.diff(along)
+    spacing = float(np.median(gaps))
+    if spacing <= 0:
+        raise CtError(f"{folder}: its slices lie at the same position: not one 3-D series")
+    off = np.flatnonzero(np.abs(gaps - spacing) > SLICE_GAP_TOLERANCE * spacing)
+    if len(off):
+        k = off[0]
+        missing = round(gaps[k] / spacing) - 1
+        what = (f"{missing} slice(s) missing" if missing >= 1 and abs(gaps[k] - (missing + 1) * spacing)
+                <= SLICE_GAP_TOLERANCE * spacing else "uneven slice spacing")
+        raise CtError(f"{folder}: {what}: {gaps[k]:.4g} mm between {files[order[k]].name} and "
+                      f"{files[order[k + 1]].name} (at {along[k]:.4g} and {along[k + 1]:.4g} mm along the slice "
+                      f"normal) where the others are {spacing:.4g} mm apart"
+                      + (f", and {len(off) - 1} more such gap(s)" if len(off) > 1 else ""))
+    return order
 
 
 _CANNOT_HOLD_HU = (sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkUInt32, sitk.sitkUInt64)
@@ -180,7 +299,8 @@ def cut_boxes(
     ends = starts + np.asarray(shape)
     size = np.asarray(volume.shape)
     outside = np.any((starts < 0) | (ends > size), axis=1)
-    boxes = np.full((len(centers_irc), *shape), fill, dtype=dtype)
+    boxes = np.empty((len(centers_irc), *shape), dtype=dtype)
+    boxes[outside] = fill  # the others are copied whole: filling them first would be a wasted pass
     # One slice copy per box (a few hundred per CT): the voxels themselves are never looped over.
     for n, (start, end) in enumerate(zip(starts, ends)):
         src_lo = np.maximum(start, 0)

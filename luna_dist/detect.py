@@ -4,9 +4,10 @@ The UNet segments every slice from its 7-slice context (stacks built on the devi
 slices in batches), within the rows and columns of the patient's body (air outside it
 holds no nodule), probability > SEG_THRESHOLD, EROSION_ITERATIONS binary erosion; 3-D
 connected components are the groups, each placed at its centre of mass weighted by
-HU + 1001; each group's 32x48x48 chunk is cut as the shard build cuts it and scored by
-the nodule classifier, then by the malignancy model. Given candidates (LUNA16's
-false-positive reduction track) skip the first two stages and keep their coordinates.
+HU + 1001 and measured (volume, longest axial diameter); each group's 32x48x48 chunk is
+cut as the shard build cuts it and scored by the nodule classifier, then by the
+malignancy model. Given candidates (LUNA16's false-positive reduction track) skip the
+first two stages and keep their coordinates.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from scipy import ndimage
 from torch import Tensor, nn
 
-from luna_dist.ct import HU_MAX, HU_MIN, cut_chunks, read_ct
+from luna_dist.ct import HU_MAX, HU_MIN, Ct, cut_chunks, read_ct
 from luna_dist.geometry import irc_to_xyz, nearest_voxel, xyz_to_irc_float
 from luna_dist.hardware import seg_memory_format
 from luna_dist.model import load_into
@@ -141,35 +142,54 @@ def segment(hu: Tensor, model: nn.Module, batch_size: int, autocast, box: tuple[
     return mask
 
 
-def group(mask: np.ndarray, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Connected groups of a segmentation after the erosion: centres (N, 3) IRC float and voxel counts (N,).
+@dataclass
+class Groups:
+    """The groups of a segmentation after the erosion; group k is label k + 1 of `labels`."""
 
-    `hu` is the CT's int16 HU. A centre is the group's centre of mass weighted by
-    HU + 1001 (HU clipped to [-1000, 1000]), so denser voxels pull harder and air still
-    weighs a little. The eroded mask (1 byte a voxel) and the labels (4 bytes) are the
-    only arrays the size of the CT; each group is summed within its bounding box, in
-    integers: the same centres as scipy's `center_of_mass` (whose float64 sums of these
-    integer weights are exact too) without its whole-volume float64 temporaries.
+    centres: np.ndarray  # (N, 3) IRC float: centres of mass weighted by HU + 1001
+    voxels: np.ndarray  # (N,) int64 voxel counts
+    axial_diameter_mm: np.ndarray  # (N,) longest diameter within one slice, mm (see `group`)
+    labels: np.ndarray  # (I, R, C) int32, 0 outside every group: what the report outlines
+
+
+FERET_DIRECTIONS = 64
+"""Directions a group's width is measured in, within each slice: the longest width found is at least
+cos(90° / 64) = 0.9997 of the true longest diameter, and never more."""
+
+
+def group(mask: np.ndarray, hu: np.ndarray, spacing_rc: tuple[float, float] = (1.0, 1.0)) -> Groups:
+    """Connected groups of a segmentation after the erosion: centres, voxel counts, longest axial diameters.
+
+    `hu` is the CT's int16 HU, `spacing_rc` its (row, column) spacing in mm (the diameters are in voxels
+    without it). A centre is the group's centre of mass weighted by HU + 1001 (HU clipped to [-1000, 1000]),
+    so denser voxels pull harder and air still weighs a little. The longest axial diameter is the largest
+    Feret diameter of the group's voxels (as squares) in any of its slices, the size a reader measures on an
+    axial slice; like the voxel count it is of the eroded group, the one the centre and the chunk come from.
+    The eroded mask (1 byte a voxel) and the labels (4 bytes) are the only arrays the size of the CT; each
+    group is measured within its bounding box, in integers: the same centres as scipy's `center_of_mass`
+    (whose float64 sums of these integer weights are exact too) without its whole-volume float64 temporaries.
     """
     eroded = ndimage.binary_erosion(mask, iterations=EROSION_ITERATIONS)
     labels, count = ndimage.label(eroded)
     del eroded  # labelled: the grouping needs only the labels from here on
-    centres, voxels = np.zeros((count, 3)), np.zeros(count, dtype=np.int64)
+    centres, voxels, diameters = np.zeros((count, 3)), np.zeros(count, dtype=np.int64), np.zeros(count)
     slab_voxels = labels.size // GROUP_SLAB_SHARE
     for index, box in enumerate(ndimage.find_objects(labels)):
-        voxels[index], centres[index] = _box_centre(labels, hu, index + 1, box, slab_voxels)
-    return centres, voxels
+        voxels[index], centres[index], diameters[index] = _measure_box(labels, hu, index + 1, box, slab_voxels,
+                                                                       spacing_rc)
+    return Groups(centres, voxels, diameters, labels)
 
 
-def _box_centre(labels: np.ndarray, hu: np.ndarray, label: int, box: tuple[slice, slice, slice],
-                slab_voxels: int) -> tuple[int, np.ndarray]:
-    """Voxel count and weighted centre (3,) IRC of group `label`, from the per-axis sums of its weights
-    over its bounding box `box`, a slab of slices at a time."""
+def _measure_box(labels: np.ndarray, hu: np.ndarray, label: int, box: tuple[slice, slice, slice],
+                 slab_voxels: int, spacing_rc: tuple[float, float]) -> tuple[int, np.ndarray, float]:
+    """Voxel count, weighted centre (3,) IRC and longest axial diameter (mm) of group `label`, from the
+    per-axis sums of its weights over its bounding box `box`, a slab of slices at a time."""
     step = max(1, slab_voxels // ((box[1].stop - box[1].start) * (box[2].stop - box[2].start)))
-    count, per_slice, per_row, per_column = 0, [], 0, 0
+    count, per_slice, per_row, per_column, diameter = 0, [], 0, 0, 0.0
     for first in range(box[0].start, box[0].stop, step):
         slab = (slice(first, min(first + step, box[0].stop)), box[1], box[2])
         inside = labels[slab] == label
+        diameter = max(diameter, _longest_axial_diameter(inside, box[1].start, spacing_rc))
         weight = hu[slab].astype(np.int32)
         np.clip(weight, HU_MIN, HU_MAX, out=weight)
         weight += 1001
@@ -180,7 +200,34 @@ def _box_centre(labels: np.ndarray, hu: np.ndarray, label: int, box: tuple[slice
         per_column = per_column + weight.sum(axis=(0, 1), dtype=np.int64)
     sums = [np.concatenate(per_slice), per_row, per_column]
     moments = [int(s @ np.arange(b.start, b.stop, dtype=np.int64)) for s, b in zip(sums, box)]
-    return count, np.array(moments, dtype=np.float64) / float(sums[0].sum())
+    return count, np.array(moments, dtype=np.float64) / float(sums[0].sum()), diameter
+
+
+def _longest_axial_diameter(inside: np.ndarray, first_row: int, spacing_rc: tuple[float, float]) -> float:
+    """Largest Feret diameter (mm) over the slices of `inside` (S, R, C) bool, its voxels taken as squares.
+
+    A slice's convex hull is that of the outer corners of each row's first and last voxel, so only those
+    (4 a row) are projected, on FERET_DIRECTIONS directions: memory and time grow with the box's rows,
+    not its voxels.
+    """
+    rows = inside.any(axis=2)  # (S, R)
+    if not rows.any():
+        return 0.0
+    columns = inside.shape[2]
+    first = inside.argmax(axis=2)
+    last = columns - 1 - inside[..., ::-1].argmax(axis=2)
+    row_mm, column_mm = spacing_rc
+    angle = np.arange(FERET_DIRECTIONS) * (np.pi / FERET_DIRECTIONS) - np.pi / 2  # every direction, cos >= 0
+    cos, sin = np.cos(angle), np.sin(angle)  # (K,)
+    y = (first_row + np.arange(inside.shape[1]))[:, None] * row_mm * sin  # (R, K): row centres, projected
+    half_row = row_mm / 2 * np.abs(sin)  # (K,): the nearer or farther edge of the row, whichever is outer
+    high = ((last + 0.5) * column_mm)[..., None] * cos  # (S, R, K): each row's outer corners, projected
+    high += y + half_row
+    low = ((first - 0.5) * column_mm)[..., None] * cos
+    low += y - half_row
+    high[~rows] = -np.inf
+    low[~rows] = np.inf
+    return float((high.max(axis=1) - low.min(axis=1)).max())
 
 
 @torch.no_grad()
@@ -203,40 +250,57 @@ def classify(hu: np.ndarray, centres_irc: np.ndarray, models: Models, device: to
     return p_nodule, p_malignant
 
 
-def analyze_ct(mhd: Path, models: Models, device: torch.device, batch_size: int, autocast,
-               candidates_xyz: np.ndarray | None = None, body_crop: bool = True) -> dict:
+@dataclass
+class Analysed:
+    """One CT's findings, ready for its JSON, and what they were found in, for the report's images: kept only
+    while the CT is in memory anyway."""
+
+    result: dict
+    ct: Ct
+    labels: np.ndarray | None  # the groups' labels (detection k is label k + 1); None in candidates mode
+
+
+def analyze_ct(path: Path, models: Models, device: torch.device, batch_size: int, autocast,
+               candidates_xyz: np.ndarray | None = None, body_crop: bool = True) -> Analysed:
     """Findings of one CT, with the seconds each stage took.
 
-    Given candidates keep their coordinates: only the chunk's cut rounds them to a voxel.
-    `body_crop` segments only the body's box (`body_box`); False, every pixel.
+    Given candidates keep their coordinates: only the chunk's cut rounds them to a voxel; they have no
+    group, so no size. `body_crop` segments only the body's box (`body_box`); False, every pixel.
     """
     seconds = {}
     started = time.perf_counter()
-    ct = read_ct(mhd)
+    ct = read_ct(path)
     seconds["read"] = time.perf_counter() - started
     if candidates_xyz is None:
-        centres_irc, voxels = _segment_and_group(ct.hu, models.seg, device, batch_size, autocast, seconds,
-                                                   body_crop)
+        spacing = ct.geometry.spacing_xyz
+        groups = _segment_and_group(ct.hu, models.seg, device, batch_size, autocast, seconds, (spacing[1], spacing[0]),
+                                    body_crop)
+        centres_irc, voxels, labels = groups.centres, groups.voxels, groups.labels
         centres_xyz = irc_to_xyz(centres_irc, ct.geometry)
+        sizes = [{"diameter_mm": round(float(d), 2), "volume_mm3": round(float(n * np.prod(spacing)), 2)}
+                 for d, n in zip(groups.axial_diameter_mm, voxels)]
     else:
         centres_xyz = np.asarray(candidates_xyz, dtype=np.float64).reshape(-1, 3)
         centres_irc = xyz_to_irc_float(centres_xyz, ct.geometry)
-        voxels = np.zeros(len(centres_irc), dtype=np.int64)
+        voxels, labels = np.zeros(len(centres_irc), dtype=np.int64), None
+        sizes = [{"diameter_mm": None, "volume_mm3": None}] * len(centres_irc)
     started = time.perf_counter()
     p_nodule, p_malignant = classify(ct.hu, centres_irc, models, device, batch_size, autocast)
     seconds["classify"] = time.perf_counter() - started
     detections = [
-        {"xyz": [round(v, 3) for v in xyz], "irc": [round(v, 2) for v in irc], "voxels": int(n),
+        {"xyz": [round(v, 3) for v in xyz], "irc": [round(v, 2) for v in irc], "voxels": int(n), **size,
          "p_nodule": float(pn), "p_malignant": None if np.isnan(pm) else float(pm)}
-        for xyz, irc, n, pn, pm in zip(centres_xyz.tolist(), centres_irc.tolist(), voxels, p_nodule, p_malignant)
+        for xyz, irc, n, size, pn, pm in zip(centres_xyz.tolist(), centres_irc.tolist(), voxels, sizes, p_nodule,
+                                             p_malignant)
     ]
-    return {"series_uid": ct.series_uid, "voxels": int(ct.hu.size), "shape": list(ct.hu.shape), "seconds": seconds,
-            "detections": detections}
+    result = {"series_uid": ct.series_uid, "voxels": int(ct.hu.size), "shape": list(ct.hu.shape),
+              "seconds": seconds, "detections": detections}
+    return Analysed(result, ct, labels)
 
 
 def _segment_and_group(hu: np.ndarray, model: nn.Module, device: torch.device, batch_size: int, autocast,
-                       seconds: dict, body_crop: bool) -> tuple[np.ndarray, np.ndarray]:
-    """The groups' centres (IRC) and sizes; the host copy of the mask lives only as long as this call."""
+                       seconds: dict, spacing_rc: tuple[float, float], body_crop: bool) -> Groups:
+    """The segmentation's groups; the host copy of the mask lives only as long as this call."""
     started = time.perf_counter()
     box = body_box(hu) if body_crop else None
     on_device = torch.from_numpy(np.require(hu, requirements='W')).to(device).float().clamp_(HU_MIN, HU_MAX)
@@ -244,6 +308,6 @@ def _segment_and_group(hu: np.ndarray, model: nn.Module, device: torch.device, b
     del on_device
     seconds["segment"] = time.perf_counter() - started
     started = time.perf_counter()
-    grouped = group(mask, hu)
+    grouped = group(mask, hu, spacing_rc)
     seconds["group"] = time.perf_counter() - started
     return grouped

@@ -25,7 +25,9 @@ MATCH_DISTANCE = 0.7
 """A detection matches a nodule when its distance divided by the nodule's diameter is below this."""
 
 DETECTION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "index", "row", "col", "voxels",
-                     "p_nodule", "p_malignant")
+                     "diameter_mm", "volume_mm3", "p_nodule", "p_malignant")
+"""detections.csv: position (mm, and continuous voxel indices), the group's voxels, longest axial diameter (mm)
+and volume (mm³), both probabilities; sizes and p_malignant are empty where there are none."""
 
 CONFUSION_ROWS = ("non-nodule", "benign", "malignant")
 
@@ -52,19 +54,21 @@ def confusion(detections: list[dict], nodules: list, threshold: float = 0.5, mal
         by_series.setdefault(nodule.series_uid, ([], []))[1].append(nodule)
     for found, truth in by_series.values():
         outcome = np.array([_outcome(d, threshold, mal_threshold) for d in found], dtype=np.int64)
-        if found and truth:
-            xyz = np.array([d["xyz"] for d in found], dtype=np.float64)  # (D, 3)
-            centres = np.array([n.center_xyz for n in truth], dtype=np.float64)  # (T, 3)
-            diameters = np.array([n.diameter_mm for n in truth], dtype=np.float64)
-            distance = np.linalg.norm(xyz[None] - centres[:, None], axis=2) / diameters[:, None]  # (T, D)
-            matches = distance < MATCH_DISTANCE
-        else:
-            matches = np.zeros((len(truth), len(found)), dtype=bool)
+        matches = relative_distances(np.array([d["xyz"] for d in found]), truth) < MATCH_DISTANCE
         for nodule, row in zip(truth, matches):
             table[2 if nodule.is_malignant else 1, outcome[row].max() if row.any() else 0] += 1
         for column in outcome[~matches.any(axis=0)]:
             table[0, column] += 1
     return table
+
+
+def relative_distances(xyz: np.ndarray, nodules: list[Annotation]) -> np.ndarray:
+    """(T, D) distance of each detection (D, 3) mm from each of T nodules, divided by the nodule's diameter:
+    a detection matches a nodule below MATCH_DISTANCE."""
+    xyz = np.asarray(xyz, dtype=np.float64).reshape(-1, 3)
+    centres = np.array([n.center_xyz for n in nodules], dtype=np.float64).reshape(-1, 3)  # (T, 3)
+    diameters = np.array([n.diameter_mm for n in nodules], dtype=np.float64)
+    return np.linalg.norm(xyz[None] - centres[:, None], axis=2) / diameters[:, None]
 
 
 def _outcome(detection: dict, threshold: float, mal_threshold: float) -> int:
@@ -147,6 +151,7 @@ def write_detections(path: Path, results: list[dict]) -> None:
         writer.writerow(DETECTION_COLUMNS)
         for r in sorted(results, key=lambda r: r["series_uid"]):
             for d in sorted(r["detections"], key=lambda d: -d["p_nodule"]):
+                optional = ["" if d[key] is None else f"{d[key]:.6g}" for key in ("diameter_mm", "volume_mm3")]
                 p_malignant = "" if d["p_malignant"] is None else f"{d['p_malignant']:.6g}"
                 writer.writerow([r["series_uid"], *(f"{v:.3f}" for v in d["xyz"]), *d["irc"], d["voxels"],
-                                 f"{d['p_nodule']:.6g}", p_malignant])
+                                 *optional, f"{d['p_nodule']:.6g}", p_malignant])

@@ -47,7 +47,7 @@ from luna_dist.shard_format import (
     copy_payloads,
     damaged,
     load_array,
-    npy_bytes,
+    new_batch,
     require,
     stored_array,
 )
@@ -221,13 +221,13 @@ class SegmentCutter:
 
 def _arrays(arrays: dict[str, np.ndarray], codec: str) -> dict[str, bytes]:
     """A sample's `.npy` members, stored by `codec`."""
-    return dict(stored_array(name, npy_bytes(array), codec) for name, array in arrays.items())
+    return dict(stored_array(name, array, codec) for name, array in arrays.items())
 
 
 # -- reading --------------------------------------------------------------------------------------
 def collate_stacks(samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """Training samples -> (stacks (N, 7, 96, 96) int16, masks (N, 1, 96, 96) bool), one copy per member."""
-    stacks = torch.empty((len(samples), STACK, CROP, CROP), dtype=torch.int16)
+    stacks = new_batch((len(samples), STACK, CROP, CROP), torch.int16)
     copy_payloads(samples, "ct.npy", stacks.numpy(), (STACK, CROP, CROP))
     packed = np.empty((len(samples), CROP, -(-CROP // 8)), dtype=np.uint8)
     copy_payloads(samples, "mask.npy", packed, packed.shape[1:])

@@ -14,12 +14,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Protocol
 
 import numpy as np
+import torch
 import zstandard
 
 from luna_dist.candidates import Annotation, Candidate
@@ -95,11 +97,6 @@ def npy_header(shape: tuple[int, ...], dtype) -> bytes:
     return buffer.getvalue()
 
 
-def npy_bytes(array: np.ndarray) -> bytes:
-    """What np.save writes for `array`, built with a single copy of the data."""
-    return b"".join((npy_header(array.shape, array.dtype), memoryview(np.ascontiguousarray(array))))
-
-
 CODECS = ("zstd", "none")
 """How a sample's arrays are stored, the first the default (the manifest's `codec` says which
 a build wrote; readers take both). `none`: `NAME.npy` holds what np.save writes. `zstd`:
@@ -112,15 +109,29 @@ ZSTD_LEVEL = 1
 _ZSTD_COMPRESSOR = zstandard.ZstdCompressor(level=ZSTD_LEVEL)  # one per process: the build's workers are processes
 
 
-def stored_array(name: str, npy: bytes, codec: str) -> tuple[str, bytes]:
-    """A `.npy` member as a sample stores it under `codec`: its member name and bytes."""
+def stored_array(name: str, array: np.ndarray, codec: str) -> tuple[str, bytes]:
+    """`array` as a sample's `.npy` member `name` stores it under `codec`: its member name and bytes."""
+    name, (stored,) = stored_arrays(name, np.asarray(array)[None], codec)
+    return name, stored
+
+
+def stored_arrays(name: str, arrays: np.ndarray, codec: str) -> tuple[str, list[bytes]]:
+    """Each array along the first axis of `arrays` (N, ...) as member `name` of its own sample stores it.
+
+    The build stores a CT's hundreds of chunks at once: their bytes are grouped in one
+    pass over all of them, straight into the buffers that are compressed (the `.npy`
+    header first, then the grouped payload), with no copy per array.
+    """
+    arrays = np.ascontiguousarray(arrays)
+    header = npy_header(arrays.shape[1:], arrays.dtype)
     if codec == "none":
-        return name, npy
-    header = _npy_header_length(npy)
-    itemsize = _npy_layout({}, name, npy)[0].itemsize
-    payload = np.frombuffer(npy, dtype=np.uint8, offset=header)
-    grouped = payload.reshape(-1, itemsize).T.tobytes() if itemsize > 1 else payload.tobytes()
-    return name + ZSTD_SUFFIX, _ZSTD_COMPRESSOR.compress(npy[:header] + grouped)
+        return name, [b"".join((header, memoryview(array))) for array in arrays]
+    count, itemsize = len(arrays), arrays.dtype.itemsize
+    stored = np.empty((count, len(header) + arrays[0].nbytes), dtype=np.uint8)
+    stored[:, :len(header)] = np.frombuffer(header, dtype=np.uint8)
+    payload_bytes = arrays.reshape(count, -1).view(np.uint8).reshape(count, -1, itemsize)
+    stored[:, len(header):].reshape(count, itemsize, -1)[:] = payload_bytes.transpose(0, 2, 1)
+    return name + ZSTD_SUFFIX, [_ZSTD_COMPRESSOR.compress(row) for row in stored]
 
 
 def load_array(sample: dict, name: str) -> np.ndarray:
@@ -264,6 +275,20 @@ def _payload_offset(sample: dict, name: str, data: bytes, dtype: type, shape: tu
             raise damaged(sample, f"{name} is {array.dtype} {array.shape}, expected {np.dtype(dtype).name} {shape}")
         _NPY_HEADER_CACHE[cache_key] = header_len
     return header_len
+
+
+def new_batch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised batch for a collate to decode into; inside a DataLoader worker it lies in shared
+    memory from the start, as torch's own default_collate places its batches.
+
+    A worker's batch reaches the training process through shared memory: a tensor not
+    already there is copied into a fresh segment on the way (4.7 MB for 32 chunks), which
+    cost a third of a worker's rate.
+    """
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
 
 
 def copy_payloads(samples: list[dict], name: str, out: np.ndarray, shape: tuple[int, ...]) -> None:

@@ -27,7 +27,6 @@ import io
 import itertools
 import json
 import random
-import tarfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -42,6 +41,7 @@ import webdataset as wds
 
 from luna_dist.shard_format import MANIFEST, REBUILD, ShardSetError, check_manifest, check_sample
 from luna_dist.shard_io import DEFAULT_READ_TIMEOUT, ShardSource, is_remote, read_manifest, shard_location, unreachable
+from luna_dist.shard_tar import read_samples
 
 
 @dataclass
@@ -149,15 +149,14 @@ def checked_samples(shards: Iterator[dict], source: ShardSource) -> Iterator[dic
         stream = None
         try:
             stream = source.open(url)
-            files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}])
-            for sample in wds.tariterators.group_by_keys(files):
+            for sample in read_samples(stream, url):
                 check_sample(sample)
                 read += 1
                 yield sample
             if source.remote:
                 stream.raw.check()
             stream.close()  # a remote reader's exit status is known from here
-        except (tarfile.TarError, OSError, ValueError) as err:
+        except (OSError, ValueError) as err:  # a TarReadError, a damaged sample's bytes
             raise _unreadable(url, read, err, stream) from None
         finally:
             if stream is not None:

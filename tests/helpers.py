@@ -1,9 +1,11 @@
 """What several test modules share: the data's sizes, opening shard sets as training does, damaging shards,
-killing a build mid-way, a segmentation model of known output. Fixtures live in conftest.py."""
+killing a build mid-way, a segmentation model of known output, CTs written as DICOM series, and bad CTs.
+Fixtures live in conftest.py."""
 
 from __future__ import annotations
 
 import io
+import locale
 import os
 import shutil
 import signal
@@ -14,6 +16,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 
 from luna_dist import chunk_samples
@@ -125,7 +128,7 @@ def zero_middle(file, members) -> str:
 
 
 def random_header(file, members) -> str:
-    """512 random bytes over a tar header in mid-archive: Python's tarfile takes it for the end of the archive."""
+    """512 random bytes over a tar header in mid-archive: the reader finds its checksum wrong."""
     member = members[len(members) // 2]
     file.seek(member.offset)
     file.write(np.random.default_rng(0).bytes(512))
@@ -186,3 +189,90 @@ def real_table(name: str, dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_bytes(gzip.decompress((REAL_TABLES / f"{name}.gz").read_bytes()))
     return dest
+
+
+# -- a CT written as a DICOM series --------------------------------------------------------------------------
+def write_dicom_series(image: sitk.Image, folder: Path, series_uid: str, modality: str = "CT", skip: tuple[int, ...] = (),
+                       moved: dict[int, float] | None = None) -> Path:
+    """Write a 3-D SimpleITK image of HU as one DICOM file per slice in `folder`, as a scanner does: unsigned
+    16-bit values with rescale intercept -1024, each slice placed by ImagePositionPatient and oriented by
+    ImageOrientationPatient (positions as decimal strings, 6 decimals). `skip` leaves slices out; `moved`
+    shifts slices along the slice normal by that many mm."""
+    folder.mkdir(parents=True, exist_ok=True)
+    floats = sitk.Cast(image, sitk.sitkFloat32)  # so the writer stores them with the rescale given below
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    saved = locale.setlocale(locale.LC_ALL)  # GDCM's writer leaves the process in the C locale: restored after
+    try:
+        _write_slices(image, floats, folder, writer, series_uid, modality, skip, moved)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+    return folder
+
+
+def _write_slices(image: sitk.Image, floats: sitk.Image, folder: Path, writer: sitk.ImageFileWriter,
+                  series_uid: str, modality: str, skip: tuple[int, ...], moved: dict[int, float] | None) -> None:
+    d = image.GetDirection()
+    normal = np.array(d[2::3])
+    for i in range(image.GetDepth()):
+        if i in skip:
+            continue
+        position = np.array(image.TransformIndexToPhysicalPoint((0, 0, i))) + normal * (moved or {}).get(i, 0.0)
+        tags = {"0008|0060": modality, "0020|000e": series_uid, "0020|000d": series_uid + ".0",
+                "0008|0018": f"{series_uid}.{i + 1}", "0020|0013": str(i + 1),
+                "0020|0032": "\\".join(f"{v:.6f}" for v in position),
+                "0020|0037": "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
+                "0018|0050": f"{image.GetSpacing()[2]:.6f}", "0028|1052": "-1024", "0028|1053": "1",
+                "0028|0100": "16", "0028|0101": "16", "0028|0102": "15", "0028|0103": "0"}
+        plane = floats[:, :, i]
+        for key, value in tags.items():
+            plane.SetMetaData(key, value)
+        writer.SetFileName(str(folder / f"slice{i:04d}.dcm"))
+        writer.Execute(plane)
+
+
+def tilted_image(hu: np.ndarray) -> sitk.Image:
+    """`hu` as an image whose slices are tilted 20° about y, at a non-trivial origin: geometry that shows."""
+    image = sitk.GetImageFromArray(hu)
+    image.SetSpacing((0.7, 0.8, 2.5))
+    image.SetOrigin((-20.125, 30.5, -100.25))
+    t = np.radians(20)
+    image.SetDirection([np.cos(t), 0, np.sin(t), 0, 1, 0, -np.sin(t), 0, np.cos(t)])
+    return image
+
+
+def _series_with(**options):
+    def make(image, tmp_path):
+        return write_dicom_series(image, tmp_path / "series", "1.2.3", **options)
+    return make
+
+
+def _two_series(image, tmp_path):
+    write_dicom_series(image, tmp_path / "series", "1.2.3")
+    for file in write_dicom_series(image, tmp_path / "other", "1.2.4").iterdir():
+        file.rename(tmp_path / "series" / f"other-{file.name}")
+    return tmp_path / "series"
+
+
+def _flat_nifti(image, tmp_path):
+    sitk.WriteImage(image[:, :, 0], str(tmp_path / "flat.nii.gz"))
+    return tmp_path / "flat.nii.gz"
+
+
+def _no_dicom(image, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here\n")
+    return tmp_path / "empty"
+
+
+BAD_CTS = [  # (name, how to make it from an image and a folder, what the one line says after the path)
+    ("two series", _two_series, "series: 2 DICOM series (1.2.3, 1.2.4): give a folder holding one series"),
+    ("not CT", _series_with(modality="MR"), "slice0000.dcm: DICOM modality MR (0008|0060), not CT"),
+    ("one slice", _series_with(skip=(1, 2, 3, 4, 5)), "series: a DICOM series of one slice: a 2-D image, not a CT"),
+    ("2-D file", _flat_nifti, "flat.nii.gz: expected a 3-D image, found 2-D"),
+    ("missing slice", _series_with(skip=(3,)),
+     "series: 1 slice(s) missing: 5 mm between slice0002.dcm and slice0004.dcm"),
+    ("uneven spacing", _series_with(moved={3: 0.8}),
+     "series: uneven slice spacing: 3.3 mm between slice0002.dcm and slice0003.dcm"),
+    ("no DICOM", _no_dicom, "empty: a folder holding no DICOM series"),
+]

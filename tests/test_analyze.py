@@ -16,6 +16,7 @@ import csv
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,13 +27,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from helpers import threshold_model
+from helpers import BAD_CTS, threshold_model, tilted_image, write_dicom_series
 
 from luna_dist import analyze as analysis
 from luna_dist.analyze import assign, main
 from luna_dist.candidates import assign_folds, find_series, folds_as_built, read_annotations
 from luna_dist.detect import load_model
 from luna_dist.model import LunaModel
+from luna_dist.report import IMAGES_PER_CT
 from luna_dist.shard import BuildOptions, build
 
 RUN_TIMEOUT = 300
@@ -129,6 +131,21 @@ def test_one_rank_analysis_writes_findings_and_scores_them(synth_data, one_rank)
     assert summary["froc"]["scans"] == 3 and summary["froc"]["nodules"] == len(nodules)
     assert 0 <= summary["froc"]["cpm"] <= 1
     assert (one_rank / "froc.png").is_file()
+    _check_report(one_rank, series)
+
+
+def _check_report(out: Path, series: list[str]) -> None:
+    """report.html links a page per CT, each page lists every detection of its CT, and every image linked
+    is there: the top IMAGES_PER_CT detections' and the missed nodules'."""
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert sorted(re.findall(r'<a class="path" href="ct/([^"]+)\.html">', page)) == series
+    for uid in series:
+        result = json.loads((out / "ct" / f"{uid}.json").read_text())
+        ct_page = (out / "ct" / f"{uid}.html").read_text(encoding="utf-8")
+        assert ct_page.count('<tr class="detection">') == len(result["detections"])
+        images = re.findall(r'<img class="slices" src="([^"]+)"', ct_page)
+        assert len(images) == min(IMAGES_PER_CT, len(result["detections"])) + len(result.get("missed", []))
+        assert all((out / "ct" / image).is_file() for image in images)
 
 
 @pytest.mark.slow
@@ -139,6 +156,7 @@ def test_two_ranks_give_the_same_detections(synth_data, models, one_rank, tmp_pa
     assert _rows(out / "detections.csv") == _rows(one_rank / "detections.csv")
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["processes"], summary["analysed"]) == (2, 3)
+    _check_report(out, _three_series(synth_data))  # each process drew its own CTs' images
 
 
 @pytest.mark.slow
@@ -563,4 +581,87 @@ def test_bad_input_is_one_line(make, code, line, tiny_data, models, tmp_path, mo
     err = capsys.readouterr().err
     said = [text for text in err.splitlines() if text.startswith(("error:", "warning:", "note:", "interrupted:"))]
     assert len(said) == 1 and all(part in said[0] for part in ((line,) if isinstance(line, str) else line)), err
+    assert "Traceback" not in err
+
+
+# -- CTs of one's own (--ct): a DICOM series, NIfTI, .mhd ------------------------------------------------------
+OWN_UID = "1.2.826.0.1.3680043.2.1125.7"
+
+
+@pytest.fixture(scope="module")
+def own_ct(tmp_path_factory) -> dict[str, Path]:
+    """One 12x48x48 CT of air holding three dense balls (radii 2.5, 3.5 and 4.5 voxels), tilted 20° at an odd
+    origin (helpers.tilted_image), written as .mhd, as a DICOM series with SeriesInstanceUID OWN_UID and as
+    OWN_UID.nii.gz; and a classifier whose probabilities are not all 0 or 1."""
+    folder = tmp_path_factory.mktemp("own")
+    rng = np.random.default_rng(0)
+    hu = rng.integers(-1000, -900, (12, 48, 48)).astype(np.int16)
+    i, r, c = np.ogrid[:12, :48, :48]
+    for (ci, cr, cc), radius in zip([(5, 12, 12), (6, 30, 16), (6, 24, 34)], (2.5, 3.5, 4.5)):
+        hu[(i - ci) ** 2 + (r - cr) ** 2 + (c - cc) ** 2 <= radius ** 2] = rng.integers(0, 200)
+    image = tilted_image(hu)
+    sitk.WriteImage(image, str(folder / f"{OWN_UID}.mhd"))
+    sitk.WriteImage(image, str(folder / f"{OWN_UID}.nii.gz"))
+    return {"mhd": folder / f"{OWN_UID}.mhd", "nifti": folder / f"{OWN_UID}.nii.gz",
+            "dicom": write_dicom_series(image, folder / "dicom", OWN_UID), "cls": _classifier(0, folder / "cls.pt")}
+
+
+def _own_args(ct: Path, models: dict, own_ct: dict, out: Path) -> list[str]:
+    return ["--ct", str(ct), "--seg-model", str(models["seg"]), "--cls-model", str(own_ct["cls"]), "--out", str(out)]
+
+
+@pytest.mark.slow
+def test_own_cts_as_dicom_and_nifti_give_the_detections_of_the_mhd(own_ct, models, tmp_path):
+    found = {}
+    for kind in ("mhd", "dicom", "nifti"):
+        assert main(_own_args(own_ct[kind], models, own_ct, tmp_path / kind)) == 0
+        found[kind] = json.loads((tmp_path / kind / "ct" / f"{OWN_UID}.json").read_text())["detections"]
+        summary = json.loads((tmp_path / kind / "summary.json").read_text())
+        assert (summary["analysed"], summary["detections"]) == (1, len(found["mhd"])) and "confusion" not in summary
+        _check_report(tmp_path / kind, [OWN_UID])
+    assert len(found["mhd"]) == 3  # a group per ball
+    for kind in ("dicom", "nifti"):
+        for mine, theirs in zip(found[kind], found["mhd"]):
+            assert (mine["irc"], mine["voxels"], mine["p_nodule"]) == (theirs["irc"], theirs["voxels"], theirs["p_nodule"])
+            np.testing.assert_allclose(mine["xyz"], theirs["xyz"], atol=2e-3)  # DICOM's decimals, NIfTI's float32
+            np.testing.assert_allclose([mine["diameter_mm"], mine["volume_mm3"]],
+                                       [theirs["diameter_mm"], theirs["volume_mm3"]], atol=0.011)
+    # The largest ball (radius 4.5 voxels, 3.5 once eroded): about 7 columns of 0.7 mm across, 7.7 rows of 0.8 mm.
+    largest = max(found["mhd"], key=lambda d: d["voxels"])
+    assert 5.5 < largest["diameter_mm"] < 7.5 and largest["volume_mm3"] == pytest.approx(largest["voxels"] * 1.4)
+    with (tmp_path / "mhd" / "detections.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(row["diameter_mm"]) for row in rows] == [d["diameter_mm"] for d in
+                                                             sorted(found["mhd"], key=lambda d: -d["p_nodule"])]
+    # The same series from another file is not the same CT: the DICOM's run does not reuse the .mhd's result.
+    assert main(_own_args(own_ct["dicom"], models, own_ct, tmp_path / "mhd")) == 0
+    summary = json.loads((tmp_path / "mhd" / "summary.json").read_text())
+    assert (summary["resumed"], summary["redone"]) == (0, 1)
+
+
+def _own_bad(make):
+    def made(own_ct, tmp_path):
+        return make(tilted_image(np.zeros((6, 20, 24), dtype=np.int16)), tmp_path)
+    return made
+
+
+def _twice(own_ct, tmp_path):
+    return own_ct["mhd"], own_ct["nifti"]
+
+
+OWN_BAD = [(name, _own_bad(make), said) for name, make, said in BAD_CTS] + [
+    ("the same series twice", _twice, f"{OWN_UID}.nii.gz: series {OWN_UID} again (also "),
+]
+
+
+@pytest.mark.parametrize("make, said", [row[1:] for row in OWN_BAD], ids=[row[0] for row in OWN_BAD])
+def test_bad_own_ct_is_one_line(make, said, own_ct, models, tmp_path, capsys):
+    made = make(own_ct, tmp_path)
+    paths = made if isinstance(made, tuple) else (made,)
+    args = ["--ct", *map(str, paths), "--seg-model", str(models["seg"]), "--cls-model", str(models["cls"]),
+            "--out", str(tmp_path / "out")]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    said_lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(said_lines) == 1 and said_lines[0].startswith(f"error: --ct {paths[0].parent}") and said in said_lines[0], err
     assert "Traceback" not in err

@@ -12,14 +12,17 @@ from luna_dist import bench, bench_data
 TINY = ["--cts", "3", "--shape", "40", "128", "128", "--workers", "2"]
 
 SHARD_FIELDS = {"cts", "workers", "samples", "input_mb", "bytes_per_sample", "bytes_per_sample_uncompressed", "codec",
-                "codecs", "cold", "warm"}
+                "codecs", "cold", "warm", "build_over_read", "build_over_read_page_cache"}
 CODEC_FIELDS = {f"{variant}{figure}" for variant in ("", "low_noise_")
                 for figure in ("member_bytes", "encode_samples_per_s_per_core", "decode_samples_per_s_per_core",
                                "bytes_ratio")}
 SHARD_TIMED_FIELDS = {"read_seconds", "build_seconds", "build_to_read_ratio", "cts_per_s", "samples_per_s",
-                      "chunk_mb_per_s", "input_mb_per_s"}
+                      "chunk_mb_per_s", "input_mb_per_s", "zstd_build_seconds", "zstd_build_over_read",
+                      "none_build_seconds", "none_build_over_read", "zstd_worker_seconds_per_ct",
+                      "none_worker_seconds_per_ct"}
 LOADER_FIELDS = {"batch_size", "shards", "per_candidate_random", "per_candidate_series_order",
-                 "per_candidate_disk_cache", "plain_tar_loop", "shards_vs_random_baseline", "shards_vs_disk_cache"}
+                 "per_candidate_disk_cache", "plain_tar_loop", "shards_vs_random_baseline", "shards_vs_disk_cache",
+                 "worker_over_in_process", "decode_samples_per_s_per_core"}
 TRAIN_FIELDS = {"steps", "end_to_end", "ceiling", "ratio", "variants", "ranks"}
 
 
@@ -51,7 +54,10 @@ def test_shard_figures(tiny_work, capsys):
     assert all(_positive(shard[key]) for key in SHARD_FIELDS - {"cold", "warm", "codec", "codecs"})
     for cache in ("cold", "warm"):
         assert set(shard[cache]) == SHARD_TIMED_FIELDS
-        assert all(_positive(v) for v in shard[cache].values())
+        assert all(_positive(v) for k, v in shard[cache].items() if not k.endswith("_per_ct"))
+        for codec in ("zstd", "none"):
+            stages = shard[cache][f"{codec}_worker_seconds_per_ct"]
+            assert set(stages) == {"read", "cut", "write"} and all(_positive(v) for v in stages.values())
     # Uncompressed, a sample on disk is the int16 chunk plus tar headers, JSON and checksums; built by default
     # (zstd) it is about half that on the synthetic CTs' noise.
     assert 32 * 48 * 48 * 2 < shard["bytes_per_sample_uncompressed"] < 32 * 48 * 48 * 2 + 5 * 1024
@@ -61,6 +67,8 @@ def test_shard_figures(tiny_work, capsys):
         assert set(figures) == CODEC_FIELDS and all(_positive(v) for v in figures.values()), codec
     assert shard["codecs"]["none"]["bytes_ratio"] == 1 and shard["codecs"]["zstd"]["bytes_ratio"] > 1.8
     assert shard["codecs"]["zstd"]["low_noise_bytes_ratio"] > shard["codecs"]["zstd"]["bytes_ratio"]
+    assert shard["build_over_read"] == shard["cold"]["build_to_read_ratio"] == shard["cold"]["zstd_build_over_read"]
+    assert shard["build_over_read_page_cache"] == shard["warm"]["build_to_read_ratio"]
     assert "shard.cold.build_to_read_ratio" in table
 
 
@@ -74,7 +82,8 @@ def test_loader_figures(tiny_work, capsys):
                 "shards_vs_random_baseline", "shards_vs_disk_cache"):
         assert set(loader[key]) == {"0", "1"}, key
         assert all(_positive(v) for v in loader[key].values()), key
-    assert _positive(loader["plain_tar_loop"])
+    assert _positive(loader["plain_tar_loop"]) and _positive(loader["decode_samples_per_s_per_core"])
+    assert loader["worker_over_in_process"] == loader["shards"]["1"] / loader["shards"]["0"]
     assert "loader.shards_vs_random_baseline.1" in table
 
 
@@ -104,9 +113,22 @@ def test_plot_is_drawn(tmp_path):
         "loader": {key: per_workers for key in ("shards", "per_candidate_random", "per_candidate_series_order",
                                                 "per_candidate_disk_cache")},
         "train": {"end_to_end": {"32": 30.0, "128": 31.0}, "ceiling": {"32": 33.0, "128": 34.0}},
+        "shard": {"bytes_per_sample": 70e3, "bytes_per_sample_uncompressed": 150e3, "build_over_read": 2.0},
     }
+    figures["loader"] |= {"worker_over_in_process": 0.9, "decode_samples_per_s_per_core": 5000.0}
+    assert bench.data_path_ratios(figures) == {
+        "bytes stored plain / as built": (150 / 70, 2), "build / read, CTs from disk": (2.0, 1.5),
+        "1 loader worker / in-process": (0.9, 1), "decode samples/s a core / 4,000": (1.25, 1)}
     bench.plot(figures, tmp_path / "bench.png")
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_takes_smaller_sizes_but_a_flag_given_wins():
+    quick = bench.parse_args(["all", "--quick", "--cts", "7"])
+    assert quick.cts == 7 and quick.shape == bench.QUICK["shape"] and quick.ranks is False
+    assert all(getattr(quick, name) == value for name, value in bench.QUICK.items() if name != "cts")
+    full = bench.parse_args(["all"])
+    assert full.cts == 10 and full.shape == [200, 512, 512] and full.ranks is True
 
 
 def test_per_candidate_baseline_cuts_the_shard_chunks_and_pickles_for_spawn(synth_data, shard_dir):

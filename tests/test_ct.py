@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from helpers import BAD_CTS, tilted_image, write_dicom_series
 
-from luna_dist.ct import CHUNK_SHAPE, HU_MAX, HU_MIN, CtError, chunk_bounds, cut_chunks, read_ct
+from luna_dist.ct import CHUNK_SHAPE, HU_MAX, HU_MIN, CtError, chunk_bounds, cut_chunks, find_ct, read_ct
 from luna_dist.geometry import Geometry
 
 HALF = np.array(CHUNK_SHAPE) // 2  # (16, 24, 24)
@@ -317,3 +318,31 @@ def test_voxel_types_that_cannot_hold_hu_are_refused(tmp_path, dtype, words):
     with pytest.raises(CtError) as err:
         read_ct(path)
     assert str(err.value).startswith(f"{path}: voxels are {words}, which cannot hold Hounsfield units")
+
+
+# --- CTs of other formats: a DICOM series, NIfTI --------------------------------------------------------
+@pytest.mark.parametrize("kind", ["dicom", "nifti", "mha"])
+def test_other_formats_read_as_the_mhd_they_came_from(tmp_path, kind):
+    hu = np.random.default_rng(0).integers(-1000, 1000, (6, 20, 24)).astype(np.int16)
+    image = tilted_image(hu)
+    sitk.WriteImage(image, str(tmp_path / "1.2.3.mhd"))
+    if kind == "dicom":
+        path = write_dicom_series(image, tmp_path / "series", "1.2.3")
+    else:
+        path = tmp_path / ("1.2.3.nii.gz" if kind == "nifti" else "1.2.3.mha")
+        sitk.WriteImage(image, str(path))
+    expected, ct = read_ct(tmp_path / "1.2.3.mhd"), read_ct(path)
+    assert ct.series_uid == expected.series_uid == "1.2.3"
+    assert ct.hu.dtype == np.int16
+    np.testing.assert_array_equal(ct.hu, expected.hu)  # DICOM: stored unsigned, rescaled by its intercept
+    for field in ("origin_xyz", "spacing_xyz", "direction"):  # DICOM's decimals, NIfTI's float32
+        np.testing.assert_allclose(getattr(ct.geometry, field), getattr(expected.geometry, field), atol=1e-5)
+    assert find_ct(path).size_irc == hu.shape
+
+
+@pytest.mark.parametrize("make, said", [row[1:] for row in BAD_CTS], ids=[row[0] for row in BAD_CTS])
+def test_bad_ct_sources_are_named_with_their_problem(tmp_path, make, said):
+    path = make(tilted_image(np.zeros((6, 20, 24), dtype=np.int16)), tmp_path)
+    with pytest.raises(CtError) as err:
+        find_ct(path)
+    assert str(err.value).startswith(str(tmp_path)) and said in str(err.value) and "\n" not in str(err.value)

@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from helpers import CLS_BATCHES, POS_NEG, damaged_copy, random_header, random_payload, zero_magic, zero_middle
 from helpers import open_cls as open_shard_set
 
@@ -19,7 +20,7 @@ from luna_dist.shard_format import (
     check_sample,
     copy_payloads,
     load_array,
-    npy_bytes,
+    new_batch,
     stored_array,
     with_checksums,
 )
@@ -56,7 +57,7 @@ def test_damaged_shard_names_the_shard_and_thechunk_sample(shard_dir, tmp_path, 
 
 @pytest.mark.parametrize("slab, problem", [
     ({"json": b"{}", "ct.npy": b"\0" * 200, "mask.npy": b"\0" * 200}, "ct.npy unreadable ("),
-    ({"json": b"{}", "ct.npy": npy_bytes(np.zeros((1, 4, 4), dtype=np.int16))}, "no mask.npy"),
+    ({"json": b"{}", "ct.npy": stored_array("ct.npy", np.zeros((1, 4, 4), dtype=np.int16), "none")[1]}, "no mask.npy"),
 ])
 def test_damaged_segmentation_slab_names_the_shard_and_the_slab(slab, problem):
     with pytest.raises(ShardSetError) as err:
@@ -72,8 +73,8 @@ def test_damage_in_place_keeps_the_size_and_stops_validation(shard_dir, tmp_path
     with pytest.raises(ShardSetError) as err:
         list(val_pipeline(shards, [9], 16, POS_NEG, CLS_BATCHES))
     if damage is random_header:
-        assert re.match(rf"{re.escape(str(victim))}: \d+ samples read, its manifest entry says {entry['samples']}",
-                        str(err.value)), err.value
+        assert re.match(rf"{re.escape(str(victim))}: unreadable after \d+ samples \(the tar header at byte \d+ "
+                        r"(is not a tar header|has a wrong checksum)\); the shard is damaged", str(err.value)), err.value
     else:
         assert str(err.value).startswith(f"{victim}: sample {key}: chunk.npy.zst does not match its CRC-32")
 
@@ -98,18 +99,18 @@ ARRAYS = [
 @pytest.mark.parametrize("codec", CODECS)
 @pytest.mark.parametrize("array", ARRAYS, ids=["extremes", "chunk", "mask", "empty"])
 def test_every_codec_gives_back_the_array_it_stored(codec, array):
-    name, stored = stored_array("x.npy", npy_bytes(array), codec)
+    name, stored = stored_array("x.npy", array, codec)
     assert name == ("x.npy" if codec == "none" else "x.npy" + ZSTD_SUFFIX)
     loaded = load_array({name: stored}, "x.npy")
     assert loaded.dtype == array.dtype and np.array_equal(loaded, array)
     batch = np.empty((2, *array.shape), dtype=array.dtype)
-    copy_payloads([{name: stored}, {"x.npy": npy_bytes(array)}], "x.npy", batch, array.shape)
+    copy_payloads([{name: stored}, {"x.npy": stored_array("x.npy", array, "none")[1]}], "x.npy", batch, array.shape)
     assert np.array_equal(batch[0], array) and np.array_equal(batch[1], array)
 
 
 def test_compression_pays_on_a_chunk_and_the_crc_covers_the_stored_bytes():
     chunk = ARRAYS[1]
-    name, stored = stored_array("chunk.npy", npy_bytes(chunk), "zstd")
+    name, stored = stored_array("chunk.npy", chunk, "zstd")
     assert len(stored) < 0.8 * chunk.nbytes  # uniform noise of 11 bits in 16 (log2 2001): ~0.69 of raw at best
     sample = with_checksums({"__key__": "k", name: stored, "cls": b"0"})
     check_sample(sample)
@@ -120,7 +121,7 @@ def test_compression_pays_on_a_chunk_and_the_crc_covers_the_stored_bytes():
 
 
 def test_a_compressed_member_that_cannot_be_read_is_named():
-    _, stored = stored_array("chunk.npy", npy_bytes(ARRAYS[1]), "zstd")
+    _, stored = stored_array("chunk.npy", ARRAYS[1], "zstd")
     with pytest.raises(ShardSetError, match=r"sample k: chunk.npy.zst cannot be decompressed"):
         load_array({"__key__": "k", "chunk.npy.zst": stored[:-10]}, "chunk.npy")
     with pytest.raises(ShardSetError, match=r"sample k: no chunk.npy"):
@@ -128,3 +129,17 @@ def test_a_compressed_member_that_cannot_be_read_is_named():
     wrong = np.empty((1, 16, 48, 48), dtype=np.int16)
     with pytest.raises(ShardSetError, match=r"chunk.npy is int16 \(32, 48, 48\), expected int16 \(16, 48, 48\)"):
         copy_payloads([{"__key__": "k", "chunk.npy.zst": stored}], "chunk.npy", wrong, (16, 48, 48))
+
+
+class _BatchProbe(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        batch = new_batch((2, 3, 4), torch.int16)
+        batch.copy_(torch.arange(24, dtype=torch.int16).view(2, 3, 4))
+        yield batch, torch.tensor(batch.is_shared())
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_workers_batch_is_made_in_shared_memory_so_handing_it_over_copies_nothing(workers):
+    (batch, made_shared), = torch.utils.data.DataLoader(_BatchProbe(), batch_size=None, num_workers=workers)
+    assert bool(made_shared) == (workers > 0)
+    assert torch.equal(batch, torch.arange(24, dtype=torch.int16).view(2, 3, 4))
