@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="results folder")
     parser.add_argument("--batch-size", type=int, default=32, help="slices, and chunks, per forward pass")
     parser.add_argument("--no-body-crop", dest="body_crop", action="store_false",
-                        help="segment every pixel of each slice, not only the body's box")
+                        help="segment every pixel of each slice, not only the body's box (for a CT of several "
+                             "separate objects, a phantom: the box holds the largest only)")
     return parser
 
 

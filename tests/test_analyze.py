@@ -607,7 +607,9 @@ def own_ct(tmp_path_factory) -> dict[str, Path]:
 
 
 def _own_args(ct: Path, models: dict, own_ct: dict, out: Path) -> list[str]:
-    return ["--ct", str(ct), "--seg-model", str(models["seg"]), "--cls-model", str(own_ct["cls"]), "--out", str(out)]
+    """Whole slices: three balls in air are no patient, and the body's box would hold the largest only."""
+    return ["--ct", str(ct), "--seg-model", str(models["seg"]), "--cls-model", str(own_ct["cls"]), "--out", str(out),
+            "--no-body-crop"]
 
 
 @pytest.mark.slow

@@ -173,7 +173,7 @@ def test_analyze_figures(tiny_work, capsys):
                                                 "20", "--confusion-marks", "50"], capsys)
     analyze = figures["analyze"]
     assert analyze["cts"] == 2 and analyze["voxels_per_ct"] > 40 * 128 * 128 // 2
-    assert set(analyze["seconds_per_ct"]) == {"read", "segment", "group", "classify"}
+    assert set(analyze["seconds_per_ct"]) == {"read", "segment", "group", "classify", "images"}
     assert all(_positive(v) for v in analyze["seconds_per_ct"].values())
     assert set(analyze["cts_per_s"]) == {"1", "2"} and all(_positive(v) for v in analyze["cts_per_s"].values())
     assert _positive(analyze["2_vs_1"])
