@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The benchmark suite at sizes for one CUDA GPU (a few minutes): shard build, loader scaling with
-# up to 8 workers, and training against the compute ceiling with bf16 and channels_last_3d.
+# up to 8 workers, training against the compute ceiling with bf16 and channels_last_3d, and the
+# analysis: seconds per CT by stage, and the UNet's slices/s on whole slices against the body's box,
+# NCHW against channels_last (the figure that decides hardware.seg_memory_format on a GPU), fp32 and bf16.
 #   launch/bench_gpu.sh [OUT_DIR]      -> OUT_DIR/bench-gpu.json, bench-gpu.png and the table on stdout
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +11,7 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # bf16 autocast for the end-to-end runs (the Accelerator reads it); the ceiling variants cover the rest.
 ACCELERATE_MIXED_PRECISION=bf16 python -m luna_dist.bench all --device cuda \
-    --cts 20 --shape 200 512 512 --workers 8 \
+    --cts 20 --shape 200 512 512 --workers 8 --analyze-cts 4 --analyze-slices 128 \
     --loader-workers 0 2 4 8 --loader-samples 20000 --baseline-samples 300 \
     --batch-sizes 256 1024 --train-steps 60 --train-workers 6 --no-ranks \
     --variants default+no cl3d+no default+bf16 cl3d+bf16 \

@@ -54,8 +54,10 @@ from luna_dist.atomic import write_json
 from luna_dist.candidates import Annotation, CsvError, find_series, folds_as_built, read_candidates
 from luna_dist.ct import CtError, find_ct
 from luna_dist.detect import (
+    BODY_HU,
     EROSION_ITERATIONS,
     MIN_EXTENT,
+    SEG_MARGIN,
     SEG_THRESHOLD,
     Models,
     analyze_ct,
@@ -69,10 +71,11 @@ from luna_dist.report import draw_ct, write_report
 
 log = get_logger("luna_dist.analyze")
 
-ANALYSIS_VERSION = 3
+ANALYSIS_VERSION = 4
 """Part of every CT's `produced_by`: bumped whenever the same inputs would give other findings, so a rerun
 redoes the CTs of an earlier version (version 1 wrote no `produced_by`; its findings sat on voxel centres;
-version 2 gave no sizes and drew no images)."""
+version 2 gave no sizes and drew no images; version 3 segmented every pixel, also outside the body, and in
+NCHW on a CPU)."""
 
 
 class AnalysisError(Exception):
@@ -161,13 +164,20 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def produced_by(models: Models, mixed_precision: str, candidates_mode: bool) -> dict:
+def produced_by(models: Models, mixed_precision: str, candidates_mode: bool, body_crop: bool) -> dict:
     """What every CT of this run shares in its `produced_by`; `ct_produced_by` adds the CT's own part."""
     return {"analysis_version": ANALYSIS_VERSION, "mode": "candidates" if candidates_mode else "segmentation",
             "models": dict(models.sha256),
             "seg_threshold": None if candidates_mode else SEG_THRESHOLD,
             "erosion_iterations": None if candidates_mode else EROSION_ITERATIONS,
+            "body_crop": body_crop_setting(candidates_mode, body_crop),
             "mixed_precision": mixed_precision}
+
+
+def body_crop_setting(candidates_mode: bool, body_crop: bool) -> dict | None:
+    """The body crop's rule (`detect.body_box`), or None where every pixel is segmented (or none is: candidates
+    mode): another rule can keep other groups, so it is part of what produced a CT's findings."""
+    return {"body_hu": BODY_HU, "margin": SEG_MARGIN} if body_crop and not candidates_mode else None
 
 
 def ct_produced_by(shared: dict, path: Path, candidates_xyz: np.ndarray | None,
@@ -216,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="score these candidate positions instead of the segmentation's groups")
     parser.add_argument("--out", type=Path, required=True, help="results folder")
     parser.add_argument("--batch-size", type=int, default=32, help="slices, and chunks, per forward pass")
+    parser.add_argument("--no-body-crop", dest="body_crop", action="store_false",
+                        help="segment every pixel of each slice, not only the body's box (for a CT of several "
+                             "separate objects, a phantom: the box holds the largest only)")
     return parser
 
 
@@ -393,7 +406,7 @@ def analyse_share(share: list[str], series: dict[str, Path], positions: Position
             continue
         try:
             analysed = analyze_ct(series[uid], models, accelerator.device, args.batch_size, accelerator.autocast,
-                                  xyz)
+                                  xyz, args.body_crop)
         except CtError as err:
             done.failed.append({"series_uid": uid, "path": str(series[uid]), "error": str(err)})
             print(f"error: {err}; {uid} left out", file=sys.stderr)
@@ -451,7 +464,7 @@ def _run(args: argparse.Namespace, accelerator: Accelerator) -> dict:
                                                 if positions else []):
             print(line, file=sys.stderr)
     models = load_models(args, accelerator.device, positions is not None)
-    shared = produced_by(models, accelerator.mixed_precision, positions is not None)
+    shared = produced_by(models, accelerator.mixed_precision, positions is not None, args.body_crop)
     try:
         (args.out / "ct").mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -471,7 +484,7 @@ def _run(args: argparse.Namespace, accelerator: Accelerator) -> dict:
     if is_main:
         if redone:
             log.info(f"{redone} CT(s) redone: their findings in {args.out / 'ct'} were produced otherwise "
-                     "(another analysis version, mode, model, candidates, precision or CT)")
+                     "(another analysis version, mode, model, candidates, body crop, precision or CT)")
         summary = {"series": len(series), "analysed": len(results), "resumed": reused, "redone": redone,
                    "failed": failed, "processes": accelerator.num_processes,
                    "candidate_rows_not_on_disk": sum(positions.not_on_disk.values()) if positions else 0,
@@ -501,7 +514,7 @@ def run_produced_by(args: argparse.Namespace, models: Models, shared: dict) -> d
             "candidates": {"path": str(args.candidates), "sha256": file_sha256(args.candidates)}
             if args.candidates else None,
             "seg_threshold": shared["seg_threshold"], "erosion_iterations": shared["erosion_iterations"],
-            "mixed_precision": shared["mixed_precision"]}
+            "body_crop": shared["body_crop"], "mixed_precision": shared["mixed_precision"]}
 
 
 def _as_json(value):

@@ -14,9 +14,11 @@ in one run.
           loss.backward -> step) against the same steps on a batch already on the device.
 - analyze: `python -m luna_dist.analyze` on a few CTs: seconds per CT in segmentation,
           grouping and classification (one process), and 2 CPU ranks against 1 (wall
-          time of the whole command, start-up included); the peak memory of grouping
-          one CT (bytes per voxel), and the seconds of the confusion table over 888
-          scans x 850 generated marks.
+          time of the whole command, start-up included); the UNet's slices/s on whole
+          slices in NCHW (analysis versions 2 and 3), in the device's layout, and on the body's
+          box only (with bf16 too where it is native), and
+          the mask voxels each changes; the peak memory of grouping one CT (bytes per
+          voxel), and the seconds of the confusion table over 888 scans x 850 generated marks.
 - evaluate: LUNA16 scoring of generated marks at the full data set's size (888 scans,
           ~600 marks each): reading the CSVs, the FROC/CPM, and its bootstrap interval.
 
@@ -156,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-marks", type=int, default=600, help="marks per scan of the generated evaluation set")
     parser.add_argument("--eval-bootstrap", type=int, default=1000, help="bootstrap resamplings timed")
     parser.add_argument("--analyze-cts", type=int, default=2, help="CTs analysed by the analyze benchmark")
+    parser.add_argument("--analyze-slices", type=int, default=32,
+                        help="analyze: slices of one CT segmented in each layout, batch and crop variant")
     parser.add_argument("--confusion-scans", type=int, default=888,
                         help="analyze: scans of the generated confusion-table input (LUNA16: 888)")
     parser.add_argument("--confusion-marks", type=int, default=850,
@@ -176,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 QUICK = {"cts": 4, "shape": [120, 256, 256], "loader_samples": 1500, "baseline_samples": 64, "batch_sizes": [32],
          "train_steps": 6, "variants": ["default+no", "cl3d+bf16"], "ranks": False, "eval_scans": 300,
-         "eval_bootstrap": 100, "analyze_cts": 1}
+         "eval_bootstrap": 100, "analyze_cts": 1, "analyze_slices": 8}
 """What --quick changes: every figure is still measured, on less data and with fewer repeats."""
 
 
@@ -256,7 +260,7 @@ def run_data_benchmarks(args: argparse.Namespace, work: Path, results: dict) -> 
                 args.train_steps, extra)
     if args.what in ("analyze", "all"):
         measure(results, args.json, "analyze", bench_analyze, data, work / "analyze", args.analyze_cts, args.seg_model,
-                args.cls_model, args.ranks, args.confusion_scans, args.confusion_marks)
+                args.cls_model, args.ranks, args.confusion_scans, args.confusion_marks, args.analyze_slices)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import random
 import shutil
@@ -25,11 +26,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from luna_dist import chunk_samples
 from luna_dist.candidates import N_FOLDS, Annotation, Candidate, find_series, read_candidates, read_series_list
-from luna_dist.ct import CHUNK_SHAPE, cut_chunks, read_ct
-from luna_dist.detect import group
+from luna_dist.ct import CHUNK_SHAPE, HU_MAX, HU_MIN, cut_chunks, read_ct
+from luna_dist.detect import body_box, group, load_model, segment
 from luna_dist.evaluate import Findings, Marks, froc, read_findings, read_marks, write_marks
 from luna_dist.findings import confusion
 from luna_dist.geometry import xyz_to_irc
+from luna_dist.hardware import native_bf16, seg_memory_format
 from luna_dist.model import LunaModel, SegmentationModel
 from luna_dist.shard import BuildOptions, build
 from luna_dist.shard_format import CODECS, copy_payloads, load_array, stored_arrays
@@ -303,10 +305,11 @@ def bench_loader(data: Path, shards_dir: Path, workers: list[int], batch_size: i
 # -- analyze ----------------------------------------------------------------------------------------------
 
 def bench_analyze(data: Path, work: Path, cts: int, seg_model: Path | None, cls_model: Path | None,
-                  ranks: bool, confusion_scans: int, confusion_marks: int) -> dict:
-    """Seconds per CT by stage on one process, and the wall time of 2 CPU ranks against 1; the peak memory
-    of grouping one CT, and the seconds of the confusion table at LUNA16's size (888 scans, ~850 candidates
-    each in candidates mode)."""
+                  ranks: bool, confusion_scans: int, confusion_marks: int, seg_slices: int) -> dict:
+    """Seconds per CT by stage on one process, and the wall time of 2 CPU ranks against 1; the UNet's
+    slices/s in each of SEG_VARIANTS on `seg_slices` slices of one CT; the peak memory of grouping one CT,
+    and the seconds of the confusion table at LUNA16's size (888 scans, ~850 candidates each in candidates
+    mode)."""
     work.mkdir(parents=True, exist_ok=True)
     if seg_model is None:
         seg_model = work / "seg-untrained.pt"
@@ -337,9 +340,64 @@ def bench_analyze(data: Path, work: Path, cts: int, seg_model: Path | None, cls_
             result["voxels_per_ct"] = sum(per_ct) // len(series)
     if ranks:
         result["2_vs_1"] = result["cts_per_s"]["2"] / result["cts_per_s"]["1"]
+    result["segment_variants"] = segment_variants(find_series(data)[series[0]], seg_model, seg_slices)
     result["group_peak_bytes_per_voxel"] = group_peak_bytes_per_voxel(find_series(data)[series[0]])
     result["confusion"] = confusion_seconds(confusion_scans, confusion_marks)
     return result
+
+
+SEG_VARIANTS = {
+    "whole_nchw": (False, torch.contiguous_format),  # analysis versions 2 and 3 on every device
+    "whole": (False, None),  # the device's layout
+    "body": (True, None),  # analysis version 4: also only the body's box
+}
+"""How the segmentation benchmark runs the UNet: body crop, and layout (None: the device's)."""
+SEG_BATCH = 32
+"""Slices per pass in every variant: `--batch-size`'s default (8 and 16 ran as fast in channels_last)."""
+
+
+def segment_variants(mhd: Path, seg_model: Path, slices: int) -> dict:
+    """Slices/s of the UNet over the middle `slices` of one CT in each of SEG_VARIANTS, in channels_last
+    with the body crop where the device's layout is another (a GPU: the figure that would change its
+    default), and bf16 autocast with the body crop where the device has bf16 arithmetic (measured, never a
+    default: it moves the probabilities); and the voxels of each variant's mask that differ from version
+    2's, inside the body's box and outside it. Each variant runs once untimed (oneDNN builds its kernels on
+    first use), then twice in turns, the faster counted: the machine may be shared."""
+    device = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU") != "true"
+                          else "cpu")
+    hu = read_ct(mhd).hu
+    first = max(0, (len(hu) - slices) // 2)
+    hu = hu[first:first + slices]
+    model, _ = load_model(SegmentationModel(), seg_model, device)
+    box = body_box(hu)
+    on_device = torch.from_numpy(np.require(hu, requirements="W")).to(device).float().clamp_(HU_MIN, HU_MAX)
+    fp32 = functools.partial(torch.autocast, device.type, enabled=False)
+    variants = {name: (crop, layout or seg_memory_format(device), fp32)
+                for name, (crop, layout) in SEG_VARIANTS.items()}
+    if variants["body"][1] != torch.channels_last:  # a GPU: measure the layout its default does not use
+        variants["body_channels_last"] = (True, torch.channels_last, fp32)
+    if native_bf16(device)[0]:
+        variants["body_bf16"] = (*variants["body"][:2], functools.partial(torch.autocast, device.type, torch.bfloat16))
+    masks, seconds = {}, {name: math.inf for name in variants}
+    for turn in range(3):
+        for name, (crop, layout, autocast) in variants.items():
+            started = time.perf_counter()
+            mask = segment(on_device if turn else on_device[:SEG_BATCH], model, SEG_BATCH, autocast,
+                           box if crop else None, layout)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if turn:
+                seconds[name] = min(seconds[name], time.perf_counter() - started)
+                masks[name] = mask.cpu()
+    inside = torch.zeros(hu.shape, dtype=torch.bool)
+    inside[:, box[0], box[1]] = True
+    reference = masks["whole_nchw"]
+    return {"device": str(device), "slices": len(hu), "box_share_of_slice": inside[0].float().mean().item(),
+            "slices_per_s": {name: len(hu) / s for name, s in seconds.items()},
+            "mask_voxels": int(reference.sum()),
+            "differing_voxels": {name: {"inside_box": int((mask != reference)[inside].sum()),
+                                        "outside_box": int((mask != reference)[~inside].sum())}
+                                 for name, mask in masks.items() if name != "whole_nchw"}}
 
 
 def group_peak_bytes_per_voxel(mhd: Path) -> float:

@@ -1,7 +1,8 @@
 """What the analysis does to one CT: segment every slice, group the segmentation, classify each group.
 
 The UNet segments every slice from its 7-slice context (stacks built on the device,
-slices in batches), probability > SEG_THRESHOLD, EROSION_ITERATIONS binary erosion; 3-D
+slices in batches), within the rows and columns of the patient's body (air outside it
+holds no nodule), probability > SEG_THRESHOLD, EROSION_ITERATIONS binary erosion; 3-D
 connected components are the groups, each placed at its centre of mass weighted by
 HU + 1001 and measured (volume, longest axial diameter); each group's 32x48x48 chunk is
 cut as the shard build cuts it and scored by the nodule classifier, then by the
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 
 from luna_dist.ct import HU_MAX, HU_MIN, Ct, cut_chunks, read_ct
 from luna_dist.geometry import irc_to_xyz, nearest_voxel, xyz_to_irc_float
+from luna_dist.hardware import seg_memory_format
 from luna_dist.model import load_into
 from luna_dist.seg_samples import CONTEXT
 
@@ -31,6 +33,15 @@ SEG_THRESHOLD = 0.5
 
 EROSION_ITERATIONS = 1
 """Binary erosions of the segmentation before grouping: they cut the thin bridges between structures."""
+
+BODY_HU = -500
+"""The body is what lies above this HU: skin, fat (-100), muscle, bone, and the walls around the lungs. Air
+outside the patient (-1000) and the foam of a mattress (-900 and below) lie under it."""
+
+SEG_MARGIN = 24
+"""Pixels around the body's box that the UNet sees too. Its output at a pixel depends on the input up to 23
+pixels away (its receptive field, tested), so with this margin every pixel of the box is computed from
+exactly the input it would have in the whole slice."""
 
 MIN_EXTENT = 2 * EROSION_ITERATIONS + 1
 """Voxels a CT needs along each axis for anything to survive the erosion (the volume's border erodes too)."""
@@ -73,23 +84,61 @@ def weights_sha256(model: nn.Module) -> str:
 
 
 # -- the three stages of one CT -----------------------------------------------------------------
+def body_box(hu: np.ndarray) -> tuple[slice, slice]:
+    """The rows and columns of the patient, the same in every slice: the bounding box of the largest
+    connected region above BODY_HU in the CT's maximum projection along its slices.
+
+    `hu` is the CT's (I, R, C) HU. The largest region is the body: a table or bed lies
+    apart from it (the mattress between them is under BODY_HU), as do specks, cables and
+    noise; where the table touches the patient the box grows to hold it, which costs
+    time and nothing else. The lungs lie inside the body's walls, so inside its box. The
+    projection, (R, C), is the only array built. An empty box (no rows, no columns) when
+    nothing is above BODY_HU: a CT of air.
+    """
+    labels, count = ndimage.label(hu.max(axis=0) > BODY_HU)
+    if not count:
+        return slice(0, 0), slice(0, 0)
+    largest = int(np.argmax(np.bincount(labels.ravel())[1:]))
+    rows, columns = ndimage.find_objects(labels)[largest]
+    return rows, columns
+
+
+def segment_window(box: tuple[slice, slice], size: tuple[int, int], multiple: int) -> tuple[slice, slice]:
+    """The rows and columns the UNet runs on to segment `box` of slices of `size` (R, C): the box grown by
+    SEG_MARGIN on each side, within the slice, its ends rounded out to `multiple` (the UNet's pooling
+    factor) so that its poolings pair the same pixels as over the whole slice."""
+    return tuple(slice(max(0, (b.start - SEG_MARGIN) // multiple * multiple),
+                       min(n, -(-(b.stop + SEG_MARGIN) // multiple) * multiple)) for b, n in zip(box, size))
+
+
 @torch.no_grad()
-def segment(hu: Tensor, model: nn.Module, batch_size: int, autocast) -> Tensor:
+def segment(hu: Tensor, model: nn.Module, batch_size: int, autocast, box: tuple[slice, slice] | None = None,
+            memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
     """Nodule probability > SEG_THRESHOLD of every voxel, (I, R, C) bool on hu's device.
 
     `hu` is the CT (I, R, C) float32 on the device. The context stacks are gathered
     there by index (the slice and CONTEXT on each side, clamped at the volume's ends,
-    as the segmentation shards cut them).
+    as the segmentation shards cut them). With `box` (rows, columns: `body_box`) only
+    the box is segmented and every voxel outside it is not: the UNet runs on
+    `segment_window`, where each pixel of the box sees what it sees in the whole slice,
+    so its probability is the same up to float rounding (the sums run in another
+    order). `memory_format` is the stacks' layout (`hardware.seg_memory_format`).
     """
-    slices = hu.shape[0]
+    slices, size = hu.shape[0], hu.shape[1:]
+    box = box or (slice(0, size[0]), slice(0, size[1]))
+    mask = torch.zeros(hu.shape, dtype=torch.bool, device=hu.device)
+    if box[0].start == box[0].stop or box[1].start == box[1].stop:
+        return mask  # no body: nothing to segment
+    window = segment_window(box, size, model.multiple)
+    inner = tuple(slice(b.start - w.start, b.stop - w.start) for b, w in zip(box, window))  # the box in the window
+    framed = hu[:, window[0], window[1]]
     offsets = torch.arange(-CONTEXT, CONTEXT + 1, device=hu.device)
-    mask = torch.empty(hu.shape, dtype=torch.bool, device=hu.device)
     for start in range(0, slices, batch_size):
         centre = torch.arange(start, min(start + batch_size, slices), device=hu.device)
-        stacks = hu[(centre[:, None] + offsets).clamp(0, slices - 1)]  # (B, 7, R, C)
+        stacks = framed[(centre[:, None] + offsets).clamp(0, slices - 1)]  # (B, 7, window rows, window columns)
         with autocast():
-            probability = model(stacks)  # (B, 1, R, C)
-        mask[centre] = probability[:, 0] > SEG_THRESHOLD
+            probability = model(stacks.contiguous(memory_format=memory_format))  # (B, 1, window rows, columns)
+        mask[start:start + len(centre), box[0], box[1]] = probability[:, 0, inner[0], inner[1]] > SEG_THRESHOLD
     return mask
 
 
@@ -212,11 +261,11 @@ class Analysed:
 
 
 def analyze_ct(path: Path, models: Models, device: torch.device, batch_size: int, autocast,
-               candidates_xyz: np.ndarray | None = None) -> Analysed:
+               candidates_xyz: np.ndarray | None = None, body_crop: bool = True) -> Analysed:
     """Findings of one CT, with the seconds each stage took.
 
     Given candidates keep their coordinates: only the chunk's cut rounds them to a voxel; they have no
-    group, so no size.
+    group, so no size. `body_crop` segments only the body's box (`body_box`); False, every pixel.
     """
     seconds = {}
     started = time.perf_counter()
@@ -224,7 +273,8 @@ def analyze_ct(path: Path, models: Models, device: torch.device, batch_size: int
     seconds["read"] = time.perf_counter() - started
     if candidates_xyz is None:
         spacing = ct.geometry.spacing_xyz
-        groups = _segment_and_group(ct.hu, models.seg, device, batch_size, autocast, seconds, (spacing[1], spacing[0]))
+        groups = _segment_and_group(ct.hu, models.seg, device, batch_size, autocast, seconds, (spacing[1], spacing[0]),
+                                    body_crop)
         centres_irc, voxels, labels = groups.centres, groups.voxels, groups.labels
         centres_xyz = irc_to_xyz(centres_irc, ct.geometry)
         sizes = [{"diameter_mm": round(float(d), 2), "volume_mm3": round(float(n * np.prod(spacing)), 2)}
@@ -249,11 +299,12 @@ def analyze_ct(path: Path, models: Models, device: torch.device, batch_size: int
 
 
 def _segment_and_group(hu: np.ndarray, model: nn.Module, device: torch.device, batch_size: int, autocast,
-                       seconds: dict, spacing_rc: tuple[float, float]) -> Groups:
+                       seconds: dict, spacing_rc: tuple[float, float], body_crop: bool) -> Groups:
     """The segmentation's groups; the host copy of the mask lives only as long as this call."""
     started = time.perf_counter()
+    box = body_box(hu) if body_crop else None
     on_device = torch.from_numpy(np.require(hu, requirements='W')).to(device).float().clamp_(HU_MIN, HU_MAX)
-    mask = segment(on_device, model, batch_size, autocast).cpu().numpy()
+    mask = segment(on_device, model, batch_size, autocast, box, seg_memory_format(device)).cpu().numpy()
     del on_device
     seconds["segment"] = time.perf_counter() - started
     started = time.perf_counter()

@@ -1,4 +1,5 @@
-"""What the hardware runs natively, so a precision it only emulates is named before training.
+"""What the hardware runs natively, so a precision it only emulates is named before training; and the
+layout each device runs the analysis's UNet fastest in.
 
 bf16 autocast more than doubles training speed where the hardware has bf16 arithmetic
 (CUDA compute capability 8.0 and up; x86 CPUs with AVX-512 BF16 or AMX; recent Arm
@@ -69,3 +70,12 @@ def precision_warning(device: torch.device, mixed_precision: str, features: list
     return (f"bf16 mixed precision on a {basis}: torch emulates it, expect training up to 20 times slower than "
             "fp32 (1.5 vs 28 samples/s measured on such a CPU); launch with `--mixed_precision no` "
             "(or `mixed_precision: no` in the accelerate config)")
+
+
+def seg_memory_format(device: torch.device) -> torch.memory_format:
+    """The layout of the analysis's UNet inputs on `device`: channels_last on a CPU, where oneDNN's
+    convolutions and batch norms work in it natively and NCHW is reordered at every layer (the UNet ran
+    1.5 times faster so on a 2-core Xeon with AVX-512, fp32, probabilities the same to float rounding);
+    NCHW elsewhere, until a GPU's figures (`launch/bench_gpu.sh`) say otherwise."""
+    return torch.channels_last if device.type == "cpu" else torch.contiguous_format
+

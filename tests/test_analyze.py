@@ -250,6 +250,33 @@ def test_candidates_rerun_into_a_segmentation_out_redoes_every_ct(synth_data, mo
     assert summary["produced_by"]["candidates"]["path"] == str(tmp_path / "few.csv")
 
 
+def test_the_body_crop_is_part_of_what_produced_the_findings():
+    models = analysis.Models(None, None, None, {"seg": "a", "nodule": "b", "malignancy": None})
+    cropped, whole = (analysis.produced_by(models, "no", False, crop) for crop in (True, False))
+    assert cropped["body_crop"] == {"body_hu": -500, "margin": 24} and whole["body_crop"] is None
+    assert {k: v for k, v in cropped.items() if k != "body_crop"} == {k: v for k, v in whole.items() if k != "body_crop"}
+    assert analysis.produced_by(models, "no", True, True)["body_crop"] is None  # candidates: nothing segmented
+
+
+@pytest.mark.slow
+def test_a_rerun_without_the_body_crop_redoes_every_ct(tiny_data, models, tmp_path):
+    """The crop's rule is part of what produced a CT's findings, so switching it off redoes them all. tiny_data
+    is soft tissue wall to wall, so the body's box is the whole slice and the findings agree."""
+    out = tmp_path / "out"
+    args = ["--data", str(tiny_data), "--seg-model", str(models["seg"]), "--cls-model", str(models["cls"]),
+            "--out", str(out)]
+    assert main(args) == 0
+    cropped = _detections(out)
+    assert json.loads((out / "ct" / "tiny.1.json").read_text())["produced_by"]["body_crop"] == {
+        "body_hu": -500, "margin": 24}
+    assert main([*args, "--no-body-crop"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["analysed"], summary["resumed"], summary["redone"]) == (2, 0, 2)
+    assert summary["produced_by"]["body_crop"] is None
+    assert json.loads((out / "ct" / "tiny.1.json").read_text())["produced_by"]["body_crop"] is None
+    assert _detections(out) == cropped and cropped
+
+
 def _classifier(seed: int, path: Path) -> Path:
     """A random classifier saved as best.pt whose input batch norm divides HU by 1000: probabilities that are
     not all 0 or 1, so two seeds give two sets of them."""
@@ -580,7 +607,9 @@ def own_ct(tmp_path_factory) -> dict[str, Path]:
 
 
 def _own_args(ct: Path, models: dict, own_ct: dict, out: Path) -> list[str]:
-    return ["--ct", str(ct), "--seg-model", str(models["seg"]), "--cls-model", str(own_ct["cls"]), "--out", str(out)]
+    """Whole slices: three balls in air are no patient, and the body's box would hold the largest only."""
+    return ["--ct", str(ct), "--seg-model", str(models["seg"]), "--cls-model", str(own_ct["cls"]), "--out", str(out),
+            "--no-body-crop"]
 
 
 @pytest.mark.slow

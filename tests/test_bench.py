@@ -169,15 +169,20 @@ def test_evaluate_figures(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_analyze_figures(tiny_work, capsys):
-    figures, table = run(tiny_work, "analyze", ["--analyze-cts", "2", "--confusion-scans", "20",
-                                                "--confusion-marks", "50"], capsys)
+    figures, table = run(tiny_work, "analyze", ["--analyze-cts", "2", "--analyze-slices", "8", "--confusion-scans",
+                                                "20", "--confusion-marks", "50"], capsys)
     analyze = figures["analyze"]
     assert analyze["cts"] == 2 and analyze["voxels_per_ct"] > 40 * 128 * 128 // 2
-    assert set(analyze["seconds_per_ct"]) == {"read", "segment", "group", "classify"}
+    assert set(analyze["seconds_per_ct"]) == {"read", "segment", "group", "classify", "images"}
     assert all(_positive(v) for v in analyze["seconds_per_ct"].values())
     assert set(analyze["cts_per_s"]) == {"1", "2"} and all(_positive(v) for v in analyze["cts_per_s"].values())
     assert _positive(analyze["2_vs_1"])
     assert "analyze.seconds_per_ct.segment" in table
+    variants = analyze["segment_variants"]
+    assert variants["slices"] == 8 and 0 < variants["box_share_of_slice"] <= 1
+    assert {"whole_nchw", "whole", "body"} <= set(variants["slices_per_s"])
+    assert all(_positive(v) for v in variants["slices_per_s"].values())
+    assert set(variants["differing_voxels"]) == set(variants["slices_per_s"]) - {"whole_nchw"}
     # Grouping keeps the eroded mask and the labels (5 bytes a voxel) and little besides.
     assert 4 <= analyze["group_peak_bytes_per_voxel"] <= 6
     assert set(analyze["confusion"]) == {"scans", "marks", "seconds"}

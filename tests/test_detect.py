@@ -10,8 +10,20 @@ import torch
 from helpers import THRESHOLD_HU, threshold_model
 from scipy import ndimage
 
-from luna_dist.detect import FERET_DIRECTIONS, Models, classify, group, load_model, segment
-from luna_dist.model import LunaModel
+from luna_dist import detect
+from luna_dist.detect import (
+    FERET_DIRECTIONS,
+    SEG_MARGIN,
+    SEG_THRESHOLD,
+    Models,
+    body_box,
+    classify,
+    group,
+    load_model,
+    segment,
+    segment_window,
+)
+from luna_dist.model import LunaModel, SegmentationModel
 
 
 def _no_autocast():
@@ -24,6 +36,125 @@ def test_threshold_model_segments_by_hu():
     hu[0, 0, 0] = -200.0  # an edge slice and corner: the context is clamped, not wrapped
     mask = segment(hu, threshold_model(), batch_size=4, autocast=_no_autocast)
     assert torch.equal(mask, hu > THRESHOLD_HU)
+
+
+def _chest(shape=(4, 80, 112)) -> np.ndarray:
+    """An int16 CT of air with a chest: an elliptical body (rows 30-50, columns 35-77: off the UNet's pooling
+    grid, and more than SEG_MARGIN from the edges) of fat and soft tissue, two lungs in it, vessels and a
+    nodule in the lungs, noise everywhere."""
+    rng = np.random.default_rng(0)
+    r, c = np.ogrid[:shape[1], :shape[2]]
+    ellipse = ((r - 40) / 10.6) ** 2 + ((c - 56) / 21.6) ** 2
+    hu = np.full(shape, -1000.0)
+    hu[:, ellipse <= 1] = -100
+    hu[:, ellipse <= 0.8] = 40
+    for centre in (46, 66):
+        hu[:, ((r - 40) / 6) ** 2 + ((c - centre) / 7) ** 2 <= 1] = -850
+    hu[:, 39:41, 41:72:5] = 60  # vessels across the lungs
+    hu[1:3, 37:40, 63:66] = 20  # a nodule
+    return (hu + rng.normal(0, 20, shape)).astype(np.int16)
+
+
+@pytest.mark.parametrize("draw, box", [
+    ("chest", (slice(30, 51), slice(35, 78))),
+    ("air", (slice(0, 0), slice(0, 0))),  # nothing above -500: nothing to segment
+    ("touching the edge", (slice(0, 51), slice(35, 112))),  # cut off by the field of view: the box too
+    ("table apart", (slice(30, 51), slice(35, 78))),  # the bed below the mattress is left out
+    ("specks", (slice(30, 51), slice(35, 78))),  # single bright voxels in the air are too
+])
+def test_body_box_is_the_patient(draw, box):
+    hu = _chest()
+    if draw == "air":
+        hu = np.full((4, 32, 32), -1000, dtype=np.int16)
+    elif draw == "touching the edge":
+        hu[:, :40] = np.where(hu[:, 40:41, :] > -500, 40, -1000)  # the body runs on up past row 0
+        hu[:, 35:45, 68:] = 40  # and off the right side
+    elif draw == "table apart":
+        hu[:, 56:60, 5:107] = 200  # 5 rows of mattress (air here) between body and table
+    elif draw == "specks":
+        hu[2, 5, 5] = hu[3, 75, 106] = 1000
+    assert body_box(hu) == box
+
+
+@pytest.mark.parametrize("box, size, window", [
+    ((slice(30, 51), slice(28, 68)), (80, 96), (slice(4, 76), slice(4, 92))),  # grown by 24, rounded out to 4
+    ((slice(0, 51), slice(27, 96)), (80, 96), (slice(0, 76), slice(0, 96))),  # within the slice
+    ((slice(40, 41), slice(60, 61)), (80, 85), (slice(16, 68), slice(36, 85))),  # the slice's end is off the grid
+])
+def test_segment_window_holds_the_margin_on_the_pooling_grid(box, size, window):
+    assert segment_window(box, size, 4) == window
+
+
+def _positive_unet() -> SegmentationModel:
+    """A UNet whose every weight is positive and whose batch norms pass their input: no ReLU cuts a path, so
+    the gradient of an output pixel is non-zero over its whole receptive field."""
+    torch.manual_seed(0)
+    model = SegmentationModel()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.abs_()
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.zero_()
+                module.running_var.fill_(1.0)
+    return model.eval()
+
+
+def test_the_unets_receptive_field_fits_in_the_margin():
+    """The output pixel of image k sits at offset k on the pooling grid (k = 0..3): the reach is the largest."""
+    model = _positive_unet()
+    x = torch.rand(4, 7, 56, 56, requires_grad=True)
+    pixels = torch.tensor([[26 + k, 27 + k] for k in range(4)])
+    model.unet(x)[torch.arange(4), 0, pixels[:, 0], pixels[:, 1]].sum().backward()  # logits: the rest is per pixel
+    reached = torch.nonzero(x.grad.abs().sum(1))  # (image, row, column)
+    reach = (reached[:, 1:] - pixels[reached[:, 0]]).abs().max().item()
+    assert reach == 23 and reach <= SEG_MARGIN  # 23: measured; more would need a wider SEG_MARGIN
+
+
+def _seeded_unet() -> SegmentationModel:
+    """A random UNet whose input batch norm scales HU to about unit size, as a trained one does: probabilities
+    spread over (0, 1), so a changed input shows."""
+    torch.manual_seed(3)
+    model = SegmentationModel()
+    model.input_batchnorm.running_mean.fill_(-500.0)
+    model.input_batchnorm.running_var.fill_(400.0**2)
+    return model.eval()
+
+
+def _probabilities(model: SegmentationModel, hu: torch.Tensor, window=(slice(None), slice(None))) -> torch.Tensor:
+    """The UNet's probability of every slice's pixels in `window`, from the same context stacks as `segment`."""
+    index = (torch.arange(len(hu))[:, None] + torch.arange(-3, 4)).clamp(0, len(hu) - 1)
+    with torch.no_grad():
+        return model(hu[:, window[0], window[1]][index])[:, 0]
+
+
+@pytest.mark.parametrize("margin, agrees", [(SEG_MARGIN, True), (0, False)])
+def test_the_body_crop_leaves_the_probabilities_inside_the_body_as_they_are(margin, agrees, monkeypatch):
+    """With SEG_MARGIN each pixel of the box sees what it sees in the whole slice: the same probability but
+    for float rounding; without a margin the pixels near the box's edge see the padding instead."""
+    monkeypatch.setattr(detect, "SEG_MARGIN", margin)
+    model, hu = _seeded_unet(), torch.from_numpy(_chest()).float()
+    box = body_box(_chest())
+    window = segment_window(box, hu.shape[1:], model.multiple)
+    inner = tuple(slice(b.start - w.start, b.stop - w.start) for b, w in zip(box, window))
+    whole = _probabilities(model, hu)[:, box[0], box[1]]
+    cropped = _probabilities(model, hu, window)[:, inner[0], inner[1]]
+    difference = (whole - cropped).abs().max().item()
+    assert difference < 1e-5 if agrees else difference > 1e-2
+
+
+def test_segment_with_the_body_crop_finds_what_the_whole_slices_give_inside_the_body():
+    model, ct = _seeded_unet(), _chest()
+    hu, box = torch.from_numpy(ct).float(), body_box(ct)
+    whole = segment(hu, model, 5, _no_autocast)
+    assert 0 < whole.sum() < whole.numel()  # a mask to compare: neither empty nor full
+    outside = torch.ones_like(whole)
+    outside[:, box[0], box[1]] = False
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        cropped = segment(hu, model, 5, _no_autocast, box, memory_format)
+        assert torch.equal(cropped, whole & ~outside)  # the body as before, nothing outside it
+    assert not segment(hu, model, 5, _no_autocast, (slice(0, 0), slice(0, 0))).any()
+    assert SEG_THRESHOLD == 0.5
 
 
 def test_group_finds_a_planted_blob_at_its_exact_centre():

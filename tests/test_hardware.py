@@ -69,3 +69,8 @@ def test_training_warns_before_the_first_step(tiny_shards, tmp_path, monkeypatch
     warned = [n for n, line in enumerate(lines) if "torch emulates it" in line]
     trained = [n for n, line in enumerate(lines) if "E1 trained" in line]
     assert warned and trained and warned[0] < trained[0], lines
+
+
+def test_the_unet_runs_channels_last_on_a_cpu_only():
+    assert hardware.seg_memory_format(torch.device("cpu")) == torch.channels_last
+    assert hardware.seg_memory_format(torch.device("cuda")) == torch.contiguous_format  # until a GPU is measured
