@@ -12,7 +12,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # bf16 autocast for the end-to-end runs (the Accelerator reads it); the ceiling variants cover the rest.
 ACCELERATE_MIXED_PRECISION=bf16 python -m luna_dist.bench all --device cuda \
     --cts 20 --shape 200 512 512 --workers 8 --analyze-cts 4 --analyze-slices 128 \
-    --loader-workers 0 2 4 8 --loader-samples 20000 --baseline-samples 300 \
+    --loader-workers 0 1 2 4 8 --loader-samples 20000 --baseline-samples 300 \
     --batch-sizes 256 1024 --train-steps 60 --train-workers 6 --no-ranks \
     --variants default+no cl3d+no default+bf16 cl3d+bf16 \
     --work "$OUT/work" --json "$OUT/bench-gpu.json" --plot "$OUT/bench-gpu.png"
