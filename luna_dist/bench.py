@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="analyze: scans of the generated confusion-table input (LUNA16: 888)")
     parser.add_argument("--confusion-marks", type=int, default=850,
                         help="analyze: detections per scan of the generated confusion-table input")
-    parser.add_argument("--seg-model", type=Path, help="analyze: segmentation model (default: untrained, same cost)")
+    parser.add_argument("--seg-model", type=Path,
+                        help="analyze: segmentation model (default: a UNet of a trained one's cost marking HU > -250)")
     parser.add_argument("--cls-model", type=Path, help="analyze: nodule classifier (default: untrained, same cost)")
     parser.add_argument("--no-ranks", dest="ranks", action="store_false", help="skip the 1 vs 2 CPU ranks run")
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")

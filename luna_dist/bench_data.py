@@ -33,6 +33,7 @@ from luna_dist.findings import confusion
 from luna_dist.geometry import xyz_to_irc
 from luna_dist.hardware import native_bf16, seg_memory_format
 from luna_dist.model import LunaModel, SegmentationModel
+from luna_dist.seg_samples import CONTEXT
 from luna_dist.shard import BuildOptions, build
 from luna_dist.shard_format import CODECS, copy_payloads, load_array, stored_arrays
 from luna_dist.shard_write import WORK
@@ -304,6 +305,41 @@ def bench_loader(data: Path, shards_dir: Path, workers: list[int], batch_size: i
 
 # -- analyze ----------------------------------------------------------------------------------------------
 
+THRESHOLD_HU = -250.0
+
+
+def threshold_model() -> SegmentationModel:
+    """A UNet that outputs probability > 0.5 exactly where the middle slice is above THRESHOLD_HU: the
+    analysis benchmark's default, at an untrained UNet's cost but with the groups of real structures
+    (an untrained one marks noise, thousands of groups a CT, and classifying them swamps the figures).
+
+    Path: the input batch norm maps HU to (HU + 300) / 100; the first block passes the
+    middle channel through (ReLU keeps the positive part); the skip connection carries
+    it to the last block, which passes it on; the last 1x1 convolution subtracts 0.5.
+    Every other weight is zero, so the deeper path adds nothing.
+    """
+    model = SegmentationModel()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.fill_(1.0)
+                module.running_mean.zero_()
+                module.running_var.fill_(1.0)
+        model.input_batchnorm.running_mean.fill_(-300.0)
+        model.input_batchnorm.running_var.fill_(100.0**2)
+        first, last_block = model.unet.down[0], model.unet.up[-1]
+        first[0].weight[0, CONTEXT, 1, 1] = 1.0  # conv1: middle slice -> channel 0
+        first[3].weight[0, 0, 1, 1] = 1.0  # conv2: channel 0 -> channel 0
+        skip_channel = last_block[0].weight.shape[1] // 2  # the concat puts the up-sampled part first
+        last_block[0].weight[0, skip_channel, 1, 1] = 1.0
+        last_block[3].weight[0, 0, 1, 1] = 1.0
+        model.unet.last.weight[0, 0, 0, 0] = 1.0
+        model.unet.last.bias.fill_(-0.5)
+    return model.eval()
+
+
 def bench_analyze(data: Path, work: Path, cts: int, seg_model: Path | None, cls_model: Path | None,
                   ranks: bool, confusion_scans: int, confusion_marks: int, seg_slices: int) -> dict:
     """Seconds per CT by stage on one process, and the wall time of 2 CPU ranks against 1; the UNet's
@@ -312,8 +348,8 @@ def bench_analyze(data: Path, work: Path, cts: int, seg_model: Path | None, cls_
     mode)."""
     work.mkdir(parents=True, exist_ok=True)
     if seg_model is None:
-        seg_model = work / "seg-untrained.pt"
-        torch.save({"model": SegmentationModel().state_dict()}, seg_model)
+        seg_model = work / "seg-threshold.pt"
+        torch.save({"model": threshold_model().state_dict()}, seg_model)
     if cls_model is None:
         cls_model = work / "cls-untrained.pt"
         torch.save({"model": LunaModel().state_dict()}, cls_model)

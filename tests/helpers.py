@@ -17,12 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
 from luna_dist import chunk_samples
+from luna_dist.bench_data import THRESHOLD_HU, threshold_model  # noqa: F401  (the tests' UNet of known output)
 from luna_dist.ct import CHUNK_SHAPE
-from luna_dist.model import SegmentationModel
-from luna_dist.seg_samples import CONTEXT
 from luna_dist.shard_format import ZSTD_SUFFIX, load_array
 from luna_dist.stream import ShardSet, batched, open_shard_set
 
@@ -144,39 +142,6 @@ def random_payload(file, members) -> str:
 
 
 # -- a segmentation model of known output ----------------------------------------------------------------------
-THRESHOLD_HU = -250.0
-
-
-def threshold_model() -> SegmentationModel:
-    """A UNet that outputs probability > 0.5 exactly where the middle slice is above THRESHOLD_HU.
-
-    Path: the input batch norm maps HU to (HU + 300) / 100; the first block passes the
-    middle channel through (ReLU keeps the positive part); the skip connection carries
-    it to the last block, which passes it on; the last 1x1 convolution subtracts 0.5.
-    Every other weight is zero, so the deeper path adds nothing.
-    """
-    model = SegmentationModel()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.zero_()
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.weight.fill_(1.0)
-                module.running_mean.zero_()
-                module.running_var.fill_(1.0)
-        model.input_batchnorm.running_mean.fill_(-300.0)
-        model.input_batchnorm.running_var.fill_(100.0**2)
-        first, last_block = model.unet.down[0], model.unet.up[-1]
-        first[0].weight[0, CONTEXT, 1, 1] = 1.0  # conv1: middle slice -> channel 0
-        first[3].weight[0, 0, 1, 1] = 1.0  # conv2: channel 0 -> channel 0
-        skip_channel = last_block[0].weight.shape[1] // 2  # the concat puts the up-sampled part first
-        last_block[0].weight[0, skip_channel, 1, 1] = 1.0
-        last_block[3].weight[0, 0, 1, 1] = 1.0
-        model.unet.last.weight[0, 0, 0, 0] = 1.0
-        model.unet.last.bias.fill_(-0.5)
-    return model.eval()
-
-
 REAL_TABLES = Path(__file__).parent / "fixtures" / "luna16"
 """The real LUNA16 tables, gzip-compressed (see its README.md): annotations, excluded findings,
 the evaluation kit's series list and the book's malignancy table."""
