@@ -21,11 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, Dataset
 
 from luna_dist import chunk_samples
-from luna_dist.candidates import N_FOLDS, Annotation, Candidate, find_series, read_candidates, read_series_list
+from luna_dist.candidates import Annotation, Candidate, find_series, read_candidates, read_series_list
 from luna_dist.ct import CHUNK_SHAPE, HU_MAX, HU_MIN, cut_chunks, read_ct
 from luna_dist.detect import body_box, group, load_model, segment
 from luna_dist.evaluate import Findings, Marks, froc, read_findings, read_marks, write_marks
@@ -126,6 +125,16 @@ def _stage_seconds_per_ct(out: Path) -> dict[str, float]:
     return {stage: sum(r["stage_seconds"][stage] for r in journal) / len(journal) for stage in ("read", "cut", "write")}
 
 
+def first_samples(shards: ShardSet, count: int) -> list[dict]:
+    """The first `count` samples of a build's negative shards, read and checked as the loader reads them."""
+    samples = []
+    for sample in checked_samples(({"url": url} for url in shards.shards(shards.folds, "neg")), shards.source):
+        samples.append(sample)
+        if len(samples) == count:
+            break
+    return samples
+
+
 def bench_codecs(shards_dir: Path, n_samples: int = 300) -> dict:
     """Each codec on `n_samples` chunks of a build: stored bytes, and samples/s encoded and decoded on one core.
 
@@ -135,12 +144,8 @@ def bench_codecs(shards_dir: Path, n_samples: int = 300) -> dict:
     """
     from scipy.ndimage import uniform_filter
 
-    shards = open_shard_set(shards_dir, chunk_samples)
-    chunks = []
-    for sample in wds.DataPipeline(wds.SimpleShardList(shards.shards(range(N_FOLDS), "neg")), wds.tarfile_to_samples()):
-        chunks.append(load_array(sample, "chunk.npy"))
-        if len(chunks) == n_samples:
-            break
+    chunks = [load_array(sample, "chunk.npy")
+              for sample in first_samples(open_shard_set(shards_dir, chunk_samples), n_samples)]
     variants = {"": chunks, "low_noise_": [uniform_filter(c.astype(np.float32), 3).round().astype(np.int16)
                                            for c in chunks]}
     batch = np.empty((1, *CHUNK_SHAPE), dtype=np.int16)
@@ -254,11 +259,7 @@ def plain_tar_loop(shard_paths: list[str], limit_samples: int) -> float:
 def decode_rate(shards: ShardSet, batch_size: int, samples: int) -> float:
     """Samples/s one core turns into batches (`chunk_samples.collate`) from samples already read: the decoding
     a loader worker does, the shards as built (compressed by default)."""
-    read = []
-    for sample in checked_samples(({"url": url} for url in shards.shards(shards.folds, "neg")), shards.source):
-        read.append(sample)
-        if len(read) == samples:
-            break
+    read = first_samples(shards, samples)
     started = time.process_time()  # one thread's work: CPU time, whatever else the machine runs
     for start in range(0, len(read), batch_size):
         chunk_samples.collate(read[start:start + batch_size])
