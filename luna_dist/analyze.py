@@ -507,7 +507,7 @@ def run_produced_by(args: argparse.Namespace, models: Models, shared: dict) -> d
     """What produced the whole result folder, for summary.json: versions, arguments, models and inputs."""
     paths = {"seg": args.seg_model, "nodule": args.cls_model, "malignancy": args.mal_model}
     return {"luna_dist": __version__, "analysis_version": ANALYSIS_VERSION,
-            "arguments": {k: _as_json(v) for k, v in vars(args).items()},
+            "arguments": cli.arguments_json(vars(args)),
             "mode": shared["mode"],
             "models": {name: {"path": str(paths[name]), "sha256": sha} if sha else None
                        for name, sha in models.sha256.items()},
@@ -515,13 +515,6 @@ def run_produced_by(args: argparse.Namespace, models: Models, shared: dict) -> d
             if args.candidates else None,
             "seg_threshold": shared["seg_threshold"], "erosion_iterations": shared["erosion_iterations"],
             "body_crop": shared["body_crop"], "mixed_precision": shared["mixed_precision"]}
-
-
-def _as_json(value):
-    """An argument as JSON holds it: paths (alone or in a list, as --ct gives them) as strings."""
-    if isinstance(value, list):
-        return [_as_json(v) for v in value]
-    return str(value) if isinstance(value, Path) else value
 
 
 def write_outputs(args: argparse.Namespace, results: list[dict], summary: dict, truth: Truth | None) -> dict:

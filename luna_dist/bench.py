@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from luna_dist import __version__
+from luna_dist import __version__, cli
 from luna_dist.atomic import write_json
 from luna_dist.bench_data import bench_analyze, bench_evaluate, bench_loader, bench_shard
 from luna_dist.bench_train import bench_seg, bench_train
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="luna_dist-bench-"))
     results: dict = {"machine": machine(), "luna_dist": __version__,
-                     "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                     "arguments": cli.arguments_json(vars(args)),
                      "seconds": {}}
     started = time.perf_counter()
     if args.what in ("evaluate", "all"):

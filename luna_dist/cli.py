@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -50,6 +51,16 @@ def check_in_range(parser: argparse.ArgumentParser, flag: str, value: float, low
     """parser.error where `value` of `flag` is outside [low, high]."""
     if (problem := outside(flag, value, low, high)) is not None:
         parser.error(problem)
+
+
+def arguments_json(arguments: dict) -> dict:
+    """A command's arguments as its outputs record them (`produced_by`, a manifest): paths, alone or in a
+    list, as strings; every other value as it is."""
+    def as_json(value):
+        if isinstance(value, list):
+            return [as_json(v) for v in value]
+        return str(value) if isinstance(value, Path) else value
+    return {name: as_json(value) for name, value in arguments.items()}
 
 
 def fail(message: str) -> int:

@@ -435,7 +435,7 @@ def _manifest(options, identity, results, folds, shards, skipped, failed, inputs
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "created_by": f"luna_dist {__version__}",
-        "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
+        "arguments": cli.arguments_json(asdict(options)),
         "identity": identity,
         "task": options.cutter.task,
         **options.cutter.layout(),
