@@ -78,12 +78,16 @@ def _outcome(detection: dict, threshold: float, mal_threshold: float) -> int:
     return 3 if p_malignant is not None and p_malignant >= mal_threshold else 2
 
 
+def confusion_cells(table: np.ndarray) -> list[list[str]]:
+    """The table's cells as text, row by row; a non-nodule is never "missed", so that cell reads `-`."""
+    return [["-" if name == "non-nodule" and column == 0 else str(v) for column, v in enumerate(row)]
+            for name, row in zip(CONFUSION_ROWS, table)]
+
+
 def format_confusion(table: np.ndarray) -> str:
     width = max(map(len, CONFUSION_COLUMNS)) + 1
     lines = [" " * 11 + "".join(f"{c:>{width}}" for c in CONFUSION_COLUMNS)]
-    for name, row in zip(CONFUSION_ROWS, table):
-        # A non-nodule is never "missed": that cell has no meaning.
-        cells = ["-" if name == "non-nodule" and column == 0 else str(v) for column, v in enumerate(row)]
+    for name, cells in zip(CONFUSION_ROWS, confusion_cells(table)):
         lines.append(f"{name:>11}" + "".join(f"{c:>{width}}" for c in cells))
     return "\n".join(lines)
 

@@ -29,7 +29,7 @@ from luna_dist.atomic import atomic_open
 from luna_dist.candidates import Annotation
 from luna_dist.ct import HU_MIN
 from luna_dist.detect import Analysed
-from luna_dist.findings import CONFUSION_COLUMNS, CONFUSION_ROWS, MATCH_DISTANCE, relative_distances
+from luna_dist.findings import CONFUSION_COLUMNS, CONFUSION_ROWS, MATCH_DISTANCE, confusion_cells, relative_distances
 from luna_dist.geometry import nearest_voxel, xyz_to_irc_float
 
 IMAGES_PER_CT = 20
@@ -245,8 +245,7 @@ def _scores(out: Path, summary: dict) -> list[str]:
             f"{MATCH_DISTANCE} of the nodule's diameter), {summary['nodules_predicted']} of them predicted nodules "
             "(p_nodule ≥ 0.5).</p>",
             "<table><tr><th></th>" + "".join(f"<th>{_e(c)}</th>" for c in CONFUSION_COLUMNS) + "</tr>"]
-    for name, row in zip(CONFUSION_ROWS, summary["confusion"]["table"]):
-        cells = ["–" if name == "non-nodule" and column == 0 else str(v) for column, v in enumerate(row)]
+    for name, cells in zip(CONFUSION_ROWS, confusion_cells(summary["confusion"]["table"])):
         body.append(f"<tr><th>{_e(name)}</th>" + "".join(f"<td class=\"n\">{c}</td>" for c in cells) + "</tr>")
     body.append("</table>")
     sensitivities = ", ".join(f"{rate:g}: {_number(s)}" for rate, s in zip(froc["fp_rates"], froc["sensitivities"]))
