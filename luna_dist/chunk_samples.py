@@ -26,6 +26,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from luna_dist.batch_memory import new_batch
 from luna_dist.candidates import Candidate
 from luna_dist.ct import CHUNK_SHAPE, HU_MAX, HU_MIN, Ct, cut_chunks
 from luna_dist.geometry import xyz_to_irc
@@ -34,7 +35,6 @@ from luna_dist.shard_format import (
     Cut,
     SeriesInputs,
     copy_payloads,
-    new_batch,
     require,
     sample_key,
     stored_arrays,

@@ -36,6 +36,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from luna_dist.batch_memory import new_batch
 from luna_dist.candidates import Candidate
 from luna_dist.ct import HU_MAX, HU_MIN, Ct, cut_boxes, cut_chunks
 from luna_dist.geometry import xyz_to_irc
@@ -47,7 +48,6 @@ from luna_dist.shard_format import (
     copy_payloads,
     damaged,
     load_array,
-    new_batch,
     require,
     stored_array,
 )

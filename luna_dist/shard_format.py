@@ -14,14 +14,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Protocol
 
 import numpy as np
-import torch
 import zstandard
 
 from luna_dist.candidates import Annotation, Candidate
@@ -275,20 +273,6 @@ def _payload_offset(sample: dict, name: str, data: bytes, dtype: type, shape: tu
             raise damaged(sample, f"{name} is {array.dtype} {array.shape}, expected {np.dtype(dtype).name} {shape}")
         _NPY_HEADER_CACHE[cache_key] = header_len
     return header_len
-
-
-def new_batch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised batch for a collate to decode into; inside a DataLoader worker it lies in shared
-    memory from the start, as torch's own default_collate places its batches.
-
-    A worker's batch reaches the training process through shared memory: a tensor not
-    already there is copied into a fresh segment on the way (4.7 MB for 32 chunks), which
-    cost a third of a worker's rate.
-    """
-    if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
-    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
 
 
 def copy_payloads(samples: list[dict], name: str, out: np.ndarray, shape: tuple[int, ...]) -> None:

@@ -39,6 +39,7 @@ from types import ModuleType
 import torch
 import webdataset as wds
 
+from luna_dist.batch_memory import PooledLoader, leased
 from luna_dist.shard_format import MANIFEST, REBUILD, ShardSetError, check_manifest, check_sample
 from luna_dist.shard_io import DEFAULT_READ_TIMEOUT, ShardSource, is_remote, read_manifest, shard_location, unreachable
 from luna_dist.shard_tar import read_samples
@@ -270,10 +271,16 @@ def train_pipeline(shards: ShardSet, config: TrainStreamConfig, epoch: int,
 
 
 def train_loader(shards: ShardSet, config: TrainStreamConfig, epoch: int, collate: Callable[[list[dict]], tuple],
-                 pin_memory: bool = False) -> wds.WebLoader:
+                 pin_memory: bool = False) -> PooledLoader:
     """The batches of one epoch for this rank: exactly `config.steps` of them."""
-    return wds.WebLoader(train_pipeline(shards, config, epoch, collate), batch_size=None,
-                         num_workers=config.num_workers, pin_memory=pin_memory)
+    return pooled_loader(train_pipeline(shards, config, epoch, collate), config.num_workers, pin_memory)
+
+
+def pooled_loader(pipeline: wds.DataPipeline, num_workers: int, pin_memory: bool, **loader_options) -> PooledLoader:
+    """A pipeline's batches through `num_workers` DataLoader workers, which reuse the shared memory of the
+    batches the training process has let go of (`luna_dist.batch_memory`)."""
+    return PooledLoader(wds.WebLoader(wds.DataPipeline(pipeline, leased), batch_size=None, num_workers=num_workers,
+                                      pin_memory=pin_memory, **loader_options))
 
 
 # -- validation ------------------------------------------------------------------------------------
@@ -298,6 +305,5 @@ def val_pipeline(shards: ShardSet, folds: Iterable[int], batch_size: int, labels
 
 
 def val_loader(shards: ShardSet, folds: Iterable[int], batch_size: int, num_workers: int, labels: tuple[str, ...],
-               batcher: Callable[..., Iterator], pin_memory: bool = False) -> wds.WebLoader:
-    return wds.WebLoader(val_pipeline(shards, folds, batch_size, labels, batcher), batch_size=None,
-                         num_workers=num_workers, pin_memory=pin_memory)
+               batcher: Callable[..., Iterator], pin_memory: bool = False) -> PooledLoader:
+    return pooled_loader(val_pipeline(shards, folds, batch_size, labels, batcher), num_workers, pin_memory)

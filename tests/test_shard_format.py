@@ -8,7 +8,6 @@ import re
 
 import numpy as np
 import pytest
-import torch
 from helpers import CLS_BATCHES, POS_NEG, damaged_copy, random_header, random_payload, zero_magic, zero_middle
 from helpers import open_cls as open_shard_set
 
@@ -20,7 +19,6 @@ from luna_dist.shard_format import (
     check_sample,
     copy_payloads,
     load_array,
-    new_batch,
     stored_array,
     with_checksums,
 )
@@ -129,17 +127,3 @@ def test_a_compressed_member_that_cannot_be_read_is_named():
     wrong = np.empty((1, 16, 48, 48), dtype=np.int16)
     with pytest.raises(ShardSetError, match=r"chunk.npy is int16 \(32, 48, 48\), expected int16 \(16, 48, 48\)"):
         copy_payloads([{"__key__": "k", "chunk.npy.zst": stored}], "chunk.npy", wrong, (16, 48, 48))
-
-
-class _BatchProbe(torch.utils.data.IterableDataset):
-    def __iter__(self):
-        batch = new_batch((2, 3, 4), torch.int16)
-        batch.copy_(torch.arange(24, dtype=torch.int16).view(2, 3, 4))
-        yield batch, torch.tensor(batch.is_shared())
-
-
-@pytest.mark.parametrize("workers", [0, 1])
-def test_a_workers_batch_is_made_in_shared_memory_so_handing_it_over_copies_nothing(workers):
-    (batch, made_shared), = torch.utils.data.DataLoader(_BatchProbe(), batch_size=None, num_workers=workers)
-    assert bool(made_shared) == (workers > 0)
-    assert torch.equal(batch, torch.arange(24, dtype=torch.int16).view(2, 3, 4))
