@@ -886,7 +886,7 @@ def test_other_node_stops_within_the_timeout_naming_the_lost_rank(tiny_shards, t
     if fault == "freeze":  # gloo words it by the operation that waited
         assert "Timed out waiting 5000ms" in errors[0] or "Application timeout caused pair closure" in errors[0]
     else:
-        assert "Connection closed by peer" in errors[0]
+        assert "Connection closed by peer" in errors[0] or "Connection reset by peer" in errors[0]  # by timing
     assert "run the same command again on every node" in errors[0]
     assert "[rank0]: Traceback" not in log
 
