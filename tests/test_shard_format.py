@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from luna_dist.shard_format import (
     check_sample,
     copy_payloads,
     load_array,
+    member_checksums,
     stored_array,
     with_checksums,
 )
@@ -127,3 +129,11 @@ def test_a_compressed_member_that_cannot_be_read_is_named():
     wrong = np.empty((1, 16, 48, 48), dtype=np.int16)
     with pytest.raises(ShardSetError, match=r"chunk.npy is int16 \(32, 48, 48\), expected int16 \(16, 48, 48\)"):
         copy_payloads([{"__key__": "k", "chunk.npy.zst": stored}], "chunk.npy", wrong, (16, 48, 48))
+
+
+def test_checksums_are_zlibs_crc32_so_earlier_builds_still_verify():
+    """The CRC-32 is ISA-L's for speed; the format's is zlib's, which every build so far wrote."""
+    rng = np.random.default_rng(0)
+    sample = {"__key__": "k", "chunk.npy": rng.integers(0, 256, 147_584, dtype=np.uint8).tobytes(), "cls": b"1",
+              "json": b"{}"}
+    assert member_checksums(sample) == {name: zlib.crc32(sample[name]) for name in ("chunk.npy", "cls", "json")}
