@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -52,7 +51,7 @@ from accelerate.utils import gather_object
 from luna_dist import __version__, cli
 from luna_dist.atomic import write_json
 from luna_dist.candidates import Annotation, CsvError, find_series, folds_as_built, read_candidates
-from luna_dist.ct import CtError, find_ct
+from luna_dist.ct import CtError, find_ct, metaimage_data_file
 from luna_dist.detect import (
     BODY_HU,
     EROSION_ITERATIONS,
@@ -118,9 +117,6 @@ def assign(sizes: dict[str, int], processes: int) -> list[list[str]]:
 
 
 # -- what produced a CT's findings ------------------------------------------------------------------
-_DATA_FILE = re.compile(rb"^\s*ElementDataFile\s*=\s*(.*?)\s*$", re.MULTILINE)
-
-
 def ct_identity(path: Path) -> dict:
     """The CT without where it lies: of a `.mhd`, the sha256 of its header and the size of its data file;
     of any other CT (`--ct`: NIfTI, a DICOM series, ...), the sha256 of every file its voxels are read from,
@@ -137,8 +133,7 @@ def ct_identity(path: Path) -> dict:
         header = mhd.read_bytes()
     except OSError:
         return {"header_sha256": None, "data_bytes": None}  # reading it fails too, and is reported
-    named = _DATA_FILE.search(header)
-    data_file = mhd.parent / named.group(1).decode(errors="replace") if named else None
+    data_file = metaimage_data_file(mhd, header)
     return {"header_sha256": hashlib.sha256(header).hexdigest(),
             "data_bytes": data_file.stat().st_size if data_file is not None and data_file.is_file() else None}
 

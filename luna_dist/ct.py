@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +89,44 @@ def read_ct(path: Path) -> Ct:
     except RuntimeError as err:
         raise CtError(f"{source.path}: cannot read the image: {_itk_reason(err)}") from err
     return Ct(series_uid=source.series_uid, hu=_as_int16_hu(source.path, image), geometry=Geometry.of_image(image))
+
+
+_METAIMAGE_DATA_FILE = re.compile(rb"^\s*ElementDataFile\s*=\s*(.*?)\s*$", re.MULTILINE)
+READ_AHEAD_STEP = 1 << 20
+"""Bytes a read-ahead asks for at a time: Linux reads at most the device's readahead or largest request
+(128 kB to 8 MB) of one `POSIX_FADV_WILLNEED`, so a CT is asked for in steps."""
+
+
+def metaimage_data_file(mhd: Path, header: bytes) -> Path | None:
+    """The file the `.mhd` header `header` names for its voxels (which may not exist), or None."""
+    named = _METAIMAGE_DATA_FILE.search(header)
+    return mhd.parent / named.group(1).decode(errors="replace") if named else None
+
+
+def read_ahead(path: Path) -> None:
+    """Have the kernel read a CT's files (a `.mhd` and its data file, another image file, a DICOM folder)
+    into the page cache in the background, where it can (Linux); anything unreadable is left for
+    `read_ct` to report.
+
+    A shard build asks this for the CTs its workers take next, so the disk reads them while the
+    workers cut and compress the ones before and a worker finds its CT in memory instead of waiting.
+    """
+    if not hasattr(os, "posix_fadvise"):  # macOS, Windows
+        return
+    path = Path(path)
+    try:
+        files = sorted(path.iterdir()) if path.is_dir() else [path]
+        if path.suffix.lower() == ".mhd" and (data := metaimage_data_file(path, path.read_bytes())) is not None:
+            files.append(data)
+        for file in files:
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                for offset in range(0, os.fstat(fd).st_size, READ_AHEAD_STEP):
+                    os.posix_fadvise(fd, offset, READ_AHEAD_STEP, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+    except OSError:
+        pass
 
 
 def _header(path: Path) -> sitk.ImageFileReader:

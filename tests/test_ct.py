@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 from helpers import BAD_CTS, tilted_image, write_dicom_series
 
-from luna_dist.ct import CHUNK_SHAPE, HU_MAX, HU_MIN, CtError, chunk_bounds, cut_chunks, find_ct, read_ct
+from luna_dist.ct import CHUNK_SHAPE, HU_MAX, HU_MIN, CtError, chunk_bounds, cut_chunks, find_ct, read_ahead, read_ct
 from luna_dist.geometry import Geometry
 
 HALF = np.array(CHUNK_SHAPE) // 2  # (16, 24, 24)
@@ -346,3 +348,43 @@ def test_bad_ct_sources_are_named_with_their_problem(tmp_path, make, said):
     with pytest.raises(CtError) as err:
         find_ct(path)
     assert str(err.value).startswith(str(tmp_path)) and said in str(err.value) and "\n" not in str(err.value)
+
+
+def _resident_share(path: Path) -> float:
+    """The share of the file's pages in the page cache (mincore)."""
+    import ctypes
+    import mmap
+
+    size = path.stat().st_size
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as mapped:
+        pages = -(-size // mmap.PAGESIZE)
+        vector = (ctypes.c_ubyte * pages)()
+        view = np.frombuffer(mapped, dtype=np.uint8)
+        address = view.ctypes.data
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vector) != 0:
+            pytest.skip(f"mincore failed (errno {ctypes.get_errno()})")
+        del view
+        return sum(v & 1 for v in vector) / pages
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="posix_fadvise is Linux's")
+def test_read_ahead_brings_a_ct_from_disk_into_the_page_cache(ct_copy):
+    raw = ct_copy.with_suffix(".raw")
+    os.sync()
+    fd = os.open(raw, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    if _resident_share(raw) > 0.5:
+        pytest.skip("this file system keeps its files in memory (tmpfs?): nothing to read ahead")
+    read_ahead(ct_copy)
+    deadline = time.monotonic() + 10
+    while (share := _resident_share(raw)) < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert share == 1  # the whole data file, not the first step of it only
+
+
+def test_read_ahead_leaves_what_it_cannot_read_to_read_ct(tmp_path):
+    (tmp_path / "broken.mhd").write_text("ElementDataFile = missing.raw\n")
+    read_ahead(tmp_path / "broken.mhd")
+    read_ahead(tmp_path / "absent.mhd")

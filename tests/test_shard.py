@@ -579,6 +579,21 @@ def test_truncated_raw_fails_that_ct_only_and_resumes(data, small_data, tmp_path
         assert (out / name).stat().st_mtime_ns == mtime, name
 
 
+def test_each_ct_is_read_ahead_before_a_worker_reads_it_and_at_most_two_ahead(data, tmp_path, monkeypatch):
+    """With one worker: the CT being cut and the next are asked for; the next after each CT is done."""
+    events = []
+    monkeypatch.setattr(shard_module, "read_ahead", lambda path: events.append(("ahead", Path(path))))
+    real_read_ct = shard_write.read_ct
+    monkeypatch.setattr(shard_write, "read_ct", lambda path: events.append(("read", Path(path))) or real_read_ct(path))
+    build(options(data, tmp_path / "out"))
+    reads = [path for kind, path in events if kind == "read"]
+    assert sorted(path for kind, path in events if kind == "ahead") == sorted(reads)  # each CT once
+    for n, path in enumerate(reads):
+        asked = events.index(("ahead", path))
+        assert asked < events.index(("read", path))
+        assert sum(kind == "read" for kind, _ in events[:asked]) >= n - 1  # not before the CT two before it is read
+
+
 def test_unreadable_mhd_fails_that_ct_only_and_resumes(data, small_data, tmp_path, small_reference, monkeypatch):
     uid, mhd = one_series(data, 0)
     mhd.write_text("garbage, not a MetaImage header\n")
