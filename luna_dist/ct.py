@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,7 +90,6 @@ def read_ct(path: Path) -> Ct:
     return Ct(series_uid=source.series_uid, hu=_as_int16_hu(source.path, image), geometry=Geometry.of_image(image))
 
 
-_METAIMAGE_DATA_FILE = re.compile(rb"^\s*ElementDataFile\s*=\s*(.*?)\s*$", re.MULTILINE)
 READ_AHEAD_STEP = 1 << 20
 """Bytes a read-ahead asks for at a time: Linux reads at most the device's readahead or largest request
 (128 kB to 8 MB) of one `POSIX_FADV_WILLNEED`, so a CT is asked for in steps."""
@@ -99,8 +97,14 @@ READ_AHEAD_STEP = 1 << 20
 
 def metaimage_data_file(mhd: Path, header: bytes) -> Path | None:
     """The file the `.mhd` header `header` names for its voxels (which may not exist), or None."""
-    named = _METAIMAGE_DATA_FILE.search(header)
-    return mhd.parent / named.group(1).decode(errors="replace") if named else None
+    named = _metaimage_fields(header.decode(errors="replace")).get("ElementDataFile")
+    return mhd.parent / named if named else None
+
+
+def _metaimage_fields(header: str) -> dict[str, str]:
+    """A MetaImage header's `KEY = VALUE` lines."""
+    return dict((key.strip(), value.strip())
+                for key, sep, value in (line.partition("=") for line in header.splitlines()) if sep)
 
 
 def read_ahead(path: Path) -> None:
@@ -252,11 +256,7 @@ def _check_metaimage(mhd_path: Path) -> None:
     learns which file is missing or how many bytes it lacks.
     """
     try:
-        header = dict(
-            (key.strip(), value.strip())
-            for key, sep, value in (line.partition("=") for line in mhd_path.read_text(errors="replace").splitlines())
-            if sep
-        )
+        header = _metaimage_fields(mhd_path.read_text(errors="replace"))
     except OSError as err:
         raise CtError(f"{mhd_path}: cannot read the header: {err.strerror}") from err
     missing = [key for key in ("NDims", "DimSize", "ElementType", "ElementDataFile") if key not in header]
