@@ -3,6 +3,7 @@ class mixing, spawn workers, a damaged shard met by training."""
 
 from __future__ import annotations
 
+import itertools
 import pickle
 from collections import Counter
 
@@ -18,6 +19,7 @@ from luna_dist.shard_format import ShardSetError
 from luna_dist.stream import (
     TrainStreamConfig,
     batched,
+    mixed,
     pos_neg_streams,
     train_loader,
     train_pipeline,
@@ -83,6 +85,21 @@ def test_worker_shares_add_up_to_the_steps(monkeypatch, steps, workers):
         monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda info=info: info)
         shares.append(len(list(worker_share(iter(range(100)), steps))))
     assert sum(shares) == steps and max(shares) - min(shares) <= 1
+
+
+def test_mixed_draws_in_proportion_to_the_weights_reproducibly():
+    def draws(weights, seed, count=8000):
+        sources = [itertools.repeat(name) for name in "abc"]
+        return list(itertools.islice(mixed(sources, weights, seed), count))
+
+    counts = Counter(draws([1.0, 3.0, 0.0], seed=7))
+    assert abs(counts["b"] / 8000 - 0.75) < 0.02 and "c" not in counts  # a weight of 0 is never drawn
+    assert draws([1.0, 3.0, 0.0], seed=7) == draws([1.0, 3.0, 0.0], seed=7)
+    assert draws([1.0, 3.0, 0.0], seed=7) != draws([1.0, 3.0, 0.0], seed=8)
+
+
+def test_mixed_ends_when_a_stream_ends():
+    assert sorted(mixed([iter([1, 2]), itertools.repeat(0)], [1.0, 1e-9], seed=0)) == [1, 2]
 
 
 @pytest.mark.slow
