@@ -8,29 +8,39 @@ the 2-core VM of docs/benchmarks.md, more than decoding 32 uncompressed chunks. 
 worker keeps up to `SLOTS` segments and decodes the next batch into one the training
 process has let go of.
 
-Let go of means the training process can no longer read it: torch has freed its storage of
-the segment (`StorageWeakRef.expired`: no tensor, view or batch refers to it), or what it
-received is a copy (the DataLoader's pin thread copies each batch into pinned memory, and a
-copy is complete before it is delivered). `PooledLoader`, which every loader of
-`luna_dist.stream` is, marks those slots free in a small shared array each worker sends
-with its first batch; a worker that finds no slot free takes a new segment, as before. So a
-consumer that keeps its batches still reads them intact, only more slowly.
+Even a reused segment costs ~0.5 ms a tensor on each side when torch sends it: pickling,
+and passing its file descriptor through multiprocessing's resource sharer. So a segment
+travels once, with the first batch in it; the training process keeps it mapped, and every
+later batch in that slot is sent as (slot, dtype, shape) and rebuilt over the mapping. The
+small tensors of a batch that lie in no slot (labels, where each sample lies) travel inside
+the pickle, by value.
+
+Let go of means the training process can no longer read it: no tensor, view or batch built
+over that delivery of the slot is left (a finalizer on the memory they share sees it), as
+when the DataLoader's pin thread has copied the batch into pinned memory and dropped it.
+The finalizer marks the slot free in a small shared array each worker sends with its first
+batch; a worker that finds no slot free takes a new segment, sent as torch sends it. So a
+consumer that keeps its batches still reads them intact, only more slowly. `PooledLoader`,
+which every loader of `luna_dist.stream` is, unwraps the batches and drops the mappings of
+its workers when its iteration ends (its workers end with it: no persistent workers).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
 
 SLOTS = 8
 """Segments a worker keeps: the DataLoader's 2 batches in flight per worker, the one being
 decoded, the batch in use and the one before it, which is released a step late, and room."""
+BY_VALUE_BYTES = 64 * 1024
+"""A tensor in no slot up to this size travels inside the pickle; a larger one as torch sends it."""
 _FREE, _HELD = 0, 1
 
 
@@ -44,12 +54,14 @@ def new_batch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 
 class _WorkerSlots:
-    """This worker process's segments, and whether the training process holds each."""
+    """This worker process's segments, whether the training process holds each, and whether it has it mapped."""
 
     def __init__(self) -> None:
         self.states = torch.zeros(SLOTS, dtype=torch.uint8).share_memory_()  # written by the training process
         self._states = self.states.numpy()
+        self.token = int.from_bytes(os.urandom(8), "little")  # names this worker's slots in the training process
         self.storages: list[torch.UntypedStorage] = []
+        self.sent: list[bool] = []  # whether the training process has slot n's segment (else it goes with the batch)
         self.taken: dict[int, int] = {}  # data_ptr -> slot, of the batches made since the last `lease`
         self.announced = False
         self.made = 0  # segments made so far: one per batch when none is reused
@@ -63,23 +75,35 @@ class _WorkerSlots:
         else:
             self.made += 1
             if not free and len(self.storages) == SLOTS:
-                return torch.UntypedStorage._new_shared(nbytes)  # every slot held: freed with its batch
+                return torch.UntypedStorage._new_shared(nbytes)  # every slot held: sent, and freed, as torch does
             slot = free[0] if free else len(self.storages)
             self.storages[slot:slot + 1] = [torch.UntypedStorage._new_shared(nbytes)]
+            self.sent[slot:slot + 1] = [False]
         self._states[slot] = _HELD
         self.taken[self.storages[slot].data_ptr()] = slot
         return self.storages[slot]
 
     def lease(self, batch: tuple) -> _Leased:
-        """`batch` with the slots its tensors lie in, for the training process to give back."""
-        slots = tuple((position, self.taken.pop(tensor.untyped_storage().data_ptr()))
-                      for position, tensor in enumerate(batch)
-                      if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() in self.taken)
-        for slot in self.taken.values():  # made but not in the batch: nobody else holds it
-            self._states[slot] = _FREE
+        """`batch` as it travels: its tensors in slots as `_InSlot`s, its small ones by value."""
+        parts = tuple(self._part(item) for item in batch)
+        for slot in set(self.taken.values()) - {part.slot for part in parts if isinstance(part, _InSlot)}:
+            self._states[slot] = _FREE  # made but not in the batch: nobody else holds it
         self.taken.clear()
         states, self.announced = (None if self.announced else self.states), True
-        return _Leased(tuple(batch), os.getpid(), slots, states)
+        return _Leased(self.token, states, parts)
+
+    def _part(self, item: object) -> object:
+        if not isinstance(item, torch.Tensor):
+            return item
+        slot = self.taken.get(item.untyped_storage().data_ptr())
+        if slot is not None:
+            segment = None if self.sent[slot] else self.storages[slot]
+            self.sent[slot] = True
+            return _InSlot(slot, segment, item.dtype, tuple(item.shape), item.stride(), item.storage_offset())
+        if item.nbytes <= BY_VALUE_BYTES:
+            return _ByValue(item.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes(), item.dtype,
+                            tuple(item.shape))
+        return item
 
 
 _SLOTS: _WorkerSlots | None = None
@@ -93,21 +117,93 @@ def _worker_slots() -> _WorkerSlots:
 
 
 @dataclass(frozen=True)
+class _InSlot:
+    """A tensor lying in a worker's slot: its segment only when the training process does not have it yet."""
+
+    slot: int
+    segment: torch.UntypedStorage | None
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+
+    def over(self, memory: np.ndarray) -> torch.Tensor:
+        """The tensor, over `memory` (the slot's bytes in the training process)."""
+        return torch.from_numpy(memory).view(self.dtype).as_strided(self.shape, self.stride, self.offset)
+
+
+@dataclass(frozen=True)
+class _ByValue:
+    """A small tensor's bytes, carried in the pickle."""
+
+    data: bytes
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def tensor(self) -> torch.Tensor:
+        return torch.frombuffer(bytearray(self.data), dtype=torch.uint8).view(self.dtype).reshape(self.shape)
+
+
+@dataclass(frozen=True)
 class _Leased:
-    """A worker's batch on its way to the training process, with the slots it occupies."""
+    """A worker's batch on its way to the training process, which unpickles it as a `_Delivered` (`_arrived`)."""
 
-    batch: tuple
-    worker: int  # the worker's process id: whose slot states `slots` index
-    slots: tuple[tuple[int, int], ...]  # (position of a tensor in `batch`, its slot)
+    worker: int  # the worker's token
     states: torch.Tensor | None  # the worker's slot states, sent with its first batch
+    parts: tuple
 
-    def pin_memory(self) -> _Leased:
-        """What the DataLoader's pin thread calls: the batch is copied, the slot states stay shared."""
+    def __reduce__(self) -> tuple:
+        return _arrived, (self.worker, self.states, self.parts)
+
+
+@dataclass(frozen=True)
+class _Delivered:
+    """A batch rebuilt in the training process, and the worker it came from."""
+
+    worker: int
+    batch: tuple
+
+    def pin_memory(self) -> _Delivered:
+        """What the DataLoader's pin thread calls: the batch is copied, and the slots go back once it is dropped."""
         return replace(self, batch=tuple(t.pin_memory() if isinstance(t, torch.Tensor) else t for t in self.batch))
 
 
+_MAPPED: dict[int, dict[int, torch.UntypedStorage]] = {}  # in the training process: worker -> slot -> its segment
+_STATES: dict[int, np.ndarray] = {}  # worker -> its slot states
+
+
+def _arrived(worker: int, states: torch.Tensor | None, parts: tuple) -> _Delivered:
+    """Unpickling a `_Leased` in the training process: each tensor rebuilt, over the mapping of its slot."""
+    if states is not None:
+        _STATES[worker] = states.numpy()
+    mapped = _MAPPED.setdefault(worker, {})
+    memory: dict[int, np.ndarray] = {}  # slot -> its bytes, shared by the tensors of this batch in it
+    batch = []
+    for part in parts:
+        if isinstance(part, _InSlot):
+            if part.segment is not None:
+                mapped[part.slot] = part.segment
+            if part.slot not in memory:
+                memory[part.slot] = _slot_memory(mapped[part.slot], _STATES[worker], part.slot)
+            batch.append(part.over(memory[part.slot]))
+        else:
+            batch.append(part.tensor() if isinstance(part, _ByValue) else part)
+    return _Delivered(worker, tuple(batch))
+
+
+def _slot_memory(segment: torch.UntypedStorage, states: np.ndarray, slot: int) -> np.ndarray:
+    """The bytes of `segment`, as an array whose end (no tensor built over it is left) gives the slot back."""
+    memory = torch.empty(0, dtype=torch.uint8).set_(segment).numpy()
+    weakref.finalize(memory, _give_back, states, slot).atexit = False
+    return memory
+
+
+def _give_back(states: np.ndarray, slot: int) -> None:
+    states[slot] = _FREE
+
+
 def leased(batches: Iterator[tuple]) -> Iterator:
-    """Pipeline stage, last in a worker: each batch with its slots for `PooledLoader`; in-process, unchanged."""
+    """Pipeline stage, last in a worker: each batch as it travels to `PooledLoader`; in-process, unchanged."""
     if torch.utils.data.get_worker_info() is None:
         yield from batches
         return
@@ -117,38 +213,21 @@ def leased(batches: Iterator[tuple]) -> Iterator:
 
 
 class PooledLoader:
-    """A DataLoader of `leased` batches: iterates as it does, giving each batch's slots back to its worker
-    once the batch is let go of (see the module's docstring)."""
+    """A DataLoader of `leased` batches: iterates as it does, giving the batches; drops its workers' mappings
+    when done (see the module's docstring)."""
 
     def __init__(self, loader: Iterable) -> None:
         self.loader = loader
 
     def __iter__(self) -> Iterator[tuple]:
-        states: dict[int, np.ndarray] = {}
-        held: list[tuple[StorageWeakRef, np.ndarray, int]] = []
-        for item in self.loader:
-            held = [entry for entry in held if not _given_back(entry)]
-            yield _received(item, states, held) if isinstance(item, _Leased) else item
-
-
-def _received(item: _Leased, states: dict[int, np.ndarray], held: list) -> tuple:
-    """The batch of `item`; each of its slots goes into `held` until torch frees the training process's
-    storage of it, or back to the worker now when the batch delivered is a copy."""
-    if item.states is not None:
-        states[item.worker] = item.states.numpy()
-    worker_states = states[item.worker]
-    for position, slot in item.slots:
-        tensor = item.batch[position]
-        if tensor.is_shared():
-            held.append((StorageWeakRef(tensor.untyped_storage()), worker_states, slot))
-        else:  # a copy, already complete: the worker's segment is read no more
-            worker_states[slot] = _FREE
-    return item.batch
-
-
-def _given_back(entry: tuple[StorageWeakRef, np.ndarray, int]) -> bool:
-    storage, worker_states, slot = entry
-    if not storage.expired():
-        return False
-    worker_states[slot] = _FREE
-    return True
+        workers: set[int] = set()
+        try:
+            for item in self.loader:
+                if isinstance(item, _Delivered):
+                    workers.add(item.worker)
+                    item = item.batch
+                yield item
+        finally:
+            for worker in workers:
+                _MAPPED.pop(worker, None)
+                _STATES.pop(worker, None)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import pickle
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
 
 from luna_dist import batch_memory
-from luna_dist.batch_memory import SLOTS, PooledLoader, leased, new_batch
+from luna_dist.batch_memory import SLOTS, PooledLoader, _ByValue, _InSlot, leased, new_batch
 from luna_dist.stream import pooled_loader
 
 BATCHES = 3 * SLOTS
@@ -49,18 +52,35 @@ def test_batches_kept_are_never_written_over():
         assert torch.equal(view, torch.full((64,), n, dtype=torch.int16))
 
 
-def test_a_slot_goes_back_when_its_batch_is_let_go_of_and_at_once_when_a_copy_arrived():
-    """After the DataLoader's pin thread, what arrives is a copy: the worker's segment is read no more."""
+def test_a_slot_goes_back_once_nothing_built_over_it_is_left(monkeypatch):
+    """Two tensors of a batch in one slot hold it together; a later batch in the slot is rebuilt over the
+    segment sent first; a pinned copy gives the slot back at once; the loader drops its mappings when done."""
+    monkeypatch.setattr(torch.Tensor, "pin_memory", torch.Tensor.clone)  # no accelerator here: a copy stands in
     states = torch.ones(SLOTS, dtype=torch.uint8).share_memory_()  # every slot held by the training process
-    copy, shared = torch.zeros(4, dtype=torch.int16), torch.zeros(4, dtype=torch.int16).share_memory_()
-    arriving = [batch_memory._Leased((copy, shared), 7, ((0, 2), (1, 5)), states),
-                batch_memory._Leased((copy,), 7, (), None)]
-    batches = iter(PooledLoader(arriving.pop(0) for _ in range(2)))
-    first = next(batches)
-    assert states.tolist() == [1, 1, 0, 1, 1, 1, 1, 1]  # the copy's slot is back; the shared batch's is held
-    del first, shared
-    next(batches)
-    assert states.tolist() == [1, 1, 0, 1, 1, 0, 1, 1]
+    segment = torch.UntypedStorage._new_shared(64)
+    torch.empty(0, dtype=torch.int16).set_(segment).copy_(torch.arange(32, dtype=torch.int16))
+    whole, row = _InSlot(2, segment, torch.int16, (4, 8), (8, 1), 0), _InSlot(2, None, torch.int16, (8,), (1,), 8)
+    first = batch_memory._arrived(5, states, (whole, row)).batch
+    assert torch.equal(first[0].flatten(), torch.arange(32, dtype=torch.int16))
+    assert torch.equal(first[1], torch.arange(8, 16, dtype=torch.int16))
+    view = first[1][:2]
+    del first
+    assert states[2] == 1  # a view of one of its tensors still holds the slot
+    del view
+    assert states[2] == 0
+    states[2] = 1  # the worker takes it again and sends only (slot, dtype, shape)
+    pinned = batch_memory._arrived(5, None, (replace(whole, segment=None),)).pin_memory()
+    assert states[2] == 0 and torch.equal(pinned.batch[0], torch.arange(32, dtype=torch.int16).view(4, 8))
+    assert list(PooledLoader([pinned])) == [pinned.batch] and 5 not in batch_memory._MAPPED
+
+
+@pytest.mark.parametrize("tensor", [torch.tensor(3), torch.tensor([True, False]), torch.arange(6.0).view(2, 3).T,
+                                    torch.ones(2, dtype=torch.bfloat16)])
+def test_a_small_tensor_travels_by_value(tensor):
+    part = batch_memory._WorkerSlots()._part(tensor)
+    assert isinstance(part, _ByValue)
+    travelled = pickle.loads(pickle.dumps(part)).tensor()
+    assert travelled.dtype == tensor.dtype and torch.equal(travelled, tensor)
 
 
 def test_in_process_batches_pass_through_unleased():
