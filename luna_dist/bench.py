@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--loader-samples", type=int, default=3000, help="loader: samples read per measurement")
     parser.add_argument("--baseline-samples", type=int, default=300, help="samples for the slow random-order baseline")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64], help="train: batch sizes compared")
-    parser.add_argument("--train-steps", type=int, default=8, help="train: timed steps per variant")
+    parser.add_argument("--train-steps", type=int, default=6, help="train: timed steps per variant")
     parser.add_argument("--train-workers", type=int, help="data workers while training (default: train's own)")
     parser.add_argument("--variants", nargs="*", default=["default+no", "cl3d+no", "default+bf16", "cl3d+bf16"],
                         help="compute-ceiling variants LAYOUT+PRECISION (LAYOUT default|cl3d, PRECISION no|bf16)")
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-marks", type=int, default=600, help="marks per scan of the generated evaluation set")
     parser.add_argument("--eval-bootstrap", type=int, default=1000, help="bootstrap resamplings timed")
     parser.add_argument("--analyze-cts", type=int, default=2, help="CTs analysed by the analyze benchmark")
-    parser.add_argument("--analyze-slices", type=int, default=32,
+    parser.add_argument("--analyze-slices", type=int, default=16,
                         help="analyze: slices of one CT segmented in each layout, batch and crop variant")
     parser.add_argument("--confusion-scans", type=int, default=888,
                         help="analyze: scans of the generated confusion-table input (LUNA16: 888)")
