@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -24,6 +27,39 @@ def setup_logging() -> None:
     """Time-stamped lines on stderr; accelerate's per-file checkpoint lines are left out."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)
+
+
+_interrupted = False
+
+
+@contextmanager
+def interrupts() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt, and is noted so that `raise_if_interrupted` raises it again.
+
+    Python raises a Ctrl-C's KeyboardInterrupt wherever the main thread is. Raised inside a
+    finalizer (a `__del__`, a weakref callback, a generator the garbage collector closes) it
+    is printed and dropped, and a training run went on to its end with exit 0. The loops
+    call `raise_if_interrupted` once a step. The previous handler comes back on leaving.
+    """
+    global _interrupted
+    _interrupted = False
+    previous = signal.signal(signal.SIGINT, _note_and_raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _note_and_raise(signum: int, frame: object) -> None:
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+def raise_if_interrupted() -> None:
+    """KeyboardInterrupt when a Ctrl-C came (see `interrupts`), even one that Python dropped."""
+    if _interrupted:
+        raise KeyboardInterrupt
 
 
 def below(flag: str, value, least) -> str | None:

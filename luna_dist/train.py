@@ -290,6 +290,7 @@ class Trainer:
         step = start - 1
         with self._bar(steps * per_step, f"E{epoch} training", initial=start * per_step) as bar:
             for step, batch in enumerate(batches, start):
+                cli.raise_if_interrupted()
                 loss, rows = task.forward(self.model, batch, train=True)
                 self.optimizer.zero_grad(set_to_none=True)
                 accelerator.backward(loss.mean())
@@ -323,6 +324,7 @@ class Trainer:
         rows = []
         with self._bar(None, f"E{epoch} validation") as bar:  # closed on an error too: its message starts a line
             for batch in loader:
+                cli.raise_if_interrupted()
                 rows.append(task.forward(model, batch, train=False)[1])
                 bar.update(rows[-1].shape[0] * accelerator.num_processes)
         model.train(training)
@@ -418,8 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     trainer = None
     try:
-        trainer = Trainer(args)
-        trainer.run()
+        with cli.interrupts():
+            trainer = Trainer(args)
+            trainer.run()
     except (ShardSetError, FileNotFoundError, CheckpointError, WeightsError, RunFolderError, Diverged,
             LoggingError) as err:
         return cli.fail(own_line(err))

@@ -938,3 +938,34 @@ def test_mid_epoch_checkpoint_on_two_ranks_resumes_exactly_there(tiny_shards, tm
     for name in straight:
         torch.testing.assert_close(resumed[name], straight[name], rtol=1e-5, atol=1e-6, msg=name)
     assert json.loads(_custom_state(tmp_path / "killed"))["samples_seen"] == 64
+
+
+@pytest.mark.slow
+def test_a_ctrl_c_that_python_drops_in_a_finalizer_still_stops_training(tiny_shards, tmp_path, monkeypatch, capsys):
+    """Python drops an exception raised inside a finalizer (a `__del__`, a generator the garbage collector
+    closes), a Ctrl-C's KeyboardInterrupt too: the run went on to its end and exited 0."""
+    import signal
+
+    from luna_dist import train
+    from luna_dist.tasks import TASKS
+
+    class InterruptedWhileCollected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(10_000):  # Python runs the signal's handler here, inside the finalizer
+                pass
+
+    forward, calls = TASKS["cls"].forward, []
+
+    def forward_then_ctrl_c(self, model, batch, train):
+        calls.append(train)
+        if len(calls) == 2:
+            InterruptedWhileCollected()  # collected at once
+        return forward(self, model, batch, train)
+
+    monkeypatch.setattr(TASKS["cls"], "forward", forward_then_ctrl_c)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    assert train.main(_quick(tiny_shards, tmp_path, "--epochs", "1", "--max-steps", "6")) == 130
+    assert calls.count(True) == 2  # stopped at the step after the Ctrl-C
+    assert "error: interrupted in epoch 1" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # as it was
