@@ -391,6 +391,7 @@ def analyse_share(share: list[str], series: dict[str, Path], positions: Position
     for nodule in truth.nodules if truth else []:
         nodules_of.setdefault(nodule.series_uid, []).append(nodule)
     for uid in share:
+        cli.raise_if_interrupted()
         path, xyz = per_ct / f"{uid}.json", None if positions is None else positions.xyz[uid]
         nodules = nodules_of.get(uid, []) if truth else None
         wanted = ct_produced_by(shared, series[uid], xyz, nodules)
@@ -533,7 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     cli.setup_logging()
     args = parse_args(argv)
     try:
-        run(args)
+        with cli.interrupts():
+            run(args)
     except AnalysisError as err:
         return cli.fail(str(err))
     except KeyboardInterrupt:

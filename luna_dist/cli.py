@@ -38,8 +38,9 @@ def interrupts() -> Iterator[None]:
 
     Python raises a Ctrl-C's KeyboardInterrupt wherever the main thread is. Raised inside a
     finalizer (a `__del__`, a weakref callback, a generator the garbage collector closes) it
-    is printed and dropped, and a training run went on to its end with exit 0. The loops
-    call `raise_if_interrupted` once a step. The previous handler comes back on leaving.
+    is printed and dropped, and a training run went on to its end with exit 0. Training
+    calls `raise_if_interrupted` once a step, the analysis once a CT. The previous handler
+    comes back on leaving.
     """
     global _interrupted
     _interrupted = False

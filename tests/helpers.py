@@ -241,3 +241,15 @@ BAD_CTS = [  # (name, how to make it from an image and a folder, what the one li
      "series: uneven slice spacing: 3.3 mm between slice0002.dcm and slice0003.dcm"),
     ("no DICOM", _no_dicom, "empty: a folder holding no DICOM series"),
 ]
+
+
+def ctrl_c_inside_a_finalizer() -> None:
+    """SIGINT to this process from inside a finalizer, where Python prints and drops the KeyboardInterrupt
+    it raises (as in a `__del__` or a generator the garbage collector closes)."""
+    class Collected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(10_000):  # Python runs the signal's handler here, inside the finalizer
+                pass
+
+    Collected()  # collected at once

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from helpers import BAD_CTS, threshold_model, tilted_image, write_dicom_series
+from helpers import BAD_CTS, ctrl_c_inside_a_finalizer, threshold_model, tilted_image, write_dicom_series
 
 from luna_dist import analyze as analysis
 from luna_dist.analyze import assign, main
@@ -541,6 +541,18 @@ def _interrupted_after_one_ct(data, models, tmp_path, monkeypatch):
     return _candidates_args(data, models, tmp_path / "out")
 
 
+def _ctrl_c_dropped_in_the_first_ct(data, models, tmp_path, monkeypatch):
+    original, calls = analysis.analyze_ct, []
+
+    def dropping_a_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            ctrl_c_inside_a_finalizer()  # the first CT is still analysed: Python dropped the Ctrl-C
+        return original(*args, **kwargs)
+    monkeypatch.setattr(analysis, "analyze_ct", dropping_a_ctrl_c)
+    return _candidates_args(data, models, tmp_path / "out")
+
+
 def _single_slice_ct(data, models, tmp_path, monkeypatch):
     _write_ct(data / "subset2" / "tiny.thin.mhd", np.full((1, 64, 64), 100, dtype=np.int16))
     return ["--data", str(data), "--seg-model", str(models["seg"]), "--cls-model", str(models["cls"]),
@@ -569,6 +581,7 @@ BAD_INPUTS = [
     ("read-only --out writing the outputs", _failing("write_marks", errno.EROFS, "out"), 1,
      ("(Read-only file system: ", "nothing finished was lost: 2 CT(s) are kept in")),
     ("interrupted", _interrupted_after_one_ct, 130, "interrupted: 1 finished CT(s) are kept in "),
+    ("a Ctrl-C that Python drops", _ctrl_c_dropped_in_the_first_ct, 130, "interrupted: 1 finished CT(s) are kept in "),
     ("single-slice CT", _single_slice_ct, 0, "tiny.thin.mhd: 1x64x64 voxels, under 3 along an axis"),
 ]
 

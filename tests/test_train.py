@@ -946,21 +946,17 @@ def test_a_ctrl_c_that_python_drops_in_a_finalizer_still_stops_training(tiny_sha
     closes), a Ctrl-C's KeyboardInterrupt too: the run went on to its end and exited 0."""
     import signal
 
+    from helpers import ctrl_c_inside_a_finalizer
+
     from luna_dist import train
     from luna_dist.tasks import TASKS
-
-    class InterruptedWhileCollected:
-        def __del__(self):
-            os.kill(os.getpid(), signal.SIGINT)
-            for _ in range(10_000):  # Python runs the signal's handler here, inside the finalizer
-                pass
 
     forward, calls = TASKS["cls"].forward, []
 
     def forward_then_ctrl_c(self, model, batch, train):
         calls.append(train)
         if len(calls) == 2:
-            InterruptedWhileCollected()  # collected at once
+            ctrl_c_inside_a_finalizer()
         return forward(self, model, batch, train)
 
     monkeypatch.setattr(TASKS["cls"], "forward", forward_then_ctrl_c)
