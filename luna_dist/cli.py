@@ -40,10 +40,13 @@ def interrupts() -> Iterator[None]:
     finalizer (a `__del__`, a weakref callback, a generator the garbage collector closes) it
     is printed and dropped, and a training run went on to its end with exit 0. Training
     calls `raise_if_interrupted` once a step, the analysis once a CT. The previous handler
-    comes back on leaving.
+    comes back on leaving; a process started ignoring Ctrl-C keeps ignoring it, as Python does.
     """
     global _interrupted
     _interrupted = False
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started ignoring Ctrl-C (nohup, a background job)
+        yield
+        return
     previous = signal.signal(signal.SIGINT, _note_and_raise)
     try:
         yield

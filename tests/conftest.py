@@ -7,6 +7,7 @@ shards copies them into its own `tmp_path` first.
 from __future__ import annotations
 
 import csv
+import signal
 import socket
 import subprocess
 import sys
@@ -164,3 +165,11 @@ def stalling_server(tmp_path):
         stopped.set()
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raises KeyboardInterrupt in this test, also where the suite was started ignoring it (nohup)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

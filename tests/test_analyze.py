@@ -587,7 +587,7 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("make, code, line", [row[1:] for row in BAD_INPUTS], ids=[row[0] for row in BAD_INPUTS])
-def test_bad_input_is_one_line(make, code, line, tiny_data, models, tmp_path, monkeypatch, capsys):
+def test_bad_input_is_one_line(make, code, line, tiny_data, models, tmp_path, monkeypatch, capsys, ctrl_c_raises):
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     assert main(make(data, models, tmp_path, monkeypatch)) == code

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 
 import pytest
 
@@ -63,3 +64,18 @@ def test_training_exits_2_on_an_unknown_flag():
     with pytest.raises(SystemExit) as exit_:
         parse_args(["--shards", "s", "--no-such-flag"])
     assert exit_.value.code == cli.EXIT_USAGE
+
+
+def test_interrupts_notes_a_ctrl_c_and_keeps_one_ignored_ignored(ctrl_c_raises):
+    with cli.interrupts():
+        cli.raise_if_interrupted()  # no Ctrl-C yet
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):  # noted: raised again
+            cli.raise_if_interrupted()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # started under nohup
+    with cli.interrupts():
+        signal.raise_signal(signal.SIGINT)
+        cli.raise_if_interrupted()
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN

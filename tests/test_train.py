@@ -731,7 +731,8 @@ def test_ctrl_c_says_what_is_saved_and_how_to_go_on(tiny_shards, tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "luna_dist.train", *_quick(tiny_shards, tmp_path, "--max-steps", "400")]
     assert subprocess.run([*command, "--epochs", "1"], env=env, capture_output=True, timeout=RUN_TIMEOUT).returncode == 0
-    process = subprocess.Popen([*command, "--epochs", "3", "--resume"], env=env, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([*command, "--epochs", "3", "--resume"], env=env, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # also under nohup
     log = []
     try:
         for line in process.stderr:
@@ -941,7 +942,8 @@ def test_mid_epoch_checkpoint_on_two_ranks_resumes_exactly_there(tiny_shards, tm
 
 
 @pytest.mark.slow
-def test_a_ctrl_c_that_python_drops_in_a_finalizer_still_stops_training(tiny_shards, tmp_path, monkeypatch, capsys):
+def test_a_ctrl_c_that_python_drops_in_a_finalizer_still_stops_training(tiny_shards, tmp_path, monkeypatch, capsys,
+                                                                        ctrl_c_raises):
     """Python drops an exception raised inside a finalizer (a `__del__`, a generator the garbage collector
     closes), a Ctrl-C's KeyboardInterrupt too: the run went on to its end and exited 0."""
     import signal
@@ -964,4 +966,4 @@ def test_a_ctrl_c_that_python_drops_in_a_finalizer_still_stops_training(tiny_sha
     assert train.main(_quick(tiny_shards, tmp_path, "--epochs", "1", "--max-steps", "6")) == 130
     assert calls.count(True) == 2  # stopped at the step after the Ctrl-C
     assert "error: interrupted in epoch 1" in capsys.readouterr().err
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # as it was
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # as it was before the run
