@@ -194,10 +194,14 @@ def batched(samples: Iterator[dict], batch_size: int, collate: Callable[[list[di
         yield collate(group)
 
 
+def _worker_rng(seed: int) -> random.Random:
+    """A generator of this (rank, DataLoader worker)'s own, from `seed`; its stages make it as iteration starts."""
+    return random.Random(wds.utils.make_seed(seed, wds.utils.pytorch_worker_seed()))
+
+
 def shuffled(samples: Iterator[dict], buffer: int, seed: int) -> Iterator[dict]:
     """Pipeline stage: buffer shuffle seeded per (seed, rank, worker), decided when iteration starts."""
-    rng = random.Random(wds.utils.make_seed(seed, wds.utils.pytorch_worker_seed()))
-    yield from wds.shuffle(buffer, initial=buffer, rng=rng)(samples)
+    yield from wds.shuffle(buffer, initial=buffer, rng=_worker_rng(seed))(samples)
 
 
 # -- training --------------------------------------------------------------------------------------
@@ -234,10 +238,10 @@ def mixed(streams: list[wds.DataPipeline], weights: list[float], seed: int) -> I
 
     webdataset's RandomMix recomputes the normalised cumulative weights with numpy for every
     sample (~30 µs, a tenth of a loader worker's time) and draws from the global `random`;
-    here the sums are made once and the draws come from a generator seeded per (seed, rank,
-    worker), like `shuffled`'s. Ends when any stream ends (the training streams never do).
+    here the sums are made once and the draws come from `_worker_rng`, seeded per (seed, rank,
+    worker) as `shuffled`'s is. Ends when any stream ends (the training streams never do).
     """
-    rng = random.Random(wds.utils.make_seed(seed, wds.utils.pytorch_worker_seed()))
+    rng = _worker_rng(seed)
     sources = [iter(stream) for stream in streams]
     cumulative = list(itertools.accumulate(weights))
     while True:
