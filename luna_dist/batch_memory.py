@@ -168,15 +168,15 @@ class _Delivered:
         return replace(self, batch=tuple(t.pin_memory() if isinstance(t, torch.Tensor) else t for t in self.batch))
 
 
-_MAPPED: dict[int, dict[int, torch.UntypedStorage]] = {}  # in the training process: worker -> slot -> its segment
-_STATES: dict[int, np.ndarray] = {}  # worker -> its slot states
+_WORKERS: dict[int, tuple[np.ndarray, dict[int, torch.UntypedStorage]]] = {}
+"""In the training process: each worker's slot states, and the segments of its slots it has (slot -> segment)."""
 
 
 def _arrived(worker: int, states: torch.Tensor | None, parts: tuple) -> _Delivered:
     """Unpickling a `_Leased` in the training process: each tensor rebuilt, over the mapping of its slot."""
-    if states is not None:
-        _STATES[worker] = states.numpy()
-    mapped = _MAPPED.setdefault(worker, {})
+    if states is not None:  # the worker's first batch
+        _WORKERS[worker] = (states.numpy(), {})
+    worker_states, mapped = _WORKERS[worker]
     memory: dict[int, np.ndarray] = {}  # slot -> its bytes, shared by the tensors of this batch in it
     batch = []
     for part in parts:
@@ -184,7 +184,7 @@ def _arrived(worker: int, states: torch.Tensor | None, parts: tuple) -> _Deliver
             if part.segment is not None:
                 mapped[part.slot] = part.segment
             if part.slot not in memory:
-                memory[part.slot] = _slot_memory(mapped[part.slot], _STATES[worker], part.slot)
+                memory[part.slot] = _slot_memory(mapped[part.slot], worker_states, part.slot)
             batch.append(part.over(memory[part.slot]))
         else:
             batch.append(part.tensor() if isinstance(part, _ByValue) else part)
@@ -229,5 +229,4 @@ class PooledLoader:
                 yield item
         finally:
             for worker in workers:
-                _MAPPED.pop(worker, None)
-                _STATES.pop(worker, None)
+                _WORKERS.pop(worker, None)

@@ -71,7 +71,7 @@ def test_a_slot_goes_back_once_nothing_built_over_it_is_left(monkeypatch):
     states[2] = 1  # the worker takes it again and sends only (slot, dtype, shape)
     pinned = batch_memory._arrived(5, None, (replace(whole, segment=None),)).pin_memory()
     assert states[2] == 0 and torch.equal(pinned.batch[0], torch.arange(32, dtype=torch.int16).view(4, 8))
-    assert list(PooledLoader([pinned])) == [pinned.batch] and 5 not in batch_memory._MAPPED
+    assert list(PooledLoader([pinned])) == [pinned.batch] and 5 not in batch_memory._WORKERS
 
 
 @pytest.mark.parametrize("tensor", [torch.tensor(3), torch.tensor([True, False]), torch.arange(6.0).view(2, 3).T,
