@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -37,6 +38,7 @@ from luna_dist.ct import CtError, read_ct
 from luna_dist.geometry import Geometry
 from luna_dist.shard_format import MANIFEST, SeriesInputs
 from luna_dist.shard_inputs import Inputs
+from luna_dist.shard_tar import MEAN_END_BYTES
 from luna_dist.shard_write import WORK
 
 
@@ -73,8 +75,8 @@ class Rate:
     shape: tuple[int, int, int]  # about that of the CTs it was measured on (the slices vary)
     seconds_per_voxel: float  # reading the CT
     seconds_per_sample: float  # cutting, encoding and writing one sample
-    bytes_per_sample: float  # in a shard, tar headers included
-    bytes_per_val_slice: float  # segmentation's validation slabs, per slice (0 for other tasks)
+    bytes_per_sample: float  # in a shard, tar headers included, each shard's end (MEAN_END_BYTES) not
+    bytes_per_val_slice: float  # segmentation's validation slabs, per slice (0 for other tasks), the same
 
 
 @dataclass
@@ -115,8 +117,8 @@ def measure_rate(options, shape: tuple[int, int, int]) -> Rate:
         read_seconds = time.perf_counter() - started
         manifest = json.loads((out / MANIFEST).read_text())
     samples = manifest["counts"]["samples"]
-    train_bytes = sum(s["bytes"] for s in manifest["shards"] if s["label"] != "val")
-    val_bytes = sum(s["bytes"] for s in manifest["shards"] if s["label"] == "val")
+    train_bytes = sum(s["bytes"] - MEAN_END_BYTES for s in manifest["shards"] if s["label"] != "val")
+    val_bytes = sum(s["bytes"] - MEAN_END_BYTES for s in manifest["shards"] if s["label"] == "val")
     return Rate(shape, read_seconds / voxels, max(cut_seconds - read_seconds, 0.0) / max(samples, 1),
                 train_bytes / max(samples, 1), val_bytes / max(manifest["counts"].get("val_slices", 0), 1))
 
@@ -146,6 +148,8 @@ def plan(options, inputs: Inputs, rate: Rate | None = None) -> tuple[dict[int, F
     for row in inputs.findings["excluded"]:
         excluded[row[0]] += 1
     plans: dict[int, FoldPlan] = defaultdict(FoldPlan)
+    positives: dict[int, int] = defaultdict(int)  # packed per fold, in shards of their own
+    per_shard, cutter = options.samples_per_shard, options.cutter
     for uid in sorted(inputs.series):
         fold = plans[folds[uid]]
         if uid in unreadable:
@@ -153,8 +157,9 @@ def plan(options, inputs: Inputs, rate: Rate | None = None) -> tuple[dict[int, F
             continue
         header = headers[uid]
         series = SeriesInputs(uid, folds[uid], by_series[uid], nodules[uid])
-        samples, val_slices = options.cutter.planned_samples(series, header.shape, header.geometry)
-        positives = samples - options.cutter.planned_negatives(by_series[uid])  # also packed per fold once all done
+        samples, val_slices = cutter.planned_samples(series, header.shape, header.geometry)
+        negatives = cutter.planned_negatives(by_series[uid])
+        positives[folds[uid]] += samples - negatives
         fold.series += 1
         fold.candidates += len(by_series[uid])
         fold.nodules += len(nodules[uid])
@@ -162,9 +167,13 @@ def plan(options, inputs: Inputs, rate: Rate | None = None) -> tuple[dict[int, F
         fold.samples += samples
         fold.val_slices += val_slices
         fold.voxels += header.voxels
-        fold.shard_bytes += round(samples * rate.bytes_per_sample + val_slices * rate.bytes_per_val_slice)
-        fold.positive_bytes += round(positives * rate.bytes_per_sample)
+        shards = math.ceil(negatives / per_shard) + cutter.per_ct_validation  # as the CT's worker writes them
+        fold.shard_bytes += round(samples * rate.bytes_per_sample + val_slices * rate.bytes_per_val_slice
+                                  + shards * MEAN_END_BYTES)
+        fold.positive_bytes += round((samples - negatives) * rate.bytes_per_sample)
         fold.seconds += header.voxels * rate.seconds_per_voxel + samples * rate.seconds_per_sample
+    for number, count in positives.items():
+        plans[number].shard_bytes += math.ceil(count / per_shard) * MEAN_END_BYTES
     return dict(sorted(plans.items())), rate
 
 

@@ -22,6 +22,9 @@ from typing import BinaryIO
 # -- writing ---------------------------------------------------------------------------------------
 _BLOCK, _RECORD = 512, 20 * 512  # tarfile ends an archive with two zero blocks, padded to a whole record
 _ZEROS = bytes(2 * _BLOCK + _RECORD)  # the most padding an archive's end takes
+MEAN_END_BYTES = 2 * _BLOCK + _RECORD // 2
+"""What closing a shard adds, on average: two zero blocks, then zeros up to a whole record. Small shards
+(a few samples each) carry it as much as their samples' bytes."""
 _MODE_IDS = b"0000444\0" b"0000000\0" b"0000000\0"  # mode 0o444, uid 0, gid 0
 _MTIME = b"00000000000\0"
 _AFTER_CHECKSUM = (b"0" + bytes(100) + b"ustar\x0000" + b"bigdata".ljust(32, b"\0") * 2

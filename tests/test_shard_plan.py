@@ -12,7 +12,8 @@ from helpers import SEG_NEGATIVES, real_table
 
 from luna_dist.candidates import read_annotations, read_series_list
 from luna_dist.ct import CtError, read_ct
-from luna_dist.shard import BuildOptions, main, read_build_inputs
+from luna_dist.shard import BuildOptions, build, main, read_build_inputs
+from luna_dist.shard_format import CODECS
 from luna_dist.shard_plan import Rate, plan, read_header
 
 
@@ -29,7 +30,7 @@ def test_a_header_says_what_the_ct_holds(tiny_data):
 
 @pytest.mark.slow
 def test_the_plan_is_the_build(tiny_data, tiny_shards, tmp_path, capsys):
-    """Per fold, the planned samples are the built ones, the bytes within 1 %; nothing is written."""
+    """Per fold, the planned samples are the built ones; nothing is written."""
     out = tmp_path / "out"
     assert main(["--data", str(tiny_data), "--out", str(out), "--plan", "--max-samples", "10"]) == 0
     printed = capsys.readouterr().out
@@ -41,10 +42,24 @@ def test_the_plan_is_the_build(tiny_data, tiny_shards, tmp_path, capsys):
         assert int(rows[fold][5].replace(",", "")) == counts["samples"]
         assert int(rows[fold][1]) == len(counts["series"])
         assert int(rows[fold][4].replace(",", "")) == len(counts["excluded"])
-    planned_gb = float(rows["all"][7])
-    built_gb = sum(s["bytes"] for s in built["shards"]) / 1e9
-    assert planned_gb == pytest.approx(built_gb, rel=0.01, abs=0.005)
     assert "rate measured here on two synthetic CTs" in printed and "free at" in printed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("codec, fold_within, all_within", [("none", 0.005, 0.001), (CODECS[0], 0.12, 0.08)])
+def test_the_planned_bytes_are_the_built_ones(tiny_data, tmp_path, codec, fold_within, all_within):
+    """Plain samples take a fixed size, and each shard's end half a tar record on average: per fold the plan
+    is within 0.5 % (a build of shards of 10 samples, where the ends weigh most). Compressed, a sample's
+    bytes follow its CT's noise and how much of its chunk lies outside the CT, and the plan measures them on
+    two synthetic CTs: within 12 % per fold and 8 % in all (4.4 % on this test's data)."""
+    options = BuildOptions(data=tiny_data, out=tmp_path / "out", workers=1, max_samples=10, progress=False,
+                           codec=codec)
+    built = build(options)
+    plans, _ = plan(options, read_build_inputs(options))
+    built_bytes = {fold: sum(s["bytes"] for s in built["shards"] if s["fold"] == fold) for fold in plans}
+    for fold, planned in plans.items():
+        assert planned.shard_bytes == pytest.approx(built_bytes[fold], rel=fold_within), fold
+    assert sum(p.shard_bytes for p in plans.values()) == pytest.approx(sum(built_bytes.values()), rel=all_within)
 
 
 @pytest.mark.slow
