@@ -11,9 +11,11 @@ docs/shard-format.md is the contract in words.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Protocol
@@ -25,9 +27,9 @@ from isal import isal_zlib
 from luna_dist.candidates import Annotation, Candidate
 
 FORMAT = "luna_dist-shards"
-FORMAT_VERSION = 3  # 2: every sample carries crc32.json; 3: arrays may be compressed (CODECS)
-READABLE_VERSIONS = (2, 3)
-"""The versions readers take: a version 2 build holds plain `.npy` members, which 3 reads alike."""
+FORMAT_VERSION = 4  # 2: every sample carries crc32.json; 3: arrays may be compressed (zstd); 4: or lz4 (CODECS)
+READABLE_VERSIONS = (2, 3, 4)
+"""The versions readers take: a version 2 build holds plain `.npy` members, 3 plain or zstd ones."""
 MANIFEST = "manifest.json"
 CHECKSUMS = "crc32.json"
 LABELS = ("pos", "neg", "val")
@@ -95,16 +97,32 @@ def npy_header(shape: tuple[int, ...], dtype) -> bytes:
     return buffer.getvalue()
 
 
-CODECS = ("zstd", "none")
-"""How a sample's arrays are stored, the first the default (the manifest's `codec` says which
-a build wrote; readers take both). `none`: `NAME.npy` holds what np.save writes. `zstd`:
-`NAME.npy.zst` holds the same bytes with the payload's bytes grouped by their place in an
-element (all low bytes of the int16 HU, then all high bytes, which hardly vary), compressed
-with Zstandard at level ZSTD_LEVEL. Lossless; see docs/shard-format.md for the measured sizes
-and speeds that chose it."""
-ZSTD_SUFFIX = ".zst"
+CODECS = ("lz4", "zstd", "none")
+"""How a sample's arrays are stored, losslessly, the first the default (the manifest's `codec`
+says which a build wrote; readers take all three). `none`: `NAME.npy` holds what np.save
+writes. `lz4`: `NAME.npy.b2` holds the `.npy` header, then the payload as one Blosc2 chunk,
+bit-shuffled (the bits of the int16 HU grouped by their place, the high ones hardly
+varying) and compressed with LZ4, which decodes at several GB/s. `zstd`: `NAME.npy.zst`
+holds the `.npy` bytes with the payload's bytes grouped by their place in an element (all
+low bytes, then all high bytes), compressed with Zstandard at level ZSTD_LEVEL: ~10 % fewer
+bytes than lz4, decoded ~4x slower. docs/shard-format.md gives the measured sizes and speeds
+that chose the default: a loader worker that must keep a GPU fed decodes lz4 in time."""
+ZSTD_SUFFIX, BLOSC2_SUFFIX = ".zst", ".b2"
+SUFFIXES = {"zstd": ZSTD_SUFFIX, "lz4": BLOSC2_SUFFIX, "none": ""}
+"""What each codec adds to a member's name."""
 ZSTD_LEVEL = 1
 _ZSTD_COMPRESSOR = zstandard.ZstdCompressor(level=ZSTD_LEVEL)  # one per process: the build's workers are processes
+LZ4_LEVEL = 5
+_ONE_THREAD = {"nthreads": 1}  # a build's and a loader's workers are processes already, one a core
+
+
+@functools.cache
+def _blosc2():
+    """Blosc2, imported where an `lz4` member is first met: its import takes a quarter of a second, which
+    the processes that never meet one (scoring, the analysis, zstd and plain builds) need not pay."""
+    import blosc2
+
+    return blosc2
 
 
 def stored_array(name: str, array: np.ndarray, codec: str) -> tuple[str, bytes]:
@@ -116,8 +134,8 @@ def stored_array(name: str, array: np.ndarray, codec: str) -> tuple[str, bytes]:
 def stored_arrays(name: str, arrays: np.ndarray, codec: str) -> tuple[str, list[bytes]]:
     """Each array along the first axis of `arrays` (N, ...) as member `name` of its own sample stores it.
 
-    The build stores a CT's hundreds of chunks at once: their bytes are grouped in one
-    pass over all of them, straight into the buffers that are compressed (the `.npy`
+    The build stores a CT's hundreds of chunks at once: for zstd their bytes are grouped in
+    one pass over all of them, straight into the buffers that are compressed (the `.npy`
     header first, then the grouped payload), with no copy per array.
     """
     arrays = np.ascontiguousarray(arrays)
@@ -125,31 +143,58 @@ def stored_arrays(name: str, arrays: np.ndarray, codec: str) -> tuple[str, list[
     if codec == "none":
         return name, [b"".join((header, memoryview(array))) for array in arrays]
     count, itemsize = len(arrays), arrays.dtype.itemsize
+    if codec == "lz4":
+        blosc2 = _blosc2()
+        return name + SUFFIXES[codec], [header + blosc2.compress2(
+            array, typesize=itemsize, codec=blosc2.Codec.LZ4, clevel=LZ4_LEVEL, filters=[blosc2.Filter.BITSHUFFLE],
+            **_ONE_THREAD) for array in arrays]
     stored = np.empty((count, len(header) + arrays[0].nbytes), dtype=np.uint8)
     stored[:, :len(header)] = np.frombuffer(header, dtype=np.uint8)
     payload_bytes = arrays.reshape(count, -1).view(np.uint8).reshape(count, -1, itemsize)
     stored[:, len(header):].reshape(count, itemsize, -1)[:] = payload_bytes.transpose(0, 2, 1)
-    return name + ZSTD_SUFFIX, [_ZSTD_COMPRESSOR.compress(row) for row in stored]
+    return name + SUFFIXES[codec], [_ZSTD_COMPRESSOR.compress(row) for row in stored]
 
 
 def load_array(sample: dict, name: str) -> np.ndarray:
-    """The array of `.npy` member `name`, stored plain or compressed; a reader error when it has neither
-    or it cannot be read."""
+    """The array of `.npy` member `name`, stored by any codec; a reader error when it has none or it cannot be read."""
     if name in sample:
         try:
             return np.load(io.BytesIO(sample[name]), allow_pickle=False)
         except ValueError as err:
             raise damaged(sample, f"{name} unreadable ({err})") from None
-    data = _decompressed(sample, name)
-    dtype, shape = _npy_layout(sample, name, data)
+    header, fill = _opened(sample, name)
+    dtype, shape = _npy_layout(sample, name, header)
     array = np.empty(shape, dtype=dtype)
-    _ungroup(sample, name, data, array.reshape(-1))
+    fill(array.reshape(-1))
     return array
 
 
-def _decompressed(sample: dict, name: str) -> bytes:
-    if (stored := sample.get(name + ZSTD_SUFFIX)) is None:
-        raise damaged(sample, f"no {name}")
+def _opened(sample: dict, name: str) -> tuple[bytes, Callable[[np.ndarray], None]]:
+    """A compressed member `name` of `sample`: bytes that start with its `.npy` header, and what fills a flat
+    array of that header's dtype and size with its payload."""
+    if (stored := sample.get(name + BLOSC2_SUFFIX)) is not None:
+        return stored, functools.partial(_unblosc, sample, name, stored)
+    if (stored := sample.get(name + ZSTD_SUFFIX)) is not None:
+        data = _decompressed(sample, name, stored)
+        return data, functools.partial(_ungroup, sample, name, data)
+    raise damaged(sample, f"no {name}")
+
+
+def _unblosc(sample: dict, name: str, stored: bytes, out: np.ndarray) -> None:
+    """Decompress an `lz4` member's Blosc2 chunk straight into `out` (the shuffle is undone block by block,
+    in cache), once it is known to hold exactly `out`'s bytes."""
+    blosc2, chunk = _blosc2(), memoryview(stored)[_npy_header_length(stored):]
+    try:
+        size = blosc2.get_cbuffer_sizes(chunk)[0]
+        if size != out.nbytes:
+            raise damaged(sample, f"{name}{BLOSC2_SUFFIX} holds {size} bytes of data, expected {out.nbytes}")
+        if size:  # Blosc2 refuses an empty destination
+            blosc2.decompress2(chunk, dst=out, **_ONE_THREAD)
+    except (ValueError, RuntimeError) as err:
+        raise damaged(sample, f"{name}{BLOSC2_SUFFIX} cannot be decompressed ({err})") from None
+
+
+def _decompressed(sample: dict, name: str, stored: bytes) -> bytes:
     try:
         return _ZSTD_DECOMPRESSOR.decompress(stored)
     except zstandard.ZstdError as err:
@@ -292,11 +337,10 @@ def copy_payloads(samples: list[dict], name: str, out: np.ndarray, shape: tuple[
                 raise damaged(sample, f"{name} holds {len(data) - offset} bytes of data, expected {flat[n].nbytes}")
             flat[n] = np.frombuffer(data, dtype=out.dtype, offset=offset)
         else:
-            data = _decompressed(sample, name)
-            if _npy_layout(sample, name, data) != (out.dtype, shape):
-                dtype, found = _npy_layout(sample, name, data)
-                raise damaged(sample, f"{name} is {dtype} {found}, expected {out.dtype.name} {shape}")
-            _ungroup(sample, name, data, flat[n])
+            header, fill = _opened(sample, name)
+            if (layout := _npy_layout(sample, name, header)) != (out.dtype, shape):
+                raise damaged(sample, f"{name} is {layout[0]} {layout[1]}, expected {out.dtype.name} {shape}")
+            fill(flat[n])
 
 
 # -- the manifest ---------------------------------------------------------------------------------

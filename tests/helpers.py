@@ -21,7 +21,7 @@ import SimpleITK as sitk
 from luna_dist import chunk_samples
 from luna_dist.bench_data import THRESHOLD_HU, threshold_model  # noqa: F401  (the tests' UNet of known output)
 from luna_dist.ct import CHUNK_SHAPE
-from luna_dist.shard_format import ZSTD_SUFFIX, load_array
+from luna_dist.shard_format import SUFFIXES, load_array
 from luna_dist.stream import ShardSet, batched, open_shard_set
 
 SYNTH_CTS = 10
@@ -103,8 +103,8 @@ def damaged_copy(shard_dir: Path, tmp_path: Path, damage, fold: int = 9) -> tupl
     return shards, victim, key
 
 
-CHUNK_MEMBERS = ("chunk.npy", "chunk.npy" + ZSTD_SUFFIX)
-"""A classification sample's chunk, stored plain or compressed (the default)."""
+CHUNK_MEMBERS = tuple("chunk.npy" + suffix for suffix in SUFFIXES.values())
+"""A classification sample's chunk, as each codec names it."""
 
 
 def is_chunk(member: tarfile.TarInfo) -> bool:

@@ -39,7 +39,7 @@ from luna_dist.seg_samples import (
     validation_slices,
 )
 from luna_dist.shard import BuildOptions, build
-from luna_dist.shard_format import MANIFEST, ZSTD_SUFFIX, ShardSetError, load_array
+from luna_dist.shard_format import MANIFEST, ShardSetError, load_array
 from luna_dist.stream import open_shard_set, val_loader
 
 # --- the pure parts ------------------------------------------------------------------------------------
@@ -89,7 +89,7 @@ def read_tar(path: Path) -> dict[str, dict]:
         for member in tar:
             key, ext = member.name.split(".", 1)
             data = tar.extractfile(member).read()
-            name = ext.removesuffix(ZSTD_SUFFIX)
+            name = ext[:ext.index(".npy") + 4] if ".npy" in ext else ext  # the array, whatever its codec
             samples[key][name] = load_array({ext: data}, name) if name.endswith(".npy") else json.loads(data)
     return dict(samples)
 

@@ -26,18 +26,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from helpers import kill_build_after
+from helpers import CHUNK_MEMBERS, kill_build_after
 from helpers import open_cls as open_shard_set
 
 import luna_dist.shard as shard_module
 import luna_dist.shard_write as shard_write
 from luna_dist.shard import BuildError, BuildOptions, build
-from luna_dist.shard_format import MANIFEST, ZSTD_SUFFIX, ShardSetError, load_array
+from luna_dist.shard_format import CODECS, MANIFEST, SUFFIXES, ShardSetError, load_array
 from luna_dist.shard_inputs import InputError
 from luna_dist.synth import make_dataset
 
 CHUNK_SHAPE = (32, 48, 48)
-CHUNK = "chunk.npy" + ZSTD_SUFFIX
+CHUNK = "chunk.npy" + SUFFIXES[CODECS[0]]  # as the default codec names it
 """The chunk's member as the default codec stores it."""
 SHARD_NAME = re.compile(r"^fold(\d+)-(pos|neg)-(\d{6})\.tar$")
 JSON_FIELDS = {"series_uid", "fold", "center_xyz", "center_irc", "is_nodule", "diameter_mm", "is_malignant",
@@ -113,7 +113,7 @@ def read_samples(out: Path) -> dict[str, dict]:
     samples = {}
     for path in shard_files(out):
         for key, sample in iter_tar(path):
-            chunk = CHUNK if CHUNK in sample else "chunk.npy"  # as the default codec stores it, or as none does
+            (chunk,) = [name for name in CHUNK_MEMBERS if name in sample]  # as its build's codec names it
             assert set(sample) == {chunk, "cls", "json", "crc32.json"}, f"{path}: {key} has {sorted(sample)}"
             assert json.loads(sample["crc32.json"]) == {name: zlib.crc32(sample[name]) for name in (chunk, "cls", "json")}
             assert key not in samples, f"{key} in {path.name} and {samples.get(key, {}).get('shard')}"
@@ -1065,15 +1065,20 @@ def test_cli_refuses_out_of_range_numbers(small_data, tmp_path, flag, value, mes
 
 @pytest.mark.slow
 def test_the_codec_changes_the_bytes_not_the_samples(tiny_data, tiny_shards, tmp_path):
-    """--codec none stores plain .npy members; the default zstd stores the same chunks in about half the bytes."""
-    plain = tmp_path / "plain"
-    build(BuildOptions(data=tiny_data, out=plain, workers=1, max_samples=10, progress=False, codec="none"))
-    manifests = {name: json.loads((out / MANIFEST).read_text()) for name, out in (("zstd", tiny_shards),
-                                                                                   ("none", plain))}
-    assert manifests["zstd"]["chunk"]["codec"] == "zstd" and manifests["none"]["chunk"]["codec"] == "none"
-    members = {name: {ext for path in shard_files(out) for _, sample in iter_tar(path) for ext in sample}
-               for name, out in (("zstd", tiny_shards), ("none", plain))}
-    assert members == {"zstd": {CHUNK, "cls", "json", "crc32.json"}, "none": {"chunk.npy", "cls", "json", "crc32.json"}}
-    assert read_samples(plain) == read_samples(tiny_shards)  # every chunk's sha256, label and JSON alike
-    sizes = {name: sum(s["bytes"] for s in m["shards"]) for name, m in manifests.items()}
-    assert sizes["zstd"] < 0.6 * sizes["none"]
+    """Each --codec stores the same chunks under its own member name; lz4 (the default) in about half the bytes
+    of none, and zstd in fewer still."""
+    assert CODECS[0] == "lz4"
+    outs = {"lz4": tiny_shards}
+    for codec in ("zstd", "none"):
+        outs[codec] = tmp_path / codec
+        build(BuildOptions(data=tiny_data, out=outs[codec], workers=1, max_samples=10, progress=False, codec=codec))
+    manifests = {codec: json.loads((out / MANIFEST).read_text()) for codec, out in outs.items()}
+    assert {codec: manifest["chunk"]["codec"] for codec, manifest in manifests.items()} == {c: c for c in outs}
+    members = {codec: {ext for path in shard_files(out) for _, sample in iter_tar(path) for ext in sample}
+               for codec, out in outs.items()}
+    assert members == {"lz4": {"chunk.npy.b2", "cls", "json", "crc32.json"},
+                       "zstd": {"chunk.npy.zst", "cls", "json", "crc32.json"},
+                       "none": {"chunk.npy", "cls", "json", "crc32.json"}}
+    assert read_samples(outs["none"]) == read_samples(outs["lz4"]) == read_samples(outs["zstd"])  # chunks, labels, JSON
+    sizes = {codec: sum(s["bytes"] for s in m["shards"]) for codec, m in manifests.items()}
+    assert sizes["zstd"] < sizes["lz4"] < 0.6 * sizes["none"]

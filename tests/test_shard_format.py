@@ -15,7 +15,6 @@ from helpers import open_cls as open_shard_set
 from luna_dist import seg_samples
 from luna_dist.shard_format import (
     CODECS,
-    ZSTD_SUFFIX,
     ShardSetError,
     check_sample,
     copy_payloads,
@@ -46,7 +45,7 @@ def test_manifest_without_a_field_is_named(shard_dir, tmp_path, damage, problem)
     assert str(err.value).startswith(f"{tmp_path / 'manifest.json'}: {problem}")
 
 
-@pytest.mark.parametrize("damage, problem", [(zero_magic, "chunk.npy.zst does not match its CRC-32"), (zero_middle, "no crc32.json (cut short? it holds only chunk.npy.zst)")])
+@pytest.mark.parametrize("damage, problem", [(zero_magic, "chunk.npy.b2 does not match its CRC-32"), (zero_middle, "no crc32.json (cut short? it holds only chunk.npy.b2)")])
 def test_damaged_shard_names_the_shard_and_thechunk_sample(shard_dir, tmp_path, damage, problem):
     shards, victim, key = damaged_copy(shard_dir, tmp_path, damage)
     with pytest.raises(ShardSetError) as err:
@@ -76,7 +75,7 @@ def test_damage_in_place_keeps_the_size_and_stops_validation(shard_dir, tmp_path
         assert re.match(rf"{re.escape(str(victim))}: unreadable after \d+ samples \(the tar header at byte \d+ "
                         r"(is not a tar header|has a wrong checksum)\); the shard is damaged", str(err.value)), err.value
     else:
-        assert str(err.value).startswith(f"{victim}: sample {key}: chunk.npy.zst does not match its CRC-32")
+        assert str(err.value).startswith(f"{victim}: sample {key}: chunk.npy.b2 does not match its CRC-32")
 
 
 @pytest.mark.slow
@@ -100,7 +99,7 @@ ARRAYS = [
 @pytest.mark.parametrize("array", ARRAYS, ids=["extremes", "chunk", "mask", "empty"])
 def test_every_codec_gives_back_the_array_it_stored(codec, array):
     name, stored = stored_array("x.npy", array, codec)
-    assert name == ("x.npy" if codec == "none" else "x.npy" + ZSTD_SUFFIX)
+    assert name == {"none": "x.npy", "zstd": "x.npy.zst", "lz4": "x.npy.b2"}[codec]
     loaded = load_array({name: stored}, "x.npy")
     assert loaded.dtype == array.dtype and np.array_equal(loaded, array)
     batch = np.empty((2, *array.shape), dtype=array.dtype)
@@ -108,27 +107,39 @@ def test_every_codec_gives_back_the_array_it_stored(codec, array):
     assert np.array_equal(batch[0], array) and np.array_equal(batch[1], array)
 
 
-def test_compression_pays_on_a_chunk_and_the_crc_covers_the_stored_bytes():
+@pytest.mark.parametrize("codec", ["lz4", "zstd"])
+def test_compression_pays_on_a_chunk_and_the_crc_covers_the_stored_bytes(codec):
     chunk = ARRAYS[1]
-    name, stored = stored_array("chunk.npy", chunk, "zstd")
+    name, stored = stored_array("chunk.npy", chunk, codec)
     assert len(stored) < 0.8 * chunk.nbytes  # uniform noise of 11 bits in 16 (log2 2001): ~0.69 of raw at best
     sample = with_checksums({"__key__": "k", name: stored, "cls": b"0"})
     check_sample(sample)
     flipped = bytearray(stored)
     flipped[len(stored) // 2] ^= 1
-    with pytest.raises(ShardSetError, match=r"sample k: chunk.npy.zst does not match its CRC-32"):
+    with pytest.raises(ShardSetError, match=rf"sample k: {re.escape(name)} does not match its CRC-32"):
         check_sample({**sample, name: bytes(flipped)})
 
 
-def test_a_compressed_member_that_cannot_be_read_is_named():
-    _, stored = stored_array("chunk.npy", ARRAYS[1], "zstd")
-    with pytest.raises(ShardSetError, match=r"sample k: chunk.npy.zst cannot be decompressed"):
-        load_array({"__key__": "k", "chunk.npy.zst": stored[:-10]}, "chunk.npy")
+@pytest.mark.parametrize("codec", ["lz4", "zstd"])
+def test_a_compressed_member_that_cannot_be_read_is_named(codec):
+    name, stored = stored_array("chunk.npy", ARRAYS[1], codec)
+    with pytest.raises(ShardSetError, match=rf"sample k: {re.escape(name)} cannot be decompressed"):
+        load_array({"__key__": "k", name: stored[:-10]}, "chunk.npy")
     with pytest.raises(ShardSetError, match=r"sample k: no chunk.npy"):
         load_array({"__key__": "k", "cls": b"0"}, "chunk.npy")
     wrong = np.empty((1, 16, 48, 48), dtype=np.int16)
     with pytest.raises(ShardSetError, match=r"chunk.npy is int16 \(32, 48, 48\), expected int16 \(16, 48, 48\)"):
-        copy_payloads([{"__key__": "k", "chunk.npy.zst": stored}], "chunk.npy", wrong, (16, 48, 48))
+        copy_payloads([{"__key__": "k", name: stored}], "chunk.npy", wrong, (16, 48, 48))
+
+
+def test_an_lz4_member_whose_header_and_data_disagree_is_named():
+    """An lz4 member's `.npy` header lies outside its compressed data: the sizes are compared before decoding."""
+    _, header_of_half = stored_array("chunk.npy", ARRAYS[1][:16], "none")
+    name, stored = stored_array("chunk.npy", ARRAYS[1], "lz4")
+    header_length = len(header_of_half) - ARRAYS[1][:16].nbytes
+    mixed = header_of_half[:header_length] + stored[header_length:]
+    with pytest.raises(ShardSetError, match=r"sample k: chunk.npy.b2 holds 147456 bytes of data, expected 73728"):
+        load_array({"__key__": "k", name: mixed}, "chunk.npy")
 
 
 def test_checksums_are_zlibs_crc32_so_earlier_builds_still_verify():
