@@ -13,8 +13,10 @@ from helpers import CLS_BATCHES, POS_NEG, damaged_copy, random_header, random_pa
 from helpers import open_cls as open_shard_set
 
 from luna_dist import seg_samples
+from luna_dist.shard import BuildOptions, build
 from luna_dist.shard_format import (
     CODECS,
+    MANIFEST,
     ShardSetError,
     check_sample,
     copy_payloads,
@@ -148,3 +150,22 @@ def test_checksums_are_zlibs_crc32_so_earlier_builds_still_verify():
     sample = {"__key__": "k", "chunk.npy": rng.integers(0, 256, 147_584, dtype=np.uint8).tobytes(), "cls": b"1",
               "json": b"{}"}
     assert member_checksums(sample) == {name: zlib.crc32(sample[name]) for name in ("chunk.npy", "cls", "json")}
+
+
+@pytest.mark.slow
+def test_a_build_of_the_previous_format_version_is_read_and_a_later_one_refused(tiny_data, tiny_shards, tmp_path):
+    """Version 3 wrote zstd and plain members, which this version reads as it did; version 5 is not known yet."""
+    out = tmp_path / "v3"
+    build(BuildOptions(data=tiny_data, out=out, workers=1, max_samples=10, progress=False, codec="zstd"))
+    manifest = json.loads((out / MANIFEST).read_text())
+    (out / MANIFEST).write_text(json.dumps({**manifest, "format_version": 3}))
+
+    def batches(root):
+        return [tuple(t.tolist() for t in batch) for batch in val_pipeline(open_shard_set(root), range(10), 16,
+                                                                            POS_NEG, CLS_BATCHES)]
+    read = batches(out)
+    assert len(read) > 1 and read == batches(tiny_shards)  # the same chunks and labels, from zstd and lz4 members
+    (out / MANIFEST).write_text(json.dumps({**manifest, "format_version": 5}))
+    with pytest.raises(ShardSetError, match=r"format luna_dist-shards v5, this version reads luna_dist-shards "
+                                            r"v2 and v3 and v4; rebuild"):
+        open_shard_set(out)
