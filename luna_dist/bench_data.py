@@ -16,7 +16,7 @@ import sys
 import tarfile
 import time
 import tracemalloc
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from luna_dist import chunk_samples
 from luna_dist.candidates import Annotation, Candidate, find_series, read_candidates, read_series_list
-from luna_dist.ct import CHUNK_SHAPE, HU_MAX, HU_MIN, cut_chunks, read_ct
+from luna_dist.ct import CHUNK_SHAPE, HU_MAX, HU_MIN, ReadAhead, cut_chunks, read_ct
 from luna_dist.detect import body_box, group, load_model, segment
 from luna_dist.evaluate import Findings, Marks, froc, read_findings, read_marks, write_marks
 from luna_dist.findings import confusion
@@ -62,6 +62,16 @@ def evict_from_page_cache(paths: list[Path]) -> None:
             os.close(fd)
 
 
+def read_all(pool: ProcessPoolExecutor, paths: list[str], workers: int) -> int:
+    """Read every CT in `pool`, reading ahead as a build does (`ct.ReadAhead`), so that build / read compares
+    the build with the fastest reading it does itself; the voxels' bytes."""
+    ahead, read = ReadAhead(paths, workers), 0
+    for future in as_completed([pool.submit(_read_only, path) for path in paths]):
+        ahead.more()
+        read += future.result()
+    return read
+
+
 def bench_shard(data: Path, out: Path, workers: int) -> dict:
     """Build shards from `data` and compare with only reading its CTs, same number of processes.
 
@@ -82,7 +92,7 @@ def bench_shard(data: Path, out: Path, workers: int) -> dict:
             else:
                 list(pool.map(_read_only, paths))
             started = time.perf_counter()
-            input_bytes = sum(pool.map(_read_only, paths))
+            input_bytes = read_all(pool, paths, workers)
             read_seconds = time.perf_counter() - started
         result[cache] = {"read_seconds": read_seconds}
         for codec in reversed(CODECS):  # the default last: its build is the one measured further

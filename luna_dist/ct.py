@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +107,19 @@ def _metaimage_fields(header: str) -> dict[str, str]:
     """A MetaImage header's `KEY = VALUE` lines."""
     return dict((key.strip(), value.strip())
                 for key, sep, value in (line.partition("=") for line in header.splitlines()) if sep)
+
+
+class ReadAhead:
+    """Has the kernel read the CTs a pool of readers takes next (`read_ahead`), in the order they take them:
+    two a reader at first, then one more each time a reader takes up another (`more`)."""
+
+    def __init__(self, paths: Iterable[Path | str], readers: int):
+        self._upcoming = iter(paths)
+        self.more(2 * max(1, readers))
+
+    def more(self, count: int = 1) -> None:
+        for path in itertools.islice(self._upcoming, count):
+            read_ahead(Path(path))
 
 
 def read_ahead(path: Path) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import errno
-import itertools
 import json
 import multiprocessing
 import os
@@ -47,7 +46,7 @@ from tqdm import tqdm
 from luna_dist import __version__, chunk_samples, cli, seg_samples, shard_plan
 from luna_dist.atomic import write_json
 from luna_dist.candidates import Annotation, Candidate, assign_folds
-from luna_dist.ct import CtError, read_ahead
+from luna_dist.ct import CtError, ReadAhead
 from luna_dist.shard_format import CODECS, FORMAT, FORMAT_VERSION, MANIFEST, Cutter, sha256_file
 from luna_dist.shard_inputs import InputError, Inputs, left_out_summary, read_inputs
 from luna_dist.shard_write import (
@@ -391,11 +390,8 @@ def _run_tasks(todo: list[SeriesTask], results: dict, options: BuildOptions) -> 
         bar.set_postfix_str(f"{samples / elapsed:,.0f} samples/s, {megabytes / elapsed:,.0f} MB/s", refresh=False)
         bar.update()
 
-    # The CTs after those being cut are read into the page cache meanwhile: one ahead per worker,
-    # in the order the workers take them (`ct.read_ahead`).
-    upcoming = iter(todo)
-    for task in itertools.islice(upcoming, 2 * max(1, options.workers)):
-        read_ahead(Path(task.mhd_path))
+    # The CTs after those being cut are read into the page cache meanwhile (`ct.read_ahead`).
+    ahead = ReadAhead([task.mhd_path for task in todo], options.workers)
     try:
         if options.workers <= 1:
             for task in todo:
@@ -403,16 +399,14 @@ def _run_tasks(todo: list[SeriesTask], results: dict, options: BuildOptions) -> 
                     finish(task, shard_series(task), None)
                 except Exception as error:  # reported per CT; the other CTs go on
                     finish(task, None, error)
-                for ahead in itertools.islice(upcoming, 1):
-                    read_ahead(Path(ahead.mhd_path))
+                ahead.more()
         else:
             with ProcessPoolExecutor(options.workers, initializer=_end_with_parent) as pool:
                 pending = {pool.submit(shard_series, task): task for task in todo}
                 try:
                     while pending:
                         done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                        for ahead in itertools.islice(upcoming, len(done)):
-                            read_ahead(Path(ahead.mhd_path))
+                        ahead.more(len(done))
                         for future in done:
                             task = pending.pop(future)
                             error = future.exception()

@@ -29,6 +29,7 @@ import SimpleITK as sitk
 from helpers import CHUNK_MEMBERS, kill_build_after
 from helpers import open_cls as open_shard_set
 
+import luna_dist.ct as ct_module
 import luna_dist.shard as shard_module
 import luna_dist.shard_write as shard_write
 from luna_dist.shard import BuildError, BuildOptions, build
@@ -582,7 +583,7 @@ def test_truncated_raw_fails_that_ct_only_and_resumes(data, small_data, tmp_path
 def test_each_ct_is_read_ahead_before_a_worker_reads_it_and_at_most_two_ahead(data, tmp_path, monkeypatch):
     """With one worker: the CT being cut and the next are asked for; the next after each CT is done."""
     events = []
-    monkeypatch.setattr(shard_module, "read_ahead", lambda path: events.append(("ahead", Path(path))))
+    monkeypatch.setattr(ct_module, "read_ahead", lambda path: events.append(("ahead", Path(path))))
     real_read_ct = shard_write.read_ct
     monkeypatch.setattr(shard_write, "read_ct", lambda path: events.append(("read", Path(path))) or real_read_ct(path))
     build(options(data, tmp_path / "out"))
