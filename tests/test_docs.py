@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,14 @@ def test_links_between_pages_point_to_pages_that_exist():
     for page in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
         for target in re.findall(r"\]\(([^)#:]+\.md)", page.read_text()):
             assert (page.parent / target).is_file(), f"{page.name} links to {target}, which does not exist"
+
+
+def test_every_command_of_the_gpu_benchmark_script_parses():
+    """launch/bench_gpu.sh runs only where a GPU is lent: a flag it misspells would cost that rare run."""
+    script = (ROOT / "launch" / "bench_gpu.sh").read_text().replace("\\\n", " ")
+    commands = [line.split("python -m ", 1)[1] for line in script.splitlines()
+                if "python -m luna_dist." in line and not line.lstrip().startswith("#")]
+    assert len(commands) >= 3
+    for command in commands:
+        module, *args = shlex.split(command)
+        docs._parser(module).parse_args(args)  # exits (SystemExit) on a flag its parser does not take
