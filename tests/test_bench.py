@@ -13,7 +13,7 @@ from luna_dist.shard_format import CODECS
 TINY = ["--cts", "3", "--shape", "40", "128", "128", "--workers", "2"]
 
 SHARD_FIELDS = {"cts", "workers", "samples", "input_mb", "bytes_per_sample", "bytes_per_sample_uncompressed", "codec",
-                "codecs", "cold", "warm", "build_over_read", "build_over_read_page_cache"}
+                "codecs", "cold", "warm", "build_over_read", "build_over_read_page_cache", "bytes_per_sample_by_codec"}
 CODEC_FIELDS = {f"{variant}{figure}" for variant in ("", "low_noise_")
                 for figure in ("member_bytes", "encode_samples_per_s_per_core", "decode_samples_per_s_per_core",
                                "bytes_ratio")}
@@ -51,7 +51,11 @@ def test_shard_figures(tiny_work, capsys):
     shard = figures["shard"]
     assert set(shard) == SHARD_FIELDS
     assert shard["cts"] == 3 and shard["workers"] == 2
-    assert all(_positive(shard[key]) for key in SHARD_FIELDS - {"cold", "warm", "codec", "codecs"})
+    assert all(_positive(shard[key]) for key in SHARD_FIELDS - {"cold", "warm", "codec", "codecs",
+                                                                 "bytes_per_sample_by_codec"})
+    by_codec = shard["bytes_per_sample_by_codec"]
+    assert set(by_codec) == set(CODECS) and shard["bytes_per_sample"] == by_codec["lz4"]
+    assert shard["bytes_per_sample_uncompressed"] == by_codec["none"] > by_codec["lz4"] > by_codec["zstd"]
     for cache in ("cold", "warm"):
         assert set(shard[cache]) == SHARD_TIMED_FIELDS
         assert all(_positive(v) for k, v in shard[cache].items() if not k.endswith("_per_ct"))
