@@ -2,7 +2,7 @@
 
 Each sample of `fold{K}-pos-*.tar` (nodule candidates) and `fold{K}-neg-*.tar` holds
 
-- `chunk.npy.zst` (or, built with `--codec none`, `chunk.npy`): int16 (32, 48, 48) in
+- `chunk.npy.b2` (`--codec zstd`: `chunk.npy.zst`; `--codec none`: `chunk.npy`): int16 (32, 48, 48) in
   (I, R, C) order, HU clipped to [-1000, 1000], -1000 where the chunk reaches outside the
   CT (padded, never shifted), stored as `luna_dist.shard_format.CODECS` describes;
 - `cls`: `1` for a nodule candidate, `0` otherwise;

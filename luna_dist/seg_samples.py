@@ -23,7 +23,7 @@ Masks come from `annotations.csv` by `luna_dist.masks`. Per CT it writes:
 Masks are stored as bits (`np.packbits` along the columns); images are int16 HU
 clipped to [-1000, 1000], -1000 outside the CT (in-plane; context slices are clamped).
 Both are `.npy` members stored as the build's codec says (`luna_dist.shard_format.CODECS`:
-`ct.npy.zst` and `mask.npy.zst` by default).
+`ct.npy.b2` and `mask.npy.b2` by default).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ voxel costs, and the seconds cutting and writing a sample costs. A CT then costs
 voxels x the first + samples x the second, and the build spreads its CTs over
 `--workers` readers. That is the time with the CTs in the page cache; from a disk the
 build reads at least the raw bytes printed beside it at the disk's rate. Compressed
-(`--codec zstd`, the default), a sample's bytes depend on the scans' noise, which the
+(`--codec lz4`, the default, or zstd), a sample's bytes depend on the scans' noise, which the
 synthetic CTs only stand in for: the sizes are then estimates.
 """
 
