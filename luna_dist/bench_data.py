@@ -101,9 +101,9 @@ def bench_shard(data: Path, out: Path, workers: int) -> dict:
             shutil.rmtree(out, ignore_errors=True)
             started = time.perf_counter()
             manifest = build(BuildOptions(data=data, out=out, workers=workers, codec=codec, progress=False))
+            seconds = time.perf_counter() - started
             result.setdefault("bytes_per_sample_by_codec", {})[codec] = (sum(s["bytes"] for s in manifest["shards"])
                                                                          / manifest["counts"]["samples"])
-            seconds = time.perf_counter() - started
             result[cache][f"{codec}_build_seconds"] = seconds
             result[cache][f"{codec}_build_over_read"] = seconds / read_seconds
             result[cache][f"{codec}_worker_seconds_per_ct"] = _stage_seconds_per_ct(out)

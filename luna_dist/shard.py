@@ -489,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-mb", type=float, default=BuildOptions.max_mb, help="shard size at most, in MB")
     parser.add_argument("--codec", choices=CODECS, default=BuildOptions.codec,
                         help="how the samples' arrays are stored, losslessly: lz4 (default), ~2x smaller and quick to "
-                             "decode, for loaders that feed a GPU; zstd, ~10%% smaller still, decoded ~4x slower; "
+                             "decode, for loaders that feed a GPU; zstd, ~10%% smaller still, decoded ~3x slower; "
                              "or none")
     parser.add_argument("--strict", action="store_true", help="fail on malformed CSV rows and series without .mhd")
     parser.add_argument("--max-bad-rows", type=float, default=BuildOptions.max_bad_rows, metavar="PERCENT",

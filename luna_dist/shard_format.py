@@ -29,7 +29,7 @@ from luna_dist.candidates import Annotation, Candidate
 FORMAT = "luna_dist-shards"
 FORMAT_VERSION = 4  # 2: every sample carries crc32.json; 3: arrays may be compressed (zstd); 4: or lz4 (CODECS)
 READABLE_VERSIONS = (2, 3, 4)
-"""The versions readers take: a version 2 build holds plain `.npy` members, 3 plain or zstd ones."""
+"""The versions readers take: a version 2 build holds plain `.npy` members, 3 plain or zstd ones, 4 any codec's."""
 MANIFEST = "manifest.json"
 CHECKSUMS = "crc32.json"
 LABELS = ("pos", "neg", "val")
@@ -105,7 +105,7 @@ bit-shuffled (the bits of the int16 HU grouped by their place, the high ones har
 varying) and compressed with LZ4, which decodes at several GB/s. `zstd`: `NAME.npy.zst`
 holds the `.npy` bytes with the payload's bytes grouped by their place in an element (all
 low bytes, then all high bytes), compressed with Zstandard at level ZSTD_LEVEL: ~10 % fewer
-bytes than lz4, decoded ~4x slower. docs/shard-format.md gives the measured sizes and speeds
+bytes than lz4, decoded ~3x slower. docs/shard-format.md gives the measured sizes and speeds
 that chose the default: a loader worker that must keep a GPU fed decodes lz4 in time."""
 ZSTD_SUFFIX, BLOSC2_SUFFIX = ".zst", ".b2"
 SUFFIXES = {"zstd": ZSTD_SUFFIX, "lz4": BLOSC2_SUFFIX, "none": ""}
