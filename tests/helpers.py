@@ -4,9 +4,11 @@ Fixtures live in conftest.py."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import locale
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -60,6 +62,40 @@ def kill_build_after(command: list[str], done_dir: Path, journaled: int, log: Pa
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=60)
     return finished_first, process.returncode
+
+
+def run_or_show_stacks(command: list[str], timeout: float, env: dict, **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run(command, capture_output=True, text=True)`; on a timeout, every process the command
+    started (the ranks run in sessions of their own, with their data workers) first prints its Python
+    stacks (faulthandler, on SIGABRT), then the test fails with them: a hang that happens once in many
+    CI runs is otherwise known only by its timeout."""
+    process = subprocess.Popen(command, env={**env, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=_no_core_files,
+                               **kwargs)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        started = _descendants(process.pid)
+        for pid in [process.pid, *started]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGABRT)
+        time.sleep(2)
+        for pid in [process.pid, *started]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"{' '.join(command[:6])}...: no exit in {timeout:.0f} s; the stacks of its "
+                             f"processes:\n{stderr[-20000:]}") from None
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def _no_core_files() -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # the SIGABRT above would leave a core file where allowed
+
+
+def _descendants(pid: int) -> list[int]:
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [grandchild for child in map(int, children) for grandchild in [child, *_descendants(child)]]
 
 
 # -- classification samples as the shards hold them -------------------------------------------------------------

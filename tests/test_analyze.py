@@ -27,7 +27,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from helpers import BAD_CTS, ctrl_c_inside_a_finalizer, threshold_model, tilted_image, write_dicom_series
+from helpers import (
+    BAD_CTS,
+    ctrl_c_inside_a_finalizer,
+    run_or_show_stacks,
+    threshold_model,
+    tilted_image,
+    write_dicom_series,
+)
 
 from luna_dist import analyze as analysis
 from luna_dist.analyze import assign, main
@@ -57,8 +64,7 @@ def analyze(args: list[str], processes: int = 1, check: bool = True) -> subproce
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                    "-m", "luna_dist.analyze", *args]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT,
-                            cwd=Path(__file__).resolve().parents[1])
+    result = run_or_show_stacks(command, RUN_TIMEOUT, env, cwd=Path(__file__).resolve().parents[1])
     if check:
         assert result.returncode == 0, f"exit {result.returncode}\n{result.stderr[-5000:]}"
     return result

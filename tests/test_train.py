@@ -16,7 +16,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from helpers import damaged_copy, open_cls, random_payload
+from helpers import damaged_copy, open_cls, random_payload, run_or_show_stacks
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 RUN_TIMEOUT = 300
@@ -33,7 +33,7 @@ def train(args: list[str], processes: int = 1, cwd: Path | None = None) -> subpr
                    "launch/train.py", *args]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     root = Path(__file__).resolve().parents[1]
-    result = subprocess.run(command, cwd=cwd or root, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    result = run_or_show_stacks(command, RUN_TIMEOUT, env, cwd=cwd or root)
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
 
