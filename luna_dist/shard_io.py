@@ -175,7 +175,7 @@ class CheckedStream(io.RawIOBase):
 class ShardSource:
     """How readers open the shards of a set and what they expect of each: (samples, bytes, sha256) by location.
 
-    Pickles, so every DataLoader worker (fork or spawn) opens shards the same way.
+    Pickles, so every DataLoader worker (started by the fork server or spawned) opens shards the same way.
     """
 
     entries: dict[str, tuple[int, int, str]]

@@ -18,16 +18,21 @@ trained or scored on garbage, or on silently fewer samples, is worse than a stop
 Where the bytes come from (a folder, a URL, a cache) is `luna_dist.shard_io`'s; what a
 sample holds and how a batch is made of it, its sample module's (the `collate` and
 `batcher` given here). Every stage is a module-level function or a partial of one, so
-pipelines pickle for `spawn` workers (macOS).
+pipelines pickle: workers are started by a fork server (Linux) or spawned (macOS), never
+forked from the training process (`worker_start`), and a pipeline carries the rank it was
+built for (`Rank`).
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 import io
 import itertools
 import json
+import multiprocessing
 import random
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -194,14 +199,42 @@ def batched(samples: Iterator[dict], batch_size: int, collate: Callable[[list[di
         yield collate(group)
 
 
-def _worker_rng(seed: int) -> random.Random:
+@dataclass(frozen=True)
+class Rank:
+    """The process a pipeline is built for, among `world`: taken where it is built, and carried to its workers.
+
+    webdataset's stages ask in the worker (the environment's RANK, else the process group),
+    but a worker started by a fork server (`worker_start`) has the environment of the moment
+    the server started and no process group: a rank it got wrong would read every rank's
+    validation shards, or train on another rank's samples.
+    """
+
+    rank: int
+    world: int
+
+    @classmethod
+    def here(cls) -> Rank:
+        rank, world, _, _ = wds.utils.pytorch_worker_info()
+        return cls(rank, world)
+
+    def worker_seed(self) -> int:
+        """This (rank, DataLoader worker)'s seed, as webdataset's `pytorch_worker_seed` makes it."""
+        info = torch.utils.data.get_worker_info()
+        return self.rank * 1000 + (info.id if info is not None else 0)
+
+    def split(self, shard_urls: Iterable) -> Iterator:
+        """Pipeline stage: this rank's part of a shard list (every `world`th, from its own)."""
+        yield from itertools.islice(shard_urls, self.rank, None, self.world)
+
+
+def _worker_rng(seed: int, rank: Rank) -> random.Random:
     """A generator of this (rank, DataLoader worker)'s own, from `seed`; its stages make it as iteration starts."""
-    return random.Random(wds.utils.make_seed(seed, wds.utils.pytorch_worker_seed()))
+    return random.Random(wds.utils.make_seed(seed, rank.worker_seed()))
 
 
-def shuffled(samples: Iterator[dict], buffer: int, seed: int) -> Iterator[dict]:
+def shuffled(samples: Iterator[dict], buffer: int, seed: int, rank: Rank) -> Iterator[dict]:
     """Pipeline stage: buffer shuffle seeded per (seed, rank, worker), decided when iteration starts."""
-    yield from wds.shuffle(buffer, initial=buffer, rng=_worker_rng(seed))(samples)
+    yield from wds.shuffle(buffer, initial=buffer, rng=_worker_rng(seed, rank))(samples)
 
 
 # -- training --------------------------------------------------------------------------------------
@@ -233,7 +266,7 @@ class TrainStreamConfig:
     seed: int = 0
 
 
-def mixed(streams: list[wds.DataPipeline], weights: list[float], seed: int) -> Iterator[dict]:
+def mixed(streams: list[wds.DataPipeline], weights: list[float], seed: int, rank: Rank) -> Iterator[dict]:
     """Pipeline source: each sample from one of `streams`, drawn with chance proportional to its weight.
 
     webdataset's RandomMix recomputes the normalised cumulative weights with numpy for every
@@ -241,7 +274,7 @@ def mixed(streams: list[wds.DataPipeline], weights: list[float], seed: int) -> I
     here the sums are made once and the draws come from `_worker_rng`, seeded per (seed, rank,
     worker) as `shuffled`'s is. Ends when any stream ends (the training streams never do).
     """
-    rng = _worker_rng(seed)
+    rng = _worker_rng(seed, rank)
     sources = [iter(stream) for stream in streams]
     cumulative = list(itertools.accumulate(weights))
     while True:
@@ -271,7 +304,7 @@ def train_pipeline(shards: ShardSet, config: TrainStreamConfig, epoch: int,
     A kind with a share of 0 is left out; every other kind needs shards (a resampled stream
     of no shard would never yield).
     """
-    seed = wds.utils.make_seed(config.seed, epoch)
+    seed, rank = wds.utils.make_seed(config.seed, epoch), Rank.here()
     streams, weights = [], []
     for kind in config.streams:
         if kind.share == 0:
@@ -282,13 +315,14 @@ def train_pipeline(shards: ShardSet, config: TrainStreamConfig, epoch: int,
                                 "both classes are needed (change --val-folds?)")
         buffer = max(1, int(config.shuffle_buffer * kind.buffer))
         streams.append(wds.DataPipeline(
-            wds.ResampledShards(urls, seed=wds.utils.make_seed(seed, kind.salt), deterministic=True),
+            wds.ResampledShards(urls, seed=wds.utils.make_seed(seed, kind.salt), deterministic=True,
+                                worker_seed=rank.worker_seed),
             partial(checked_samples, source=shards.source),
             *kind.select,
-            partial(shuffled, buffer=buffer, seed=wds.utils.make_seed(seed, kind.salt)),
+            partial(shuffled, buffer=buffer, seed=wds.utils.make_seed(seed, kind.salt), rank=rank),
         ))
         weights.append(shards.count(config.folds, kind.label) if kind.share is None else float(kind.share))
-    return wds.DataPipeline(partial(mixed, streams, weights, seed),
+    return wds.DataPipeline(partial(mixed, streams, weights, seed, rank),
                             partial(batched, batch_size=config.batch_size, collate=collate),
                             partial(worker_share, steps=config.steps))
 
@@ -302,8 +336,36 @@ def train_loader(shards: ShardSet, config: TrainStreamConfig, epoch: int, collat
 def pooled_loader(pipeline: wds.DataPipeline, num_workers: int, pin_memory: bool, **loader_options) -> PooledLoader:
     """A pipeline's batches through `num_workers` DataLoader workers, which reuse the shared memory of the
     batches the training process has let go of (`luna_dist.batch_memory`)."""
+    if num_workers:
+        loader_options.setdefault("multiprocessing_context", worker_start())
     return PooledLoader(wds.WebLoader(wds.DataPipeline(pipeline, leased), batch_size=None, num_workers=num_workers,
                                       pin_memory=pin_memory, **loader_options))
+
+
+@functools.cache
+def worker_start() -> multiprocessing.context.BaseContext:
+    """How DataLoader workers start: never by forking the process that reads through them.
+
+    The training process runs threads (TensorBoard's writers, tqdm's monitor, the DataLoader's
+    own queue feeders and pin thread, C++ threads that call into Python), and a fork copies
+    whatever lock one of them holds at that instant into a child that has none of them.
+    Python 3.11.7 and older deadlock there on the interpreter's own lock (CPython
+    gh-112275): a validation worker that never started, its rank waiting on it for ever.
+    Where the platform forks (Linux), the workers are forked from a server process instead,
+    started once, single-threaded, with the readers and Blosc2 imported; elsewhere (macOS,
+    Windows) the platform's own `spawn`. Either way a worker runs the main module again, so
+    a script that reads shards through these loaders needs `if __name__ == "__main__":`.
+    """
+    method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+    if method != "fork":
+        return multiprocessing.get_context(method)
+    context = multiprocessing.get_context("forkserver")
+    # The main module, run again in each worker, finds its imports done: `launch/train.py` imports
+    # luna_dist.train, and `python -m X` runs X (a package's `__main__` is left out, as spawn leaves it).
+    main = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None)
+    imported_by_main = [main] if main and not main.endswith("__main__") else []
+    context.set_forkserver_preload(["luna_dist.train", "blosc2", *imported_by_main])
+    return context
 
 
 # -- validation ------------------------------------------------------------------------------------
@@ -320,7 +382,7 @@ def val_pipeline(shards: ShardSet, folds: Iterable[int], batch_size: int, labels
         raise ShardSetError(f"{shards.root}: no shards in validation folds {sorted(folds)}")
     return wds.DataPipeline(
         wds.SimpleShardList(urls),
-        wds.split_by_node,
+        Rank.here().split,
         wds.split_by_worker,
         partial(checked_samples, source=shards.source),
         partial(batcher, batch_size=batch_size),

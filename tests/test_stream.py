@@ -4,6 +4,7 @@ class mixing, spawn workers, a damaged shard met by training."""
 from __future__ import annotations
 
 import itertools
+import os
 import pickle
 from collections import Counter
 
@@ -17,6 +18,7 @@ from luna_dist.chunk_samples import collate
 from luna_dist.ct import CHUNK_SHAPE
 from luna_dist.shard_format import ShardSetError
 from luna_dist.stream import (
+    Rank,
     TrainStreamConfig,
     batched,
     mixed,
@@ -88,18 +90,19 @@ def test_worker_shares_add_up_to_the_steps(monkeypatch, steps, workers):
 
 
 def test_mixed_draws_in_proportion_to_the_weights_reproducibly():
-    def draws(weights, seed, count=8000):
+    def draws(weights, seed, rank=None, count=8000):
         sources = [itertools.repeat(name) for name in "abc"]
-        return list(itertools.islice(mixed(sources, weights, seed), count))
+        return list(itertools.islice(mixed(sources, weights, seed, rank or Rank(0, 1)), count))
 
     counts = Counter(draws([1.0, 3.0, 0.0], seed=7))
     assert abs(counts["b"] / 8000 - 0.75) < 0.02 and "c" not in counts  # a weight of 0 is never drawn
     assert draws([1.0, 3.0, 0.0], seed=7) == draws([1.0, 3.0, 0.0], seed=7)
     assert draws([1.0, 3.0, 0.0], seed=7) != draws([1.0, 3.0, 0.0], seed=8)
+    assert draws([1.0, 3.0, 0.0], seed=7, rank=Rank(0, 2)) != draws([1.0, 3.0, 0.0], seed=7, rank=Rank(1, 2))
 
 
 def test_mixed_ends_when_a_stream_ends():
-    assert sorted(mixed([iter([1, 2]), itertools.repeat(0)], [1.0, 1e-9], seed=0)) == [1, 2]
+    assert sorted(mixed([iter([1, 2]), itertools.repeat(0)], [1.0, 1e-9], 0, Rank(0, 1))) == [1, 2]
 
 
 @pytest.mark.slow
@@ -136,6 +139,40 @@ def test_pipelines_pickle_and_run_in_spawn_workers(shard_dir):
     loader = wds.WebLoader(validation, batch_size=None, num_workers=2, multiprocessing_context="spawn")
     total = sum(len(labels) for _, labels in loader)
     assert total == shards.count([9], "pos") + shards.count([9], "neg")
+
+
+def _parent_pid(samples, batch_size: int):
+    """A batcher that reads its worker's samples and tells which process started the worker."""
+    yield torch.tensor([sum(1 for _ in samples), os.getppid()]),
+
+
+def test_workers_are_not_forked_from_the_training_process(shard_dir):
+    """The training process runs threads (TensorBoard's writers, tqdm's monitor, the DataLoader's queue
+    feeders, C++ threads that call into Python); a fork copies whatever lock one of them holds at that
+    instant. Python 3.11.7 and older then deadlock in the child on the interpreter's own lock (CPython
+    gh-112275): a CI run's validation worker never started, its rank waited on it for ever and the other
+    rank in all_gather. The workers come from a process with no such threads."""
+    shards = open_shard_set(shard_dir)
+    batches = list(val_loader(shards, [9], 64, 2, POS_NEG, _parent_pid))
+    read, parents = torch.stack([batch for batch, in batches]).T.tolist()
+    assert sum(read) == shards.count([9], "pos") + shards.count([9], "neg")
+    assert os.getpid() not in parents
+
+
+@pytest.mark.slow
+def test_a_rank_trains_on_its_own_stream_in_process_or_in_a_worker(shard_dir, monkeypatch):
+    """A worker's rank is the one its pipeline was built for, not what the worker's process finds: one
+    started by the fork server has the environment of the moment the server started (here no RANK)."""
+    shards = open_shard_set(shard_dir)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    streams = {}
+    for rank, workers in itertools.product((0, 1), (0, 1)):
+        monkeypatch.setenv("RANK", str(rank))
+        config = TrainStreamConfig(tuple(range(9)), batch_size=4, steps=3, num_workers=workers,
+                                   streams=pos_neg_streams(1), shuffle_buffer=20)
+        streams[rank, workers] = torch.cat([chunks for chunks, _ in train_loader(shards, config, 0, collate)])
+    assert torch.equal(streams[0, 0], streams[0, 1]) and torch.equal(streams[1, 0], streams[1, 1])
+    assert not torch.equal(streams[0, 0], streams[1, 0])
 
 
 def test_training_needs_both_classes(shard_dir):
