@@ -70,27 +70,23 @@ def run_or_show_stacks(command: list[str], timeout: float, env: dict, **kwargs) 
     stacks (faulthandler, on SIGABRT), then the test fails with them: a hang that happens once in many
     CI runs is otherwise known only by its timeout."""
     process = subprocess.Popen(command, env={**env, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=_no_core_files,
-                               **kwargs)
+                               stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        started = _descendants(process.pid)
-        for pid in [process.pid, *started]:
+        processes = [process.pid, *_descendants(process.pid)]
+        for pid in processes:
             with contextlib.suppress(ProcessLookupError):
+                resource.prlimit(pid, resource.RLIMIT_CORE, (0, 0))  # SIGABRT leaves no core file
                 os.kill(pid, signal.SIGABRT)
         time.sleep(2)
-        for pid in [process.pid, *started]:
+        for pid in processes:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
         raise AssertionError(f"{' '.join(command[:6])}...: no exit in {timeout:.0f} s; the stacks of its "
                              f"processes:\n{stderr[-20000:]}") from None
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
-
-
-def _no_core_files() -> None:
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # the SIGABRT above would leave a core file where allowed
 
 
 def _descendants(pid: int) -> list[int]:
