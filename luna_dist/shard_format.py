@@ -15,7 +15,7 @@ import functools
 import hashlib
 import io
 import json
-from collections.abc import Callable
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Protocol
@@ -155,29 +155,73 @@ def stored_arrays(name: str, arrays: np.ndarray, codec: str) -> tuple[str, list[
     return name + SUFFIXES[codec], [_ZSTD_COMPRESSOR.compress(row) for row in stored]
 
 
+MAX_ARRAY_BYTES = 1 << 30
+"""The most bytes of data an array of a shape not known beforehand (a validation slab) may declare: 13 times a
+slab of 38 slices of 1024 x 1024 int16 (80 MB), the largest the build writes from such CTs. A header declaring
+more is damage, refused before anything is allocated."""
+_MAX_NPY_HEADER = 10 + 0xFFFF  # a version 1.0 `.npy` header: magic, version, a 2-byte length, then the header
+
+
 def load_array(sample: dict, name: str) -> np.ndarray:
-    """The array of `.npy` member `name`, stored by any codec; a reader error when it has none or it cannot be read."""
+    """The array of `.npy` member `name`, stored by any codec; a reader error when it has none or it cannot be read.
+
+    Its header's size is checked against the member before the array is allocated: a plain
+    member must hold exactly its payload, a compressed one at most MAX_ARRAY_BYTES.
+    """
     if name in sample:
+        data = sample[name]
+        dtype, shape = _npy_layout(sample, name, data)
+        if (held := len(data) - _npy_header_length(data)) != (expected := dtype.itemsize * math.prod(shape)):
+            raise damaged(sample, f"{name} holds {held} bytes of data, expected {expected}")
         try:
-            return np.load(io.BytesIO(sample[name]), allow_pickle=False)
+            return np.load(io.BytesIO(data), allow_pickle=False)
         except ValueError as err:
             raise damaged(sample, f"{name} unreadable ({err})") from None
-    header, fill = _opened(sample, name)
-    dtype, shape = _npy_layout(sample, name, header)
+    dtype, shape = _npy_layout(sample, name, _header(sample, name))
+    if (nbytes := dtype.itemsize * math.prod(shape)) > MAX_ARRAY_BYTES:
+        raise damaged(sample, f"{name} declares {dtype} {shape}, {nbytes:,} bytes, more than the "
+                              f"{MAX_ARRAY_BYTES:,} of any array the build writes")
     array = np.empty(shape, dtype=dtype)
-    fill(array.reshape(-1))
+    _fill(sample, name, array.reshape(-1), shape)
     return array
 
 
-def _opened(sample: dict, name: str) -> tuple[bytes, Callable[[np.ndarray], None]]:
-    """A compressed member `name` of `sample`: bytes that start with its `.npy` header, and what fills a flat
-    array of that header's dtype and size with its payload."""
+def _header(sample: dict, name: str) -> bytes:
+    """The `.npy` header of compressed member `name`: an `lz4` member's leads it, a `zstd` member's is
+    decompressed alone (at most a `.npy` header's 64 kB, whatever the frame declares)."""
     if (stored := sample.get(name + BLOSC2_SUFFIX)) is not None:
-        return stored, functools.partial(_unblosc, sample, name, stored)
+        return stored
     if (stored := sample.get(name + ZSTD_SUFFIX)) is not None:
-        data = _decompressed(sample, name, stored)
-        return data, functools.partial(_ungroup, sample, name, data)
+        try:
+            with _ZSTD_DECOMPRESSOR.stream_reader(stored) as reader:
+                start = reader.read(10)
+                return start + reader.read(_npy_header_length(start) - len(start))
+        except zstandard.ZstdError as err:
+            raise damaged(sample, f"{name}{ZSTD_SUFFIX} cannot be decompressed ({err})") from None
     raise damaged(sample, f"no {name}")
+
+
+def _fill(sample: dict, name: str, out: np.ndarray, shape: tuple) -> None:
+    """Fill the flat array `out` with the payload of compressed member `name`, once its header says `out`'s
+    dtype and `shape` and its size fits: nothing larger than `out` and a header is ever allocated."""
+    if (stored := sample.get(name + BLOSC2_SUFFIX)) is not None:
+        _check_layout(sample, name, stored, out.dtype, shape)
+        _unblosc(sample, name, stored, out)
+    elif (stored := sample.get(name + ZSTD_SUFFIX)) is not None:
+        try:
+            data = _decompressed(sample, name, stored, out.nbytes + _MAX_NPY_HEADER)
+        except ShardSetError:
+            _check_layout(sample, name, _header(sample, name), out.dtype, shape)  # an array of another shape says so
+            raise
+        _check_layout(sample, name, data, out.dtype, shape)
+        _ungroup(sample, name, data, out)
+    else:
+        raise damaged(sample, f"no {name}")
+
+
+def _check_layout(sample: dict, name: str, npy: bytes, dtype: np.dtype, shape: tuple) -> None:
+    if (layout := _npy_layout(sample, name, npy)) != (dtype, shape):
+        raise damaged(sample, f"{name} is {layout[0]} {layout[1]}, expected {dtype} {shape}")
 
 
 def _unblosc(sample: dict, name: str, stored: bytes, out: np.ndarray) -> None:
@@ -194,11 +238,17 @@ def _unblosc(sample: dict, name: str, stored: bytes, out: np.ndarray) -> None:
         raise damaged(sample, f"{name}{BLOSC2_SUFFIX} cannot be decompressed ({err})") from None
 
 
-def _decompressed(sample: dict, name: str, stored: bytes) -> bytes:
+def _decompressed(sample: dict, name: str, stored: bytes, limit: int) -> bytes:
+    """A `zstd` member decompressed, at most `limit` bytes: the size its frame declares is checked first (a
+    frame of a few kB can declare a TiB, or hold gigabytes of zeros), and one that declares none cannot grow
+    past `limit` either."""
+    member = name + ZSTD_SUFFIX
     try:
-        return _ZSTD_DECOMPRESSOR.decompress(stored)
+        if (declared := zstandard.frame_content_size(stored)) > limit:
+            raise damaged(sample, f"{member} declares {declared:,} bytes, expected at most {limit:,}")
+        return _ZSTD_DECOMPRESSOR.decompress(stored, max_output_size=limit)
     except zstandard.ZstdError as err:
-        raise damaged(sample, f"{name}{ZSTD_SUFFIX} cannot be decompressed ({err})") from None
+        raise damaged(sample, f"{member} cannot be decompressed into at most {limit:,} bytes ({err})") from None
 
 
 _ZSTD_DECOMPRESSOR = zstandard.ZstdDecompressor()
@@ -206,14 +256,15 @@ _ZSTD_DECOMPRESSOR = zstandard.ZstdDecompressor()
 
 def _ungroup(sample: dict, name: str, data: bytes, out: np.ndarray) -> None:
     """Undo `stored_array`'s grouping of the payload bytes of `data` (a decompressed member) into the
-    flat array `out`: the high bytes shifted onto the low ones, which is faster than a strided copy."""
+    flat array `out`: for little-endian int16, the high bytes shifted onto the low ones, which is faster
+    than a strided copy; for other types and byte orders, the bytes put back in place."""
     header = _npy_header_length(data)
     grouped = np.frombuffer(data, dtype=np.uint8, offset=header)
     if grouped.size != out.nbytes:
         raise damaged(sample, f"{name} holds {grouped.size} bytes of data, expected {out.nbytes}")
     if out.itemsize == 1:
         out.view(np.uint8)[:] = grouped
-    elif out.itemsize == 2:
+    elif out.itemsize == 2 and out.dtype.str[0] == "<":  # the first group holds the low bytes
         low, high = grouped[:out.size], grouped[out.size:]
         np.left_shift(high.astype(out.dtype), 8, out=out)
         out |= low.astype(out.dtype)
@@ -231,6 +282,8 @@ def _parse_header(header: bytes) -> tuple[np.dtype, tuple]:
     shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
     if fortran_order:
         raise ValueError("Fortran-ordered arrays are not written by the build")
+    if dtype.hasobject:  # its payload would be taken for pointers
+        raise ValueError(f"arrays of {dtype} are not written by the build")
     return dtype, shape
 
 
@@ -304,24 +357,6 @@ def check_sample(sample: dict) -> None:
         raise damaged(sample, f"{', '.join(changed)} does not match its CRC-32 (changed in place)")
 
 
-_NPY_HEADER_CACHE: dict[tuple, int] = {}
-
-
-def _payload_offset(sample: dict, name: str, data: bytes, dtype: type, shape: tuple) -> int:
-    """Byte offset of the payload in a `.npy` blob, checking its header once per distinct header."""
-    header_len = _npy_header_length(data)
-    cache_key = (data[:header_len], np.dtype(dtype).str, shape)
-    if cache_key not in _NPY_HEADER_CACHE:
-        try:
-            array = np.load(io.BytesIO(data), allow_pickle=False)
-        except ValueError as err:
-            raise damaged(sample, f"{name} unreadable ({err})") from None
-        if array.dtype != dtype or array.shape != shape or not array.flags.c_contiguous:
-            raise damaged(sample, f"{name} is {array.dtype} {array.shape}, expected {np.dtype(dtype).name} {shape}")
-        _NPY_HEADER_CACHE[cache_key] = header_len
-    return header_len
-
-
 def copy_payloads(samples: list[dict], name: str, out: np.ndarray, shape: tuple[int, ...]) -> None:
     """Copy each sample's `.npy` payload of `shape` into row n of `out`, a new contiguous array; check the headers.
 
@@ -332,15 +367,13 @@ def copy_payloads(samples: list[dict], name: str, out: np.ndarray, shape: tuple[
     for n, sample in enumerate(samples):
         if name in sample:
             data = sample[name]
-            offset = _payload_offset(sample, name, data, out.dtype.type, shape)
+            _check_layout(sample, name, data, out.dtype, shape)
+            offset = _npy_header_length(data)
             if len(data) - offset != flat[n].nbytes:
                 raise damaged(sample, f"{name} holds {len(data) - offset} bytes of data, expected {flat[n].nbytes}")
             flat[n] = np.frombuffer(data, dtype=out.dtype, offset=offset)
         else:
-            header, fill = _opened(sample, name)
-            if (layout := _npy_layout(sample, name, header)) != (out.dtype, shape):
-                raise damaged(sample, f"{name} is {layout[0]} {layout[1]}, expected {out.dtype.name} {shape}")
-            fill(flat[n])
+            _fill(sample, name, flat[n], shape)
 
 
 # -- the manifest ---------------------------------------------------------------------------------

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import re
+import tracemalloc
 import zlib
 
 import numpy as np
 import pytest
+import zstandard
 from helpers import CLS_BATCHES, POS_NEG, damaged_copy, random_header, random_payload, zero_magic, zero_middle
 from helpers import open_cls as open_shard_set
 
@@ -17,11 +19,13 @@ from luna_dist.shard import BuildOptions, build
 from luna_dist.shard_format import (
     CODECS,
     MANIFEST,
+    ZSTD_LEVEL,
     ShardSetError,
     check_sample,
     copy_payloads,
     load_array,
     member_checksums,
+    npy_header,
     stored_array,
     with_checksums,
 )
@@ -94,11 +98,12 @@ ARRAYS = [
     np.random.default_rng(0).integers(-1000, 1001, size=(32, 48, 48)).astype(np.int16),
     np.packbits(np.random.default_rng(1).random((96, 96)) < 0.1, axis=-1),  # a packed mask, uint8
     np.zeros((0, 5), dtype=np.int16),
+    np.array([[-32768, -1000, -1], [0, 1000, 32767]], dtype=">i2"),  # as a big-endian machine writes it
 ]
 
 
 @pytest.mark.parametrize("codec", CODECS)
-@pytest.mark.parametrize("array", ARRAYS, ids=["extremes", "chunk", "mask", "empty"])
+@pytest.mark.parametrize("array", ARRAYS, ids=["extremes", "chunk", "mask", "empty", "big-endian"])
 def test_every_codec_gives_back_the_array_it_stored(codec, array):
     name, stored = stored_array("x.npy", array, codec)
     assert name == {"none": "x.npy", "zstd": "x.npy.zst", "lz4": "x.npy.b2"}[codec]
@@ -107,6 +112,14 @@ def test_every_codec_gives_back_the_array_it_stored(codec, array):
     batch = np.empty((2, *array.shape), dtype=array.dtype)
     copy_payloads([{name: stored}, {"x.npy": stored_array("x.npy", array, "none")[1]}], "x.npy", batch, array.shape)
     assert np.array_equal(batch[0], array) and np.array_equal(batch[1], array)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_a_member_of_another_byte_order_than_the_batch_is_refused_by_name(codec):
+    name, stored = stored_array("chunk.npy", ARRAYS[1].astype(">i2"), codec)
+    batch = np.empty((1, *ARRAYS[1].shape), dtype=np.int16)
+    with pytest.raises(ShardSetError, match=r"sample k: chunk.npy is >i2 \(32, 48, 48\), expected int16 \(32, 48, 48\)"):
+        copy_payloads([{"__key__": "k", name: stored}], "chunk.npy", batch, ARRAYS[1].shape)
 
 
 @pytest.mark.parametrize("codec", ["lz4", "zstd"])
@@ -144,6 +157,18 @@ def test_an_lz4_member_whose_header_and_data_disagree_is_named():
         load_array({"__key__": "k", name: mixed}, "chunk.npy")
 
 
+@pytest.mark.parametrize("codec", CODECS)
+def test_a_header_declaring_python_objects_is_refused(codec):
+    """Its payload's bytes would become pointers (a crash, or worse); np.load refuses it without allow_pickle."""
+    name, stored = stored_array("x.npy", np.arange(4, dtype=np.int64), codec)
+    if codec != "zstd":
+        stored = npy_header((4,), object) + stored[len(npy_header((4,), np.int64)):]
+    else:
+        stored = _zstd_member(npy_header((4,), object) + np.arange(4, dtype=np.int64).tobytes(), None)
+    with pytest.raises(ShardSetError, match=r"sample k: x.npy unreadable \(arrays of object are not written by the build\)"):
+        load_array({"__key__": "k", name: stored}, "x.npy")
+
+
 def test_checksums_are_zlibs_crc32_so_earlier_builds_still_verify():
     """The CRC-32 is ISA-L's for speed; the format's is zlib's, which every build so far wrote."""
     rng = np.random.default_rng(0)
@@ -169,3 +194,54 @@ def test_a_build_of_the_previous_format_version_is_read_and_a_later_one_refused(
     with pytest.raises(ShardSetError, match=r"format luna_dist-shards v5, this version reads luna_dist-shards "
                                             r"v2 and v3 and v4; rebuild"):
         open_shard_set(out)
+
+
+def _zstd_member(npy: bytes, declared: int | None) -> bytes:
+    """`npy` as one Zstandard frame whose header declares `declared` bytes of content (None: no size), whatever
+    it holds: its blocks as the compressor wrote them, its header rewritten (magic, descriptor, window, size)."""
+    frame = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=False).compress(npy)
+    assert frame[4] == 0  # no content size, not single-segment: a window descriptor follows
+    if declared is None:
+        return frame
+    return frame[:4] + bytes([0xC0]) + frame[5:6] + declared.to_bytes(8, "little") + frame[6:]
+
+
+def _grouped(array: np.ndarray) -> bytes:
+    """What a `zstd` member holds once decompressed: the `.npy` header, then the payload's bytes grouped by place."""
+    return npy_header(array.shape, array.dtype) + array.reshape(-1).view(np.uint8).reshape(-1, array.itemsize).T.tobytes()
+
+
+@pytest.mark.parametrize("declared", [1 << 40, "true", None], ids=["claims-1-TiB", "64-MB-declared", "no-size"])
+def test_a_zstd_member_larger_than_its_sample_is_refused_before_it_is_decompressed(declared):
+    """A 64 MB frame of zeros fits in a few kB: its size is checked before memory is allocated, and one without a
+    declared size is decompressed into a bounded buffer. Each is one line naming the shard and the sample."""
+    npy = _grouped(ARRAYS[1]) + bytes(64 << 20)
+    member = _zstd_member(npy, len(npy) if declared == "true" else declared)
+    assert len(member) < 200_000
+    sample = {"__url__": "fold3-neg-000001.tar", "__key__": "uid_7", "chunk.npy.zst": member}
+    batch = np.empty((1, *ARRAYS[1].shape), dtype=np.int16)
+    for decode in (lambda: copy_payloads([sample], "chunk.npy", batch, ARRAYS[1].shape),
+                   lambda: load_array(sample, "chunk.npy")):
+        tracemalloc.start()
+        try:
+            with pytest.raises(ShardSetError) as err:
+                decode()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert str(err.value).startswith("fold3-neg-000001.tar: sample uid_7: chunk.npy.zst ")
+        assert "the shard is damaged" in str(err.value) and "\n" not in str(err.value)
+        assert peak < 1 << 20, peak  # the chunk's own 147 kB, not the frame's 64 MB
+
+
+def test_a_zstd_member_of_an_honest_frame_without_its_size_is_read():
+    npy = _grouped(ARRAYS[1])
+    assert np.array_equal(load_array({"x.npy.zst": _zstd_member(npy, None)}, "x.npy"), ARRAYS[1])
+
+
+def test_a_zstd_member_whose_frame_declares_another_size_is_named():
+    member = _zstd_member(_grouped(ARRAYS[1]), 1 << 40)
+    with pytest.raises(ShardSetError, match=r"sample k: chunk.npy.zst declares 1,099,511,627,776 bytes, expected at "
+                                            r"most [\d,]+; the shard is damaged"):
+        copy_payloads([{"__key__": "k", "chunk.npy.zst": member}], "chunk.npy", np.empty((1, 32, 48, 48), np.int16),
+                      (32, 48, 48))
