@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -253,14 +254,33 @@ SUBSET_FOLDER = re.compile(r"subset(\d+)$")
 
 
 def find_series(data_dir: Path) -> dict[str, Path]:
-    """Map each series UID to its `.mhd` file anywhere under `data_dir`."""
+    """Map each series UID to its `.mhd` file anywhere under `data_dir`, symlinked folders followed."""
     found: dict[str, Path] = {}
-    for mhd in sorted(Path(data_dir).rglob("*.mhd")):
+    for mhd in sorted(_files_under(Path(data_dir), ".mhd", frozenset())):
         uid = mhd.stem
         if uid in found:
             raise CsvError(f"series {uid} is present twice: {found[uid]} and {mhd}; remove one")
         found[uid] = mhd
     return found
+
+
+def _files_under(folder: Path, suffix: str, above: frozenset[tuple[int, int]]) -> Iterator[Path]:
+    """The files named *`suffix` in `folder` and every folder below it, symlinked ones included: a subset
+    kept on another disk and linked in is a fold like the others (`Path.rglob` passes links by). A link to
+    a folder above it (`above`: their device and inode) is not walked again, which would never end; the
+    same folder linked in twice is, so its series are found twice and refused by name."""
+    try:
+        status = folder.stat()
+        if (identity := (status.st_dev, status.st_ino)) in above:
+            return
+        entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+    except (PermissionError, FileNotFoundError):  # unreadable, or gone: as with rglob, nothing found there
+        return
+    for entry in entries:
+        if entry.is_dir():
+            yield from _files_under(Path(entry.path), suffix, above | {identity})
+        elif entry.name.endswith(suffix):
+            yield Path(entry.path)
 
 
 def assign_folds(series: dict[str, Path]) -> dict[str, int]:

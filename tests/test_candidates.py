@@ -15,6 +15,7 @@ from luna_dist.candidates import (
     CsvError,
     assign_folds,
     find_series,
+    folds_as_built,
     join_annotations,
     read_annotations,
     read_candidates,
@@ -316,3 +317,23 @@ def test_find_series_and_no_series_in_two_folds(tmp_path):
     touch(tmp_path / "subset7" / "1.2.2.mhd")  # the same series twice
     with pytest.raises(CsvError, match="1.2.2"):
         find_series(tmp_path)
+
+
+def test_symlinked_folders_are_followed_and_a_link_to_a_folder_above_is_not_walked_again(tmp_path):
+    """Subsets kept on another disk and linked in are folds like the others; a link back up (a loop) is walked
+    once, not for ever; the same folder linked in twice holds its series twice, which is refused."""
+    data, disk = tmp_path / "data", tmp_path / "disk2"
+    touch(data / "subset0" / "1.2.0.mhd")
+    touch(disk / "subset1" / "1.2.1.mhd")
+    touch(disk / "more" / "subset2" / "1.2.2.mhd")
+    (data / "subset1").symlink_to(disk / "subset1", target_is_directory=True)
+    (data / "more").symlink_to(disk / "more", target_is_directory=True)
+    (data / "subset0" / "up").symlink_to(data, target_is_directory=True)
+    series = find_series(data)
+    assert series == {"1.2.0": data / "subset0" / "1.2.0.mhd", "1.2.1": data / "subset1" / "1.2.1.mhd",
+                      "1.2.2": data / "more" / "subset2" / "1.2.2.mhd"}
+    assert folds_as_built(series, ()) == {"1.2.0": 0, "1.2.1": 1, "1.2.2": 2}
+    (data / "again").symlink_to(disk / "subset1", target_is_directory=True)
+    with pytest.raises(CsvError, match=rf"series 1.2.1 is present twice: {data / 'again' / '1.2.1.mhd'} and "
+                                       rf"{data / 'subset1' / '1.2.1.mhd'}; remove one"):
+        find_series(data)

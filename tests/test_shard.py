@@ -868,6 +868,17 @@ def test_duplicate_candidate_rows_are_reported_and_sampled_once(data, tmp_path, 
         build(options(data, tmp_path / "strict", strict=True))
 
 
+@pytest.mark.parametrize("linked", [("subset1",), ("subset0", "subset1")], ids=["one", "all"])
+def test_subset_folders_linked_from_another_disk_are_built(data, tmp_path, small_reference, linked):
+    """One linked subset had its fold silently left out (exit 0); all linked, the build said no series had a CT."""
+    for subset in linked:
+        shutil.move(data / subset, tmp_path / subset)
+        (data / subset).symlink_to(tmp_path / subset, target_is_directory=True)
+    manifest = build(options(data, tmp_path / "out"))
+    assert manifest["skipped"] == [] and sorted(manifest["folds"]) == ["0", "1"]
+    assert fingerprint(tmp_path / "out") == small_reference
+
+
 def test_moved_data_folder_resumes_its_build(data, tmp_path, small_reference, capsys):
     """A build is known by its inputs' content: the same data elsewhere is the same build."""
     out = tmp_path / "out"
