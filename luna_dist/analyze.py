@@ -344,7 +344,7 @@ class Positions:
 def candidate_positions(path: Path, series: dict[str, Path], found: dict[str, Path]) -> Positions:
     """Candidate centres (mm) of each analysed series, counting the rows of series not on disk."""
     try:
-        candidates, bad = read_candidates(path)
+        candidates, bad, _ = read_candidates(path)
     except CsvError as err:
         raise AnalysisError(f"--candidates: {err}") from None
     xyz: dict[str, list] = {uid: [] for uid in series}

@@ -79,7 +79,7 @@ def bench_shard(data: Path, out: Path, workers: int) -> dict:
     the chunks shows) and with them evicted first (disk speed: the real data set, too
     large to cache, is always read this way).
     """
-    candidates, _ = read_candidates(data / "candidates.csv")
+    candidates = read_candidates(data / "candidates.csv")[0]
     wanted = {c.series_uid for c in candidates}
     paths = [str(p) for uid, p in find_series(data).items() if uid in wanted]
     files = [f for p in paths for f in (Path(p), Path(p).with_suffix(".raw"))]
@@ -296,7 +296,7 @@ def bench_loader(data: Path, shards_dir: Path, workers: list[int], batch_size: i
         result["worker_over_in_process"] = result["shards"]["1"] / result["shards"]["0"]
     result["decode_samples_per_s_per_core"] = decode_rate(shards, batch_size, samples)
 
-    candidates, _ = read_candidates(data / "candidates.csv")
+    candidates = read_candidates(data / "candidates.csv")[0]
     cache_dir.mkdir(parents=True, exist_ok=True)
     for w in workers:
         dataset = PerCandidateDataset(data, candidates)

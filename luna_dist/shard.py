@@ -93,7 +93,7 @@ class BuildOptions:
     max_samples: int = 1000
     max_mb: float = 1000.0
     strict: bool = False
-    max_bad_rows: float = 1.0  # percent of a table's rows that may be left out (malformed or duplicate)
+    max_bad_rows: float = 1.0  # percent of a table's rows that may be left out as malformed
     overwrite: bool = False
     progress: bool = True
     task: str = "cls"  # what to cut: "cls" chunks per candidate, "seg" slice stacks and masks
@@ -457,6 +457,7 @@ def _manifest(options, identity, results, folds, shards, skipped, failed, inputs
         "failed": failed,
         "tables": inputs.tables,
         "bad_rows": [asdict(row) for row in inputs.bad_rows],
+        "duplicate_rows": [asdict(row) for row in inputs.duplicates],
     }
 
 
@@ -491,9 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how the samples' arrays are stored, losslessly: lz4 (default), ~2x smaller and quick to "
                              "decode, for loaders that feed a GPU; zstd, ~10%% smaller still, decoded ~3x slower; "
                              "or none")
-    parser.add_argument("--strict", action="store_true", help="fail on malformed CSV rows and series without .mhd")
+    parser.add_argument("--strict", action="store_true",
+                        help="fail on malformed or duplicate CSV rows and series without .mhd")
     parser.add_argument("--max-bad-rows", type=float, default=BuildOptions.max_bad_rows, metavar="PERCENT",
-                        help="refuse a table with more than this share of its rows malformed or duplicate "
+                        help="refuse a table with more than this share of its rows malformed "
                              "(default %(default)s %%)")
     parser.add_argument("--overwrite", action="store_true", help="replace a different build found in --out")
     parser.add_argument("--seg-negatives", type=int, default=BuildOptions.seg_negatives,

@@ -37,8 +37,9 @@ class Inputs:
     series: dict[str, Path]  # UID -> .mhd, for the series of `candidates` found under --data
     skipped: list[dict]  # series of the candidate table without a .mhd
     unlisted: list[str]  # CTs under --data in no row of the candidate table
-    bad_rows: list
-    tables: dict[str, dict]  # per CSV: its path, its data rows and how many were left out
+    bad_rows: list  # rows that cannot be read, left out
+    duplicates: list  # candidate rows that repeat an earlier one, kept once
+    tables: dict[str, dict]  # per CSV: its path, its data rows, how many were left out (and repeated)
     warnings: list[str]
     findings: dict[str, list]  # "annotations" and "excluded" rows [uid, x, y, z, diameter], for the evaluation
     annotations: list[Annotation]
@@ -57,7 +58,7 @@ def read_inputs(data: Path, given: dict[str, Path | None], strict: bool, max_bad
         raise InputError(f"{data}: no such folder (--data names the LUNA16-format folder)")
     found = find_tables(data, given)
     paths = found.paths
-    candidates, bad_rows = read_candidates(paths["candidates"])
+    candidates, bad_rows, duplicates = read_candidates(paths["candidates"])
     annotations, bad_annotations = read_annotations(paths["annotations"])
     malignancy, bad_malignancy = read_annotations(paths["malignancy"]) if paths["malignancy"] else ([], [])
     excluded, bad_excluded = read_annotations(paths["excluded"], allow_unknown_diameter=True) \
@@ -67,18 +68,23 @@ def read_inputs(data: Path, given: dict[str, Path | None], strict: bool, max_bad
             for name, kept, bad in (("candidates", candidates, bad_rows), ("annotations", annotations, bad_annotations),
                                     ("malignancy", malignancy, bad_malignancy), ("excluded", excluded, bad_excluded))
             if paths[name]}
+    read["candidates"].update(rows=len(candidates) + len(bad_rows) + len(duplicates), duplicates=len(duplicates))
     if series_list is not None:
         read["series_list"] = {"path": str(paths["series_list"]), "rows": len(series_list), "left_out": 0}
     bad_rows = bad_rows + bad_annotations + bad_malignancy + bad_excluded
     warnings = []
     if bad_rows:
-        shown = "\n  ".join(str(row) for row in bad_rows[:20])
-        more = f"\n  ... and {len(bad_rows) - 20} more" if len(bad_rows) > 20 else ""
-        message = f"{len(bad_rows)} malformed or duplicate CSV row(s):\n  {shown}{more}"
+        message = f"{len(bad_rows)} malformed CSV row(s):{_listed(bad_rows)}"
         if strict:
             raise InputError(message + "\n(--strict) fix the rows or run without --strict to leave them out")
         _check_left_out(read, bad_rows, max_bad_rows)
         warnings.append(f"warning: {message}\nthose rows are left out and listed in the manifest")
+    if duplicates:
+        message = f"{len(duplicates)} duplicate row(s) of {paths['candidates']}:{_listed(duplicates)}"
+        if strict:
+            raise InputError(message + "\n(--strict) remove them or run without --strict to keep each row once")
+        warnings.append(f"warning: {message}\neach candidate is kept once; the repeats are listed in the manifest "
+                        "under duplicate_rows")
     if not candidates:
         raise InputError(f"{paths['candidates']}: no usable candidate rows; nothing to shard")
 
@@ -104,8 +110,14 @@ def read_inputs(data: Path, given: dict[str, Path | None], strict: bool, max_bad
     findings = {name: [[a.series_uid, *a.center_xyz, a.diameter_mm] for a in table]
                 for name, table in (("annotations", annotations), ("excluded", excluded))}
     return Inputs(join_annotations(candidates, annotations, malignancy),
-                  {uid: on_disk[uid] for uid in listed if uid in on_disk}, skipped, unlisted, bad_rows, read,
-                  warnings, findings, annotations, found)
+                  {uid: on_disk[uid] for uid in listed if uid in on_disk}, skipped, unlisted, bad_rows, duplicates,
+                  read, warnings, findings, annotations, found)
+
+
+def _listed(rows: list) -> str:
+    """Rows for a message, one a line: the first 20, then how many more."""
+    more = f"\n  ... and {len(rows) - 20} more" if len(rows) > 20 else ""
+    return "".join(f"\n  {row}" for row in rows[:20]) + more
 
 
 def _check_series_of_tables(paths: dict[str, Path | None], listed: list[str], series_of: dict[str, set[str]],
@@ -168,9 +180,11 @@ def _check_left_out(tables: dict[str, dict], bad_rows: list, max_percent: float)
 
 
 def left_out_summary(manifest: dict) -> str | None:
-    """One line on the rows of each table a build left out, or None when it used them all."""
-    tables = manifest.get("tables", {})
-    parts = [f"{t['left_out']:,} of {t['rows']:,} rows of {t['path']}" for t in tables.values() if t["left_out"]]
-    if not parts:
-        return None
-    return f"left out: {', '.join(parts)} (malformed or duplicate; listed in manifest.json under bad_rows)"
+    """One line on the rows of each table a build left out or kept once, or None when it used every row."""
+    tables = manifest.get("tables", {}).values()
+    parts = []
+    if left_out := [f"{t['left_out']:,} of {t['rows']:,} rows of {t['path']}" for t in tables if t["left_out"]]:
+        parts.append(f"left out: {', '.join(left_out)} (malformed; listed in manifest.json under bad_rows)")
+    if repeated := [f"{t['duplicates']:,} duplicate rows of {t['path']}" for t in tables if t.get("duplicates")]:
+        parts.append(f"kept once: {', '.join(repeated)} (listed in manifest.json under duplicate_rows)")
+    return "; ".join(parts) or None

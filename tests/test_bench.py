@@ -148,7 +148,7 @@ def test_per_candidate_baseline_cuts_the_shard_chunks_and_pickles_for_spawn(synt
     from luna_dist.shard_format import load_array, sample_key
     from luna_dist.stream import open_shard_set
 
-    candidates, _ = read_candidates(synth_data / "candidates.csv")
+    candidates = read_candidates(synth_data / "candidates.csv")[0]
     dataset = bench_data.PerCandidateDataset(synth_data, candidates)
     path = open_shard_set(shard_dir, chunk_samples).shards([9], "pos")[0]
     for sample in wds.DataPipeline(wds.SimpleShardList([path]), wds.tarfile_to_samples()):

@@ -43,7 +43,7 @@ def write(path: Path, lines: list[str]) -> Path:
 def test_synthetic_candidates_parse_completely(synth_data):
     path = synth_data / "candidates.csv"
     rows = data_lines(path)
-    candidates, bad = read_candidates(path)
+    candidates, bad, _ = read_candidates(path)
     assert bad == []
     assert len(candidates) == len(rows) > 0
     assert sum(c.is_nodule for c in candidates) == sum(r[4] == "1" for r in rows) > 0
@@ -70,7 +70,7 @@ def test_synthetic_annotations_parse_completely(synth_data):
 
 
 def test_synthetic_nodule_candidates_all_find_their_annotation(synth_data):
-    candidates, _ = read_candidates(synth_data / "candidates.csv")
+    candidates = read_candidates(synth_data / "candidates.csv")[0]
     annotations, _ = read_annotations(synth_data / "annotations.csv")
     malignancy, _ = read_annotations(synth_data / "annotations_with_malignancy.csv")
     joined = join_annotations(candidates, annotations, malignancy)
@@ -105,7 +105,7 @@ MIXED_ROWS = [
 
 def test_malformed_rows_are_reported_with_their_line(tmp_path):
     path = write(tmp_path / "candidates.csv", [CANDIDATES_HEADER] + [line for line, _ in MIXED_ROWS])
-    candidates, bad = read_candidates(path)
+    candidates, bad, _ = read_candidates(path)
     expected_bad = [(n + 2, problem) for n, (_, problem) in enumerate(MIXED_ROWS) if problem]
     assert [(b.line, b.path) for b in bad] == [(line, str(path)) for line, _ in expected_bad]
     for row, (line, problem) in zip(bad, expected_bad):
@@ -123,7 +123,7 @@ def test_malformed_rows_are_reported_with_their_line(tmp_path):
 def test_blank_lines_are_skipped_and_line_numbers_stay_physical(tmp_path):
     path = write(tmp_path / "candidates.csv", [CANDIDATES_HEADER, f"{UID_A},1,2,3,0", "", f"{UID_A},1,2,x,0",
                                                f"{UID_A},4,5,6,1"])
-    candidates, bad = read_candidates(path)
+    candidates, bad, _ = read_candidates(path)
     assert [b.line for b in bad] == [4]
     assert [c.row for c in candidates] == [0, 3]
 
@@ -133,13 +133,13 @@ def test_a_byte_order_mark_and_blank_lines_before_the_header_are_not_part_of_it(
     plain = read_candidates(write(tmp_path / "plain.csv", lines))
     path = tmp_path / "bom.csv"
     path.write_text("\ufeff\n" + "\n".join(lines) + "\n", encoding="utf-8")
-    candidates, bad = read_candidates(path)
+    candidates, bad, _ = read_candidates(path)
     assert bad == [] and candidates == plain[0]  # rows count from the header, wherever it is
 
 
 def test_extra_columns_and_column_order_are_fine(tmp_path):
     path = write(tmp_path / "candidates.csv", ["class,note,coordZ,coordY,coordX,seriesuid", f"1,hello,3,2,1,{UID_A}"])
-    candidates, bad = read_candidates(path)
+    candidates, bad, _ = read_candidates(path)
     assert bad == []
     assert candidates == [Candidate(0, UID_A, (1.0, 2.0, 3.0), True)]
 
@@ -148,8 +148,9 @@ def test_duplicate_rows_are_reported_and_kept_once(tmp_path):
     """Same series, same centre as numbers and same class: one candidate, the first row's."""
     path = write(tmp_path / "candidates.csv", [CANDIDATES_HEADER, f"{UID_A},1.5,2,3,1", f"{UID_A},1.50,2.0,3,1",
                                                f"{UID_A},1.5,2,3,0", f"{UID_B},1.5,2,3,1", f"{UID_A},1.5,2,3,1"])
-    candidates, bad = read_candidates(path)
-    assert [(b.line, b.problem) for b in bad] == [(3, "duplicate of line 2"), (6, "duplicate of line 2")]
+    candidates, bad, repeated = read_candidates(path)
+    assert bad == []  # not malformed: they count apart from the rows that cannot be read
+    assert [(r.line, r.problem) for r in repeated] == [(3, "duplicate of line 2"), (6, "duplicate of line 2")]
     assert [(c.row, c.series_uid, c.is_nodule) for c in candidates] == [(0, UID_A, True), (2, UID_A, False),
                                                                          (3, UID_B, True)]
 

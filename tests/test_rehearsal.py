@@ -257,8 +257,8 @@ def test_the_shard_build_joins_every_class_1_row_to_a_nodule(tables, tmp_path):
     assert manifest["counts"]["positives"] == sum(row["class"] == "1" for row in rows) == 9
     assert manifest["counts"]["samples"] == len(rows) == 120
     assert not manifest["bad_rows"] and not manifest["skipped"] and not manifest["failed"]
-    candidates, bad = read_candidates(data / "candidates.csv")
+    candidates, bad, repeated = read_candidates(data / "candidates.csv")
     malignancy, _ = read_annotations(data / "annotations_with_malignancy.csv")
     joined = [c for c in join_annotations(candidates, read_annotations(data / "annotations.csv")[0], malignancy)
               if c.is_nodule]
-    assert not bad and len(joined) == 9 and all(c.diameter_mm > 0 and c.is_malignant is not None for c in joined)
+    assert not bad and not repeated and len(joined) == 9 and all(c.diameter_mm > 0 and c.is_malignant is not None for c in joined)

@@ -161,7 +161,7 @@ def test_training_stacks_and_masks_equal_direct_crops(shards, cts, label):
 
 
 def test_negatives_are_spread_candidates_on_slices_without_mask(synth_data, shards, cts):
-    candidates, _ = read_candidates(synth_data / "candidates.csv")
+    candidates = read_candidates(synth_data / "candidates.csv")[0]
     by_row = {c.row: c for c in candidates}
     per_ct = defaultdict(list)
     for sample in shards["neg"].values():
