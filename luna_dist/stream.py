@@ -47,7 +47,7 @@ import webdataset as wds
 
 from luna_dist.batch_memory import PooledLoader, leased
 from luna_dist.shard_format import MANIFEST, REBUILD, ShardSetError, check_manifest, check_sample
-from luna_dist.shard_io import DEFAULT_READ_TIMEOUT, ShardSource, is_remote, read_manifest, shard_location, unreachable
+from luna_dist.shard_io import DEFAULT_READ_TIMEOUT, ShardSource, is_remote, read_manifest, shard_location
 from luna_dist.shard_tar import read_samples
 
 
@@ -56,7 +56,7 @@ class ShardSet:
     """A checked shard set, in a folder or behind a URL: its manifest and the shards of each fold and label.
 
     `cache_dir`: remote shards are copied there and read from the copy. `read_timeout`: a remote
-    shard that sends nothing for that many seconds fails.
+    shard of which less than `shard_io.MIN_PROGRESS` arrives in that many seconds of waiting fails.
     """
 
     root: Path | str
@@ -162,13 +162,13 @@ def checked_samples(shards: Iterator[dict], source: ShardSource) -> Iterator[dic
                 yield sample
             if source.remote:
                 stream.raw.check()
-            stream.close()  # a remote reader's exit status is known from here
+            stream.close()
         except (OSError, ValueError) as err:  # a TarReadError, a damaged sample's bytes
             raise _unreadable(url, read, err, stream) from None
         finally:
             if stream is not None:
                 with suppress(OSError):
-                    stream.close()  # also when the consumer stops early: the reader's pipe just closes
+                    stream.close()  # also when the consumer stops early: a remote file's reader is ended
         if read != expected:
             raise ShardSetError(f"{url}: {read} samples read, its manifest entry says {expected}: the shard is "
                                 f"damaged (a broken tar header ends it early): {REBUILD}")
@@ -177,9 +177,8 @@ def checked_samples(shards: Iterator[dict], source: ShardSource) -> Iterator[dic
 def _unreadable(url: str, read: int, error: Exception, stream: io.BufferedReader | None) -> ShardSetError:
     """The message for a shard whose reading failed: the server's or network's fault, the disk's, or the shard's."""
     checked = getattr(stream, "raw", None)
-    code = checked.reader_exit() if hasattr(checked, "reader_exit") else None
-    if code is not None:
-        return ShardSetError(unreachable(url, checked.read_bytes, code))
+    if hasattr(checked, "fault") and (fault := checked.fault()) is not None:
+        return fault
     if isinstance(error, OSError) and error.errno is not None:
         return ShardSetError(f"{url}: cannot be read after {read} samples ({error.strerror}); check the disk or copy, "
                              "then rerun with --resume")

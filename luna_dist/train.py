@@ -73,7 +73,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, tuple[str, ...]]]
                                         "(http(s)://…/, s3://…/, gs://…/, or 'pipe:CMD' with {name} for the file name)")
     add("--cache-dir", type=Path, help="keep a checked copy of each shard streamed from a URL here; read it from there")
     add("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT, metavar="SECONDS",
-        help="a shard streamed from a URL that sends nothing for this long fails, naming it (default: %(default)s)")
+        help="a shard or manifest streamed from a URL fails, naming it, when less than 1 MiB of it arrives in this "
+             "many seconds of waiting: a minimum rate, not a deadline (default: %(default)s)")
     add("--epochs", type=int, default=1, help="passes over the training folds (or --epoch-samples each)")
     add("--batch-size", type=int, default=32, help="per process")
     add("--num-workers", type=int, help="data workers per process (default: 4 on CUDA, 2 on MPS, 0 on CPU)")
