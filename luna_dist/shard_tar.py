@@ -99,20 +99,25 @@ class TarReadError(ValueError):
     """A tar that is not as a shard's writer writes it: the message says where and what."""
 
 
-def read_samples(stream: BinaryIO, url: str) -> Iterator[dict]:
+def read_samples(stream: BinaryIO, url: str, shard_bytes: int | None = None) -> Iterator[dict]:
     """The samples of a tar written by `TarShard`, as webdataset's readers give them: `__key__` (a member
     name up to its first dot), `__url__`, and each member's bytes under the rest of its name.
 
     An all-zero header block ends the archive, as it ends tarfile's (the manifest's
     sample count then tells a shard cut short); a header whose checksum is wrong, a
     member cut short, a type other than a file (or a pax header naming one) or a member
-    twice in one sample is a TarReadError naming its offset.
+    twice in one sample is a TarReadError naming its offset. With `shard_bytes` (the
+    shard's size in its manifest), so is a member that claims more than is left of it,
+    before anything is read for it: a size field declares up to 8 GiB.
     """
     sample, offset, pax_name = None, 0, None
     while len(header := stream.read(_BLOCK)) == _BLOCK and header != _ZEROS[:_BLOCK]:
         checksum, size = _octal_field(header[148:156], offset), _octal_field(header[124:136], offset)
         if checksum != sum(header) - sum(header[148:156]) + 8 * ord(" "):
             raise TarReadError(f"the tar header at byte {offset} has a wrong checksum")
+        if shard_bytes is not None and size > (left := shard_bytes - offset - _BLOCK):
+            raise TarReadError(f"the member at byte {offset} claims {size:,} bytes, more than the {left:,} left in "
+                               "the shard")
         data = stream.read(size)
         stream.read(-size % _BLOCK)
         if len(data) < size:

@@ -156,7 +156,7 @@ def checked_samples(shards: Iterator[dict], source: ShardSource) -> Iterator[dic
         stream = None
         try:
             stream = source.open(url)
-            for sample in read_samples(stream, url):
+            for sample in read_samples(stream, url, source.entries[url][1]):
                 check_sample(sample)
                 read += 1
                 yield sample

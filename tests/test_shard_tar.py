@@ -102,3 +102,22 @@ def test_zero_blocks_end_a_tar_as_they_end_tarfiles():
     cut = 512 + 512 * -(-len(SAMPLES[0]["chunk.npy.zst"]) // 512)
     samples = list(read_samples(io.BytesIO(tar[:cut] + bytes(1024) + tar[cut:]), "x.tar"))
     assert [sorted(s) for s in samples] == [["__key__", "__url__", "chunk.npy.zst"]]
+
+
+def test_a_member_claiming_more_than_the_shard_holds_is_refused_before_it_is_read():
+    """A header's size field (up to 8 GiB) was allocated whole before the read found the bytes missing."""
+    import tracemalloc
+
+    tar = tar_writer_bytes(SAMPLES[:2])
+    header = bytearray(tar[:512])
+    header[124:136], header[148:156] = b"77777777777\0", b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    tracemalloc.start()
+    try:
+        with pytest.raises(TarReadError, match=f"the member at byte 0 claims 8,589,934,591 bytes, more than the "
+                                               f"{len(tar) - 512:,} left in the shard"):
+            list(read_samples(io.BufferedReader(io.BytesIO(bytes(header) + tar[512:])), "x.tar", len(tar)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
