@@ -34,7 +34,7 @@ import luna_dist.shard as shard_module
 import luna_dist.shard_write as shard_write
 from luna_dist.shard import BuildError, BuildOptions, build
 from luna_dist.shard_format import CODECS, MANIFEST, SUFFIXES, ShardSetError, load_array
-from luna_dist.shard_inputs import InputError
+from luna_dist.shard_inputs import InputError, left_out_summary
 from luna_dist.synth import make_dataset
 
 CHUNK_SHAPE = (32, 48, 48)
@@ -867,6 +867,8 @@ def test_duplicate_candidate_rows_are_reported_and_sampled_once(data, tmp_path, 
     assert manifest["tables"]["candidates"] == {"path": str(candidates), "rows": n - 1 + len(repeats), "left_out": 0,
                                                 "duplicates": len(repeats)}
     assert f"{len(repeats)} duplicate row(s) of {candidates}:" in capsys.readouterr().err
+    assert left_out_summary(manifest) == (f"kept once: {len(repeats)} duplicate rows of {candidates} (listed in "
+                                          "manifest.json under duplicate_rows)")
     assert fingerprint(tmp_path / "out") == small_reference
     assert manifest["counts"]["positives"] == sum(row.endswith(",1") for row in rows[1:])
     with pytest.raises(InputError, match="duplicate of line 2"):
