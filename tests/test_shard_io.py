@@ -173,7 +173,7 @@ def odd_server(tmp_path):
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(www)))
     server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()  # shut down in 0.05 s
     try:
         yield www, f"http://127.0.0.1:{server.server_address[1]}", answers
     finally:
@@ -296,7 +296,7 @@ def test_a_gzip_encoded_manifest_is_read(tiny_shards, odd_server):
 @pytest.mark.parametrize("answer, told", [
     (portal, r"HTTP 200, Content-Type text/html; charset=utf-8, 60 bytes\) is not a shard manifest \(Expecting value"),
     (short_length, r"HTTP 200, Content-Type application/octet-stream, [\d,]+ bytes\) is not a shard manifest \("),
-])
+], ids=["login-page", "short-content-length"])
 def test_a_server_answering_something_else_for_the_manifest_is_blamed_not_the_shards(tiny_shards, odd_server, answer,
                                                                                       told):
     """A network's login page, or a Content-Length cut short, were called shards to rebuild."""
