@@ -278,16 +278,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def ct_sources(paths: list[Path], max_voxels: int = MAX_CT_VOXELS) -> dict[str, Path]:
+def ct_sources(paths: list[Path], max_voxels: int = MAX_CT_VOXELS, warn: bool = True) -> dict[str, Path]:
     """The series of `--ct`'s CTs by their uid (`ct_uid`), each one's headers read and checked before the first
-    CT is analysed; a warning line for each file a DICOM folder holds that cannot be read (a dangling link)."""
+    CT is analysed; with `warn` (the main process), a warning line for each file a DICOM folder holds that
+    cannot be read (a dangling link)."""
     series: dict[str, Path] = {}
     for path in paths:
         try:
             source = find_ct(path, max_voxels)
         except CtError as err:
             raise AnalysisError(f"--ct {err}") from None
-        for skipped in source.skipped:
+        for skipped in source.skipped if warn else ():
             print(f"warning: --ct {skipped}: skipped; the series is checked without it", file=sys.stderr)
         uid = ct_uid(source)
         if uid in series:
@@ -517,7 +518,7 @@ def _run(args: argparse.Namespace, accelerator: Accelerator) -> dict:
     # Every input is read and checked before the first CT: a bad one costs seconds, not an analysis.
     is_main = accelerator.is_main_process
     if args.ct:
-        series, note, truth = ct_sources(args.ct, args.max_ct_voxels), None, None
+        series, note, truth = ct_sources(args.ct, args.max_ct_voxels, is_main), None, None
     else:
         found = find_on_disk(args.data)
         series, note = select_series(args, found)

@@ -180,13 +180,14 @@ def _stem(path: Path) -> str:
 def _check_volume(path: Path, reader: sitk.ImageFileReader, dicom: bool) -> tuple[int, int, int]:
     """The size (x, y, z) of a 3-D image of one value a voxel; CtError for anything else, saying what it is."""
     size, components = reader.GetSize(), reader.GetNumberOfComponents()
-    if reader.GetDimension() == 4 or components > 1:
-        volumes, take = (size[3], "[:, :, :, K]") if components == 1 else (components, "")
-        advice = (f"sitk.ReadImage('{path}'){take}" if take else
-                  f"sitk.VectorIndexSelectionCast(sitk.ReadImage('{path}'), K)")
+    if components > 1 and not is_nifti(path):
+        raise CtError(f"{path}: {components} values a voxel (a colour or vector image), where a CT has one HU value")
+    if reader.GetDimension() == 4 or components > 1:  # NIfTI's dim[4] (volumes), or dim[5] (numpy's 4-D arrays)
+        volumes, advice = ((size[3], f"sitk.ReadImage({str(path)!r})[:, :, :, K]") if components == 1 else
+                           (components, f"sitk.VectorIndexSelectionCast(sitk.ReadImage({str(path)!r}), K)"))
         raise CtError(f"{path}: a 4-D image, {volumes} volumes of {'x'.join(map(str, size[:3]))} voxels (NIfTI's "
-                      f"dim[{4 if take else 5}]), where a CT is one: give the volume K you mean (0 to {volumes - 1}), "
-                      f"e.g. written by sitk.WriteImage({advice}, 'volume.nii.gz')")
+                      f"dim[{4 if components == 1 else 5}]), where a CT is one: give the volume K you mean (0 to "
+                      f"{volumes - 1}), e.g. written by sitk.WriteImage({advice}, 'volume.nii.gz')")
     if reader.GetDimension() != 3:
         raise CtError(f"{path}: expected a 3-D image, found {reader.GetDimension()}-D")
     if dicom and size[2] == 1:

@@ -487,6 +487,13 @@ def test_the_advice_for_a_4d_nifti_gives_a_ct(tmp_path, layout, monkeypatch):
     np.testing.assert_array_equal(read_ct(tmp_path / "volume.nii.gz").hu, hu[1])
 
 
+def test_a_colour_image_is_not_taken_for_a_4d_one(tmp_path):
+    plane = sitk.GetImageFromArray(np.zeros((6, 20, 24), dtype=np.int16))
+    sitk.WriteImage(sitk.Compose([plane] * 3), str(tmp_path / "rgb.mha"))
+    with pytest.raises(CtError, match="rgb.mha: 3 values a voxel \\(a colour or vector image\\), where a CT has one"):
+        find_ct(tmp_path / "rgb.mha")
+
+
 def test_the_subfolder_named_for_a_patient_folder_is_a_ct(tmp_path):
     hu = np.zeros((6, 20, 24), dtype=np.int16)
     write_dicom_series(tilted_image(hu), tmp_path / "patient" / "study" / "series", "1.2.3")
