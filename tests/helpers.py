@@ -297,6 +297,11 @@ def _sheared_sform(image, tmp_path):
     return sheared_nifti(np.zeros((40, 20, 24), dtype=np.int16), tmp_path / "sheared.nii")
 
 
+def _sheared_mhd(image, tmp_path):
+    sitk.WriteImage(gantry_tilted_image(np.zeros((40, 20, 24), dtype=np.int16)), str(tmp_path / "sheared.mhd"))
+    return tmp_path / "sheared.mhd"
+
+
 def _truncated(name: str):
     def make(image, tmp_path):
         path = tmp_path / name
@@ -349,6 +354,8 @@ BAD_CTS = [  # (name, how to make it from an image and a folder, what the one li
                                   "the normal through slice0000.dcm"),
     ("sheared sform", _sheared_sform, "sheared.nii: sheared geometry: its sform (srow_x/y/z) has axes 20.0° off a "
                                       "right angle, 17.7 mm across the volume"),
+    ("sheared .mhd", _sheared_mhd, "sheared.mhd: sheared geometry: its direction cosines put axes 20.0° off a right "
+                                    "angle, 16.7 mm across the volume"),
     ("truncated .nii", _truncated("ct.nii"), "ct.nii: truncated, 4584 bytes where the header needs 6112"),
     ("truncated .nii.gz", _truncated("ct.nii.gz"), "ct.nii.gz: truncated, "),
     ("one DICOM file", _one_dicom_file, "slice0002.dcm: one DICOM slice, a 2-D image, not a CT: give the folder "
