@@ -21,11 +21,12 @@ Each CT is analysed by exactly one process (CTs dealt largest first to the least
 loaded process, so ranks finish together), its findings written atomically to
 `RESULTS/ct/<uid>.json` with what produced them (`produced_by`: analysis version,
 mode, the sha256 of each model's weights and of the CT's candidates, thresholds,
-mixed precision, the CT's header and data size). A rerun reuses a CT only when all of
-that is the same and redoes it otherwise; a CT that cannot be read is reported and
-left out. The main process gathers every process's findings and writes
-`detections.csv` (every group with both probabilities), `submission.csv` (LUNA16
-format, probability = p_nodule) and `summary.json`. When DIR holds `annotations.csv`
+mixed precision, the sha256 of the CT's voxels and geometry: `ct_identity`). A rerun
+reuses a CT only when all of that is the same and redoes it otherwise; a CT that cannot
+be read is reported and left out. Positions are in LPS, as LUNA16's tables give them
+(`geometry.LPS`), whatever the axes a CT is stored in. The main process gathers every
+process's findings and writes `detections.csv` (every group with both probabilities),
+`submission.csv` (LUNA16 format, probability = p_nodule) and `summary.json`. When DIR holds `annotations.csv`
 (where the download puts it, `luna_dist.layout`; its tables are checked before the first
 CT) it also scores them
 (`luna_dist.findings`): the confusion table of nodules found, filtered out and predicted
@@ -35,8 +36,10 @@ benign or malignant, and LUNA16's FROC/CPM of `submission.csv`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -51,7 +54,7 @@ from accelerate.utils import gather_object
 from luna_dist import __version__, cli
 from luna_dist.atomic import write_json
 from luna_dist.candidates import Annotation, CsvError, find_series, folds_as_built, read_candidates
-from luna_dist.ct import CtError, find_ct, metaimage_data_file
+from luna_dist.ct import DICOM_TAGS, MAX_CT_VOXELS, Ct, CtError, CtSource, find_ct, read_ct
 from luna_dist.detect import (
     BODY_HU,
     EROSION_ITERATIONS,
@@ -64,17 +67,18 @@ from luna_dist.detect import (
 )
 from luna_dist.evaluate import EvaluationError, shard_findings, write_marks
 from luna_dist.findings import Truth, marks_of, read_truth, score, write_detections
+from luna_dist.geometry import LPS
 from luna_dist.layout import find_tables
 from luna_dist.model import LunaModel, SegmentationModel, WeightsError
 from luna_dist.report import draw_ct, write_report
 
 log = get_logger("luna_dist.analyze")
 
-ANALYSIS_VERSION = 4
+ANALYSIS_VERSION = 5
 """Part of every CT's `produced_by`: bumped whenever the same inputs would give other findings, so a rerun
 redoes the CTs of an earlier version (version 1 wrote no `produced_by`; its findings sat on voxel centres;
 version 2 gave no sizes and drew no images; version 3 segmented every pixel, also outside the body, and in
-NCHW on a CPU)."""
+NCHW on a CPU; version 4 fed a CT in its stored axes order, and knew a .mhd by its header and data size)."""
 
 
 class AnalysisError(Exception):
@@ -117,36 +121,61 @@ def assign(sizes: dict[str, int], processes: int) -> list[list[str]]:
 
 
 # -- what produced a CT's findings ------------------------------------------------------------------
-def ct_identity(path: Path) -> dict:
-    """The CT without where it lies: of a `.mhd`, the sha256 of its header and the size of its data file;
-    of any other CT (`--ct`: NIfTI, a DICOM series, ...), the sha256 of every file its voxels are read from,
-    named, and their bytes (None: unknown).
+def ct_identity(ct: Ct) -> str:
+    """sha256 of a CT as the models see it: its shape, its geometry and its int16 voxels, turned to LPS.
 
-    A copied or moved CT is still the same CT, while a new header or a replaced .raw of another size is
-    not. A `.mhd` is checked cheaply (no voxel is read) because LUNA16 has 888 of them; the files of other
-    formats are hashed whole, since their header and voxels may share one file.
+    What a CT's findings follow from, and nothing else: a CT copied, moved or saved again (in another
+    format, compressed, its axes stored in another order) with the same voxels at the same points is the
+    same CT; one voxel changed, or a header that places them elsewhere, makes another. Hashed from memory
+    once the CT is read for its analysis, so its files are read once.
     """
-    if Path(path).suffix.lower() != ".mhd":
-        return _files_identity(path)
-    mhd = Path(path)
-    try:
-        header = mhd.read_bytes()
-    except OSError:
-        return {"header_sha256": None, "data_bytes": None}  # reading it fails too, and is reported
-    data_file = metaimage_data_file(mhd, header)
-    return {"header_sha256": hashlib.sha256(header).hexdigest(),
-            "data_bytes": data_file.stat().st_size if data_file is not None and data_file.is_file() else None}
+    digest = hashlib.sha256(f"{ct.hu.shape} {ct.hu.dtype}\n".encode())
+    for values in (ct.geometry.origin_xyz, ct.geometry.spacing_xyz, ct.geometry.direction):
+        digest.update(np.ascontiguousarray(values, dtype=np.float64).tobytes())
+    digest.update(np.ascontiguousarray(ct.hu))
+    return digest.hexdigest()
 
 
-def _files_identity(path: Path) -> dict:
+def read_known(path: Path, uid: str, max_voxels: int) -> tuple[Ct, dict, float]:
+    """The CT at `path` read for its analysis and named `uid`; its identity: `ct_identity`, with its files'
+    stat (`ct_files_stat`) as they were read; and the seconds all that took."""
+    started, since_ns = time.perf_counter(), time.time_ns()
+    ct = dataclasses.replace(read_ct(path, max_voxels), series_uid=uid)
+    identity = {"sha256": ct_identity(ct), "files": ct_files_stat(path, max_voxels, since_ns)}
+    return ct, identity, time.perf_counter() - started
+
+
+def known_unchanged(stored: dict, path: Path, max_voxels: int) -> bool:
+    """Whether the CT's files are those whose voxels `stored`'s identity hashed: their stat unchanged since."""
+    recorded = stored["produced_by"]["ct"].get("files")
+    return recorded is not None and recorded == ct_files_stat(path, max_voxels)
+
+
+UNSETTLED_NS = 2_000_000_000
+"""A file changed this recently (ns) before it is read is not known by its stat: a change within the same
+tick of a file system's clock (1-2 s on some) would leave the stat as it was."""
+
+
+def ct_files_stat(path: Path, max_voxels: int, before_ns: int | None = None) -> list[list] | None:
+    """What the file system says of each file a CT's voxels are read from (`ct.find_ct`): name, device, inode,
+    size, mtime and ctime (ns); None where it cannot say (the CT is unreadable, or, with `before_ns`, a
+    file changed within UNSETTLED_NS of it).
+
+    Its identity (`ct_identity`) is recorded with this, so a rerun knows the CT unread: the kernel sets a
+    file's ctime to the present at every change of its bytes or its stat (`touch` and `cp -p` included)
+    and nothing sets it back, so equal stats mean bytes unchanged since they were hashed. Where they
+    differ (a CT copied or moved, a file touched) the CT is read and its voxels hashed again, and only
+    new voxels are analysed anew. Not covered: a clock set back, and file systems without a change time
+    (FAT keeps a creation time there).
+    """
     try:
-        files = find_ct(path).files
-    except CtError:
-        return {"files_sha256": None, "data_bytes": None}  # reading it fails too, and is reported
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(f"{file.name} {file_sha256(file)}\n".encode())
-    return {"files_sha256": digest.hexdigest(), "data_bytes": sum(file.stat().st_size for file in files)}
+        files = find_ct(path, max_voxels).files
+        stats = [(file.name, file.stat()) for file in files]
+    except (CtError, OSError):
+        return None
+    if before_ns is not None and any(s.st_ctime_ns > before_ns - UNSETTLED_NS for _, s in stats):
+        return None
+    return [[name, s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns] for name, s in stats]
 
 
 def positions_sha256(xyz: np.ndarray) -> str:
@@ -175,12 +204,11 @@ def body_crop_setting(candidates_mode: bool, body_crop: bool) -> dict | None:
     return {"body_hu": BODY_HU, "margin": SEG_MARGIN} if body_crop and not candidates_mode else None
 
 
-def ct_produced_by(shared: dict, path: Path, candidates_xyz: np.ndarray | None,
-                   nodules: list[Annotation] | None) -> dict:
-    """`shared` and what is the CT's own: its candidates, its file(s), and its annotated nodules, whose
-    matches and images of missed ones its result holds."""
+def ct_produced_by(shared: dict, candidates_xyz: np.ndarray | None, nodules: list[Annotation] | None) -> dict:
+    """`shared` and what is the CT's own but its identity (`ct_identity`, known once the CT is read): its
+    candidates, and its annotated nodules, whose matches and images of missed ones its result holds."""
     return {**shared, "candidates_sha256": None if candidates_xyz is None else positions_sha256(candidates_xyz),
-            "nodules_sha256": None if nodules is None else nodules_sha256(nodules), "ct": ct_identity(path)}
+            "nodules_sha256": None if nodules is None else nodules_sha256(nodules)}
 
 
 def nodules_sha256(nodules: list[Annotation]) -> str:
@@ -190,14 +218,18 @@ def nodules_sha256(nodules: list[Annotation]) -> str:
 
 
 def finished_result(path: Path, wanted: dict) -> tuple[dict | None, bool]:
-    """The findings stored at `path` when `wanted` produced them, else None; and whether a file was there."""
+    """The findings stored at `path` when `wanted` produced them (`ct_produced_by`: all but the CT's identity,
+    which `produced_by["ct"]` holds), else None; and whether a file was there."""
     if not path.is_file():
         return None, False
     try:
         result = json.loads(path.read_text())
     except (OSError, ValueError):
         return None, True  # unreadable: redone and overwritten
-    return (result if isinstance(result, dict) and result.get("produced_by") == wanted else None), True
+    made_by = result.get("produced_by") if isinstance(result, dict) else None
+    same = (isinstance(made_by, dict) and isinstance(made_by.get("ct"), dict)
+            and {key: value for key, value in made_by.items() if key != "ct"} == wanted)
+    return (result if same else None), True
 
 
 # -- choosing the series ------------------------------------------------------------------------------
@@ -221,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="score these candidate positions instead of the segmentation's groups")
     parser.add_argument("--out", type=Path, required=True, help="results folder")
     parser.add_argument("--batch-size", type=int, default=32, help="slices, and chunks, per forward pass")
+    parser.add_argument("--max-ct-voxels", type=int, default=MAX_CT_VOXELS,
+                        help="refuse a CT whose header declares more voxels, before they are read (LUNA16's largest "
+                             "has 2.0e8)")
     parser.add_argument("--no-body-crop", dest="body_crop", action="store_false",
                         help="segment every pixel of each slice, not only the body's box (for a CT of several "
                              "separate objects, a phantom: the box holds the largest only)")
@@ -230,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    cli.check_at_least(parser, args, {"batch_size": 1})
+    cli.check_at_least(parser, args, {"batch_size": 1, "max_ct_voxels": 1})
     if args.candidates is None and args.seg_model is None:
         parser.error("--seg-model is needed (or --candidates CSV to score given positions)")
     if args.shards and args.series:
@@ -243,19 +278,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def ct_sources(paths: list[Path]) -> dict[str, Path]:
-    """The series of `--ct`'s CTs by their uid (`ct.find_ct`), each one's headers read and checked before
-    the first CT is analysed."""
+def ct_sources(paths: list[Path], max_voxels: int = MAX_CT_VOXELS, warn: bool = True) -> dict[str, Path]:
+    """The series of `--ct`'s CTs by their uid (`ct_uid`), each one's headers read and checked before the first
+    CT is analysed; with `warn` (the main process), a warning line for each file a DICOM folder holds that
+    cannot be read (a dangling link)."""
     series: dict[str, Path] = {}
     for path in paths:
         try:
-            uid = find_ct(path).series_uid
+            source = find_ct(path, max_voxels)
         except CtError as err:
             raise AnalysisError(f"--ct {err}") from None
+        for skipped in source.skipped if warn else ():
+            print(f"warning: --ct {skipped}: skipped; the series is checked without it", file=sys.stderr)
+        uid = ct_uid(source)
         if uid in series:
             raise AnalysisError(f"--ct {path}: series {uid} again (also {series[uid]}): give each series once")
         series[uid] = path
     return series
+
+
+DICOM_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+"""A DICOM UID (PS3.5 9.1): digits and dots."""
+
+
+def ct_uid(source: CtSource) -> str:
+    """The uid a `--ct` CT is known by, which names its results (`ct/<uid>.json`, its rows): DICOM's
+    SeriesInstanceUID where its files have one; the file's name where that is a UID (LUNA16 names its
+    files so); else the folder's and the file's names, `anna_scan` for `anna/scan.nii.gz`, so that two
+    scans of one name in two folders are two CTs.
+
+    A SeriesInstanceUID that is no UID is refused: a file's text never chooses where results are written.
+    """
+    if source.dicom_uid:
+        if not DICOM_UID.fullmatch(source.series_uid):
+            raise AnalysisError(f"--ct {source.path}: its SeriesInstanceUID {source.series_uid!r} "
+                                f"({DICOM_TAGS['series_uid']}) is not a DICOM UID (digits and dots)")
+        return source.series_uid
+    if source.path.is_dir() or (DICOM_UID.fullmatch(source.series_uid) and "." in source.series_uid):
+        return source.series_uid
+    return f"{source.path.resolve().parent.name}_{source.series_uid}"
 
 
 def find_on_disk(data: Path) -> dict[str, Path]:
@@ -394,31 +455,42 @@ def analyse_share(share: list[str], series: dict[str, Path], positions: Position
         cli.raise_if_interrupted()
         path, xyz = per_ct / f"{uid}.json", None if positions is None else positions.xyz[uid]
         nodules = nodules_of.get(uid, []) if truth else None
-        wanted = ct_produced_by(shared, series[uid], xyz, nodules)
-        result, existed = finished_result(path, wanted)
-        if result is not None:
-            done.results.append(result)
+        wanted = ct_produced_by(shared, xyz, nodules)
+        stored, existed = finished_result(path, wanted)
+        if stored is not None and known_unchanged(stored, series[uid], args.max_ct_voxels):
+            done.results.append(stored)
             done.reused += 1
             continue
         try:
-            analysed = analyze_ct(series[uid], models, accelerator.device, args.batch_size, accelerator.autocast,
-                                  xyz, args.body_crop)
+            ct, identity, read_seconds = read_known(series[uid], uid, args.max_ct_voxels)
+            same_voxels = stored is not None and stored["produced_by"]["ct"].get("sha256") == identity["sha256"]
+            analysed = None if same_voxels else analyze_ct(ct, models, accelerator.device, args.batch_size,
+                                                           accelerator.autocast, xyz, args.body_crop)
         except CtError as err:
             done.failed.append({"series_uid": uid, "path": str(series[uid]), "error": str(err)})
             print(f"error: {err}; {uid} left out", file=sys.stderr)
             continue
-        result = analysed.result
-        result["produced_by"] = wanted
+        del ct  # analysed holds it while its images are drawn
+        if same_voxels:  # its files copied, moved or touched: reused, and rewritten to be known unread next time
+            result = {**stored, "produced_by": {**wanted, "ct": identity}}
+        else:
+            result = analysed.result
+            result["seconds"] = {"read": read_seconds, **result["seconds"]}
+            result["produced_by"] = {**wanted, "ct": identity}
         try:
-            started = time.perf_counter()
-            draw_ct(analysed, nodules, args.out)  # while the CT and its groups are in memory
-            result["seconds"]["images"] = time.perf_counter() - started
-            del analysed
+            if analysed is not None:
+                started = time.perf_counter()
+                draw_ct(analysed, nodules, args.out)  # while the CT and its groups are in memory
+                result["seconds"]["images"] = time.perf_counter() - started
+                del analysed
             write_json(path, result)
         except OSError as err:
             done.write_error = f"{err.strerror or err}: {err.filename or path}"
             break  # the others would not be written either; what is written stays
         done.results.append(result)
+        if same_voxels:
+            done.reused += 1
+            continue
         done.redone += existed
         print(f"rank {accelerator.process_index}: {uid}: {len(result['detections'])} groups in "
               f"{sum(result['seconds'].values()):.1f} s", file=sys.stderr)
@@ -446,7 +518,7 @@ def _run(args: argparse.Namespace, accelerator: Accelerator) -> dict:
     # Every input is read and checked before the first CT: a bad one costs seconds, not an analysis.
     is_main = accelerator.is_main_process
     if args.ct:
-        series, note, truth = ct_sources(args.ct), None, None
+        series, note, truth = ct_sources(args.ct, args.max_ct_voxels, is_main), None, None
     else:
         found = find_on_disk(args.data)
         series, note = select_series(args, found)
@@ -481,7 +553,8 @@ def _run(args: argparse.Namespace, accelerator: Accelerator) -> dict:
         if redone:
             log.info(f"{redone} CT(s) redone: their findings in {args.out / 'ct'} were produced otherwise "
                      "(another analysis version, mode, model, candidates, body crop, precision or CT)")
-        summary = {"series": len(series), "analysed": len(results), "resumed": reused, "redone": redone,
+        summary = {"series": len(series), "analysed": len(results), "coordinates": LPS, "resumed": reused,
+                   "redone": redone,
                    "failed": failed, "processes": accelerator.num_processes,
                    "candidate_rows_not_on_disk": sum(positions.not_on_disk.values()) if positions else 0,
                    "produced_by": run_produced_by(args, models, shared)}

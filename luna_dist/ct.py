@@ -1,9 +1,18 @@
-"""Read one CT with SimpleITK and cut fixed-size chunks around candidate centres."""
+"""Read one CT with SimpleITK and cut fixed-size chunks around candidate centres.
+
+A CT is checked from its headers before any voxel is read (`find_ct`): its size against
+the flag `--max-ct-voxels` and against its files (`luna_dist.ct_files`), its grid's axes at
+right angles, a DICOM folder's slices all there. Once read, voxels that are no number are
+refused, and the CT is turned to LUNA16's axes (`geometry.LPS`), so the models and every
+measurement see any CT as they saw LUNA16's, while positions stay those of its header.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +20,17 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from luna_dist.geometry import Geometry
+from luna_dist.ct_files import (  # CtError and metaimage_data_file are known by this module's name too
+    SHEAR_TOLERANCE,
+    CtError,
+    check_metaimage,
+    check_nifti,
+    check_orthogonal,
+    is_nifti,
+    metaimage_data_file,
+    nifti_no_numbers,
+)
+from luna_dist.geometry import LPS, Geometry, lps_turn, orientation
 
 HU_MIN, HU_MAX = -1000, 1000
 """Hounsfield range kept: air at -1000; bone and metal above +1000 carry nothing for nodules."""
@@ -19,16 +38,18 @@ HU_MIN, HU_MAX = -1000, 1000
 CHUNK_SHAPE = (32, 48, 48)
 """Chunk size in voxels, (I, R, C) = (slices, rows, columns)."""
 
-
-class CtError(Exception):
-    """A CT that cannot be read; the message names the file and the problem."""
+MAX_CT_VOXELS = 2**30
+"""`--max-ct-voxels`' default: a header declaring more voxels is refused before they are allocated. LUNA16's
+largest CT is 764x512x512 (2.0e8 voxels), a thin-slice chest CT 1,000 slices of 512x512 (2.6e8); 2**30
+(1.07e9) is four times that, where the analysis's arrays (about 12 bytes a voxel) reach 13 GB."""
 
 
 @dataclass
 class Ct:
     series_uid: str
-    hu: np.ndarray  # (I, R, C) int16 Hounsfield units as stored, a view of the image; chunks are clipped when cut
-    geometry: Geometry
+    hu: np.ndarray  # (I, R, C) int16 Hounsfield units, turned to LPS; a view of the image; chunks are clipped when cut
+    geometry: Geometry  # of `hu`: identity direction for an axis-aligned CT
+    stored_axes: str = LPS  # how the file's axes ran before the turn (`geometry.orientation`: RAS, LPI, ...)
 
 
 @dataclass(frozen=True)
@@ -37,8 +58,12 @@ class CtSource:
 
     path: Path  # as given: an image file, or a folder holding one DICOM series
     series_uid: str  # DICOM's SeriesInstanceUID where there is one, else the file's name without its suffixes
-    files: tuple[Path, ...]  # what the voxels are read from: the file, or the series' slices in order
-    size_irc: tuple[int, int, int]  # slices, rows, columns
+    files: tuple[Path, ...]  # what the voxels come from: the file (a .mhd and its data file), or the slices in order
+    size_irc: tuple[int, int, int]  # slices, rows, columns, once turned to LPS
+    geometry: Geometry  # once turned to LPS
+    stored_axes: str  # how the file's axes run (`geometry.orientation`)
+    dicom_uid: bool = False  # series_uid is the files' SeriesInstanceUID (not a name)
+    skipped: tuple[str, ...] = ()  # what a DICOM folder holds besides its series and could not be read: one line each
 
 
 DICOM_TAGS = {"modality": "0008|0060", "series_uid": "0020|000e", "position": "0020|0032",
@@ -50,25 +75,100 @@ SLICE_GAP_TOLERANCE = 0.01
 decimal strings) before the series counts as unevenly spaced or missing slices."""
 
 
-def find_ct(path: Path) -> CtSource:
+def find_ct(path: Path, max_voxels: int = MAX_CT_VOXELS) -> CtSource:
     """A CT's source from its headers: a `.mhd/.raw` pair, another 3-D image file SimpleITK reads (NIfTI,
     `.mha`, `.nrrd`, a multi-frame DICOM file), or a folder holding one DICOM series.
 
-    Raises CtError naming the path and the problem: not found, unreadable, not 3-D, a DICOM modality other
-    than CT, a folder of no or several series, a series of one slice, slices missing or unevenly spaced.
+    Raises CtError naming the path and the problem: not found, not a regular file, unreadable, not 3-D (a
+    4-D or vector image), more than `max_voxels` voxels, shorter than its header declares, a DICOM modality
+    other than CT, a single DICOM slice, a folder of no or several series, a series of one slice, slices
+    missing or unevenly spaced, a sheared grid (a gantry-tilted series, a sheared sform).
     """
     path = Path(path)
-    if path.is_dir():
-        return _dicom_series(path)
-    if not path.is_file():
-        raise CtError(f"{path}: file not found")
-    if path.suffix.lower() == ".mhd":
-        _check_metaimage(path)
+    with _itk_quiet():
+        return _dicom_series(path, max_voxels) if path.is_dir() else _image_file(path, max_voxels)
+
+
+def read_ct(path: Path, max_voxels: int = MAX_CT_VOXELS) -> Ct:
+    """Read a CT (`find_ct`: a `.mhd/.raw` pair, another image file, a DICOM series folder) as int16 HU
+    turned to LPS, with its geometry (origin, spacing, direction cosines), without a copy when stored as
+    int16 in LPS order (as LUNA16's are).
+
+    DICOM's rescale slope and intercept are applied by SimpleITK. Raises CtError naming the file for what
+    `find_ct` refuses, an image ITK cannot read, voxel types that cannot hold HU (unsigned or 8-bit), and
+    voxels that are no number (NaN, infinite).
+    """
+    source = find_ct(path, max_voxels)
+    try:  # as stored: a cast here would wrap values beyond int16
+        with _itk_quiet():
+            image = sitk.ReadImage([str(f) for f in source.files] if source.path.is_dir() else str(source.path))
+    except RuntimeError as err:
+        raise CtError(f"{source.path}: cannot read the image: {_itk_reason(err)}") from err
+    if is_nifti(source.path):
+        _refuse_no_numbers(source.path, nifti_no_numbers(source.path, _header(source.path)), image)
+    image = turned_to_lps(image)
+    return Ct(source.series_uid, _as_int16_hu(source.path, image), Geometry.of_image(image), source.stored_axes)
+
+
+def turned_to_lps(image: sitk.Image) -> sitk.Image:
+    """The image with its axes turned to LPS by `sitk.DICOMOrient` (permuted and flipped, never interpolated:
+    every voxel keeps its value and its point), or the image itself where they already run so."""
+    order, flips = lps_turn(np.reshape(image.GetDirection(), (3, 3)))
+    return image if order == (0, 1, 2) and not any(flips) else sitk.DICOMOrient(image, LPS)
+
+
+@contextlib.contextmanager
+def _itk_quiet():
+    """ITK prints its warnings raw on stderr (`WARNING: In .../itkGDCMSeriesFileNames.cxx ...`, NIfTI's
+    "unexpected scales in sform"): off while a CT is listed and read, its problems said here instead."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+# -- one image file ----------------------------------------------------------------------------------------
+_NOT_REGULAR = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+
+
+def _image_file(path: Path, max_voxels: int) -> CtSource:
+    _check_regular_file(path)
+    data_file = check_metaimage(path) if path.suffix.lower() in (".mhd", ".mha") else None
     reader = _header(path)
     _check_modality(path, reader)
-    if reader.GetDimension() != 3:
-        raise CtError(f"{path}: expected a 3-D image, found {reader.GetDimension()}-D")
-    return CtSource(path, _tag(reader, "series_uid") or _stem(path), (path,), tuple(reader.GetSize()[::-1]))
+    uid = _tag(reader, "series_uid")
+    size = _check_volume(path, reader, uid is not None)
+    _check_voxels(path, size, max_voxels)
+    if is_nifti(path):
+        check_nifti(path, reader)
+    geometry = Geometry.of_image(reader)
+    check_orthogonal(path, geometry.direction * geometry.spacing_xyz, size, "sheared geometry: its direction cosines "
+                     "put axes")
+    return _source(path, uid or _stem(path), (path,) if data_file is None else (path, data_file), size, geometry,
+                   dicom_uid=uid is not None)
+
+
+def _source(path: Path, uid: str, files: tuple[Path, ...], size_xyz, geometry: Geometry, **more) -> CtSource:
+    """The source of a CT of `size_xyz` voxels at `geometry` as stored, described as it will be read: in LPS."""
+    turned, size = geometry.turned_to_lps(tuple(size_xyz))
+    return CtSource(path, uid, files, size[::-1], turned, orientation(geometry.direction), **more)
+
+
+def _check_regular_file(path: Path) -> None:
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise CtError(f"{path}: a symbolic link to {os.readlink(path)}, which does not exist") from None
+        raise CtError(f"{path}: file not found") from None
+    except OSError as err:
+        raise CtError(f"{path}: cannot read it: {err.strerror}") from None
+    if not stat.S_ISREG(mode):
+        kind = next((what for test, what in _NOT_REGULAR if test(mode)), "no file")
+        raise CtError(f"{path}: not a regular file ({kind}): give an image file, or a folder holding a DICOM series")
 
 
 def _stem(path: Path) -> str:
@@ -77,36 +177,261 @@ def _stem(path: Path) -> str:
     return Path(name).stem
 
 
-def read_ct(path: Path) -> Ct:
-    """Read a CT (`find_ct`: a `.mhd/.raw` pair, another image file, a DICOM series folder) as int16 HU, with
-    its geometry (origin, spacing, direction cosines), without a copy when stored as int16.
+def _check_volume(path: Path, reader: sitk.ImageFileReader, dicom: bool) -> tuple[int, int, int]:
+    """The size (x, y, z) of a 3-D image of one value a voxel; CtError for anything else, saying what it is."""
+    size, components = reader.GetSize(), reader.GetNumberOfComponents()
+    if components > 1 and not is_nifti(path):
+        raise CtError(f"{path}: {components} values a voxel (a colour or vector image), where a CT has one HU value")
+    if reader.GetDimension() == 4 or components > 1:  # NIfTI's dim[4] (volumes), or dim[5] (numpy's 4-D arrays)
+        volumes, advice = ((size[3], f"sitk.ReadImage({str(path)!r})[:, :, :, K]") if components == 1 else
+                           (components, f"sitk.VectorIndexSelectionCast(sitk.ReadImage({str(path)!r}), K)"))
+        raise CtError(f"{path}: a 4-D image, {volumes} volumes of {'x'.join(map(str, size[:3]))} voxels (NIfTI's "
+                      f"dim[{4 if components == 1 else 5}]), where a CT is one: give the volume K you mean (0 to "
+                      f"{volumes - 1}), e.g. written by sitk.WriteImage({advice}, 'volume.nii.gz')")
+    if reader.GetDimension() != 3:
+        raise CtError(f"{path}: expected a 3-D image, found {reader.GetDimension()}-D")
+    if dicom and size[2] == 1:
+        raise CtError(f"{path}: one DICOM slice, a 2-D image, not a CT: give the folder holding its series "
+                      f"({path.parent})")
+    return size
 
-    DICOM's rescale slope and intercept are applied by SimpleITK. Raises CtError naming the file for what
-    `find_ct` refuses, a truncated image, and voxel types that cannot hold HU (unsigned or 8-bit).
-    """
-    source = find_ct(path)
-    try:  # as stored: a cast here would wrap values beyond int16
-        image = sitk.ReadImage([str(f) for f in source.files] if source.path.is_dir() else str(source.path))
+
+def _check_voxels(path: Path, size_xyz, max_voxels: int) -> None:
+    voxels = int(np.prod(size_xyz, dtype=np.int64))
+    if voxels > max_voxels:
+        raise CtError(f"{path}: its header declares {'x'.join(map(str, size_xyz))} = {voxels:,} voxels, more than "
+                      f"--max-ct-voxels {max_voxels:,} (LUNA16's largest CT has 200,278,016): not read; raise "
+                      "--max-ct-voxels if the CT is that large")
+
+
+def _header(path: Path, io: str = "") -> sitk.ImageFileReader:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.SetImageIO(io)
+    try:
+        reader.ReadImageInformation()
     except RuntimeError as err:
-        raise CtError(f"{source.path}: cannot read the image: {_itk_reason(err)}") from err
-    return Ct(series_uid=source.series_uid, hu=_as_int16_hu(source.path, image), geometry=Geometry.of_image(image))
+        raise CtError(f"{path}: cannot read the image: {_itk_reason(err)}") from err
+    return reader
+
+
+def _tag(reader: sitk.ImageFileReader, name: str) -> str | None:
+    """A DICOM tag's value, without DICOM's padding; None where the file has none (or is no DICOM file)."""
+    key = DICOM_TAGS[name]
+    if not reader.HasMetaDataKey(key):
+        return None
+    return reader.GetMetaData(key).strip(" \0") or None
+
+
+def _check_modality(path: Path, reader: sitk.ImageFileReader) -> None:
+    modality = _tag(reader, "modality")
+    if modality is not None and modality.upper() != "CT":
+        raise CtError(f"{path}: DICOM modality {modality} ({DICOM_TAGS['modality']}), not CT: only CTs are analysed")
+
+
+# -- a DICOM series ----------------------------------------------------------------------------------------
+def _dicom_series(folder: Path, max_voxels: int) -> CtSource:
+    """The one DICOM series of `folder`, its slices in order along their normal, checked evenly spaced and
+    stacked along that normal (no gantry tilt)."""
+    series, skipped, subfolders = _dicom_files(folder)
+    if not series:
+        holding = _folders_holding_dicom(subfolders)
+        raise CtError(f"{folder}: a folder holding no DICOM series" + (
+            f"; its subfolder(s) {', '.join(str(f.relative_to(folder)) for f in holding[:3])}"
+            f"{', ...' if len(holding) > 3 else ''} hold DICOM files: give one of them" if holding else
+            " (give a folder of one DICOM series, or an image file such as .mhd, .nii.gz, .mha or .nrrd)"))
+    if len(series) > 1:
+        uids = sorted(series)
+        raise CtError(f"{folder}: {len(uids)} DICOM series ({', '.join(uids[:3])}"
+                      f"{', ...' if len(uids) > 3 else ''}): give a folder holding one series")
+    uid, slices = next(iter(series.items()))
+    files, headers = [file for file, _ in slices], [reader for _, reader in slices]
+    for file, reader in zip(files, headers):
+        _check_modality(file, reader)
+    if len(files) < 2:
+        raise CtError(f"{folder}: a DICOM series of one slice: a 2-D image, not a CT")
+    columns, rows = headers[0].GetSize()[:2]
+    _check_voxels(folder, (columns, rows, len(files)), max_voxels)
+    order, spacing = _slice_order(folder, uid, files, headers)
+    first = headers[order[0]]
+    geometry = Geometry(np.array(first.GetOrigin()), np.array([*first.GetSpacing()[:2], spacing]),
+                        np.reshape(first.GetDirection(), (3, 3)))
+    return _source(folder, uid or folder.name, tuple(files[k] for k in order), (columns, rows, len(files)), geometry,
+                   dicom_uid=bool(uid), skipped=tuple(skipped))
+
+
+def _dicom_files(folder: Path) -> tuple[dict[str, list[tuple[Path, sitk.ImageFileReader]]], list[str], list[Path]]:
+    """The DICOM files in `folder` (not its subfolders) with their headers, by SeriesInstanceUID; a line per
+    entry that is skipped; and the subfolders.
+
+    Listed here, as GDCM's reader reads each file's header anyway: GDCM's own listing
+    (`GetGDCMSeriesIDs`) stops at a dangling link, leaving the slices after it out. A file that is
+    no DICOM image (a DICOMDIR, notes) is passed over, as GDCM passes it over; what cannot be read
+    at all (a dangling link, a FIFO, no permission) is skipped and named.
+    """
+    try:
+        entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+    except OSError as err:
+        raise CtError(f"{folder}: cannot list it: {err.strerror}") from None
+    series: dict[str, list] = {}
+    skipped, subfolders = [], []
+    for entry in entries:
+        path = Path(entry.path)
+        if entry.is_dir():
+            subfolders.append(path)
+        elif not entry.is_file():
+            skipped.append(f"{path}: a symbolic link to {os.readlink(path)}, which does not exist"
+                           if entry.is_symlink() and not path.exists() else f"{path}: not a regular file")
+        elif not os.access(path, os.R_OK):
+            skipped.append(f"{path}: cannot be read (no permission)")
+        elif (reader := _dicom_header(path)) is not None:
+            series.setdefault(_tag(reader, "series_uid") or "", []).append((path, reader))
+    return series, skipped, subfolders
+
+
+def _dicom_header(path: Path) -> sitk.ImageFileReader | None:
+    """The header of a DICOM image file, read by GDCM; None where the file is none."""
+    try:
+        return _header(path, "GDCMImageIO")
+    except CtError:
+        return None
+
+
+def _folders_holding_dicom(folders: list[Path], depth: int = 2) -> list[Path]:
+    """Those of `folders`, and of their subfolders `depth` levels down, that hold a DICOM file (`DICM` at
+    byte 128, DICOM's file preamble): where a patient's folder keeps its series."""
+    holding = []
+    for folder in folders:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+        except OSError:
+            continue
+        if any(entry.is_file() and _is_dicom_file(Path(entry.path)) for entry in entries):
+            holding.append(folder)
+        elif depth > 1:
+            holding += _folders_holding_dicom([Path(entry.path) for entry in entries if entry.is_dir()], depth - 1)
+    return holding
+
+
+def _is_dicom_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as file:
+            return file.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def _slice_order(folder: Path, uid: str, files: list[Path], headers: list[sitk.ImageFileReader]
+                 ) -> tuple[np.ndarray, float]:
+    """The slices' order along their normal, from each file's ImagePositionPatient projected on the normal
+    of its ImageOrientationPatient, and their spacing; CtError where slices are missing or uneven, or
+    stacked off their normal (a gantry tilt, which ITK's series reader would drop: the grid is sheared)."""
+    try:
+        position = np.array([[float(v) for v in _tag(r, "position").split("\\")] for r in headers])
+        orientation = np.array([float(v) for v in _tag(headers[0], "orientation").split("\\")])
+    except (AttributeError, ValueError):
+        raise CtError(f"{folder}: a DICOM slice without a readable ImagePositionPatient "
+                      f"({DICOM_TAGS['position']}) or ImageOrientationPatient ({DICOM_TAGS['orientation']}): "
+                      "the slices cannot be placed") from None
+    normal = np.cross(orientation[:3], orientation[3:])
+    along = position @ normal
+    order = np.argsort(along, kind="stable")
+    along = along[order]
+    gaps = np.diff(along)
+    spacing = float(np.median(gaps))
+    if spacing <= 0:
+        raise CtError(f"{folder}: its slices lie at the same position: not one 3-D series")
+    off = np.flatnonzero(np.abs(gaps - spacing) > SLICE_GAP_TOLERANCE * spacing)
+    if len(off):
+        k = off[0]
+        missing = round(gaps[k] / spacing) - 1
+        what = (f"{missing} slice(s) missing" if missing >= 1 and abs(gaps[k] - (missing + 1) * spacing)
+                <= SLICE_GAP_TOLERANCE * spacing else "uneven slice spacing")
+        raise CtError(f"{folder}: {what}: {gaps[k]:.4g} mm between {files[order[k]].name} and "
+                      f"{files[order[k + 1]].name} (at {along[k]:.4g} and {along[k + 1]:.4g} mm along the slice "
+                      f"normal) where the others are {spacing:.4g} mm apart"
+                      + (f", and {len(off) - 1} more such gap(s)" if len(off) > 1 else ""))
+    _check_tilt(folder, uid, [files[k] for k in order], position[order], normal, headers[0].GetSpacing()[:2])
+    return order, spacing
+
+
+def _check_tilt(folder: Path, uid: str, files: list[Path], position: np.ndarray, normal: np.ndarray,
+                pixel_mm: tuple[float, float]) -> None:
+    """CtError where a slice lies off the line through the first one along the slices' normal by more than
+    `ct_files.SHEAR_TOLERANCE` of a pixel: a gantry tilt, named by its angle."""
+    step = position - position[0]
+    along = step @ normal
+    off = np.linalg.norm(step - along[:, None] * normal, axis=1)
+    worst = int(np.argmax(off))
+    if off[worst] > SHEAR_TOLERANCE * min(pixel_mm):
+        angle = np.degrees(np.arctan2(off[worst], abs(along[worst])))
+        raise CtError(f"{folder}: series {uid or folder.name} has a gantry tilt of {angle:.1f}°: {files[worst].name} "
+                      f"lies {off[worst]:.1f} mm off the normal through {files[0].name} (ImagePositionPatient "
+                      "against ImageOrientationPatient): a sheared grid, which the models never saw; resample it "
+                      "onto an orthogonal grid first")
+
+
+# -- the voxels --------------------------------------------------------------------------------------------
+_CANNOT_HOLD_HU = (sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkUInt32, sitk.sitkUInt64)
+"""Voxel types without room for air's -1000 HU: such a CT holds raw scanner values or a picture, not HU."""
+
+
+def _as_int16_hu(path: Path, image: sitk.Image) -> np.ndarray:
+    """The voxels as int16 HU: a view of an int16 image; other types clipped to int16's range in their own
+    type, then converted (floats rounded), so 40000.0 stays bone instead of wrapping round to air."""
+    if image.GetPixelID() == sitk.sitkInt16:
+        return np.asarray(_ImageBuffer(image))
+    if image.GetPixelID() in _CANNOT_HOLD_HU or image.GetNumberOfComponentsPerPixel() != 1:
+        raise CtError(f"{path}: voxels are {image.GetPixelIDTypeAsString()}, which cannot hold Hounsfield units "
+                      "(air is -1000 HU); convert the CT to HU first (signed 16-bit, MET_SHORT, with its rescale "
+                      "slope and intercept applied)")
+    voxels = sitk.GetArrayViewFromImage(image)
+    if np.issubdtype(voxels.dtype, np.floating):
+        _check_numbers(path, voxels)
+    info = np.iinfo(np.int16)
+    clipped = np.clip(voxels, info.min, info.max)
+    if np.issubdtype(clipped.dtype, np.floating):
+        np.rint(clipped, out=clipped)
+    return clipped.astype(np.int16)
+
+
+def _check_numbers(path: Path, voxels: np.ndarray) -> None:
+    """CtError where float voxels are not all numbers: NaN or infinite HU has no int16 value, and would be
+    converted to whatever the cast makes of it (a NIfTI's are found in its file: `ct_files.nifti_no_numbers`).
+
+    Found by one sum in float64 (NaN and infinity carry through it; no array is allocated); only where
+    it is not finite are the voxels counted, which also clears a float64 CT whose sum merely overflowed.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.add.reduce(voxels, axis=None, dtype=np.float64)):
+            return
+    _refuse_no_numbers(path, voxels.size - int(np.count_nonzero(np.isfinite(voxels))), voxels)
+
+
+def _refuse_no_numbers(path: Path, bad: int, voxels: np.ndarray | sitk.Image) -> None:
+    total = voxels.size if isinstance(voxels, np.ndarray) else int(np.prod(voxels.GetSize()))
+    if bad:
+        raise CtError(f"{path}: {'all' if bad == total else f'{bad:,} of the'} {total:,} voxels are not a number (NaN "
+                      "or infinite), which no HU stands for: " + ("an empty or failed image, not a CT" if bad == total
+                                                                   else "fill them in the CT first (e.g. with -1000)"))
+
+
+class _ImageBuffer:
+    """Exposes an image's voxels to numpy without a copy while keeping the image alive.
+
+    `sitk.GetArrayViewFromImage` alone returns a view that does not own the image: once
+    the image is collected, the view reads freed memory. An array made from this object
+    holds it (and so the image) as its base.
+    """
+
+    def __init__(self, image: sitk.Image):
+        self.image = image
+        self.__array_interface__ = sitk.GetArrayViewFromImage(image).__array_interface__
 
 
 READ_AHEAD_STEP = 1 << 20
 """Bytes a read-ahead asks for at a time: Linux reads at most the device's readahead or largest request
 (128 kB to 8 MB) of one `POSIX_FADV_WILLNEED`, so a CT is asked for in steps."""
-
-
-def metaimage_data_file(mhd: Path, header: bytes) -> Path | None:
-    """The file the `.mhd` header `header` names for its voxels (which may not exist), or None."""
-    named = _metaimage_fields(header.decode(errors="replace")).get("ElementDataFile")
-    return mhd.parent / named if named else None
-
-
-def _metaimage_fields(header: str) -> dict[str, str]:
-    """A MetaImage header's `KEY = VALUE` lines."""
-    return dict((key.strip(), value.strip())
-                for key, sep, value in (line.partition("=") for line in header.splitlines()) if sep)
 
 
 class ReadAhead:
@@ -138,7 +463,7 @@ def read_ahead(path: Path) -> None:
         if path.suffix.lower() == ".mhd" and (data := metaimage_data_file(path, path.read_bytes())) is not None:
             files.append(data)
         for file in files:
-            fd = os.open(file, os.O_RDONLY)
+            fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO among a folder's files would block
             try:
                 for offset in range(0, os.fstat(fd).st_size, READ_AHEAD_STEP):
                     os.posix_fadvise(fd, offset, READ_AHEAD_STEP, os.POSIX_FADV_WILLNEED)
@@ -146,171 +471,6 @@ def read_ahead(path: Path) -> None:
                 os.close(fd)
     except OSError:
         pass
-
-
-def _header(path: Path) -> sitk.ImageFileReader:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as err:
-        raise CtError(f"{path}: cannot read the image: {_itk_reason(err)}") from err
-    return reader
-
-
-def _tag(reader: sitk.ImageFileReader, name: str) -> str | None:
-    """A DICOM tag's value, without DICOM's padding; None where the file has none (or is no DICOM file)."""
-    key = DICOM_TAGS[name]
-    if not reader.HasMetaDataKey(key):
-        return None
-    return reader.GetMetaData(key).strip(" \0") or None
-
-
-def _check_modality(path: Path, reader: sitk.ImageFileReader) -> None:
-    modality = _tag(reader, "modality")
-    if modality is not None and modality.upper() != "CT":
-        raise CtError(f"{path}: DICOM modality {modality} ({DICOM_TAGS['modality']}), not CT: only CTs are analysed")
-
-
-def _dicom_series(folder: Path) -> CtSource:
-    """The one DICOM series of `folder`, its slices in order along their normal, checked evenly spaced."""
-    try:
-        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    except RuntimeError as err:
-        raise CtError(f"{folder}: cannot list its DICOM series: {_itk_reason(err)}") from err
-    if not series:
-        raise CtError(f"{folder}: a folder holding no DICOM series (give a folder of one DICOM series, or an image "
-                      "file such as .mhd, .nii.gz, .mha or .nrrd)")
-    if len(series) > 1:
-        raise CtError(f"{folder}: {len(series)} DICOM series ({', '.join(series[:3])}"
-                      f"{', ...' if len(series) > 3 else ''}): give a folder holding one series")
-    files = [Path(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])]
-    headers = [_header(f) for f in files]
-    for file, reader in zip(files, headers):
-        _check_modality(file, reader)
-    if len(files) < 2:
-        raise CtError(f"{folder}: a DICOM series of one slice: a 2-D image, not a CT")
-    order = _slice_order(folder, files, headers)
-    columns, rows = headers[0].GetSize()[:2]
-    return CtSource(folder, _tag(headers[0], "series_uid") or folder.name, tuple(files[k] for k in order),
-                    (len(files), rows, columns))
-
-
-def _slice_order(folder: Path, files: list[Path], headers: list[sitk.ImageFileReader]) -> np.ndarray:
-    """The slices' order along their normal, from each file's ImagePositionPatient
-    projected on the normal of its ImageOrientationPatient; CtError where slices are missing or uneven."""
-    try:
-        position = np.array([[float(v) for v in _tag(r, "position").split("\\")] for r in headers])
-        orientation = np.array([float(v) for v in _tag(headers[0], "orientation").split("\\")])
-    except (AttributeError, ValueError):
-        raise CtError(f"{folder}: a DICOM slice without a readable ImagePositionPatient "
-                      f"({DICOM_TAGS['position']}) or ImageOrientationPatient ({DICOM_TAGS['orientation']}): "
-                      "the slices cannot be placed") from None
-    along = position @ np.cross(orientation[:3], orientation[3:])
-    order = np.argsort(along, kind="stable")
-    along = along[order]
-    gaps = np.diff(along)
-    spacing = float(np.median(gaps))
-    if spacing <= 0:
-        raise CtError(f"{folder}: its slices lie at the same position: not one 3-D series")
-    off = np.flatnonzero(np.abs(gaps - spacing) > SLICE_GAP_TOLERANCE * spacing)
-    if len(off):
-        k = off[0]
-        missing = round(gaps[k] / spacing) - 1
-        what = (f"{missing} slice(s) missing" if missing >= 1 and abs(gaps[k] - (missing + 1) * spacing)
-                <= SLICE_GAP_TOLERANCE * spacing else "uneven slice spacing")
-        raise CtError(f"{folder}: {what}: {gaps[k]:.4g} mm between {files[order[k]].name} and "
-                      f"{files[order[k + 1]].name} (at {along[k]:.4g} and {along[k + 1]:.4g} mm along the slice "
-                      f"normal) where the others are {spacing:.4g} mm apart"
-                      + (f", and {len(off) - 1} more such gap(s)" if len(off) > 1 else ""))
-    return order
-
-
-_CANNOT_HOLD_HU = (sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkUInt32, sitk.sitkUInt64)
-"""Voxel types without room for air's -1000 HU: such a CT holds raw scanner values or a picture, not HU."""
-
-
-def _as_int16_hu(path: Path, image: sitk.Image) -> np.ndarray:
-    """The voxels as int16 HU: a view of an int16 image; other types clipped to int16's range in their own
-    type, then converted (floats rounded), so 40000.0 stays bone instead of wrapping round to air."""
-    if image.GetPixelID() == sitk.sitkInt16:
-        return np.asarray(_ImageBuffer(image))
-    if image.GetPixelID() in _CANNOT_HOLD_HU or image.GetNumberOfComponentsPerPixel() != 1:
-        raise CtError(f"{path}: voxels are {image.GetPixelIDTypeAsString()}, which cannot hold Hounsfield units "
-                      "(air is -1000 HU); convert the CT to HU first (signed 16-bit, MET_SHORT, with its rescale "
-                      "slope and intercept applied)")
-    voxels = sitk.GetArrayViewFromImage(image)
-    info = np.iinfo(np.int16)
-    clipped = np.clip(voxels, info.min, info.max)
-    if np.issubdtype(clipped.dtype, np.floating):
-        np.rint(clipped, out=clipped)
-    return clipped.astype(np.int16)
-
-
-class _ImageBuffer:
-    """Exposes an image's voxels to numpy without a copy while keeping the image alive.
-
-    `sitk.GetArrayViewFromImage` alone returns a view that does not own the image: once
-    the image is collected, the view reads freed memory. An array made from this object
-    holds it (and so the image) as its base.
-    """
-
-    def __init__(self, image: sitk.Image):
-        self.image = image
-        self.__array_interface__ = sitk.GetArrayViewFromImage(image).__array_interface__
-
-
-_ELEMENT_BYTES = {"MET_UCHAR": 1, "MET_CHAR": 1, "MET_USHORT": 2, "MET_SHORT": 2, "MET_UINT": 4,
-                  "MET_INT": 4, "MET_FLOAT": 4, "MET_DOUBLE": 8}
-
-
-def _check_metaimage(mhd_path: Path) -> None:
-    """Catch the common faults of a MetaImage pair before ITK reports them obscurely.
-
-    ITK says "No such file or directory" even for a truncated `.raw`; here the user
-    learns which file is missing or how many bytes it lacks.
-    """
-    try:
-        header = _metaimage_fields(mhd_path.read_text(errors="replace"))
-    except OSError as err:
-        raise CtError(f"{mhd_path}: cannot read the header: {err.strerror}") from err
-    missing = [key for key in ("NDims", "DimSize", "ElementType", "ElementDataFile") if key not in header]
-    if missing:
-        raise CtError(f"{mhd_path}: not a MetaImage header (missing {', '.join(missing)})")
-    _check_dimensions(mhd_path, header)
-    data_file = header["ElementDataFile"]
-    if data_file in ("LOCAL", "LIST") or "%" in data_file or header.get("CompressedData", "False") == "True":
-        return  # layouts whose size cannot be checked from the header alone: ITK checks them
-    raw_path = mhd_path.parent / data_file
-    if not raw_path.is_file():
-        raise CtError(f"{mhd_path}: its data file {raw_path} is missing")
-    try:
-        voxels = int(np.prod([int(n) for n in header["DimSize"].split()]))
-        channels = int(header.get("ElementNumberOfChannels", "1"))
-        expected = voxels * channels * _ELEMENT_BYTES[header["ElementType"]]
-    except (ValueError, KeyError) as err:
-        raise CtError(f"{mhd_path}: bad DimSize or ElementType in the header ({err})") from err
-    actual = raw_path.stat().st_size
-    if actual < expected:
-        raise CtError(f"{raw_path}: truncated, {actual} bytes where the header needs {expected}")
-
-
-_PER_AXIS = {"DimSize": 1, "ElementSpacing": 1, "ElementSize": 1, "Offset": 1, "Origin": 1, "Position": 1,
-             "TransformMatrix": 2, "Rotation": 2, "Orientation": 2}
-"""Header fields with one value per axis (power 1) or one per pair of axes (power 2: a matrix)."""
-
-
-def _check_dimensions(mhd_path: Path, header: dict[str, str]) -> None:
-    """The header agrees with itself: NDims says how many values each per-axis field holds."""
-    try:
-        ndims = int(header["NDims"])
-    except ValueError:
-        raise CtError(f"{mhd_path}: inconsistent header: NDims = {header['NDims']!r} is not a number") from None
-    for key, power in _PER_AXIS.items():
-        values = header.get(key, "").split()
-        if key in header and len(values) != ndims**power:
-            raise CtError(f"{mhd_path}: inconsistent header: NDims = {ndims} but {key} has {len(values)} "
-                          f"value(s) ({header[key]}), expected {ndims**power}")
 
 
 def _itk_reason(err: RuntimeError) -> str:

@@ -22,8 +22,8 @@ import torch
 from scipy import ndimage
 from torch import Tensor, nn
 
-from luna_dist.ct import HU_MAX, HU_MIN, Ct, cut_chunks, read_ct
-from luna_dist.geometry import irc_to_xyz, nearest_voxel, xyz_to_irc_float
+from luna_dist.ct import HU_MAX, HU_MIN, Ct, cut_chunks
+from luna_dist.geometry import LPS, irc_to_xyz, nearest_voxel, xyz_to_irc_float
 from luna_dist.hardware import seg_memory_format
 from luna_dist.model import load_into
 from luna_dist.seg_samples import CONTEXT
@@ -260,17 +260,15 @@ class Analysed:
     labels: np.ndarray | None  # the groups' labels (detection k is label k + 1); None in candidates mode
 
 
-def analyze_ct(path: Path, models: Models, device: torch.device, batch_size: int, autocast,
+def analyze_ct(ct: Ct, models: Models, device: torch.device, batch_size: int, autocast,
                candidates_xyz: np.ndarray | None = None, body_crop: bool = True) -> Analysed:
-    """Findings of one CT, with the seconds each stage took.
+    """Findings of one CT (`ct.read_ct`: turned to LPS), with the seconds each stage took.
 
-    Given candidates keep their coordinates: only the chunk's cut rounds them to a voxel; they have no
+    Positions are in LPS, as LUNA16's tables give them; indices (`irc`) are of the CT as turned. Given
+    candidates keep their coordinates: only the chunk's cut rounds them to a voxel; they have no
     group, so no size. `body_crop` segments only the body's box (`body_box`); False, every pixel.
     """
     seconds = {}
-    started = time.perf_counter()
-    ct = read_ct(path)
-    seconds["read"] = time.perf_counter() - started
     if candidates_xyz is None:
         spacing = ct.geometry.spacing_xyz
         groups = _segment_and_group(ct.hu, models.seg, device, batch_size, autocast, seconds, (spacing[1], spacing[0]),
@@ -294,7 +292,7 @@ def analyze_ct(path: Path, models: Models, device: torch.device, batch_size: int
                                              p_malignant)
     ]
     result = {"series_uid": ct.series_uid, "voxels": int(ct.hu.size), "shape": list(ct.hu.shape),
-              "seconds": seconds, "detections": detections}
+              "coordinates": LPS, "stored_axes": ct.stored_axes, "seconds": seconds, "detections": detections}
     return Analysed(result, ct, labels)
 
 

@@ -46,7 +46,7 @@ from tqdm import tqdm
 from luna_dist import __version__, chunk_samples, cli, seg_samples, shard_plan
 from luna_dist.atomic import write_json
 from luna_dist.candidates import Annotation, Candidate, assign_folds
-from luna_dist.ct import CtError, ReadAhead
+from luna_dist.ct import MAX_CT_VOXELS, CtError, ReadAhead
 from luna_dist.shard_format import CODECS, FORMAT, FORMAT_VERSION, MANIFEST, Cutter, sha256_file
 from luna_dist.shard_inputs import InputError, Inputs, left_out_summary, read_inputs
 from luna_dist.shard_write import (
@@ -100,6 +100,7 @@ class BuildOptions:
     seg_negatives: int = 64  # seg: negative stacks per CT
     seg_val_every: int = 4  # seg: validate one block of slices without mask in this many
     codec: str = CODECS[0]  # how the samples' arrays are stored (shard_format.CODECS)
+    max_ct_voxels: int = MAX_CT_VOXELS  # a CT whose header declares more is refused before it is read
 
     def __post_init__(self):
         self.data, self.out = Path(self.data), Path(self.out)
@@ -110,6 +111,7 @@ class BuildOptions:
         problems = [cli.below("--workers", self.workers, 1), cli.below("--max-samples", self.max_samples, 1),
                     cli.below("--seg-negatives", self.seg_negatives, 0),
                     cli.below("--seg-val-every", self.seg_val_every, 1),
+                    cli.below("--max-ct-voxels", self.max_ct_voxels, 1),
                     cli.outside("--max-bad-rows", self.max_bad_rows, 0, 100)]
         if problem := next((p for p in problems if p is not None), None):
             raise BuildError(problem)
@@ -296,7 +298,7 @@ def plan_tasks(candidates: list[Candidate], series: dict, folds: dict, options: 
         fold = folds[uid]
         task = SeriesTask(uid, fold, by_series[uid], nodules[uid], mhd_path=str(series[uid]), out_dir=str(options.out),
                           neg_first_shard=next_neg[fold], samples_per_shard=options.samples_per_shard,
-                          cutter=options.cutter, val_shard=next_val[fold])
+                          cutter=options.cutter, val_shard=next_val[fold], max_ct_voxels=options.max_ct_voxels)
         tasks.append(task)
         next_neg[fold] += len(task.shard_names()) - task.cutter.per_ct_validation
         next_val[fold] += task.cutter.per_ct_validation
@@ -492,6 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how the samples' arrays are stored, losslessly: lz4 (default), ~2x smaller and quick to "
                              "decode, for loaders that feed a GPU; zstd, ~10%% smaller still, decoded ~3x slower; "
                              "or none")
+    parser.add_argument("--max-ct-voxels", type=int, default=BuildOptions.max_ct_voxels,
+                        help="refuse a CT whose header declares more voxels, before they are read (LUNA16's largest "
+                             "has 2.0e8)")
     parser.add_argument("--strict", action="store_true",
                         help="fail on malformed or duplicate CSV rows and series without .mhd")
     parser.add_argument("--max-bad-rows", type=float, default=BuildOptions.max_bad_rows, metavar="PERCENT",

@@ -1,10 +1,11 @@
 """`python -m luna_dist.shard --plan`: what a build would write and how long it would take, before hours of work.
 
-The plan reads the tables (checked as the build checks them) and the CT headers only:
-SimpleITK reads a MetaImage header without its voxels, so the plan of the 888 CTs of
-LUNA16 takes seconds. Per fold it counts the series, candidates, nodules and excluded
-findings, the samples the task's cutter would write (`Cutter.planned_samples`), their
-bytes and the CTs' voxels.
+The plan reads the tables and the CT headers only, each checked as the build checks it (a
+`.raw` shorter than its header declares is unreadable, not terabytes of samples): SimpleITK
+reads a MetaImage header without its voxels, so the plan of the 888 CTs of LUNA16 takes
+seconds. Per fold it counts the series, candidates, nodules and excluded findings, the
+samples the task's cutter would write (`Cutter.planned_samples`), their bytes and the
+CTs' voxels.
 
 Bytes and time are measured on this machine, not assumed: the plan builds two synthetic
 CTs of the data's median size (`luna_dist.synth`) with the same cutter, and takes from them
@@ -31,10 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 from luna_dist.candidates import assign_folds
-from luna_dist.ct import CtError, read_ct
+from luna_dist.ct import MAX_CT_VOXELS, CtError, find_ct, read_ct
 from luna_dist.geometry import Geometry
 from luna_dist.shard_format import MANIFEST, SeriesInputs
 from luna_dist.shard_inputs import Inputs
@@ -54,18 +54,12 @@ class Header:
         return int(np.prod(self.shape))
 
 
-def read_header(mhd: Path) -> Header:
-    """A CT's shape and geometry from its header alone; CtError naming the file when it cannot be read."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(mhd))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as err:
-        raise CtError(f"{mhd}: cannot read the header: {str(err).strip().splitlines()[-1]}") from None
-    if reader.GetDimension() != 3:
-        raise CtError(f"{mhd}: expected a 3-D image, found {reader.GetDimension()}-D")
-    columns, rows, slices = reader.GetSize()
-    return Header((slices, rows, columns), Geometry.of_image(reader))
+def read_header(mhd: Path, max_voxels: int = MAX_CT_VOXELS) -> Header:
+    """A CT's shape and geometry as the build reads it (turned to LPS), from its headers alone, checked as the
+    build checks them (`ct.find_ct`: its data file holds the bytes the header declares, its voxels are not
+    more than `max_voxels`); CtError naming the file when it cannot be read."""
+    source = find_ct(mhd, max_voxels)
+    return Header(source.size_irc, source.geometry)
 
 
 @dataclass(frozen=True)
@@ -129,7 +123,7 @@ def plan(options, inputs: Inputs, rate: Rate | None = None) -> tuple[dict[int, F
     headers, unreadable = {}, {}
     for uid, mhd in inputs.series.items():
         try:
-            headers[uid] = read_header(mhd)
+            headers[uid] = read_header(mhd, options.max_ct_voxels)
         except CtError as err:
             unreadable[uid] = str(err)
     if not headers:

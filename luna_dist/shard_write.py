@@ -14,7 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from luna_dist.ct import read_ct
+from luna_dist.ct import MAX_CT_VOXELS, read_ct
 from luna_dist.shard_format import Cutter, SeriesInputs, shard_name, with_checksums
 from luna_dist.shard_tar import TarShard, read_samples
 
@@ -42,6 +42,7 @@ class SeriesTask(SeriesInputs):
     samples_per_shard: int = 1
     cutter: Cutter | None = None
     val_shard: int = 0  # number of this CT's validation shard, for cutters that write one
+    max_ct_voxels: int = MAX_CT_VOXELS  # a CT whose header declares more is refused before it is read
 
     def shard_names(self) -> list[str]:
         """The shards this CT owns in the plan: negatives numbered from `neg_first_shard`, its validation shard."""
@@ -82,7 +83,7 @@ def write_shards(samples: list[dict], out_dir: Path, fold: int, label: str, firs
 def shard_series(task: SeriesTask) -> SeriesResult:
     """Read one CT, cut it, write its negative (and validation) shards and its positives' tar."""
     stages, started = {}, time.perf_counter()
-    ct = read_ct(Path(task.mhd_path))
+    ct = read_ct(Path(task.mhd_path), task.max_ct_voxels)
     stages["read"] = time.perf_counter() - started
     cut = task.cutter.cut(task, ct)
     stages["cut"] = time.perf_counter() - started - stages["read"]

@@ -5,6 +5,7 @@ Fixtures live in conftest.py."""
 from __future__ import annotations
 
 import contextlib
+import gzip
 import io
 import locale
 import os
@@ -238,6 +239,32 @@ def tilted_image(hu: np.ndarray) -> sitk.Image:
     return image
 
 
+def gantry_tilted_image(hu: np.ndarray, degrees: float = 20.0) -> sitk.Image:
+    """`hu` as an image whose rows and columns are LPS's x and y but whose slices step off their normal by
+    `degrees` towards +x: a gantry-tilted series, once written by `write_dicom_series` (its orientation
+    orthogonal, its positions sheared)."""
+    image = sitk.GetImageFromArray(hu)
+    image.SetSpacing((0.7, 0.8, 1.25))
+    image.SetOrigin((-20.125, 30.5, -100.25))
+    t = np.radians(degrees)
+    image.SetDirection([1, 0, np.sin(t), 0, 1, 0, 0, 0, np.cos(t)])
+    return image
+
+
+def sheared_nifti(hu: np.ndarray, path: Path, degrees: float = 20.0) -> Path:
+    """`hu` written as an uncompressed NIfTI whose sform steps from slice to slice off the slices' normal by
+    `degrees` (its qform left orthogonal, as ITK wrote it): bytes 280-327 of a NIfTI-1 header are srow_x/y/z."""
+    image = sitk.GetImageFromArray(hu)
+    image.SetSpacing((0.7, 0.8, 1.25))
+    sitk.WriteImage(image, str(path))
+    header = bytearray(path.read_bytes())
+    srow_x = np.frombuffer(bytes(header[280:296]), dtype="<f4").copy()
+    srow_x[2] = 1.25 * np.tan(np.radians(degrees))
+    header[280:296] = srow_x.tobytes()
+    path.write_bytes(bytes(header))
+    return path
+
+
 def _series_with(**options):
     def make(image, tmp_path):
         return write_dicom_series(image, tmp_path / "series", "1.2.3", **options)
@@ -262,6 +289,57 @@ def _no_dicom(image, tmp_path):
     return tmp_path / "empty"
 
 
+def _gantry_tilt(image, tmp_path):
+    return write_dicom_series(gantry_tilted_image(np.zeros((40, 20, 24), dtype=np.int16)), tmp_path / "series", "1.2.3")
+
+
+def _sheared_sform(image, tmp_path):
+    return sheared_nifti(np.zeros((40, 20, 24), dtype=np.int16), tmp_path / "sheared.nii")
+
+
+def _sheared_mhd(image, tmp_path):
+    sitk.WriteImage(gantry_tilted_image(np.zeros((40, 20, 24), dtype=np.int16)), str(tmp_path / "sheared.mhd"))
+    return tmp_path / "sheared.mhd"
+
+
+def _truncated(name: str):
+    def make(image, tmp_path):
+        path = tmp_path / name
+        sitk.WriteImage(image, str(path))
+        data = path.read_bytes()
+        path.write_bytes(data[:len(data) * 3 // 4])
+        return path
+    return make
+
+
+def _one_dicom_file(image, tmp_path):
+    return write_dicom_series(image, tmp_path / "series", "1.2.3") / "slice0002.dcm"
+
+
+def _four_d(image, tmp_path):
+    sitk.WriteImage(sitk.JoinSeries([image, image, image]), str(tmp_path / "four.nii.gz"))
+    return tmp_path / "four.nii.gz"
+
+
+def _fifo(image, tmp_path):
+    os.mkfifo(tmp_path / "fifo.nii.gz")
+    return tmp_path / "fifo.nii.gz"
+
+
+def _series_one_level_down(image, tmp_path):
+    write_dicom_series(image, tmp_path / "patient" / "series", "1.2.3")
+    return tmp_path / "patient"
+
+
+def _declaring_2_gigavoxels(image, tmp_path):
+    """A 4 kB .nii.gz whose header declares 2048x1024x1024 int16 voxels (4 GiB)."""
+    sitk.WriteImage(sitk.Image(8, 8, 8, sitk.sitkInt16), str(tmp_path / "huge.nii"))
+    header = bytearray((tmp_path / "huge.nii").read_bytes()[:352])
+    header[40:56] = np.array([3, 2048, 1024, 1024, 1, 1, 1, 1], dtype="<i2").tobytes()  # dim[0..7]
+    (tmp_path / "huge.nii.gz").write_bytes(gzip.compress(bytes(header) + bytes(4096)))
+    return tmp_path / "huge.nii.gz"
+
+
 BAD_CTS = [  # (name, how to make it from an image and a folder, what the one line says after the path)
     ("two series", _two_series, "series: 2 DICOM series (1.2.3, 1.2.4): give a folder holding one series"),
     ("not CT", _series_with(modality="MR"), "slice0000.dcm: DICOM modality MR (0008|0060), not CT"),
@@ -272,6 +350,23 @@ BAD_CTS = [  # (name, how to make it from an image and a folder, what the one li
     ("uneven spacing", _series_with(moved={3: 0.8}),
      "series: uneven slice spacing: 3.3 mm between slice0002.dcm and slice0003.dcm"),
     ("no DICOM", _no_dicom, "empty: a folder holding no DICOM series"),
+    ("gantry tilt", _gantry_tilt, "series: series 1.2.3 has a gantry tilt of 20.0°: slice0039.dcm lies 16.7 mm off "
+                                  "the normal through slice0000.dcm"),
+    ("sheared sform", _sheared_sform, "sheared.nii: sheared geometry: its sform (srow_x/y/z) has axes 20.0° off a "
+                                      "right angle, 17.7 mm across the volume"),
+    ("sheared .mhd", _sheared_mhd, "sheared.mhd: sheared geometry: its direction cosines put axes 20.0° off a right "
+                                    "angle, 16.7 mm across the volume"),
+    ("truncated .nii", _truncated("ct.nii"), "ct.nii: truncated, 4584 bytes where the header needs 6112"),
+    ("truncated .nii.gz", _truncated("ct.nii.gz"), "ct.nii.gz: truncated, "),
+    ("one DICOM file", _one_dicom_file, "slice0002.dcm: one DICOM slice, a 2-D image, not a CT: give the folder "
+                                        "holding its series"),
+    ("4-D NIfTI", _four_d, "four.nii.gz: a 4-D image, 3 volumes of 24x20x6 voxels (NIfTI's dim[4]), where a CT is "
+                           "one: give the volume K you mean (0 to 2)"),
+    ("FIFO", _fifo, "fifo.nii.gz: not a regular file (a FIFO)"),
+    ("series one level down", _series_one_level_down, "patient: a folder holding no DICOM series; its subfolder(s) "
+                                                      "series hold DICOM files: give one of them"),
+    ("4 GiB declared", _declaring_2_gigavoxels, "huge.nii.gz: its header declares 2048x1024x1024 = 2,147,483,648 "
+                                                "voxels, more than --max-ct-voxels 1,073,741,824"),
 ]
 
 

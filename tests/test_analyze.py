@@ -39,6 +39,7 @@ from helpers import (
 from luna_dist import analyze as analysis
 from luna_dist.analyze import assign, main
 from luna_dist.candidates import assign_folds, find_series, folds_as_built, read_annotations
+from luna_dist.ct import read_ct
 from luna_dist.detect import load_model
 from luna_dist.model import LunaModel
 from luna_dist.report import IMAGES_PER_CT
@@ -86,19 +87,21 @@ def test_assign_deals_every_series_once_largest_first():
     assert [len(s) for s in assign(sizes, 8)] == [1, 1, 1, 1, 1, 0, 0, 0]
 
 
-def test_ct_identity_ignores_where_the_ct_lies_but_not_its_header_or_data_size(synth_data, tmp_path):
+def test_ct_identity_is_the_voxels_and_their_geometry_not_where_the_files_lie(synth_data, tmp_path):
     mhd = next(iter(find_series(synth_data).values()))
     copy = tmp_path / "elsewhere" / mhd.name
     copy.parent.mkdir()
     shutil.copy(mhd, copy)
     shutil.copy(mhd.with_suffix(".raw"), copy.with_suffix(".raw"))
-    identity = analysis.ct_identity(mhd)
-    assert analysis.ct_identity(copy) == identity and identity["data_bytes"] == mhd.with_suffix(".raw").stat().st_size
-    with copy.with_suffix(".raw").open("ab") as f:
-        f.write(b"\0\0")
-    assert analysis.ct_identity(copy)["data_bytes"] == identity["data_bytes"] + 2
-    copy.write_text(copy.read_text().replace("ElementSpacing", "ElementSpacing ", 1))
-    assert analysis.ct_identity(copy)["header_sha256"] != identity["header_sha256"]
+    identity = analysis.ct_identity(read_ct(mhd))
+    assert analysis.ct_identity(read_ct(copy)) == identity
+    with copy.with_suffix(".raw").open("r+b") as f:  # one voxel, the file's size as it was
+        f.seek(1000)
+        f.write(b"\x01\x02")
+    assert analysis.ct_identity(read_ct(copy)) != identity
+    shutil.copy(mhd.with_suffix(".raw"), copy.with_suffix(".raw"))
+    copy.write_text(copy.read_text().replace("Offset = ", "Offset = 1", 1))  # the same voxels, placed elsewhere
+    assert analysis.ct_identity(read_ct(copy)) != identity
 
 
 # -- the command -----------------------------------------------------------------------------------
@@ -621,8 +624,12 @@ def own_ct(tmp_path_factory) -> dict[str, Path]:
     image = tilted_image(hu)
     sitk.WriteImage(image, str(folder / f"{OWN_UID}.mhd"))
     sitk.WriteImage(image, str(folder / f"{OWN_UID}.nii.gz"))
+    (folder / "ras").mkdir()
+    sitk.WriteImage(sitk.DICOMOrient(image, "RAS"), str(folder / "ras" / f"{OWN_UID}.nii.gz"))
     return {"mhd": folder / f"{OWN_UID}.mhd", "nifti": folder / f"{OWN_UID}.nii.gz",
-            "dicom": write_dicom_series(image, folder / "dicom", OWN_UID), "cls": _classifier(0, folder / "cls.pt")}
+            "dicom": write_dicom_series(image, folder / "dicom", OWN_UID), "cls": _classifier(0, folder / "cls.pt"),
+            "nifti-ras": folder / "ras" / f"{OWN_UID}.nii.gz",
+            "dicom-coronal": write_dicom_series(sitk.DICOMOrient(image, "LIP"), folder / "coronal", OWN_UID)}
 
 
 def _own_args(ct: Path, models: dict, own_ct: dict, out: Path) -> list[str]:
@@ -631,22 +638,30 @@ def _own_args(ct: Path, models: dict, own_ct: dict, out: Path) -> list[str]:
             "--no-body-crop"]
 
 
+STORED_AXES = {"mhd": "LPS", "dicom": "LPS", "nifti": "LPS", "nifti-ras": "RAS", "dicom-coronal": "LIP"}
+
+
 @pytest.mark.slow
 def test_own_cts_as_dicom_and_nifti_give_the_detections_of_the_mhd(own_ct, models, tmp_path):
-    found = {}
-    for kind in ("mhd", "dicom", "nifti"):
+    """Also when stored in other axes (RAS, a coronal series), which reached the models mirrored or permuted."""
+    found, results, summaries = {}, {}, {}
+    for kind in STORED_AXES:
         assert main(_own_args(own_ct[kind], models, own_ct, tmp_path / kind)) == 0
-        found[kind] = json.loads((tmp_path / kind / "ct" / f"{OWN_UID}.json").read_text())["detections"]
-        summary = json.loads((tmp_path / kind / "summary.json").read_text())
+        results[kind] = json.loads((tmp_path / kind / "ct" / f"{OWN_UID}.json").read_text())
+        found[kind] = results[kind]["detections"]
+        summaries[kind] = summary = json.loads((tmp_path / kind / "summary.json").read_text())
         assert (summary["analysed"], summary["detections"]) == (1, len(found["mhd"])) and "confusion" not in summary
         _check_report(tmp_path / kind, [OWN_UID])
     assert len(found["mhd"]) == 3  # a group per ball
-    for kind in ("dicom", "nifti"):
+    for kind in ("dicom", "nifti", "nifti-ras", "dicom-coronal"):
         for mine, theirs in zip(found[kind], found["mhd"]):
             assert (mine["irc"], mine["voxels"], mine["p_nodule"]) == (theirs["irc"], theirs["voxels"], theirs["p_nodule"])
             np.testing.assert_allclose(mine["xyz"], theirs["xyz"], atol=2e-3)  # DICOM's decimals, NIfTI's float32
             np.testing.assert_allclose([mine["diameter_mm"], mine["volume_mm3"]],
                                        [theirs["diameter_mm"], theirs["volume_mm3"]], atol=0.011)
+    for kind, axes in STORED_AXES.items():  # the outputs say in which space positions are, and how the file was
+        assert (results[kind]["coordinates"], results[kind]["stored_axes"]) == ("LPS", axes)
+        assert summaries[kind]["coordinates"] == "LPS"
     # The largest ball (radius 4.5 voxels, 3.5 once eroded): about 7 columns of 0.7 mm across, 7.7 rows of 0.8 mm.
     largest = max(found["mhd"], key=lambda d: d["voxels"])
     assert 5.5 < largest["diameter_mm"] < 7.5 and largest["volume_mm3"] == pytest.approx(largest["voxels"] * 1.4)
@@ -686,3 +701,91 @@ def test_bad_own_ct_is_one_line(make, said, own_ct, models, tmp_path, capsys):
     said_lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(said_lines) == 1 and said_lines[0].startswith(f"error: --ct {paths[0].parent}") and said in said_lines[0], err
     assert "Traceback" not in err
+
+
+def _count_calls(monkeypatch, name: str) -> list:
+    calls, original = [], getattr(analysis, name, None)
+
+    def counted(*args, **kwargs):
+        calls.append(args[0])
+        return original(*args, **kwargs)
+    monkeypatch.setattr(analysis, name, counted, raising=False)
+    return calls
+
+
+def test_a_rerun_knows_a_ct_by_its_voxels(own_ct, models, tmp_path, monkeypatch):
+    """A .mhd was known by its header and its .raw's size: new voxels of the same size got the old findings.
+    Known by its voxels' sha256, recorded with its files' stat: new voxels are analysed anew (their file's
+    mtime and size as they were), unchanged files are reused unread, a copy is read once and reused."""
+    monkeypatch.setattr(analysis, "UNSETTLED_NS", 0, raising=False)  # the test's files were written a moment ago
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for suffix in (".mhd", ".raw"):
+        shutil.copy(own_ct["mhd"].with_suffix(suffix), folder)
+    mhd, raw = folder / own_ct["mhd"].name, folder / own_ct["mhd"].with_suffix(".raw").name
+    reads, analyses = _count_calls(monkeypatch, "read_ct"), _count_calls(monkeypatch, "analyze_ct")
+
+    def rerun(path: Path) -> tuple[int, int]:
+        assert main(_own_args(path, models, own_ct, tmp_path / "out")) == 0
+        summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+        return summary["resumed"], summary["redone"]
+
+    assert rerun(mhd) == (0, 0)
+    was = raw.stat()
+    with raw.open("r+b") as f:  # a voxel of air made bone
+        f.seek(2 * (5 * 48 * 48 + 40 * 48 + 40))
+        f.write(np.int16(500).tobytes())
+    os.utime(raw, ns=(was.st_atime_ns, was.st_mtime_ns))
+    assert (raw.stat().st_size, raw.stat().st_mtime_ns) == (was.st_size, was.st_mtime_ns)
+    assert rerun(mhd) == (0, 1) and len(analyses) == 2
+    assert rerun(mhd) == (1, 0) and len(reads) == 2  # unchanged: not even read
+    moved = Path(shutil.copytree(folder, tmp_path / "moved"))
+    assert rerun(moved / mhd.name) == (1, 0) and (len(reads), len(analyses)) == (3, 2)  # read, the same voxels
+    assert rerun(moved / mhd.name) == (1, 0) and len(reads) == 3  # and known unread from then on
+
+
+def test_a_file_changed_as_it_is_read_is_not_known_by_its_stat(own_ct, tmp_path):
+    path = tmp_path / "scan.nii.gz"
+    shutil.copy(own_ct["nifti"], path)  # written now: its stat may not change at a change within a clock tick
+    ct, identity, _ = analysis.read_known(path, "scan", analysis.MAX_CT_VOXELS)
+    assert identity["files"] is None and identity["sha256"] == analysis.ct_identity(ct)
+    assert analysis.ct_files_stat(path, analysis.MAX_CT_VOXELS)[0][0] == "scan.nii.gz"
+
+
+def test_two_scans_of_one_name_in_two_folders_are_two_cts(tmp_path):
+    """Both were series `scan`, refused as one series given twice; one series given twice still is."""
+    image = tilted_image(np.zeros((6, 20, 24), dtype=np.int16))
+    paths = []
+    for patient in ("anna", "ben"):
+        (tmp_path / patient).mkdir()
+        sitk.WriteImage(image, str(tmp_path / patient / "scan.nii.gz"))
+        paths.append(tmp_path / patient / "scan.nii.gz")
+    assert analysis.ct_sources(paths) == {"anna_scan": paths[0], "ben_scan": paths[1]}
+    series = write_dicom_series(image, tmp_path / "series", "1.2.3")
+    copy = shutil.copytree(series, tmp_path / "copy")
+    with pytest.raises(analysis.AnalysisError, match=f"--ct {copy}: series 1.2.3 again \\(also {series}\\)"):
+        analysis.ct_sources([series, copy])
+
+
+def test_a_series_uid_that_is_no_uid_names_no_file(tmp_path):
+    series = write_dicom_series(tilted_image(np.zeros((6, 20, 24), dtype=np.int16)), tmp_path / "series", "../../x")
+    with pytest.raises(analysis.AnalysisError, match="its SeriesInstanceUID '../../x' \\(0020\\|000e\\) is not a DICOM "
+                                                     "UID"):
+        analysis.ct_sources([series])
+
+
+def test_a_dangling_link_among_the_slices_is_one_warning(tmp_path, capsys):
+    series = write_dicom_series(tilted_image(np.zeros((6, 20, 24), dtype=np.int16)), tmp_path / "series", "1.2.3")
+    os.symlink(tmp_path / "gone.dcm", series / "slice0002b.dcm")
+    assert analysis.ct_sources([series]) == {"1.2.3": series}
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: --ct {series / 'slice0002b.dcm'}: a symbolic link to {tmp_path / 'gone.dcm'}, which does not exist: "
+        "skipped; the series is checked without it"]
+
+
+def test_max_ct_voxels_refuses_a_ct_before_it_is_read(own_ct, models, tmp_path, capsys):
+    assert main(_own_args(own_ct["nifti"], models, own_ct, tmp_path / "out") + ["--max-ct-voxels", "27647"]) == 1
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert said == [f"error: --ct {own_ct['nifti']}: its header declares 48x48x12 = 27,648 voxels, more than "
+                    "--max-ct-voxels 27,647 (LUNA16's largest CT has 200,278,016): not read; raise --max-ct-voxels if "
+                    "the CT is that large"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 import subprocess
@@ -12,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from helpers import BAD_CTS, tilted_image, write_dicom_series
+from helpers import BAD_CTS, sheared_nifti, tilted_image, write_dicom_series
 
 from luna_dist.ct import CHUNK_SHAPE, HU_MAX, HU_MIN, CtError, chunk_bounds, cut_chunks, find_ct, read_ahead, read_ct
-from luna_dist.geometry import Geometry
+from luna_dist.geometry import Geometry, irc_to_xyz, xyz_to_irc
 
 HALF = np.array(CHUNK_SHAPE) // 2  # (16, 24, 24)
 
@@ -388,3 +389,202 @@ def test_read_ahead_leaves_what_it_cannot_read_to_read_ct(tmp_path):
     (tmp_path / "broken.mhd").write_text("ElementDataFile = missing.raw\n")
     read_ahead(tmp_path / "broken.mhd")
     read_ahead(tmp_path / "absent.mhd")
+
+
+def test_a_truncated_nifti_says_how_much_it_holds(tmp_path):
+    """A cut .nii.gz read its missing slices as 0 HU; its decompressed bytes are counted instead."""
+    hu = np.random.default_rng(0).integers(-1000, 1000, (20, 30, 40)).astype(np.int16)
+    path = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(hu), str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    with pytest.raises(CtError, match=r"ct.nii.gz: truncated, \d+ bytes once decompressed where the header needs "
+                                      f"{hu.nbytes + 352}$") as err:
+        read_ct(path)
+    held = int(str(err.value).split("truncated, ")[1].split()[0])
+    assert 0.3 * hu.nbytes < held < 0.7 * hu.nbytes  # the bytes half the file holds, not 0
+
+
+def test_a_nifti_of_two_gzip_members_reads_whole(tmp_path):
+    """Its gzip trailer records the last member's size only: the stream is counted, and found whole."""
+    hu = np.random.default_rng(0).integers(-1000, 1000, (20, 30, 40)).astype(np.int16)
+    sitk.WriteImage(sitk.GetImageFromArray(hu), str(tmp_path / "ct.nii"))
+    data = (tmp_path / "ct.nii").read_bytes()
+    (tmp_path / "ct.nii.gz").write_bytes(gzip.compress(data[:5000]) + gzip.compress(data[5000:]))
+    np.testing.assert_array_equal(read_ct(tmp_path / "ct.nii.gz").hu, hu)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".mha"])
+@pytest.mark.parametrize("bad", ["all NaN", "one NaN", "one infinite"])
+def test_voxels_that_are_no_number_are_refused(tmp_path, bad, suffix):
+    """An all-NaN CT read as 0 HU everywhere and was analysed, a partly NaN one was patched silently (ITK's
+    NIfTI reader sets them to 0; others keep them, and the cast to int16 made something of them)."""
+    voxels = np.full((6, 20, 24), -800.0, dtype=np.float32)
+    if bad == "all NaN":
+        voxels[:] = np.nan
+    else:
+        voxels[3, 4, 5] = np.nan if bad == "one NaN" else -np.inf
+    path = tmp_path / f"ct{suffix}"
+    sitk.WriteImage(sitk.GetImageFromArray(voxels), str(path))
+    said = "all 2,880 voxels are not a number" if bad == "all NaN" else "1 of the 2,880 voxels are not a number"
+    with pytest.raises(CtError, match=f"^{path}: {said} \\(NaN or infinite\\)"):
+        read_ct(path)
+
+
+def test_a_float64_ct_whose_sum_overflows_is_read(tmp_path):
+    """The NaN check's float64 sum overflows to infinity here; the voxels are then counted, and all are numbers."""
+    voxels = np.full((2, 3, 4), 1e308)
+    voxels[0] = -1000.0
+    ct = read_ct(_write_ct(tmp_path / "ct.mhd", voxels))
+    assert (ct.hu[0] == -1000).all() and (ct.hu[1] == 32767).all()
+
+
+def test_a_dangling_link_in_a_dicom_folder_is_skipped_and_named(tmp_path):
+    """GDCM's listing stopped at a dangling link: 20 of 38 slices were read, or the series refused as gapped."""
+    hu = np.random.default_rng(0).integers(-1000, 1000, (38, 20, 24)).astype(np.int16)
+    folder = write_dicom_series(tilted_image(hu), tmp_path / "series", "1.2.3")
+    os.symlink(tmp_path / "gone.dcm", folder / "slice0017b.dcm")
+    source = find_ct(folder)
+    assert len(source.files) == 38
+    assert source.skipped == (f"{folder / 'slice0017b.dcm'}: a symbolic link to {tmp_path / 'gone.dcm'}, which does "
+                              "not exist",)
+    np.testing.assert_array_equal(read_ct(folder).hu, read_ct(_write_ct_image(tmp_path / "1.2.3.mhd", hu)).hu)
+    (folder / "slice0020.dcm").unlink()  # the rest of the series is still checked
+    with pytest.raises(CtError, match="1 slice\\(s\\) missing: 5 mm between slice0019.dcm and slice0021.dcm"):
+        find_ct(folder)
+
+
+def _write_ct_image(path: Path, hu: np.ndarray) -> Path:
+    sitk.WriteImage(tilted_image(hu), str(path))
+    return path
+
+
+@pytest.mark.parametrize("path", ["/dev/zero", "/dev/null"])
+def test_a_device_is_not_a_file_not_found(path):
+    with pytest.raises(CtError, match=f"^{path}: not a regular file \\(a character device\\)"):
+        read_ct(Path(path))
+
+
+def test_a_dangling_link_given_as_the_ct_is_named_as_one(tmp_path):
+    os.symlink(tmp_path / "gone.nii.gz", tmp_path / "ct.nii.gz")
+    with pytest.raises(CtError, match=f"ct.nii.gz: a symbolic link to {tmp_path / 'gone.nii.gz'}, which does not"):
+        read_ct(tmp_path / "ct.nii.gz")
+
+
+@pytest.mark.parametrize("layout", ["4-D", "vector"])
+def test_the_advice_for_a_4d_nifti_gives_a_ct(tmp_path, layout, monkeypatch):
+    """A 4-D NIfTI was refused as "vector voxels" with advice to convert it to HU; the advice given now, run as
+    written, gives a CT of volume K."""
+    hu = np.random.default_rng(0).integers(-1000, 1000, (3, 6, 20, 24)).astype(np.int16)
+    volumes = [sitk.GetImageFromArray(v) for v in hu]
+    image = sitk.JoinSeries(volumes) if layout == "4-D" else sitk.Compose(volumes)
+    sitk.WriteImage(image, str(tmp_path / "four.nii.gz"))
+    with pytest.raises(CtError) as err:
+        read_ct(tmp_path / "four.nii.gz")
+    assert "a 4-D image, 3 volumes of 24x20x6 voxels" in str(err.value) and "vector" not in str(err.value)
+    monkeypatch.chdir(tmp_path)
+    exec(str(err.value).split("e.g. written by ")[1].replace("K", "1"), {"sitk": sitk})
+    np.testing.assert_array_equal(read_ct(tmp_path / "volume.nii.gz").hu, hu[1])
+
+
+def test_a_colour_image_is_not_taken_for_a_4d_one(tmp_path):
+    plane = sitk.GetImageFromArray(np.zeros((6, 20, 24), dtype=np.int16))
+    sitk.WriteImage(sitk.Compose([plane] * 3), str(tmp_path / "rgb.mha"))
+    with pytest.raises(CtError, match="rgb.mha: 3 values a voxel \\(a colour or vector image\\), where a CT has one"):
+        find_ct(tmp_path / "rgb.mha")
+
+
+def test_the_subfolder_named_for_a_patient_folder_is_a_ct(tmp_path):
+    hu = np.zeros((6, 20, 24), dtype=np.int16)
+    write_dicom_series(tilted_image(hu), tmp_path / "patient" / "study" / "series", "1.2.3")
+    with pytest.raises(CtError, match="its subfolder\\(s\\) study/series hold DICOM files") as err:
+        find_ct(tmp_path / "patient")
+    named = str(err.value).split("subfolder(s) ")[1].split(" hold")[0]
+    assert find_ct(tmp_path / "patient" / named).size_irc == hu.shape
+
+
+def test_itk_prints_no_warnings_of_its_own(tmp_path, capfd):
+    """ITK's raw `WARNING: In .../itkGDCMSeriesFileNames.cxx` lines came before the CT's one line."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images\n")
+    sheared = sheared_nifti(np.zeros((40, 20, 24), dtype=np.int16), tmp_path / "sheared.nii")
+    for path in (tmp_path / "empty", sheared):
+        with pytest.raises(CtError):
+            read_ct(path)
+    assert "WARNING" not in capfd.readouterr().err
+    assert sitk.ProcessObject.GetGlobalWarningDisplay()  # ITK's own setting is left as it was
+
+
+def test_the_declared_size_is_checked_before_reading(tmp_path):
+    path = _write_ct(tmp_path / "ct.nii.gz", np.zeros((6, 20, 24), dtype=np.int16))
+    with pytest.raises(CtError, match="ct.nii.gz: its header declares 24x20x6 = 2,880 voxels, more than "
+                                      "--max-ct-voxels 2,879 "):
+        read_ct(path, 2879)
+    assert read_ct(path, 2880).hu.shape == (6, 20, 24)
+
+
+# --- every CT is turned to LUNA16's axes (LPS) ----------------------------------------------------------
+def _canonical(tmp_path: Path) -> Path:
+    """A CT stored as LUNA16 stores its CTs (identity direction), at an odd origin and spacing."""
+    hu = np.random.default_rng(0).integers(-1000, 1000, (6, 20, 24)).astype(np.int16)
+    image = sitk.GetImageFromArray(hu)
+    image.SetSpacing((0.7, 0.8, 2.5))
+    image.SetOrigin((-20.125, 30.5, -100.25))
+    sitk.WriteImage(image, str(tmp_path / "1.2.3.mhd"))
+    return tmp_path / "1.2.3.mhd"
+
+
+def _bottom_up_nifti(canonical: sitk.Image, tmp_path: Path) -> Path:
+    """The slices stored foot first, by hand: the last slice first, the slice axis pointing to the feet."""
+    hu = sitk.GetArrayFromImage(canonical)[::-1]
+    image = sitk.GetImageFromArray(hu)
+    image.SetSpacing(canonical.GetSpacing())
+    image.SetOrigin(canonical.TransformIndexToPhysicalPoint((0, 0, canonical.GetDepth() - 1)))
+    image.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, -1))
+    sitk.WriteImage(image, str(tmp_path / "1.2.3.nii.gz"))
+    return tmp_path / "1.2.3.nii.gz"
+
+
+def _stored_as(axes: str, suffix: str):
+    def make(canonical: sitk.Image, tmp_path: Path) -> Path:
+        stored = sitk.DICOMOrient(canonical, axes)
+        if suffix == "dicom":
+            return write_dicom_series(stored, tmp_path / "series", "1.2.3")
+        sitk.WriteImage(stored, str(tmp_path / f"1.2.3{suffix}"))
+        return tmp_path / f"1.2.3{suffix}"
+    return make
+
+
+STORED = [("bottom-up NIfTI", _bottom_up_nifti, "LPI"), ("RAS NIfTI", _stored_as("RAS", ".nii.gz"), "RAS"),
+          ("coronal DICOM series", _stored_as("LIP", "dicom"), "LIP"),
+          ("sagittal DICOM series", _stored_as("PIR", "dicom"), "PIR"),
+          ("permuted .mha", _stored_as("SLA", ".mha"), "SLA")]
+
+
+@pytest.mark.parametrize("make, axes", [row[1:] for row in STORED], ids=[row[0] for row in STORED])
+def test_a_ct_stored_in_other_axes_reads_as_the_lps_one(tmp_path, make, axes):
+    """A NIfTI stored bottom-up, a coronal series, ... reached the models mirrored or permuted, their positions
+    right: read, they are the LPS CT, voxel for voxel, with its geometry, and every chunk is its chunk."""
+    canonical = _canonical(tmp_path)
+    expected = read_ct(canonical)
+    path = make(sitk.ReadImage(str(canonical)), tmp_path)
+    ct = read_ct(path)
+    np.testing.assert_array_equal(ct.hu, expected.hu)
+    for field in ("origin_xyz", "spacing_xyz", "direction"):  # NIfTI's float32, DICOM's decimals
+        np.testing.assert_allclose(getattr(ct.geometry, field), getattr(expected.geometry, field), atol=1e-5)
+    assert ct.stored_axes == axes and expected.stored_axes == "LPS"
+    source = find_ct(path)  # the header alone says what the read gives
+    assert source.size_irc == ct.hu.shape and source.stored_axes == axes
+    np.testing.assert_allclose(source.geometry.origin_xyz, ct.geometry.origin_xyz, atol=1e-5)
+    np.testing.assert_allclose(source.geometry.direction, ct.geometry.direction, atol=1e-6)
+    points = irc_to_xyz(np.array([[1, 2, 3], [5, 19, 0], [2.25, 7.25, 11.75]]), expected.geometry)
+    mine, theirs = xyz_to_irc(points, ct.geometry), xyz_to_irc(points, expected.geometry)
+    np.testing.assert_array_equal(mine, theirs)
+    np.testing.assert_array_equal(cut_chunks(ct.hu, mine)[0], cut_chunks(expected.hu, theirs)[0])
+
+
+def test_an_lps_ct_is_read_without_a_copy(synth_data):
+    """LUNA16's CTs are LPS already: the turn leaves them as they are, a view of the image read."""
+    ct = read_ct(first_mhd(synth_data))
+    assert isinstance(ct.hu.base, np.ndarray) or type(ct.hu.base).__name__ == "_ImageBuffer"
+    assert not ct.hu.flags.owndata

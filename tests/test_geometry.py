@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from luna_dist.geometry import Geometry, irc_to_xyz, nearest_voxel, xyz_to_irc, xyz_to_irc_float
+from luna_dist.geometry import (
+    LPS,
+    Geometry,
+    irc_to_xyz,
+    nearest_voxel,
+    orientation,
+    shear,
+    xyz_to_irc,
+    xyz_to_irc_float,
+)
 
 
 def rotation_z(degrees: float) -> np.ndarray:
@@ -167,3 +177,47 @@ def test_xyz_to_irc_float_equals_simpleitk_continuous_index_and_round_trips(imag
 @pytest.mark.parametrize("value, voxel", [(2.5, 3), (3.5, 4), (-0.5, 0), (-1.5, -1), (2.49, 2), (-2.51, -3)])
 def test_nearest_voxel_rounds_halves_up_not_to_even(value, voxel):
     assert nearest_voxel(np.array([value, 0.0, 0.0]))[0] == voxel
+
+
+AXIS_TURNS = [np.eye(3)[:, list(order)] * signs for order in itertools.permutations(range(3))
+              for signs in itertools.product((1.0, -1.0), repeat=3)]
+"""Every way of storing a CT's axes along LPS's: 6 orders of the axes, each axis either way."""
+
+
+@pytest.mark.parametrize("oblique", [np.eye(3), rotation_axis((1, 2, 3), 20)], ids=["axis-aligned", "oblique"])
+def test_the_turn_to_lps_from_the_header_is_what_dicom_orient_makes(oblique):
+    """`Geometry.turned_to_lps` says, from a header, the size and geometry `sitk.DICOMOrient` gives the voxels,
+    and every voxel keeps its point: a plan knows what the build cuts, and positions stay exact."""
+    hu = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    for turn in AXIS_TURNS:
+        image = sitk.GetImageFromArray(hu)
+        image.SetSpacing((0.7, 0.8, 2.5))
+        image.SetOrigin((3.5, -4.25, 5.125))
+        image.SetDirection((oblique @ turn).ravel().tolist())
+        turned = sitk.DICOMOrient(image, LPS)
+        geometry, size = Geometry.of_image(image).turned_to_lps(image.GetSize())
+        assert size == turned.GetSize()
+        for field in ("origin_xyz", "spacing_xyz", "direction"):
+            np.testing.assert_allclose(getattr(geometry, field), getattr(Geometry.of_image(turned), field), atol=1e-12)
+        if np.allclose(oblique, np.eye(3)):
+            np.testing.assert_array_equal(geometry.direction, np.eye(3))  # LUNA16's axes exactly
+        stored, read = sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(turned)
+        irc = np.argwhere(read == 77)[0]  # one voxel, found by its value: at the same point in both
+        np.testing.assert_allclose(irc_to_xyz(irc, geometry), irc_to_xyz(np.argwhere(stored == 77)[0],
+                                                                          Geometry.of_image(image)), atol=1e-12)
+
+
+def test_orientation_names_the_stored_axes():
+    assert orientation(np.eye(3)) == LPS
+    assert orientation(np.diag([-1.0, -1.0, 1.0])) == "RAS"
+    assert orientation(np.diag([1.0, 1.0, -1.0])) == "LPI"
+
+
+@pytest.mark.parametrize("degrees", [0.0, 5.0, 20.0])
+def test_shear_measures_a_gantry_tilt(degrees):
+    """Slices stepping 1.25 mm 20° off their normal: 20°, and 39 steps of 1.25 sin 20° = 16.7 mm at the last."""
+    t = np.radians(degrees)
+    steps = np.array([[0.7, 0, 1.25 * np.sin(t)], [0, 0.8, 0], [0, 0, 1.25 * np.cos(t)]])
+    angle, offset = shear(steps, (24, 20, 40))
+    assert angle == pytest.approx(degrees) and offset == pytest.approx(39 * 1.25 * np.sin(t))
+    assert shear(rotation_axis((1, 2, 3), 37) * [0.8, 0.6, 2.0], (30, 40, 50))[1] < 1e-12  # rotated: no shear

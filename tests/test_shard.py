@@ -585,7 +585,7 @@ def test_each_ct_is_read_ahead_before_a_worker_reads_it_and_at_most_two_ahead(da
     events = []
     monkeypatch.setattr(ct_module, "read_ahead", lambda path: events.append(("ahead", Path(path))))
     real_read_ct = shard_write.read_ct
-    monkeypatch.setattr(shard_write, "read_ct", lambda path: events.append(("read", Path(path))) or real_read_ct(path))
+    monkeypatch.setattr(shard_write, "read_ct", lambda path, *more: events.append(("read", Path(path))) or real_read_ct(path, *more))
     build(options(data, tmp_path / "out"))
     reads = [path for kind, path in events if kind == "read"]
     assert sorted(path for kind, path in events if kind == "ahead") == sorted(reads)  # each CT once
@@ -609,7 +609,7 @@ def test_unreadable_mhd_fails_that_ct_only_and_resumes(data, small_data, tmp_pat
     shutil.copy2(small_data / mhd.relative_to(data), mhd)
     read = []
     real_read_ct = shard_write.read_ct
-    monkeypatch.setattr(shard_write, "read_ct", lambda path: read.append(Path(path)) or real_read_ct(path))
+    monkeypatch.setattr(shard_write, "read_ct", lambda path, *more: read.append(Path(path)) or real_read_ct(path, *more))
     manifest = build(options(data, out))
     assert read == [mhd]  # only the failed CT is read again
     assert manifest["failed"] == []
@@ -1007,7 +1007,7 @@ def test_full_disk_while_packing_positives_or_the_manifest(data, tmp_path, small
                                      "nothing finished was lost (3 CT(s) done and kept)")
     monkeypatch.setattr(shard_module, "pack_positives", real)
     read = []
-    monkeypatch.setattr(shard_write, "read_ct", lambda path: read.append(path))
+    monkeypatch.setattr(shard_write, "read_ct", lambda path, *more: read.append(path))
     build(options(data, out))
     assert read == [] and fingerprint(out) == small_reference
 

@@ -4,17 +4,21 @@ alone, agreeing with the build it plans, and in seconds at the real tables' scal
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from helpers import SEG_NEGATIVES, real_table
 
-from luna_dist.candidates import read_annotations, read_series_list
+from luna_dist.candidates import find_series, read_annotations, read_series_list
 from luna_dist.ct import CtError, read_ct
-from luna_dist.shard import BuildOptions, build, main, read_build_inputs
+from luna_dist.shard import BuildOptions, build, main, plan_tasks, read_build_inputs
 from luna_dist.shard_format import CODECS
 from luna_dist.shard_plan import Rate, plan, read_header
+from luna_dist.shard_write import shard_series
 
 
 def test_a_header_says_what_the_ct_holds(tiny_data):
@@ -24,8 +28,32 @@ def test_a_header_says_what_the_ct_holds(tiny_data):
     for name in ("origin_xyz", "spacing_xyz", "direction"):
         np.testing.assert_array_equal(getattr(header.geometry, name), getattr(ct.geometry, name))
     (tiny_data.parent / "bad.mhd").write_text("not a header")
-    with pytest.raises(CtError, match="bad.mhd: cannot read the header"):
+    with pytest.raises(CtError, match="bad.mhd: not a MetaImage header"):
         read_header(tiny_data.parent / "bad.mhd")
+
+
+def test_a_raw_shorter_than_its_header_is_unreadable_in_the_plan_as_in_the_build(tiny_data, tmp_path):
+    """A .mhd whose .raw holds 1 MB was planned at its header's size (2,000 GB of voxels for a 1000^3 header);
+    the plan checks its data file as the build does, and reports it."""
+    data = Path(shutil.copytree(tiny_data, tmp_path / "data"))
+    mhd = sorted(data.rglob("*.mhd"))[0]
+    mhd.write_text(mhd.read_text().replace(re.search(r"DimSize = .*", mhd.read_text())[0],
+                                           "DimSize = 1000 1000 1000"))
+    options = BuildOptions(data=data, out=tmp_path / "out", workers=1, progress=False)
+    plans, _ = plan(options, read_build_inputs(options), Rate((1, 1, 1), 1e-9, 1e-3, 150_000.0, 0.0))
+    unreadable = [line for p in plans.values() for line in p.unreadable]
+    assert len(unreadable) == 1 and unreadable[0].startswith(f"{mhd.with_suffix('.raw')}: truncated, ")
+    assert sum(p.voxels for p in plans.values()) < 1e9 and sum(p.series for p in plans.values()) == 3
+
+
+def test_max_ct_voxels_refuses_in_the_plan_and_the_build(tiny_data, tmp_path, capsys):
+    assert main(["--data", str(tiny_data), "--out", str(tmp_path / "out"), "--plan", "--max-ct-voxels", "1000"]) == 1
+    assert "voxels, more than --max-ct-voxels 1,000 " in capsys.readouterr().err
+    options = BuildOptions(data=tiny_data, out=tmp_path / "out", workers=1, progress=False, max_ct_voxels=1000)
+    task = plan_tasks(read_build_inputs(options).candidates, find_series(tiny_data), {uid: 0 for uid in
+                      find_series(tiny_data)}, options)[0]
+    with pytest.raises(CtError, match="more than --max-ct-voxels 1,000 "):
+        shard_series(task)
 
 
 @pytest.mark.slow
@@ -101,6 +129,8 @@ def test_the_plan_of_the_real_tables_takes_seconds(tmp_path):
         (root / f"subset{k % 10}").mkdir(exist_ok=True)
         (root / f"subset{k % 10}" / f"{uid}.mhd").write_text(HEADER.format(slices=100 + k % 400, spacing=1.25,
                                                                          z0=-400, uid=uid))
+        with open(root / f"subset{k % 10}" / f"{uid}.raw", "wb") as raw:  # sparse: the size the plan checks
+            raw.truncate(512 * 512 * (100 + k % 400) * 2)
     options = BuildOptions(data=root, out=tmp_path / "out", workers=8, progress=False)
     started = time.perf_counter()
     plans, _ = plan(options, read_build_inputs(options), Rate((1, 1, 1), 1e-9, 1e-3, 151_552.0, 0.0))
