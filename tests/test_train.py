@@ -252,9 +252,7 @@ def test_run_killed_during_validation_resumes_without_duplicate_steps(tiny_shard
 
 def _custom_state(run: Path) -> str:
     """The saved progress counters of a run, as JSON."""
-    import torch
-
-    state = torch.load(run / "state" / "custom_checkpoint_0.pkl", weights_only=True)
+    state = json.loads((run / "state" / "progress.json").read_text())
     for key in ("epoch_rngs", "layout", "train_metrics"):  # random states and figures, not counters
         state.pop(key, None)
     return json.dumps(state)
@@ -295,7 +293,7 @@ def test_full_disk_during_checkpoint_is_one_line_and_keeps_the_previous_state(ti
 
 def _save(trainer, val_metrics: dict | None) -> None:
     """What the loop saves after an epoch's validation (or mid-epoch, without metrics)."""
-    trainer.checkpoints.save_epoch(trainer.progress, trainer.model, trainer.task, val_metrics)
+    trainer.checkpoints.save_epoch(trainer.progress, trainer.task, val_metrics)
 
 
 def _in_process(args: list[str]):
@@ -724,6 +722,60 @@ def test_bad_models_and_run_folders_are_one_line(tiny_shards, saved_run, tmp_pat
     assert message.format(**fill) in errors[0], errors[0]
 
 
+def test_a_resume_never_runs_code_planted_in_the_state(tiny_shards, saved_run, tmp_path, monkeypatch, capsys):
+    """accelerate's load_state unpickled the progress (custom_checkpoint_0.pkl) whole: a state handed on or shared
+    between nodes could run code planted in it. Each file a resume reads, and each pickle accelerate's states held,
+    replaced by a pickle that runs code: the resume is refused naming the file, and the code never runs."""
+    import torch
+    from helpers import OpensAFile
+
+    from luna_dist import train
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    ran = tmp_path / "ran"
+    for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "progress.json", "model.safetensors",
+                 "optimizer.bin", "random_states.json"):
+        out = tmp_path / name
+        shutil.copytree(saved_run / "r", out / "r")
+        torch.save({"state": OpensAFile(ran)}, out / "r" / "state" / name)
+        try:
+            code = train.main([*_quick(tiny_shards, out, "--epochs", "2"), "--resume"])
+        finally:  # whatever the loading of the code's result raised
+            assert not ran.exists(), f"{name}: the planted code ran"
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert code == 1 and len(errors) == 1, (name, errors)
+        assert errors[0].startswith(f"error: --resume: {out / 'r' / 'state' / name}: "), errors[0]
+        assert "weights_only" not in errors[0]
+
+
+def test_a_state_of_pickles_is_refused_with_a_way_on_that_works(tiny_shards, saved_run, tmp_path, monkeypatch,
+                                                                 capsys):
+    """A state as earlier versions saved it (accelerate's pickles for the progress and random states) is not
+    unpickled; the advice it prints runs."""
+    import torch
+
+    from luna_dist import train
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    run = tmp_path / "r"
+    shutil.copytree(saved_run / "r", run)
+    progress = json.loads((run / "state" / "progress.json").read_text())
+    torch.save(progress, run / "state" / "custom_checkpoint_0.pkl")
+    torch.save({"random_state": (3, tuple(range(625)), None)}, run / "state" / "random_states_0.pkl")
+    for name in ("progress.json", "random_states.json"):
+        (run / "state" / name).unlink()
+    assert train.main([*_quick(tiny_shards, tmp_path, "--epochs", "2"), "--resume"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    state = run / "state"
+    assert error == (f"error: --resume: {state / 'custom_checkpoint_0.pkl'}: a pickle, which could run code when "
+                     "loaded, is not loaded (luna_dist saved its states with pickles before): go on from the state's "
+                     f"weights with --checkpoint {state} and a new --run-name, or start the run again with --overwrite")
+    assert train.main([*_quick(tiny_shards, tmp_path, "--epochs", "1"), "--checkpoint", str(state),
+                       "--run-name", "from-weights"]) == 0
+    assert train.main([*_quick(tiny_shards, tmp_path, "--epochs", "1"), "--overwrite"]) == 0
+    assert json.loads(_custom_state(run))["epoch"] == 1 and not list(state.glob("*.pkl"))
+
+
 @pytest.mark.slow
 def test_ctrl_c_says_what_is_saved_and_how_to_go_on(tiny_shards, tmp_path):
     import signal
@@ -845,9 +897,8 @@ def test_two_nodes_run_one_epoch_like_one_machine(tiny_shards, tmp_path):
     assert written <= {"args.json", "logged.json", "best.pt", "state", "trn", "val", "val-predictions-E1.csv"}
     for mode in ("trn", "val"):
         assert len(list((out / "r" / mode).iterdir())) == 1  # one event file: one writer
-    # accelerate's state: the model and optimizer once; each rank's own RNG state beside them.
-    state = sorted(p.name for p in (out / "r" / "state").iterdir())
-    assert "model.safetensors" in state and "random_states_1.pkl" in state
+    # The state: the model and optimizer once, every rank's random states in one file, all written by rank 0.
+    assert len(json.loads((out / "r" / "state" / "random_states.json").read_text())) == 2
 
 
 @pytest.mark.slow
@@ -933,7 +984,7 @@ def test_mid_epoch_checkpoint_on_two_ranks_resumes_exactly_there(tiny_shards, tm
     # The ranks may reach step 6's state in the moment before they are killed.
     assert saved["epoch"] == 0 and saved["step"] in (4, 6) and saved["samples_seen"] == saved["step"] * 8
     result = train([*common, "--run-name", "killed", "--resume"], processes=2)
-    assert f"at step {saved['step']} of epoch 1, {saved['samples_seen']} samples seen" in result.stderr
+    assert f"after step {saved['step']} of epoch 1, {saved['samples_seen']} samples seen" in result.stderr
     straight = load_file(tmp_path / "straight" / "state" / "model.safetensors")
     resumed = load_file(tmp_path / "killed" / "state" / "model.safetensors")
     for name in straight:
