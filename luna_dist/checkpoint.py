@@ -21,6 +21,10 @@ complete (`complete.json`) and swaps it in by two renames (`state` -> `state.old
 of those three names, and `recover` puts it back under `state/` before a resume. `RUN/best.pt`
 holds the model with the best validation score, written beside it as `best.pt.partial` and
 renamed once the state is in place.
+
+An epoch is saved twice: once trained, before its validation (`Progress.validated` one behind,
+so a failure or Ctrl-C while validating loses no training: `--resume` validates that model), and
+again once validated, with best.pt when it scored best.
 """
 
 from __future__ import annotations
@@ -97,7 +101,7 @@ def set_random_states(states: dict, device: torch.device) -> None:
 class Progress:
     """Where training stands; saved with every state so a resume never guesses from folder names."""
 
-    epoch: int = 0  # epochs completed
+    epoch: int = 0  # epochs trained
     samples_seen: int = 0  # training samples, all ranks together
     best_score: list[float] | None = None  # the best --best-by score so far; later entries break ties
     best_by: str | None = None  # the --best-by rule `best_score` was measured by
@@ -105,15 +109,21 @@ class Progress:
     epoch_rngs: list[dict] | None = None  # each rank's random states when that epoch's stream began
     layout: dict | None = None  # processes, batch size and workers that a mid-epoch state's stream needs
     train_metrics: dict | None = None  # epoch `epoch`'s, for its logs should they have to be written again
+    validated: int = 0  # the last epoch validated: `epoch - 1` when saved between its training and validation
     rank: int = field(default=0, repr=False)  # this process's rank: which of `epoch_rngs` is its own (not saved)
 
     SAVED = {"epoch": int, "samples_seen": int, "best_score": (list, type(None)), "best_by": (str, type(None)),
              "step": int, "epoch_rngs": (list, type(None)), "layout": (dict, type(None)),
-             "train_metrics": (dict, type(None))}
+             "train_metrics": (dict, type(None)), "validated": int}
 
     @property
     def epoch_rng(self) -> dict | None:
         return None if self.epoch_rngs is None else self.epoch_rngs[self.rank]
+
+    @property
+    def current(self) -> int:
+        """The epoch being trained or validated."""
+        return self.epoch if self.validated < self.epoch else self.epoch + 1
 
     def state_dict(self) -> dict:
         return {name: getattr(self, name) for name in self.SAVED}
@@ -139,10 +149,10 @@ class Progress:
                 "use others)")
 
     def saved_at(self) -> str:
-        """Where this progress stands, for messages: "epoch 2", "step 4 of epoch 3"."""
+        """Where this progress stands, for messages: "epoch 2", "step 4 of epoch 3", "epoch 2, not yet validated"."""
         if self.step:
             return f"step {self.step} of epoch {self.epoch + 1}"
-        return f"epoch {self.epoch}"
+        return f"epoch {self.epoch}" + (", not yet validated" if self.validated < self.epoch else "")
 
 
 def is_better(score: list[float], best: list[float] | None) -> bool:
@@ -183,29 +193,31 @@ def recover(run: Path) -> Path | None:
 
 
 class Checkpointer:
-    """Writes a run's state after every epoch (and mid-epoch with --save-every) and its best model; reads the state
-    back for --resume."""
+    """Writes a run's state after every epoch's training, again after its validation (with its best model), and
+    mid-epoch with --save-every; reads it back for --resume."""
 
     def __init__(self, run: Path, accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         self.run, self.accelerator, self.model, self.optimizer = run, accelerator, model, optimizer
 
     def save_epoch(self, progress: Progress, task, val_metrics: dict | None) -> None:
-        """The state (model, optimizer, random states, progress) and, when the task's score improved, best.pt;
-        mid-epoch (`val_metrics` None, --save-every) the state alone.
+        """The state (model, optimizer, random states, progress) and, with `val_metrics` (the epoch validated), best.pt
+        when the task's score improved; without them (trained, not yet validated, or mid-epoch) the state alone.
 
         `task` gives the score (`score`, `best_by`, `best_by_rules`). The saved progress holds
         this epoch's best score, so a resumed run never replaces best.pt with a worse model.
         """
-        best, previous = None, (progress.best_score, progress.best_by)
-        if val_metrics is not None and is_better(score := task.score(val_metrics), progress.best_score):
-            progress.best_score, progress.best_by = score, task.best_by
-            best = {"task": task.name, "epoch": progress.epoch, "samples_seen": progress.samples_seen,
-                    "val_metrics": val_metrics, "best_by": task.best_by, "score": score,
-                    "score_of": list(task.best_by_rules[task.best_by])}
+        best, previous = None, (progress.best_score, progress.best_by, progress.validated)
+        if val_metrics is not None:
+            progress.validated = progress.epoch
+            if is_better(score := task.score(val_metrics), progress.best_score):
+                progress.best_score, progress.best_by = score, task.best_by
+                best = {"task": task.name, "epoch": progress.epoch, "samples_seen": progress.samples_seen,
+                        "val_metrics": val_metrics, "best_by": task.best_by, "score": score,
+                        "score_of": list(task.best_by_rules[task.best_by])}
         try:
             self.save(progress, best)
         except CheckpointError:
-            progress.best_score, progress.best_by = previous
+            progress.best_score, progress.best_by, progress.validated = previous
             raise
         if best is not None:
             scores = " then ".join(f"{name} {value:.4f}" for name, value in zip(best["score_of"], score))
@@ -226,6 +238,13 @@ class Checkpointer:
         except (OSError, ValueError):
             return "an unknown epoch"
         return saved.saved_at()
+
+    def go_on(self, where: str = "") -> str:
+        """The command that continues a stopped run (`where`: " on every node"): --resume where a state is saved;
+        else --overwrite, as the run folder exists."""
+        if (self.run / STATE).is_dir():
+            return f"rerun the same command{where} with --resume --run-name {self.run.name} to continue"
+        return f"rerun the same command{where} with --overwrite --run-name {self.run.name} to start again"
 
     def save(self, progress: Progress, best: dict | None) -> None:
         """The state, swapped in once complete; with `best` (its metadata), best.pt too.

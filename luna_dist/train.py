@@ -364,13 +364,16 @@ class Trainer:
             return metrics
         behind = [self.accelerator.is_main_process and self.folder.logs_behind(progress)]
         broadcast_object_list(behind)
-        if behind[0]:
+        metrics = {}
+        if progress.validated < progress.epoch:  # stopped while validating it
+            log.info(f"epoch {progress.epoch} was trained and saved, not validated: validating it")
+            metrics = self._validate_and_save(progress.epoch)
+        elif behind[0]:
             log.info(f"epoch {progress.epoch} was saved but not all of its logs: validating its model again to "
                      "write them")
-            metrics, report = self._validate_and_log(progress.epoch)
+            val_metrics, report = self._validate_and_log(progress.epoch)
             self.run_log.write(progress.epoch, progress.samples_seen,
-                               {"trn": (progress.train_metrics, None), "val": (metrics, report)})
-        metrics = {}
+                               {"trn": (progress.train_metrics, None), "val": (val_metrics, report)})
         for epoch in range(progress.epoch + 1, args.epochs + 1):
             started, seen = time.perf_counter(), progress.samples_seen
             train_metrics = self.train_epoch(epoch)
@@ -379,13 +382,21 @@ class Trainer:
             self.train_rate = trained / seconds
             log.info(f"E{epoch} trained {trained:,} samples in {seconds:.1f} s "
                      f"({self.train_rate:,.1f} samples/s, all ranks)")
-            metrics, report = self._validate_and_log(epoch)
             progress.epoch, progress.train_metrics = epoch, train_metrics
-            self.checkpoints.save_epoch(progress, self.task, metrics)  # before the logs: they may fail
-            self.run_log.write(epoch, progress.samples_seen, {"trn": (train_metrics, None), "val": (metrics, report)})
-            self._write_metrics(metrics)
+            self.checkpoints.save_epoch(progress, self.task, None)  # a failure while validating keeps the training
+            metrics = self._validate_and_save(epoch)
         if progress.epoch >= args.epochs and not metrics:
             log.info(f"{self.run_dir} already trained for {progress.epoch} epoch(s); raise --epochs to continue")
+        return metrics
+
+    def _validate_and_save(self, epoch: int) -> dict:
+        """Validate the saved model of `epoch`, save the state again as validated (best.pt if it scored best), then
+        write the epoch's logs: a failure in them keeps the state."""
+        metrics, report = self._validate_and_log(epoch)
+        self.checkpoints.save_epoch(self.progress, self.task, metrics)
+        self.run_log.write(epoch, self.progress.samples_seen,
+                           {"trn": (self.progress.train_metrics, None), "val": (metrics, report)})
+        self._write_metrics(metrics)
         return metrics
 
     def _write_metrics(self, metrics: dict) -> None:
@@ -395,8 +406,9 @@ class Trainer:
 
     def lost_peers(self, error: BaseException) -> str | None:
         """If `error` is a collective that failed because another process died or froze: who, and how to go on."""
-        return lost_peers_message(error, self.accelerator.process_index, self.processes, self.progress.epoch,
-                                  self.run_dir, min(10.0, self.args.dist_timeout))
+        go_on = f"{self.checkpoints.kept()}; when the nodes are back, {self.checkpoints.go_on(' on every node')}"
+        return lost_peers_message(error, self.accelerator.process_index, self.processes, self.progress.current, go_on,
+                                  min(10.0, self.args.dist_timeout))
 
     def close(self) -> None:
         self.run_log.close()
@@ -426,10 +438,8 @@ def main(argv: list[str] | None = None) -> int:
         if trainer is None:
             return cli.EXIT_INTERRUPTED
         if trainer.accelerator.is_main_process:
-            then = (f"rerun the same command with --resume --run-name {trainer.run_dir.name} to continue"
-                    if (trainer.run_dir / STATE).is_dir() else "rerun the same command to start again")
             kept = trainer.checkpoints.kept()
-            cli.fail(f"interrupted in epoch {trainer.progress.epoch + 1}. {kept}; {then}")
+            cli.fail(f"interrupted in epoch {trainer.progress.current}. {kept}; {trainer.checkpoints.go_on()}")
         return cli.EXIT_INTERRUPTED
     except RuntimeError as err:
         if trainer is None or (message := trainer.lost_peers(err)) is None:

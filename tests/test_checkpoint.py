@@ -98,7 +98,7 @@ def test_a_state_comes_back_exactly_from_files_that_run_no_code(tmp_path, monkey
 
     model, optimizer = trained(0)
     accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=7)  # as fp16 on a GPU has
-    progress = Progress(epoch=2, samples_seen=16, best_score=[0.5, math.nan], best_by="cpm",
+    progress = Progress(epoch=2, samples_seen=16, best_score=[0.5, math.nan], best_by="cpm", validated=1,
                         train_metrics={"loss/all": 0.25})
     Checkpointer(tmp_path, accelerator, model, optimizer).save(progress, None)
     draws = (random.random(), np.random.rand(), torch.rand(3))

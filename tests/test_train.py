@@ -223,8 +223,8 @@ def test_validation_fold_without_shards_fails_before_training(tiny_shards, tmp_p
 
 @pytest.mark.slow
 def test_run_killed_during_validation_resumes_without_duplicate_steps(tiny_shards, tmp_path):
-    """Epoch 2's training scalars are written before its state: after a kill in its validation
-    and a resume, TensorBoard must hold each step once (the stale events are purged)."""
+    """Epoch 2 is saved trained before its validation: killed there, the resume validates its model without
+    training it again, and TensorBoard holds each step once (stale events purged)."""
     import signal
 
     common = ["--shards", str(tiny_shards), "--out", str(tmp_path), "--run-name", "r", "--epochs", "3",
@@ -233,17 +233,20 @@ def test_run_killed_during_validation_resumes_without_duplicate_steps(tiny_shard
     process = subprocess.Popen([sys.executable, "-m", "luna_dist.train", *common], stderr=subprocess.PIPE,
                                stdout=subprocess.DEVNULL, text=True, env=env)
     try:
-        for line in process.stderr:
-            if "E2 trained" in line:
-                process.send_signal(signal.SIGKILL)  # during epoch 2's validation: its state is never saved
+        for line in process.stderr:  # tqdm's \r-ended updates are lines here
+            if "E2 validation" in line:
+                process.send_signal(signal.SIGKILL)
                 break
     finally:
         process.kill()
         process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL
-    assert json.loads(_custom_state(tmp_path / "r"))["epoch"] == 1
+    saved = json.loads(_custom_state(tmp_path / "r"))
+    assert (saved["epoch"], saved["validated"], saved["samples_seen"]) == (2, 1, 16)
 
-    train([*common, "--resume"])
+    result = train([*common, "--resume"])
+    assert "epoch 2 was trained and saved, not validated: validating it" in result.stderr
+    assert "E2 trained" not in result.stderr and "E3 trained" in result.stderr
     for mode in ("trn", "val"):
         accumulator = EventAccumulator(str(tmp_path / "r" / mode))
         accumulator.Reload()
@@ -803,6 +806,62 @@ def test_ctrl_c_says_what_is_saved_and_how_to_go_on(tiny_shards, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("stage", ["training", "validation"])
+def test_a_ctrl_c_in_epoch_1_gives_a_command_that_ends_as_an_uninterrupted_run(tiny_shards, tmp_path, monkeypatch,
+                                                                              capsys, stage):
+    """Ctrl-C in epoch 1's validation lost the trained epoch, and the line said "rerun the same command to start
+    again", which is refused (the run folder exists), as --resume was. An epoch is saved trained before its
+    validation: the command the line gives runs, trains no epoch twice, and the run ends with the weights,
+    validation scores and best.pt of an uninterrupted one."""
+    import re
+
+    import torch
+    from safetensors.torch import load_file
+
+    from luna_dist import train
+    from luna_dist.tasks import TASKS
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    command = _quick(tiny_shards, tmp_path, "--epochs", "2")
+    assert train.main([*command, "--run-name", "straight"]) == 0
+    forward, steps, ctrl_c = TASKS["cls"].forward, [], [True]
+
+    def ctrl_c_once(self, model, batch, train):
+        if train == (stage == "training") and ctrl_c:
+            raise KeyboardInterrupt(ctrl_c.pop())
+        steps.append(train)
+        return forward(self, model, batch, train)
+
+    monkeypatch.setattr(TASKS["cls"], "forward", ctrl_c_once)
+    capsys.readouterr()
+    assert train.main(command) == 130
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    run = tmp_path / "r"
+    if stage == "training":
+        assert error == "error: interrupted in epoch 1. Nothing was saved; rerun the same command with --overwrite " \
+                        "--run-name r to start again"
+    else:
+        assert error == f"error: interrupted in epoch 1. The last saved state, {run / 'state'} (after epoch 1, not yet " \
+                        "validated), is kept; rerun the same command with --resume --run-name r to continue"
+    steps.clear()
+    assert train.main([*command, *re.search(r"rerun the same command with (.*) to ", error)[1].split()]) == 0
+    assert steps.count(True) == (2 if stage == "validation" else 4)  # epoch 1 was not trained again
+    straight = load_file(tmp_path / "straight" / "state" / "model.safetensors")
+    resumed = load_file(run / "state" / "model.safetensors")
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=1e-5, atol=1e-6, msg=name)
+    for mode in ("trn", "val"):
+        events = []
+        for folder in (tmp_path / "straight", run):
+            accumulator = EventAccumulator(str(folder / mode))
+            accumulator.Reload()
+            events.append([(e.step, round(e.value, 5)) for e in accumulator.Scalars("loss/all")])
+        assert events[0] == events[1] and len(events[0]) == 2, mode
+    best = [torch.load(folder / "best.pt", weights_only=True) for folder in (tmp_path / "straight", run)]
+    assert (best[1]["epoch"], best[1]["score"]) == (best[0]["epoch"], pytest.approx(best[0]["score"], abs=1e-6))
+
+
+@pytest.mark.slow
 def test_training_on_a_frozen_shard_server_stops_within_read_timeout(tiny_shards, stalling_server, tmp_path):
     """One process has no collective timeout: a stalled read hung the run for ever."""
     import time
@@ -939,7 +998,8 @@ def test_other_node_stops_within_the_timeout_naming_the_lost_rank(tiny_shards, t
         assert "Timed out waiting 5000ms" in errors[0] or "Application timeout caused pair closure" in errors[0]
     else:
         assert "Connection closed by peer" in errors[0] or "Connection reset by peer" in errors[0]  # by timing
-    assert "run the same command again on every node" in errors[0]
+    assert errors[0].endswith("Nothing was saved; when the nodes are back, rerun the same command on every node with "
+                              "--overwrite --run-name r to start again"), errors[0]
     assert "[rank0]: Traceback" not in log
 
 
