@@ -115,6 +115,7 @@ class Progress:
     SAVED = {"epoch": int, "samples_seen": int, "best_score": (list, type(None)), "best_by": (str, type(None)),
              "step": int, "epoch_rngs": (list, type(None)), "layout": (dict, type(None)),
              "train_metrics": (dict, type(None)), "validated": int}
+    """What `state_dict` holds, and the types `load_state_dict` takes for each."""
 
     @property
     def epoch_rng(self) -> dict | None:
@@ -164,6 +165,14 @@ def is_better(score: list[float], best: list[float] | None) -> bool:
         return True
     ranked = [tuple(-math.inf if math.isnan(v) else v for v in s) for s in (score, best)]
     return ranked[0] > ranked[1]
+
+
+def newest_state(run: Path) -> Path | None:
+    """The folder of `run`'s newest complete state, under whatever name a kill left it (see `recover`); None if
+    there is none."""
+    if (run / PARTIAL / COMPLETE).is_file():
+        return run / PARTIAL
+    return next((run / name for name in (STATE, OLD) if (run / name).is_dir()), None)
 
 
 def recover(run: Path) -> Path | None:
@@ -224,25 +233,16 @@ class Checkpointer:
             log.info(f"E{progress.epoch} new best model by {task.best_by}, {scores}: {self.run / BEST}")
 
     def kept(self) -> str:
-        """What a stopped run keeps, for its last message."""
-        state = self.run / STATE
-        if not state.is_dir():
+        """What a stopped run keeps, for its last message: read from the saved state, which a stop in the middle of
+        a save leaves as it was (or under another name, which --resume puts back)."""
+        if (newest := newest_state(self.run)) is None:
             return "Nothing was saved"
-        return f"The last saved state, {state} (after {self._saved_at()}), is kept"
-
-    def _saved_at(self) -> str:
-        """Where the saved state stands, read from it: a stop in the middle of a save keeps the one before."""
-        saved = Progress()
-        try:
-            saved.load_state_dict(json.loads((self.run / STATE / PROGRESS).read_text()))
-        except (OSError, ValueError):
-            return "an unknown epoch"
-        return saved.saved_at()
+        return f"The last saved state, {self.run / STATE} (after {_saved_at(newest)}), is kept"
 
     def go_on(self, where: str = "") -> str:
         """The command that continues a stopped run (`where`: " on every node"): --resume where a state is saved;
         else --overwrite, as the run folder exists."""
-        if (self.run / STATE).is_dir():
+        if newest_state(self.run) is not None:
             return f"rerun the same command{where} with --resume --run-name {self.run.name} to continue"
         return f"rerun the same command{where} with --overwrite --run-name {self.run.name} to start again"
 
@@ -336,9 +336,19 @@ class Checkpointer:
             reason = "No space left on device"  # torch and safetensors report it as a bare write failure
         else:
             reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        kept = (f"the previous state {final} ({self._saved_at()}) is intact; "
+        kept = (f"the previous state {final} ({_saved_at(final)}) is intact; "
                 "free space and rerun with --resume" if final.is_dir() else "no earlier state existed")
         return f"could not write the checkpoint of {progress.saved_at()} (under {where}): {reason}; {kept}"
+
+
+def _saved_at(state: Path) -> str:
+    """Where the state in `state` stands (`Progress.saved_at`), read from it."""
+    saved = Progress()
+    try:
+        saved.load_state_dict(json.loads((state / PROGRESS).read_text()))
+    except (OSError, ValueError):
+        return "an unknown epoch"
+    return saved.saved_at()
 
 
 @contextmanager

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from luna_dist.checkpoint import BEST, COMPLETE, OLD, PARTIAL, STATE, Progress, is_better, recover
+from luna_dist.checkpoint import BEST, COMPLETE, OLD, PARTIAL, STATE, Progress, is_better, newest_state, recover
 
 
 def _state(folder: Path, epoch: int, complete: bool = True) -> None:
@@ -37,6 +37,8 @@ def test_a_resume_finds_the_newest_complete_state_whatever_a_kill_left(tmp_path,
     (tmp_path / BEST).write_text("best of epoch 1")
     if partial_best:
         (tmp_path / (BEST + ".partial")).write_text("best of epoch 2")
+    # What a stopped run's message reports, before the resume moves anything:
+    assert _epoch(newest_state(tmp_path)) == f"weights of epoch {expected}"
     assert recover(tmp_path) == tmp_path / STATE
     assert _epoch(tmp_path / STATE) == f"weights of epoch {expected}"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([STATE, BEST])
@@ -46,6 +48,7 @@ def test_a_resume_finds_the_newest_complete_state_whatever_a_kill_left(tmp_path,
 
 def test_no_state_at_all_is_none(tmp_path):
     _state(tmp_path / PARTIAL, 1, complete=False)
+    assert newest_state(tmp_path) is None
     assert recover(tmp_path) is None
     assert list(tmp_path.iterdir()) == []
 
