@@ -42,6 +42,7 @@ from luna_dist.checkpoint import (
     CheckpointError,
     Progress,
     StateError,
+    newest_state,
     set_random_states,
     stream_random_states,
 )
@@ -172,10 +173,11 @@ def check_finite(first_nonfinite: torch.Tensor, epoch: int, steps: int, trainer:
         (step, rank), group = min(bad), trainer.optimizer.param_groups[0]
         flags = f"--lr (now {group['lr']:g})" + (f" or --momentum (now {group['momentum']:g})"
                                                    if "momentum" in group else "")
+        weights = (f" or go on from the last saved weights with --checkpoint {trainer.run_dir / STATE} and a new "
+                   "--run-name" if newest_state(trainer.run_dir) is not None else "")
         raise Diverged(f"E{epoch} step {step + 1} of {steps}: the training loss is not a finite number (rank {rank}): "
                        f"training diverged. {trainer.checkpoints.kept()}; lower {flags}, then start "
-                       f"again (--overwrite) or go on from the last saved weights with --checkpoint "
-                       f"{trainer.run_dir / STATE} and a new --run-name")
+                       f"again (--overwrite){weights}")
 
 
 def resumed_stream(loader, done: int, epoch_rng: dict, device: torch.device):

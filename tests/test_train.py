@@ -563,6 +563,20 @@ def test_a_diverged_run_stops_at_the_first_nonfinite_loss_and_keeps_the_last_sta
     resumed.close()
 
 
+def test_a_run_diverged_before_any_save_is_not_told_to_go_on_from_saved_weights(tiny_shards, tmp_path, monkeypatch):
+    """The line offered --checkpoint RUN/state, which fails when nothing was saved yet."""
+    from luna_dist.train import Diverged
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    trainer = _in_process(_quick(tiny_shards, tmp_path, "--epochs", "1"))
+    _nan_from_call(trainer.task, first_bad=0)
+    with pytest.raises(Diverged) as err:
+        trainer.run()
+    trainer.close()
+    assert str(err.value).endswith("training diverged. Nothing was saved; lower --lr (now 0.001) or --momentum (now "
+                                   "0.99), then start again (--overwrite)"), str(err.value)
+
+
 def test_a_diverged_model_is_never_scored(tiny_shards, tmp_path, monkeypatch, capsys):
     """A model with NaN weights: no accuracy, AUC or CPM is computed over its NaN probabilities."""
     import torch
