@@ -8,6 +8,9 @@ is a batch norm over the input slices, a UNet and a sigmoid.
 """
 
 import math
+import pickle
+import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -162,11 +165,30 @@ class WeightsError(ValueError):
 _WEIGHTS_HINT = "pass a best.pt, a run's state/ folder or its model.safetensors"
 
 
+def load_tensors(file: Path):
+    """What a torch file holds, read by torch's weights-only unpickler: tensors, numbers, strings and containers of
+    them, never code. WeightsError naming the file when it holds other pickled objects; ValueError when it is no
+    torch file."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # torch's message suggests weights_only=False, which would run the code
+        with open(file, "rb") as f:  # a torch file is a zip archive holding a pickle, or (before torch 1.6) a pickle
+            zipped = zipfile.is_zipfile(f)
+            f.seek(0)
+            pickled = f.read(1) == pickle.PROTO
+        if not (zipped or pickled):
+            raise ValueError("not a torch file") from None
+        found = re.search(r"GLOBAL (\S+) was not an allowed global", str(err))
+        raise WeightsError(f"{file}: holds pickled Python objects besides tensors{f' ({found[1]})' if found else ''}; "
+                           "refused: loading them could run code") from None
+
+
 def load_weights(path: Path) -> dict:
     """Model weights from a best-model file (best.pt), a saved training state folder or its model.safetensors.
 
     FileNotFoundError when there is no such file; WeightsError when the file is damaged
-    (truncated, not a checkpoint at all) or holds something else (an optimizer state).
+    (truncated, not a checkpoint at all), holds something else (an optimizer state) or holds
+    pickled objects besides tensors (refused: unpickling them could run code).
     """
     from safetensors.torch import load_file
 
@@ -176,13 +198,15 @@ def load_weights(path: Path) -> dict:
         raise FileNotFoundError(f"{path}: no model.safetensors; {_WEIGHTS_HINT}" if path.is_dir()
                                 else f"{path}: checkpoint not found")
     try:
-        if file.suffix == ".safetensors":
-            return load_file(file)
-        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch, pickle and safetensors each word a damaged file their own way
+        checkpoint = load_file(file) if file.suffix == ".safetensors" else load_tensors(file)
+    except WeightsError:
+        raise
+    except Exception as err:  # torch and safetensors each word a damaged file their own way
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise WeightsError(f"{file}: not a readable checkpoint ({reason[:200]}); truncated or another kind of "
                            f"file? {_WEIGHTS_HINT}") from None
+    if file.suffix == ".safetensors":
+        return checkpoint
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
         held = (", ".join(sorted(map(str, checkpoint))[:6]) if isinstance(checkpoint, dict)
                 else type(checkpoint).__name__)

@@ -13,7 +13,6 @@ import os
 import re
 import time
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 
@@ -53,21 +52,15 @@ def silent_ranks(rank: int, world: int, processes: list[str], wait: float) -> st
     return f"rank(s) {', '.join(f'{r} on {processes[r]}' for r in silent)} stopped answering"
 
 
-def lost_peers_message(error: BaseException, rank: int, processes: list[str], epochs_done: int, run: Path,
+def lost_peers_message(error: BaseException, rank: int, processes: list[str], epoch: int, go_on: str,
                        wait: float) -> str | None:
     """The one line for a collective that failed because another process died or froze, else None.
 
-    `epochs_done` counts the epochs saved in `run`'s state: the message says how to go on
-    from there once the nodes are back.
+    `epoch` is the epoch the run was in; `go_on` says what is saved and how to go on from it
+    once the nodes are back.
     """
     world = len(processes)
     if world == 1 or (reason := lost_peer_reason(error)) is None:
         return None
-    if epochs_done and (run / "state").is_dir():
-        resume = (f"run the same command on every node with --resume --run-name {run.name}: it continues after "
-                  f"epoch {epochs_done}, the state in {run / 'state'}")
-    else:
-        resume = "no epoch was saved yet: run the same command again on every node"
-    return (f"rank {rank} of {world} lost the others in epoch {epochs_done + 1}: "
-            f"{silent_ranks(rank, world, processes, wait)} ({reason}). Every process stops; when the nodes are "
-            f"back, {resume}")
+    return (f"rank {rank} of {world} lost the others in epoch {epoch}: "
+            f"{silent_ranks(rank, world, processes, wait)} ({reason}). Every process stops. {go_on}")

@@ -133,10 +133,10 @@ class RunFolder:
         self.args, self.accelerator, self.record = args, accelerator, record
         self.path = run_path(args, accelerator)
 
-    def open(self, progress, layout: dict, run_log) -> None:
-        """Continue (`--resume`: the newest complete state loaded into `progress`, the flags checked), start
-        (`--overwrite` clears it) or refuse the run; write args.json and open `run_log`. Evaluation only
-        reads a resumed state."""
+    def open(self, progress, layout: dict, run_log, checkpoints) -> None:
+        """Continue (`--resume`: the flags checked, the newest complete state loaded by `checkpoints` into the
+        model, the optimizer and `progress`), start (`--overwrite` clears it) or refuse the run; write args.json
+        and open `run_log`. Evaluation only reads a resumed state."""
         args, accelerator, state = self.args, self.accelerator, self.path / STATE
         main = accelerator.is_main_process
         if args.resume:
@@ -147,11 +147,10 @@ class RunFolder:
                 elif not args.eval_only:
                     problem = check_resumed(self.path, self.record)
             agree(problem)
-            accelerator.load_state(str(state))
+            checkpoints.load(progress)
             if problem := progress.resume_problem(layout, state):
                 raise RunFolderError(problem)
-            at = f", at step {progress.step} of epoch {progress.epoch + 1}" if progress.step else ""
-            log.info(f"resumed {self.path} after epoch {progress.epoch}{at}, {progress.samples_seen:,} samples seen")
+            log.info(f"resumed {self.path} after {progress.saved_at()}, {progress.samples_seen:,} samples seen")
         elif not args.eval_only:
             agree(check_new(self.path, args.overwrite) if main else None)
         if args.eval_only:

@@ -22,7 +22,6 @@ import argparse
 import itertools
 import math
 import os
-import random
 import socket
 import sys
 import time
@@ -37,7 +36,16 @@ from tqdm import tqdm
 
 from luna_dist import cli, run_folder
 from luna_dist.candidates import N_FOLDS
-from luna_dist.checkpoint import STATE, Checkpointer, CheckpointError, Progress
+from luna_dist.checkpoint import (
+    STATE,
+    Checkpointer,
+    CheckpointError,
+    Progress,
+    StateError,
+    newest_state,
+    set_random_states,
+    stream_random_states,
+)
 from luna_dist.hardware import precision_warning
 from luna_dist.model import WeightsError, load_into
 from luna_dist.peers import lost_peers_message
@@ -139,16 +147,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def rng_state() -> dict:
-    """The random states a data stream draws from (Python's for the class mixing, torch's for worker seeds)."""
-    return {"python": random.getstate(), "torch": torch.get_rng_state()}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-
-
 def default_workers(device: torch.device, local_processes: int) -> int:
     """Enough workers to feed a GPU (one decodes ~thousands of samples/s); none needed for CPU compute."""
     if device.type == "cuda":
@@ -176,13 +174,14 @@ def check_finite(first_nonfinite: torch.Tensor, epoch: int, steps: int, trainer:
         (step, rank), group = min(bad), trainer.optimizer.param_groups[0]
         flags = f"--lr (now {group['lr']:g})" + (f" or --momentum (now {group['momentum']:g})"
                                                    if "momentum" in group else "")
+        weights = (f" or go on from the last saved weights with --checkpoint {trainer.run_dir / STATE} and a new "
+                   "--run-name" if newest_state(trainer.run_dir) is not None else "")
         raise Diverged(f"E{epoch} step {step + 1} of {steps}: the training loss is not a finite number (rank {rank}): "
-                       f"training diverged. {trainer.checkpoints.kept(trainer.progress)}; lower {flags}, then start "
-                       f"again (--overwrite) or go on from the last saved weights with --checkpoint "
-                       f"{trainer.run_dir / STATE} and a new --run-name")
+                       f"training diverged. {trainer.checkpoints.kept()}; lower {flags}, then start "
+                       f"again (--overwrite){weights}")
 
 
-def resumed_stream(loader, done: int, epoch_rng: dict):
+def resumed_stream(loader, done: int, epoch_rng: dict, device: torch.device):
     """The epoch's batches after the first `done`, as an uninterrupted run saw them.
 
     The stream is rebuilt from the random states this rank saved when the epoch began
@@ -190,12 +189,12 @@ def resumed_stream(loader, done: int, epoch_rng: dict):
     batches are read and dropped; then the checkpoint's states come back, so augmentation
     goes on as it would have.
     """
-    at_checkpoint = rng_state()
-    set_rng_state(epoch_rng)
+    at_checkpoint = stream_random_states()
+    set_random_states(epoch_rng, device)
     batches = iter(loader)
     for _ in range(done):
         next(batches)
-    set_rng_state(at_checkpoint)
+    set_random_states(at_checkpoint, device)
     return batches
 
 
@@ -241,7 +240,6 @@ class Trainer:
             load_into(model, args.checkpoint)
         self.model, self.optimizer = accelerator.prepare(model, task.build_optimizer(model))
         self.progress = Progress(rank=accelerator.process_index)
-        accelerator.register_for_checkpointing(self.progress)
         self.train_rate = math.nan  # samples/s of the last training epoch, all ranks
         # Who is who, for the message when a process dies: every rank knows every rank's host and pid.
         self.processes = gather_object([f"{socket.gethostname()}, pid {os.getpid()}"])
@@ -251,9 +249,9 @@ class Trainer:
                                    self.shards.manifest.get("identity", {}))
         self.folder = RunFolder(args, accelerator, record)
         self.run_dir = self.folder.path
-        self.checkpoints = Checkpointer(self.run_dir, accelerator)
+        self.checkpoints = Checkpointer(self.run_dir, accelerator, self.model, self.optimizer)
         self.run_log = RunLog(self.run_dir, accelerator, task, args.metrics_json)
-        self.folder.open(self.progress, self._layout(), self.run_log)
+        self.folder.open(self.progress, self._layout(), self.run_log, self.checkpoints)
 
     def _layout(self) -> dict:
         """What decides the order of a rank's training samples within an epoch."""
@@ -279,9 +277,9 @@ class Trainer:
         steps, per_step = self.epoch_steps(), args.batch_size * accelerator.num_processes
         start, epoch_start_seen = progress.step, progress.samples_seen - progress.step * per_step
         if start == 0:  # every rank's random states as its stream begins: a mid-epoch resume replays them
-            progress.epoch_rngs, progress.layout = gather_object([rng_state()]), self._layout()
+            progress.epoch_rngs, progress.layout = gather_object([stream_random_states()]), self._layout()
         loader = task.train_loader(epoch, steps, self.num_workers, self.device.type == "cuda")
-        batches = resumed_stream(loader, start, progress.epoch_rng) if start else iter(loader)
+        batches = resumed_stream(loader, start, progress.epoch_rng, self.device) if start else iter(loader)
         # Per-sample records stay on the device: no host sync inside the loop. Rows a short batch
         # leaves empty keep -1 in column 0 and are dropped after the gather (with the steps before
         # a mid-epoch resume: their records were not saved).
@@ -305,7 +303,7 @@ class Trainer:
                     check_finite(first_nonfinite, epoch, steps, self)
                 if save_now:
                     progress.step, progress.samples_seen = step + 1, epoch_start_seen + (step + 1) * per_step
-                    self.checkpoints.save_epoch(progress, self.model, self.task, None)
+                    self.checkpoints.save_epoch(progress, self.task, None)
                     log.info(f"E{epoch} step {step + 1} of {steps}: state saved")
         if step + 1 != steps:
             raise RuntimeError(f"training stream gave {step + 1} batches, expected {steps}")
@@ -340,7 +338,7 @@ class Trainer:
         if nonfinite := int((~torch.isfinite(gathered).all(dim=1)).sum()):
             raise Diverged(f"E{epoch} validation: {nonfinite:,} of {gathered.shape[0]:,} samples have a probability or "
                            "loss that is not a finite number: the model diverged, and nothing is scored. "
-                           f"{self.checkpoints.kept(self.progress)}; train again with a lower --lr")
+                           f"{self.checkpoints.kept()}; train again with a lower --lr")
         return task.compute_metrics(gathered), gathered
 
     def _bar(self, total: int | None, desc: str, initial: int = 0) -> tqdm:
@@ -369,13 +367,16 @@ class Trainer:
             return metrics
         behind = [self.accelerator.is_main_process and self.folder.logs_behind(progress)]
         broadcast_object_list(behind)
-        if behind[0]:
+        metrics = {}
+        if progress.validated < progress.epoch:  # stopped while validating it
+            log.info(f"epoch {progress.epoch} was trained and saved, not validated: validating it")
+            metrics = self._validate_and_save(progress.epoch)
+        elif behind[0]:
             log.info(f"epoch {progress.epoch} was saved but not all of its logs: validating its model again to "
                      "write them")
-            metrics, report = self._validate_and_log(progress.epoch)
+            val_metrics, report = self._validate_and_log(progress.epoch)
             self.run_log.write(progress.epoch, progress.samples_seen,
-                               {"trn": (progress.train_metrics, None), "val": (metrics, report)})
-        metrics = {}
+                               {"trn": (progress.train_metrics, None), "val": (val_metrics, report)})
         for epoch in range(progress.epoch + 1, args.epochs + 1):
             started, seen = time.perf_counter(), progress.samples_seen
             train_metrics = self.train_epoch(epoch)
@@ -384,13 +385,21 @@ class Trainer:
             self.train_rate = trained / seconds
             log.info(f"E{epoch} trained {trained:,} samples in {seconds:.1f} s "
                      f"({self.train_rate:,.1f} samples/s, all ranks)")
-            metrics, report = self._validate_and_log(epoch)
             progress.epoch, progress.train_metrics = epoch, train_metrics
-            self.checkpoints.save_epoch(progress, self.model, self.task, metrics)  # before the logs: they may fail
-            self.run_log.write(epoch, progress.samples_seen, {"trn": (train_metrics, None), "val": (metrics, report)})
-            self._write_metrics(metrics)
+            self.checkpoints.save_epoch(progress, self.task, None)  # a failure while validating keeps the training
+            metrics = self._validate_and_save(epoch)
         if progress.epoch >= args.epochs and not metrics:
             log.info(f"{self.run_dir} already trained for {progress.epoch} epoch(s); raise --epochs to continue")
+        return metrics
+
+    def _validate_and_save(self, epoch: int) -> dict:
+        """Validate the saved model of `epoch`, save the state again as validated (best.pt if it scored best), then
+        write the epoch's logs: a failure in them keeps the state."""
+        metrics, report = self._validate_and_log(epoch)
+        self.checkpoints.save_epoch(self.progress, self.task, metrics)
+        self.run_log.write(epoch, self.progress.samples_seen,
+                           {"trn": (self.progress.train_metrics, None), "val": (metrics, report)})
+        self._write_metrics(metrics)
         return metrics
 
     def _write_metrics(self, metrics: dict) -> None:
@@ -400,8 +409,9 @@ class Trainer:
 
     def lost_peers(self, error: BaseException) -> str | None:
         """If `error` is a collective that failed because another process died or froze: who, and how to go on."""
-        return lost_peers_message(error, self.accelerator.process_index, self.processes, self.progress.epoch,
-                                  self.run_dir, min(10.0, self.args.dist_timeout))
+        go_on = f"{self.checkpoints.kept()}; when the nodes are back, {self.checkpoints.go_on(' on every node')}"
+        return lost_peers_message(error, self.accelerator.process_index, self.processes, self.progress.current, go_on,
+                                  min(10.0, self.args.dist_timeout))
 
     def close(self) -> None:
         self.run_log.close()
@@ -424,17 +434,15 @@ def main(argv: list[str] | None = None) -> int:
         with cli.interrupts():
             trainer = Trainer(args)
             trainer.run()
-    except (ShardSetError, FileNotFoundError, CheckpointError, WeightsError, RunFolderError, Diverged,
+    except (ShardSetError, FileNotFoundError, CheckpointError, StateError, WeightsError, RunFolderError, Diverged,
             LoggingError) as err:
         return cli.fail(own_line(err))
     except KeyboardInterrupt:
         if trainer is None:
             return cli.EXIT_INTERRUPTED
         if trainer.accelerator.is_main_process:
-            then = (f"rerun the same command with --resume --run-name {trainer.run_dir.name} to continue"
-                    if (trainer.run_dir / STATE).is_dir() else "rerun the same command to start again")
-            kept = trainer.checkpoints.kept(trainer.progress)
-            cli.fail(f"interrupted in epoch {trainer.progress.epoch + 1}. {kept}; {then}")
+            kept = trainer.checkpoints.kept()
+            cli.fail(f"interrupted in epoch {trainer.progress.current}. {kept}; {trainer.checkpoints.go_on()}")
         return cli.EXIT_INTERRUPTED
     except RuntimeError as err:
         if trainer is None or (message := trainer.lost_peers(err)) is None:

@@ -1,6 +1,6 @@
 """What several test modules share: the data's sizes, opening shard sets as training does, damaging shards,
-killing a build mid-way, a segmentation model of known output, CTs written as DICOM series, and bad CTs.
-Fixtures live in conftest.py."""
+killing a build mid-way, a segmentation model of known output, CTs written as DICOM series, bad CTs, and a
+pickle that runs code. Fixtures live in conftest.py."""
 
 from __future__ import annotations
 
@@ -380,3 +380,13 @@ def ctrl_c_inside_a_finalizer() -> None:
                 pass
 
     Collected()  # collected at once
+
+
+class OpensAFile:
+    """Pickled, it calls open(path, "w") when loaded: code that no loader may run (the file appearing shows it ran)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")

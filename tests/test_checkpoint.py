@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from luna_dist.checkpoint import BEST, COMPLETE, OLD, PARTIAL, STATE, Progress, is_better, recover
+from luna_dist.checkpoint import BEST, COMPLETE, OLD, PARTIAL, STATE, Progress, is_better, newest_state, recover
 
 
 def _state(folder: Path, epoch: int, complete: bool = True) -> None:
@@ -37,6 +37,8 @@ def test_a_resume_finds_the_newest_complete_state_whatever_a_kill_left(tmp_path,
     (tmp_path / BEST).write_text("best of epoch 1")
     if partial_best:
         (tmp_path / (BEST + ".partial")).write_text("best of epoch 2")
+    # What a stopped run's message reports, before the resume moves anything:
+    assert _epoch(newest_state(tmp_path)) == f"weights of epoch {expected}"
     assert recover(tmp_path) == tmp_path / STATE
     assert _epoch(tmp_path / STATE) == f"weights of epoch {expected}"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([STATE, BEST])
@@ -46,6 +48,7 @@ def test_a_resume_finds_the_newest_complete_state_whatever_a_kill_left(tmp_path,
 
 def test_no_state_at_all_is_none(tmp_path):
     _state(tmp_path / PARTIAL, 1, complete=False)
+    assert newest_state(tmp_path) is None
     assert recover(tmp_path) is None
     assert list(tmp_path.iterdir()) == []
 
@@ -70,3 +73,51 @@ def test_each_rank_takes_its_own_random_states():
         progress = Progress(rank=rank)
         progress.load_state_dict(saved)
         assert progress.epoch_rng == {"rank": rank}
+
+
+def test_a_state_comes_back_exactly_from_files_that_run_no_code(tmp_path, monkeypatch):
+    """Model, optimizer, fp16 loss scale, the random states and the progress, kept as safetensors, a weights-only
+    torch file and JSON (accelerate pickled the progress and random states), come back as they were saved."""
+    import json
+    import random
+
+    import numpy as np
+    import torch
+    from accelerate import Accelerator
+
+    from luna_dist.checkpoint import Checkpointer
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    accelerator = Accelerator()
+
+    def trained(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.BatchNorm3d(2)).to(
+            memory_format=torch.channels_last_3d)
+        model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+        model(torch.randn(2, 1, 4, 4, 4)).sum().backward()
+        optimizer.step()
+        return model, optimizer
+
+    model, optimizer = trained(0)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=7)  # as fp16 on a GPU has
+    progress = Progress(epoch=2, samples_seen=16, best_score=[0.5, math.nan], best_by="cpm", validated=1,
+                        train_metrics={"loss/all": 0.25})
+    Checkpointer(tmp_path, accelerator, model, optimizer).save(progress, None)
+    draws = (random.random(), np.random.rand(), torch.rand(3))
+    assert sorted(p.name for p in (tmp_path / STATE).iterdir()) == [
+        COMPLETE, "model.safetensors", "optimizer.bin", "progress.json", "random_states.json", "scaler.json"]
+
+    accelerator.scaler = None
+    other_model, other_optimizer = trained(1)
+    accelerator.scaler = torch.amp.GradScaler("cpu")
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    loaded = Progress()
+    Checkpointer(tmp_path, accelerator, other_model, other_optimizer).load(loaded)
+    assert json.dumps(loaded.state_dict()) == json.dumps(progress.state_dict())
+    assert (random.random(), np.random.rand()) == draws[:2] and torch.equal(torch.rand(3), draws[2])
+    assert accelerator.scaler.state_dict()["scale"] == 8.0 and accelerator.scaler.state_dict()["growth_interval"] == 7
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(other_model.state_dict()[name], tensor), name
+    for saved, read in zip(optimizer.state_dict()["state"].values(), other_optimizer.state_dict()["state"].values()):
+        assert torch.equal(read["momentum_buffer"], saved["momentum_buffer"])

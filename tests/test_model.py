@@ -222,3 +222,21 @@ def test_a_file_that_holds_no_usable_weights_is_one_line_naming_it(tmp_path, nam
     with pytest.raises(WeightsError) as err:
         load_into(LunaModel(), tmp_path / name)
     assert message in str(err.value) and "\n" not in str(err.value)
+    assert "weights_only" not in str(err.value)  # torch's hint to load it unsafely is not passed on
+
+
+def test_a_file_with_pickled_code_is_refused_and_not_run(tmp_path):
+    """torch's refusal suggested weights_only=False, which runs the file's code; the message says what the
+    file holds and that it is refused."""
+    from helpers import OpensAFile
+
+    from luna_dist.model import WeightsError, load_into
+
+    marker = tmp_path / "ran"
+    torch.save({"model": LunaModel().state_dict(), "extra": OpensAFile(marker)}, tmp_path / "planted.pt")
+    with pytest.raises(WeightsError) as err:
+        load_into(LunaModel(), tmp_path / "planted.pt")
+    assert str(err.value).startswith(f"{tmp_path / 'planted.pt'}: holds pickled Python objects besides tensors "
+                                     "(io.open); refused: loading them could run code")
+    assert "weights_only" not in str(err.value) and "\n" not in str(err.value)
+    assert not marker.exists()

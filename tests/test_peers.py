@@ -60,19 +60,14 @@ def test_an_unreachable_store_means_node_0_is_gone(monkeypatch):
         f"node 0, which holds the rendezvous at 127.0.0.1:{port}, is unreachable (rank(s) 0 on node-a, 101, 1 on node-a, 102)"
 
 
-def test_the_message_says_from_which_epoch_a_resume_goes_on(store, tmp_path):
-    run = tmp_path / "run-1"
-    (run / "state").mkdir(parents=True)
+def test_the_message_names_the_epoch_and_says_how_to_go_on(store):
     error = RuntimeError(GLOO_CLOSED)
-    message = lost_peers_message(error, 0, PROCESSES, epochs_done=2, run=run, wait=0.2)
+    message = lost_peers_message(error, 0, PROCESSES, epoch=3, go_on="The last saved state ... is kept", wait=0.2)
     assert message.startswith("rank 0 of 4 lost the others in epoch 3: rank(s) 1 on node-a, 102, ")
-    assert "(Connection closed by peer [127.0.0.1]:30084)" in message
-    assert message.endswith(f"run the same command on every node with --resume --run-name run-1: it continues "
-                            f"after epoch 2, the state in {run / 'state'}")
-    first_epoch = lost_peers_message(error, 0, PROCESSES, epochs_done=0, run=run, wait=0.2)
-    assert first_epoch.endswith("no epoch was saved yet: run the same command again on every node")
+    assert message.endswith("(Connection closed by peer [127.0.0.1]:30084). Every process stops. The last saved "
+                            "state ... is kept")
 
 
-def test_no_message_for_one_process_or_another_error(tmp_path):
-    assert lost_peers_message(RuntimeError(GLOO_CLOSED), 0, PROCESSES[:1], 1, tmp_path, 0.5) is None
-    assert lost_peers_message(RuntimeError("CUDA out of memory"), 0, PROCESSES, 1, tmp_path, 0.5) is None
+def test_no_message_for_one_process_or_another_error():
+    assert lost_peers_message(RuntimeError(GLOO_CLOSED), 0, PROCESSES[:1], 1, "", 0.5) is None
+    assert lost_peers_message(RuntimeError("CUDA out of memory"), 0, PROCESSES, 1, "", 0.5) is None

@@ -223,8 +223,8 @@ def test_validation_fold_without_shards_fails_before_training(tiny_shards, tmp_p
 
 @pytest.mark.slow
 def test_run_killed_during_validation_resumes_without_duplicate_steps(tiny_shards, tmp_path):
-    """Epoch 2's training scalars are written before its state: after a kill in its validation
-    and a resume, TensorBoard must hold each step once (the stale events are purged)."""
+    """Epoch 2 is saved trained before its validation: killed there, the resume validates its model without
+    training it again, and TensorBoard holds each step once (stale events purged)."""
     import signal
 
     common = ["--shards", str(tiny_shards), "--out", str(tmp_path), "--run-name", "r", "--epochs", "3",
@@ -233,17 +233,20 @@ def test_run_killed_during_validation_resumes_without_duplicate_steps(tiny_shard
     process = subprocess.Popen([sys.executable, "-m", "luna_dist.train", *common], stderr=subprocess.PIPE,
                                stdout=subprocess.DEVNULL, text=True, env=env)
     try:
-        for line in process.stderr:
-            if "E2 trained" in line:
-                process.send_signal(signal.SIGKILL)  # during epoch 2's validation: its state is never saved
+        for line in process.stderr:  # tqdm's \r-ended updates are lines here
+            if "E2 validation" in line:
+                process.send_signal(signal.SIGKILL)
                 break
     finally:
         process.kill()
         process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL
-    assert json.loads(_custom_state(tmp_path / "r"))["epoch"] == 1
+    saved = json.loads(_custom_state(tmp_path / "r"))
+    assert (saved["epoch"], saved["validated"], saved["samples_seen"]) == (2, 1, 16)
 
-    train([*common, "--resume"])
+    result = train([*common, "--resume"])
+    assert "epoch 2 was trained and saved, not validated: validating it" in result.stderr
+    assert "E2 trained" not in result.stderr and "E3 trained" in result.stderr
     for mode in ("trn", "val"):
         accumulator = EventAccumulator(str(tmp_path / "r" / mode))
         accumulator.Reload()
@@ -252,9 +255,7 @@ def test_run_killed_during_validation_resumes_without_duplicate_steps(tiny_shard
 
 def _custom_state(run: Path) -> str:
     """The saved progress counters of a run, as JSON."""
-    import torch
-
-    state = torch.load(run / "state" / "custom_checkpoint_0.pkl", weights_only=True)
+    state = json.loads((run / "state" / "progress.json").read_text())
     for key in ("epoch_rngs", "layout", "train_metrics"):  # random states and figures, not counters
         state.pop(key, None)
     return json.dumps(state)
@@ -295,7 +296,7 @@ def test_full_disk_during_checkpoint_is_one_line_and_keeps_the_previous_state(ti
 
 def _save(trainer, val_metrics: dict | None) -> None:
     """What the loop saves after an epoch's validation (or mid-epoch, without metrics)."""
-    trainer.checkpoints.save_epoch(trainer.progress, trainer.model, trainer.task, val_metrics)
+    trainer.checkpoints.save_epoch(trainer.progress, trainer.task, val_metrics)
 
 
 def _in_process(args: list[str]):
@@ -562,6 +563,20 @@ def test_a_diverged_run_stops_at_the_first_nonfinite_loss_and_keeps_the_last_sta
     resumed.close()
 
 
+def test_a_run_diverged_before_any_save_is_not_told_to_go_on_from_saved_weights(tiny_shards, tmp_path, monkeypatch):
+    """The line offered --checkpoint RUN/state, which fails when nothing was saved yet."""
+    from luna_dist.train import Diverged
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    trainer = _in_process(_quick(tiny_shards, tmp_path, "--epochs", "1"))
+    _nan_from_call(trainer.task, first_bad=0)
+    with pytest.raises(Diverged) as err:
+        trainer.run()
+    trainer.close()
+    assert str(err.value).endswith("training diverged. Nothing was saved; lower --lr (now 0.001) or --momentum (now "
+                                   "0.99), then start again (--overwrite)"), str(err.value)
+
+
 def test_a_diverged_model_is_never_scored(tiny_shards, tmp_path, monkeypatch, capsys):
     """A model with NaN weights: no accuracy, AUC or CPM is computed over its NaN probabilities."""
     import torch
@@ -724,6 +739,60 @@ def test_bad_models_and_run_folders_are_one_line(tiny_shards, saved_run, tmp_pat
     assert message.format(**fill) in errors[0], errors[0]
 
 
+def test_a_resume_never_runs_code_planted_in_the_state(tiny_shards, saved_run, tmp_path, monkeypatch, capsys):
+    """accelerate's load_state unpickled the progress (custom_checkpoint_0.pkl) whole: a state handed on or shared
+    between nodes could run code planted in it. Each file a resume reads, and each pickle accelerate's states held,
+    replaced by a pickle that runs code: the resume is refused naming the file, and the code never runs."""
+    import torch
+    from helpers import OpensAFile
+
+    from luna_dist import train
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    ran = tmp_path / "ran"
+    for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "progress.json", "model.safetensors",
+                 "optimizer.bin", "random_states.json"):
+        out = tmp_path / name
+        shutil.copytree(saved_run / "r", out / "r")
+        torch.save({"state": OpensAFile(ran)}, out / "r" / "state" / name)
+        try:
+            code = train.main([*_quick(tiny_shards, out, "--epochs", "2"), "--resume"])
+        finally:  # whatever the loading of the code's result raised
+            assert not ran.exists(), f"{name}: the planted code ran"
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert code == 1 and len(errors) == 1, (name, errors)
+        assert errors[0].startswith(f"error: --resume: {out / 'r' / 'state' / name}: "), errors[0]
+        assert "weights_only" not in errors[0]
+
+
+def test_a_state_of_pickles_is_refused_with_a_way_on_that_works(tiny_shards, saved_run, tmp_path, monkeypatch,
+                                                                 capsys):
+    """A state as earlier versions saved it (accelerate's pickles for the progress and random states) is not
+    unpickled; the advice it prints runs."""
+    import torch
+
+    from luna_dist import train
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    run = tmp_path / "r"
+    shutil.copytree(saved_run / "r", run)
+    progress = json.loads((run / "state" / "progress.json").read_text())
+    torch.save(progress, run / "state" / "custom_checkpoint_0.pkl")
+    torch.save({"random_state": (3, tuple(range(625)), None)}, run / "state" / "random_states_0.pkl")
+    for name in ("progress.json", "random_states.json"):
+        (run / "state" / name).unlink()
+    assert train.main([*_quick(tiny_shards, tmp_path, "--epochs", "2"), "--resume"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    state = run / "state"
+    assert error == (f"error: --resume: {state / 'custom_checkpoint_0.pkl'}: a pickle, which could run code when "
+                     "loaded, is not loaded (luna_dist saved its states with pickles before): go on from the state's "
+                     f"weights with --checkpoint {state} and a new --run-name, or start the run again with --overwrite")
+    assert train.main([*_quick(tiny_shards, tmp_path, "--epochs", "1"), "--checkpoint", str(state),
+                       "--run-name", "from-weights"]) == 0
+    assert train.main([*_quick(tiny_shards, tmp_path, "--epochs", "1"), "--overwrite"]) == 0
+    assert json.loads(_custom_state(run))["epoch"] == 1 and not list(state.glob("*.pkl"))
+
+
 @pytest.mark.slow
 def test_ctrl_c_says_what_is_saved_and_how_to_go_on(tiny_shards, tmp_path):
     import signal
@@ -748,6 +817,62 @@ def test_ctrl_c_says_what_is_saved_and_how_to_go_on(tiny_shards, tmp_path):
     assert errors == [f"error: interrupted in epoch 2. The last saved state, {tmp_path / 'r' / 'state'} (after epoch 1), "
                       "is kept; rerun the same command with --resume --run-name r to continue\n"], "".join(log)[-3000:]
     assert "Traceback" not in "".join(log)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["training", "validation"])
+def test_a_ctrl_c_in_epoch_1_gives_a_command_that_ends_as_an_uninterrupted_run(tiny_shards, tmp_path, monkeypatch,
+                                                                              capsys, stage):
+    """Ctrl-C in epoch 1's validation lost the trained epoch, and the line said "rerun the same command to start
+    again", which is refused (the run folder exists), as --resume was. An epoch is saved trained before its
+    validation: the command the line gives runs, trains no epoch twice, and the run ends with the weights,
+    validation scores and best.pt of an uninterrupted one."""
+    import re
+
+    import torch
+    from safetensors.torch import load_file
+
+    from luna_dist import train
+    from luna_dist.tasks import TASKS
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    command = _quick(tiny_shards, tmp_path, "--epochs", "2")
+    assert train.main([*command, "--run-name", "straight"]) == 0
+    forward, steps, ctrl_c = TASKS["cls"].forward, [], [True]
+
+    def ctrl_c_once(self, model, batch, train):
+        if train == (stage == "training") and ctrl_c:
+            raise KeyboardInterrupt(ctrl_c.pop())
+        steps.append(train)
+        return forward(self, model, batch, train)
+
+    monkeypatch.setattr(TASKS["cls"], "forward", ctrl_c_once)
+    capsys.readouterr()
+    assert train.main(command) == 130
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    run = tmp_path / "r"
+    if stage == "training":
+        assert error == "error: interrupted in epoch 1. Nothing was saved; rerun the same command with --overwrite " \
+                        "--run-name r to start again"
+    else:
+        assert error == f"error: interrupted in epoch 1. The last saved state, {run / 'state'} (after epoch 1, not yet " \
+                        "validated), is kept; rerun the same command with --resume --run-name r to continue"
+    steps.clear()
+    assert train.main([*command, *re.search(r"rerun the same command with (.*) to ", error)[1].split()]) == 0
+    assert steps.count(True) == (2 if stage == "validation" else 4)  # epoch 1 was not trained again
+    straight = load_file(tmp_path / "straight" / "state" / "model.safetensors")
+    resumed = load_file(run / "state" / "model.safetensors")
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=1e-5, atol=1e-6, msg=name)
+    for mode in ("trn", "val"):
+        events = []
+        for folder in (tmp_path / "straight", run):
+            accumulator = EventAccumulator(str(folder / mode))
+            accumulator.Reload()
+            events.append([(e.step, round(e.value, 5)) for e in accumulator.Scalars("loss/all")])
+        assert events[0] == events[1] and len(events[0]) == 2, mode
+    best = [torch.load(folder / "best.pt", weights_only=True) for folder in (tmp_path / "straight", run)]
+    assert (best[1]["epoch"], best[1]["score"]) == (best[0]["epoch"], pytest.approx(best[0]["score"], abs=1e-6))
 
 
 @pytest.mark.slow
@@ -845,9 +970,8 @@ def test_two_nodes_run_one_epoch_like_one_machine(tiny_shards, tmp_path):
     assert written <= {"args.json", "logged.json", "best.pt", "state", "trn", "val", "val-predictions-E1.csv"}
     for mode in ("trn", "val"):
         assert len(list((out / "r" / mode).iterdir())) == 1  # one event file: one writer
-    # accelerate's state: the model and optimizer once; each rank's own RNG state beside them.
-    state = sorted(p.name for p in (out / "r" / "state").iterdir())
-    assert "model.safetensors" in state and "random_states_1.pkl" in state
+    # The state: the model and optimizer once, every rank's random states in one file, all written by rank 0.
+    assert len(json.loads((out / "r" / "state" / "random_states.json").read_text())) == 2
 
 
 @pytest.mark.slow
@@ -888,7 +1012,8 @@ def test_other_node_stops_within_the_timeout_naming_the_lost_rank(tiny_shards, t
         assert "Timed out waiting 5000ms" in errors[0] or "Application timeout caused pair closure" in errors[0]
     else:
         assert "Connection closed by peer" in errors[0] or "Connection reset by peer" in errors[0]  # by timing
-    assert "run the same command again on every node" in errors[0]
+    assert errors[0].endswith("Nothing was saved; when the nodes are back, rerun the same command on every node with "
+                              "--overwrite --run-name r to start again"), errors[0]
     assert "[rank0]: Traceback" not in log
 
 
@@ -933,7 +1058,7 @@ def test_mid_epoch_checkpoint_on_two_ranks_resumes_exactly_there(tiny_shards, tm
     # The ranks may reach step 6's state in the moment before they are killed.
     assert saved["epoch"] == 0 and saved["step"] in (4, 6) and saved["samples_seen"] == saved["step"] * 8
     result = train([*common, "--run-name", "killed", "--resume"], processes=2)
-    assert f"at step {saved['step']} of epoch 1, {saved['samples_seen']} samples seen" in result.stderr
+    assert f"after step {saved['step']} of epoch 1, {saved['samples_seen']} samples seen" in result.stderr
     straight = load_file(tmp_path / "straight" / "state" / "model.safetensors")
     resumed = load_file(tmp_path / "killed" / "state" / "model.safetensors")
     for name in straight:
