@@ -66,6 +66,7 @@ from luna_dist.evaluate import EvaluationError, shard_findings, write_marks
 from luna_dist.findings import Truth, marks_of, read_truth, score, write_detections
 from luna_dist.layout import find_tables
 from luna_dist.model import LunaModel, SegmentationModel, WeightsError
+from luna_dist.out_folder import OutsideError, below, file_name
 from luna_dist.report import draw_ct, write_report
 
 log = get_logger("luna_dist.analyze")
@@ -386,13 +387,13 @@ class Share:
 def analyse_share(share: list[str], series: dict[str, Path], positions: Positions | None, truth: Truth | None,
                   models: Models, shared: dict, args: argparse.Namespace, accelerator: Accelerator) -> Share:
     """Analyse (or reuse) this process's CTs, writing each one's findings and images as soon as it is done."""
-    done, per_ct = Share(), args.out / "ct"
+    done = Share()
     nodules_of: dict[str, list[Annotation]] = {}
     for nodule in truth.nodules if truth else []:
         nodules_of.setdefault(nodule.series_uid, []).append(nodule)
     for uid in share:
         cli.raise_if_interrupted()
-        path, xyz = per_ct / f"{uid}.json", None if positions is None else positions.xyz[uid]
+        path, xyz = below(args.out, "ct", f"{file_name(uid)}.json"), None if positions is None else positions.xyz[uid]
         nodules = nodules_of.get(uid, []) if truth else None
         wanted = ct_produced_by(shared, series[uid], xyz, nodules)
         result, existed = finished_result(path, wanted)
@@ -408,6 +409,7 @@ def analyse_share(share: list[str], series: dict[str, Path], positions: Position
             print(f"error: {err}; {uid} left out", file=sys.stderr)
             continue
         result = analysed.result
+        result["series_uid"] = uid  # the run's name for it (a .mhd's file name), whatever its header says
         result["produced_by"] = wanted
         try:
             started = time.perf_counter()
@@ -490,6 +492,8 @@ def _run(args: argparse.Namespace, accelerator: Accelerator) -> dict:
             log.info(f"report: {write_report(args.out, results, summary, series)}")
         except OSError as err:
             output_error = unwritable(f"{err.strerror or err}: {err.filename}", args.out, len(results))
+        except OutsideError as err:
+            output_error = str(err)
     accelerator.wait_for_everyone()
     if output_error:
         raise AnalysisError(output_error)
@@ -515,16 +519,16 @@ def run_produced_by(args: argparse.Namespace, models: Models, shared: dict) -> d
 
 def write_outputs(args: argparse.Namespace, results: list[dict], summary: dict, truth: Truth | None) -> dict:
     """detections.csv, submission.csv, the scores and summary.json, from every process's findings."""
-    write_detections(args.out / "detections.csv", results)
+    write_detections(below(args.out, "detections.csv"), results)
     detections = [{**d, "series_uid": r["series_uid"]} for r in results for d in r["detections"]]
     marks = marks_of(detections)
-    write_marks(args.out / "submission.csv", marks)
+    write_marks(below(args.out, "submission.csv"), marks)
     seconds = {stage: sum(r["seconds"].get(stage, 0.0) for r in results) for stage in
                ("read", "segment", "group", "classify", "images")}
     analysed = sorted(r["series_uid"] for r in results)
     summary = {**summary, "detections": len(detections), "mode": summary["produced_by"]["mode"], "seconds": seconds,
                **(score(analysed, detections, marks, truth, args.out) if truth else {})}
-    write_json(args.out / "summary.json", summary)
+    write_json(below(args.out, "summary.json"), summary)
     log.info(f"{len(results)} of {summary['series']} CTs analysed ({summary['resumed']} reused from an earlier run, "
              f"{summary['redone']} redone), {len(detections)} detections: {args.out / 'detections.csv'}")
     return summary

@@ -41,6 +41,7 @@ from luna_dist.analyze import assign, main
 from luna_dist.candidates import assign_folds, find_series, folds_as_built, read_annotations
 from luna_dist.detect import load_model
 from luna_dist.model import LunaModel
+from luna_dist.out_folder import file_name
 from luna_dist.report import IMAGES_PER_CT
 from luna_dist.shard import BuildOptions, build
 
@@ -686,3 +687,34 @@ def test_bad_own_ct_is_one_line(make, said, own_ct, models, tmp_path, capsys):
     said_lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(said_lines) == 1 and said_lines[0].startswith(f"error: --ct {paths[0].parent}") and said in said_lines[0], err
     assert "Traceback" not in err
+
+
+# -- a series' uid never chooses where the analysis writes ------------------------------------------------------
+def _files_under(folder: Path, leaving_out: Path) -> dict[Path, bytes]:
+    return {path: path.read_bytes() for path in folder.rglob("*") if path.is_file() and leaving_out not in path.parents}
+
+
+@pytest.mark.parametrize("kind", ["up the tree", "absolute", "304 characters"])
+def test_a_series_uid_never_chooses_where_the_analysis_writes(kind, own_ct, models, tmp_path):
+    """The uid of a .mha header (its 0020|000e line) names the CT's outputs: `../../../victim` had the
+    analysis write beside --out and delete the *.png of the folder it named; an absolute one too; 304
+    characters were too long for a file name. Now each is a safe, recognisable name inside --out."""
+    out, victim = tmp_path / "a" / "b" / "out", tmp_path / "a" / "victim"
+    victim.mkdir(parents=True)
+    (victim / "keep.png").write_bytes(b"an image of someone else's")
+    (tmp_path / "a" / "victim.json").write_text("{}")
+    uid = {"up the tree": "../../../victim", "absolute": str(victim), "304 characters": "1.2" * 101 + "4"}[kind]
+    image = sitk.ReadImage(str(own_ct["mhd"]))
+    image.SetMetaData("0020|000e", uid)
+    sitk.WriteImage(image, str(tmp_path / "scan.mha"))
+    before = _files_under(tmp_path, out)
+    assert main(_own_args(tmp_path / "scan.mha", models, own_ct, out)) == 0
+    assert _files_under(tmp_path, out) == before  # nothing outside --out written or deleted
+    name = file_name(uid)
+    assert "/" not in name and len(name) < 100 and re.fullmatch(r"[\w.-]+~[0-9a-f]{16}", name)
+    assert name.startswith({"up the tree": "_.._.._victim", "absolute": "_", "304 characters": "1.21.21.2"}[kind])
+    result = json.loads((out / "ct" / f"{name}.json").read_text())
+    assert result["series_uid"] == uid and len(result["detections"]) == 3
+    _check_report(out, [name])
+    with (out / "detections.csv").open(newline="") as f:
+        assert {row["seriesuid"] for row in csv.DictReader(f)} == {uid}
