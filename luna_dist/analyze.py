@@ -259,6 +259,24 @@ def ct_sources(paths: list[Path]) -> dict[str, Path]:
     return series
 
 
+def check_names(series: dict[str, Path]) -> None:
+    """Refuse a series whose uid its outputs cannot hold as it is: one with a control character (a newline
+    in submission.csv, quoted or not, is a row to many readers) or a space at either end (every CSV reader
+    of the project strips it); and two whose file names (`out_folder.file_name`) differ only in case, one
+    file to a case-insensitive file system (macOS, Windows)."""
+    named: dict[str, str] = {}
+    for uid, path in series.items():
+        if not uid.isprintable() or uid != uid.strip():
+            shown = str(path) if str(path).isprintable() else repr(str(path))  # the message stays one line
+            raise AnalysisError(f"{shown}: series uid {uid!r} holds a control character or a space at an end, which "
+                                "the CSVs of its findings cannot hold as it is: rename the file, or fix its "
+                                "SeriesInstanceUID (0020|000e)")
+        other = named.setdefault(file_name(uid).casefold(), uid)
+        if other != uid:
+            raise AnalysisError(f"{path}: series {uid} and {other} ({series[other]}) differ only in case, so their "
+                                "files would be one on a case-insensitive file system: rename one")
+
+
 def find_on_disk(data: Path) -> dict[str, Path]:
     """Every series of the data folder and its .mhd file."""
     if not data.is_dir():
@@ -456,6 +474,7 @@ def _run(args: argparse.Namespace, accelerator: Accelerator) -> dict:
             truth = read_truth(args.data)
         except EvaluationError as err:
             raise AnalysisError(str(err)) from None
+    check_names(series)
     positions = candidate_positions(args.candidates, series, found) if args.candidates else None
     if is_main:
         for line in ([note] if note else []) + (candidate_warnings(positions, args.candidates, args.data)

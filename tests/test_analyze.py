@@ -40,6 +40,7 @@ from luna_dist import analyze as analysis
 from luna_dist.analyze import assign, main
 from luna_dist.candidates import assign_folds, find_series, folds_as_built, read_annotations
 from luna_dist.detect import load_model
+from luna_dist.evaluate import read_marks
 from luna_dist.model import LunaModel
 from luna_dist.out_folder import file_name
 from luna_dist.report import IMAGES_PER_CT
@@ -718,3 +719,39 @@ def test_a_series_uid_never_chooses_where_the_analysis_writes(kind, own_ct, mode
     _check_report(out, [name])
     with (out / "detections.csv").open(newline="") as f:
         assert {row["seriesuid"] for row in csv.DictReader(f)} == {uid}
+
+
+def test_a_series_name_with_a_comma_is_one_field_of_every_csv(own_ct, models, tmp_path):
+    """`Smith, John.nii.gz` gave submission.csv rows of six columns."""
+    ct = tmp_path / "Smith, John.nii.gz"
+    shutil.copy(own_ct["nifti"], ct)
+    assert main(_own_args(ct, models, own_ct, tmp_path / "out")) == 0
+    marks = read_marks(tmp_path / "out" / "submission.csv", ["Smith, John"])
+    with (tmp_path / "out" / "detections.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(marks.series) == len(rows) == 3 and {row["seriesuid"] for row in rows} == {"Smith, John"}
+    assert not (tmp_path / "out" / "ct" / "Smith, John.json").exists()  # its files' name is made safe too
+
+
+@pytest.mark.parametrize("uid", ["1.2.3\n9.9.9,0,0,0,0.99", "1.2.3\t", " 1.2.3"])
+def test_a_series_name_with_a_control_character_or_an_outer_space_is_refused(uid, own_ct, models, tmp_path, capsys):
+    """A newline in a uid (here a NIfTI file's name) forged rows of submission.csv; a space at either end is
+    lost by every CSV reader."""
+    ct = tmp_path / f"{uid}.nii.gz"
+    shutil.copy(own_ct["nifti"], ct)
+    assert main(_own_args(ct, models, own_ct, tmp_path / "out")) == 1
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if line.startswith("error:")]
+    shown = str(ct) if str(ct).isprintable() else repr(str(ct))
+    assert said == [f"error: {shown}: series uid {uid!r} holds a control character or a space at "
+                    "an end, which the CSVs of its findings cannot hold as it is: rename the file, or fix its "
+                    "SeriesInstanceUID (0020|000e)"], err
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_two_series_whose_names_differ_only_in_case_are_refused():
+    """One file on a case-insensitive file system (macOS, Windows): each would overwrite the other's results."""
+    analysis.check_names({"Scan": Path("a/Scan.nii.gz"), "other": Path("b/other.nii.gz")})
+    with pytest.raises(analysis.AnalysisError, match=r"^b/scan.nii.gz: series scan and Scan \(a/Scan.nii.gz\) differ "
+                                                      "only in case"):
+        analysis.check_names({"Scan": Path("a/Scan.nii.gz"), "scan": Path("b/scan.nii.gz")})

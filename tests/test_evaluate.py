@@ -322,6 +322,17 @@ def test_marks_round_trip_through_the_csv(tmp_path):
     assert np.allclose(back.xyz, original.xyz) and np.allclose(back.probability, original.probability)
 
 
+@pytest.mark.parametrize("uid", ["Smith, John", 'the "first" scan', "a\nb,1,2,3,0.99", "tab\there"])
+def test_marks_of_any_series_name_round_trip_through_the_csv(tmp_path, uid):
+    """A name with a comma gave six-column rows, one with a newline forged a row: every field is quoted
+    as the csv module quotes it, and read back as it was."""
+    original = marks((uid, 1.5, -2.25, 300.125, 0.5), ("1.2.4", 0, 0, 0, 1.0))
+    evaluate.write_marks(tmp_path / "p.csv", original)
+    back = evaluate.read_marks(tmp_path / "p.csv", [uid, "1.2.4"])
+    assert back.series.tolist() == [uid, "1.2.4"]
+    assert np.array_equal(back.xyz, original.xyz) and np.array_equal(back.probability, original.probability)
+
+
 def test_fold_findings_of_a_manifest_without_them_say_rebuild():
     from luna_dist.evaluate import fold_findings
 
