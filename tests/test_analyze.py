@@ -755,3 +755,24 @@ def test_two_series_whose_names_differ_only_in_case_are_refused():
     with pytest.raises(analysis.AnalysisError, match=r"^b/scan.nii.gz: series scan and Scan \(a/Scan.nii.gz\) differ "
                                                       "only in case"):
         analysis.check_names({"Scan": Path("a/Scan.nii.gz"), "scan": Path("b/scan.nii.gz")})
+
+
+def test_a_full_disk_while_writing_the_report_names_the_file_and_leaves_no_partial(tiny_data, models, tmp_path,
+                                                                                    monkeypatch, capsys):
+    """It printed `No space left on device: None` and left report.html.partial."""
+    from luna_dist import atomic
+
+    def full_for_the_report(file, mode="r", **kwargs):
+        opened = open(file, mode, **kwargs)
+        if Path(file).name == "report.html.partial":
+            def write(text):
+                opened.buffer.write(text[:100].encode())
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            opened.write = write
+        return opened
+    monkeypatch.setattr(atomic, "open", full_for_the_report, raising=False)
+    out = tmp_path / "out"
+    assert main(_candidates_args(tiny_data, models, out)) == 1
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(said) == 1 and f"(No space left on device: {out / 'report.html'})" in said[0], said
+    assert not list(out.rglob("*.partial")) and (out / "summary.json").is_file()
