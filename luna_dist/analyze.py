@@ -59,6 +59,7 @@ from luna_dist.detect import (
     SEG_MARGIN,
     SEG_THRESHOLD,
     Models,
+    NonFiniteError,
     analyze_ct,
     load_model,
 )
@@ -95,7 +96,9 @@ def load_models(args: argparse.Namespace, device: torch.device, candidates_mode:
               "malignancy": loaded_from(LunaModel(), args.mal_model) if args.mal_model else None}
     network = {name: pair[0] if pair else None for name, pair in loaded.items()}
     return Models(network["seg"], network["nodule"], network["malignancy"],
-                  {name: pair[1] if pair else None for name, pair in loaded.items()})
+                  {name: pair[1] if pair else None for name, pair in loaded.items()},
+                  {"seg": None if candidates_mode else args.seg_model, "nodule": args.cls_model,
+                   "malignancy": args.mal_model})
 
 
 # -- distribution ---------------------------------------------------------------------------------
@@ -411,20 +414,19 @@ def analyse_share(share: list[str], series: dict[str, Path], positions: Position
         nodules_of.setdefault(nodule.series_uid, []).append(nodule)
     for uid in share:
         cli.raise_if_interrupted()
-        path, xyz = below(args.out, "ct", f"{file_name(uid)}.json"), None if positions is None else positions.xyz[uid]
-        nodules = nodules_of.get(uid, []) if truth else None
-        wanted = ct_produced_by(shared, series[uid], xyz, nodules)
-        result, existed = finished_result(path, wanted)
-        if result is not None:
+        xyz, nodules = None if positions is None else positions.xyz[uid], nodules_of.get(uid, []) if truth else None
+        try:  # any CT's failure (unreadable, out of memory, probabilities not finite) leaves the others to go on
+            path = below(args.out, "ct", f"{file_name(uid)}.json")
+            wanted = ct_produced_by(shared, series[uid], xyz, nodules)
+            result, existed = finished_result(path, wanted)
+            analysed = None if result is not None else analyze_ct(
+                series[uid], models, accelerator.device, args.batch_size, accelerator.autocast, xyz, args.body_crop)
+        except Exception as err:
+            done.failed.append(failure(uid, series[uid], err))
+            continue
+        if analysed is None:
             done.results.append(result)
             done.reused += 1
-            continue
-        try:
-            analysed = analyze_ct(series[uid], models, accelerator.device, args.batch_size, accelerator.autocast,
-                                  xyz, args.body_crop)
-        except CtError as err:
-            done.failed.append({"series_uid": uid, "path": str(series[uid]), "error": str(err)})
-            print(f"error: {err}; {uid} left out", file=sys.stderr)
             continue
         result = analysed.result
         result["series_uid"] = uid  # the run's name for it (a .mhd's file name), whatever its header says
@@ -438,6 +440,9 @@ def analyse_share(share: list[str], series: dict[str, Path], positions: Position
         except OSError as err:
             done.write_error = f"{err.strerror or err}: {err.filename or path}"
             break  # the others would not be written either; what is written stays
+        except Exception as err:  # its images could not be drawn (a link in --out leading outside it, ...)
+            done.failed.append(failure(uid, series[uid], err))
+            continue
         done.results.append(result)
         done.redone += existed
         print(f"rank {accelerator.process_index}: {uid}: {len(result['detections'])} groups in "
@@ -447,6 +452,20 @@ def analyse_share(share: list[str], series: dict[str, Path], positions: Position
                   f"an axis: the segmentation's erosion leaves nothing, so it can give no detection (--candidates "
                   "scores given positions)", file=sys.stderr)
     return done
+
+
+def failure(uid: str, path: Path, err: Exception) -> dict:
+    """A CT that could not be analysed, as summary.json lists it, its reason printed at once: the path and
+    what went wrong, with advice where it is out of memory."""
+    if isinstance(err, (CtError, NonFiniteError, OutsideError)):  # each names the file
+        reason = str(err)
+    else:
+        said = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+        reason = f"{path}: {type(err).__name__}" + (f": {said}" if said else "")
+    if isinstance(err, MemoryError) or "out of memory" in reason.lower():
+        reason += " (out of memory: a smaller --batch-size needs less)"
+    print(f"error: {reason}; {uid} left out", file=sys.stderr)
+    return {"series_uid": uid, "path": str(path), "error": reason}
 
 
 def unwritable(reason: str, out: Path, kept: int) -> str:

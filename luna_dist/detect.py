@@ -53,12 +53,29 @@ least): the slab's temporaries (5 bytes a voxel) stay below a third of a byte pe
 
 @dataclass
 class Models:
-    """The networks of the pipeline, in eval mode on one device, and the sha256 of each one's weights."""
+    """The networks of the pipeline, in eval mode on one device, the sha256 of each one's weights and the file
+    they came from."""
 
     seg: nn.Module | None  # None in candidates mode
     nodule: nn.Module
     malignancy: nn.Module | None
     sha256: dict[str, str | None] = field(default_factory=dict)  # "seg", "nodule", "malignancy"; None: absent
+    paths: dict[str, Path | None] = field(default_factory=dict)  # likewise
+
+    def named(self, role: str) -> str:
+        """`the nodule classifier --cls-model PATH`, as a message names the network of `role`."""
+        path = self.paths.get(role)
+        return f"the {MODEL_NAMES[role][0]}" + (f" {MODEL_NAMES[role][1]} {path}" if path else "")
+
+
+MODEL_NAMES = {"seg": ("segmentation model", "--seg-model"), "nodule": ("nodule classifier", "--cls-model"),
+               "malignancy": ("malignancy model", "--mal-model")}
+"""Each network's name and the flag that gives it, for messages."""
+
+
+class NonFiniteError(ValueError):
+    """A network gave probabilities that are not finite numbers (NaN, infinity). Its weights are checked finite
+    when loaded, so its sums overflowed; nothing of the CT is kept."""
 
 
 def load_model(model: nn.Module, path: Path, device: torch.device) -> tuple[nn.Module, str]:
@@ -114,7 +131,8 @@ def segment_window(box: tuple[slice, slice], size: tuple[int, int], multiple: in
 @torch.no_grad()
 def segment(hu: Tensor, model: nn.Module, batch_size: int, autocast, box: tuple[slice, slice] | None = None,
             memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
-    """Nodule probability > SEG_THRESHOLD of every voxel, (I, R, C) bool on hu's device.
+    """Nodule probability > SEG_THRESHOLD of every voxel, (I, R, C) bool on hu's device; NonFiniteError
+    counting them where any probability is not a finite number.
 
     `hu` is the CT (I, R, C) float32 on the device. The context stacks are gathered
     there by index (the slice and CONTEXT on each side, clamped at the volume's ends,
@@ -133,12 +151,18 @@ def segment(hu: Tensor, model: nn.Module, batch_size: int, autocast, box: tuple[
     inner = tuple(slice(b.start - w.start, b.stop - w.start) for b, w in zip(box, window))  # the box in the window
     framed = hu[:, window[0], window[1]]
     offsets = torch.arange(-CONTEXT, CONTEXT + 1, device=hu.device)
+    nonfinite = torch.zeros((), dtype=torch.int64, device=hu.device)  # counted on the device: no sync a batch
     for start in range(0, slices, batch_size):
         centre = torch.arange(start, min(start + batch_size, slices), device=hu.device)
         stacks = framed[(centre[:, None] + offsets).clamp(0, slices - 1)]  # (B, 7, window rows, window columns)
         with autocast():
             probability = model(stacks.contiguous(memory_format=memory_format))  # (B, 1, window rows, columns)
-        mask[start:start + len(centre), box[0], box[1]] = probability[:, 0, inner[0], inner[1]] > SEG_THRESHOLD
+        in_box = probability[:, 0, inner[0], inner[1]]
+        mask[start:start + len(centre), box[0], box[1]] = in_box > SEG_THRESHOLD
+        nonfinite += (~torch.isfinite(in_box)).sum()
+    if count := int(nonfinite):  # NaN is never above the threshold: it would read as no nodule
+        in_box = slices * (box[0].stop - box[0].start) * (box[1].stop - box[1].start)
+        raise NonFiniteError(f"{count:,} of {in_box:,} voxel probabilities")
     return mask
 
 
@@ -273,8 +297,11 @@ def analyze_ct(path: Path, models: Models, device: torch.device, batch_size: int
     seconds["read"] = time.perf_counter() - started
     if candidates_xyz is None:
         spacing = ct.geometry.spacing_xyz
-        groups = _segment_and_group(ct.hu, models.seg, device, batch_size, autocast, seconds, (spacing[1], spacing[0]),
-                                    body_crop)
+        try:
+            groups = _segment_and_group(ct.hu, models.seg, device, batch_size, autocast, seconds,
+                                        (spacing[1], spacing[0]), body_crop)
+        except NonFiniteError as err:
+            raise NonFiniteError(_not_finite(path, models, "seg", str(err))) from None
         centres_irc, voxels, labels = groups.centres, groups.voxels, groups.labels
         centres_xyz = irc_to_xyz(centres_irc, ct.geometry)
         sizes = [{"diameter_mm": round(float(d), 2), "volume_mm3": round(float(n * np.prod(spacing)), 2)}
@@ -287,6 +314,9 @@ def analyze_ct(path: Path, models: Models, device: torch.device, batch_size: int
     started = time.perf_counter()
     p_nodule, p_malignant = classify(ct.hu, centres_irc, models, device, batch_size, autocast)
     seconds["classify"] = time.perf_counter() - started
+    for role, p in (("nodule", p_nodule), ("malignancy", p_malignant if models.malignancy is not None else None)):
+        if p is not None and (count := int((~np.isfinite(p)).sum())):
+            raise NonFiniteError(_not_finite(path, models, role, f"{count:,} of {len(p):,} probabilities"))
     detections = [
         {"xyz": [round(v, 3) for v in xyz], "irc": [round(v, 2) for v in irc], "voxels": int(n), **size,
          "p_nodule": float(pn), "p_malignant": None if np.isnan(pm) else float(pm)}
@@ -296,6 +326,11 @@ def analyze_ct(path: Path, models: Models, device: torch.device, batch_size: int
     result = {"series_uid": ct.series_uid, "voxels": int(ct.hu.size), "shape": list(ct.hu.shape),
               "seconds": seconds, "detections": detections}
     return Analysed(result, ct, labels)
+
+
+def _not_finite(path: Path, models: Models, role: str, what: str) -> str:
+    return (f"{path}: {models.named(role)} gave {what} that are not finite numbers (NaN or infinity): its weights "
+            "are finite, so its sums overflowed (in mixed precision? then try without); nothing of this CT is kept")
 
 
 def _segment_and_group(hu: np.ndarray, model: nn.Module, device: torch.device, batch_size: int, autocast,

@@ -393,7 +393,12 @@ def _find_bad_mark(path: Path, series_uids: list[str] | None) -> None:
 
 def write_marks(path: Path, marks: Marks) -> None:
     """Write marks as a predictions CSV (the format `read_marks` and the official script read), atomically;
-    a series name holding a comma, a quote or a newline is quoted as the csv module quotes it."""
+    a series name holding a comma, a quote or a newline is quoted as the csv module quotes it. A probability
+    that is not a finite number is refused (ValueError): no reader may take it for a score."""
+    if not np.isfinite(marks.probability).all():
+        first = int(np.argmax(~np.isfinite(marks.probability)))
+        raise ValueError(f"{path}: not written: the probability of the mark of series {marks.series[first]} at "
+                         f"{marks.xyz[first].tolist()} is {marks.probability[first]}, not a finite number")
     with atomic_open(path, newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(PREDICTION_COLUMNS)

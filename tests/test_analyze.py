@@ -492,6 +492,14 @@ def _truncated_safetensors(data, models, tmp_path, monkeypatch):
             "--out", str(tmp_path / "out")]
 
 
+def _nan_weights(data, models, tmp_path, monkeypatch):
+    weights = LunaModel().state_dict()
+    weights["block1.conv1.bias"][3] = float("nan")
+    torch.save({"model": weights}, tmp_path / "cls.pt")
+    return ["--data", str(data), "--candidates", str(data / "candidates.csv"), "--cls-model", str(tmp_path / "cls.pt"),
+            "--out", str(tmp_path / "out")]
+
+
 def _missing_model(data, models, tmp_path, monkeypatch):
     return ["--data", str(data), "--seg-model", str(tmp_path / "none.pt"), "--cls-model", str(models["cls"]),
             "--out", str(tmp_path / "out")]
@@ -573,6 +581,8 @@ BAD_INPUTS = [
     ("optimizer state as model", _optimizer_state, 1, "optimizer.bin: holds no model weights (it holds param_groups"),
     ("truncated safetensors", _truncated_safetensors, 1, "model.safetensors: not a readable checkpoint"),
     ("missing model", _missing_model, 1, "none.pt: checkpoint not found"),
+    ("weights that are not finite", _nan_weights, 1,
+     "cls.pt: block1.conv1.bias holds 1 of its 8 values that are not finite numbers (NaN or infinity)"),
     ("another network's weights", _another_network, 1, "seg.pt: not weights of a LunaModel"),
     ("bad annotations row", _bad_table("annotations.csv", ANNOTATIONS, NODULE, ("tiny.1", 0, 0, 0, "big")), 1,
      "annotations.csv:3: diameter_mm is not a number: 'big' (this table scores the findings"),
@@ -776,3 +786,48 @@ def test_a_full_disk_while_writing_the_report_names_the_file_and_leaves_no_parti
     said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(said) == 1 and f"(No space left on device: {out / 'report.html'})" in said[0], said
     assert not list(out.rglob("*.partial")) and (out / "summary.json").is_file()
+
+
+# -- a CT that fails for any reason is one failed CT, not a stopped analysis ------------------------------------
+@pytest.mark.parametrize("error, said", [
+    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore lines"),
+     "tiny.1.mhd: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB (out of memory: a smaller "
+     "--batch-size needs less)"),
+    (ValueError("operands could not be broadcast together"), "tiny.1.mhd: ValueError: operands could not be broadcast"),
+])
+def test_a_ct_that_fails_for_any_reason_is_listed_and_the_others_finish(error, said, tiny_data, models, tmp_path,
+                                                                        monkeypatch, capsys):
+    """An out-of-memory error on one large CT stopped the analysis there (and left the other ranks waiting)."""
+    original = analysis.analyze_ct
+
+    def failing_on_tiny_1(path, *args, **kwargs):
+        if path.name == "tiny.1.mhd":
+            raise error
+        return original(path, *args, **kwargs)
+    monkeypatch.setattr(analysis, "analyze_ct", failing_on_tiny_1)
+    out = tmp_path / "out"
+    assert main(_candidates_args(tiny_data, models, out)) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors[-1].startswith(f"error: 1 CT(s) could not be analysed, the others are in {out}: ") and \
+        said in errors[-1] and errors[-1].endswith("; fix them and rerun to add them"), errors
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["analysed"], [f["series_uid"] for f in summary["failed"]]) == (1, ["tiny.1"])
+    assert said in summary["failed"][0]["error"] and _analysed(out) == ["tiny.2"]
+
+
+def test_probabilities_that_are_not_finite_fail_the_ct_naming_the_model(tiny_data, models, tmp_path, capsys):
+    """Finite weights whose sums overflow (both logits infinite: softmax gives NaN) scored every candidate NaN,
+    and the analysis wrote p_nodule = nan with exit 0."""
+    model = LunaModel()
+    model.head_linear.weight.data.fill_(1e38)
+    torch.save({"model": model.state_dict()}, tmp_path / "overflowing.pt")
+    args = _candidates_args(tiny_data, models, tmp_path / "out")
+    args[args.index("--cls-model") + 1] = str(tmp_path / "overflowing.pt")
+    assert main(args) == 1
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")][-1]
+    for mhd, marks in (("subset0/tiny.1.mhd", 2), ("subset1/tiny.2.mhd", 1)):
+        assert (f"{tiny_data / mhd}: the nodule classifier --cls-model {tmp_path / 'overflowing.pt'} "
+                f"gave {marks} of {marks} probabilities that are not finite numbers (NaN or infinity)") in error, error
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert (summary["analysed"], summary["detections"], len(summary["failed"])) == (0, 0, 2)
+    assert (tmp_path / "out" / "submission.csv").read_text() == "seriesuid,coordX,coordY,coordZ,probability\n"

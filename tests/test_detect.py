@@ -157,6 +157,24 @@ def test_segment_with_the_body_crop_finds_what_the_whole_slices_give_inside_the_
     assert SEG_THRESHOLD == 0.5
 
 
+class _NanWhereDense(torch.nn.Module):
+    """A stand-in UNet whose probability is NaN wherever the middle slice is above 0 HU, as a network's
+    overflowing sums give it: NaN is never above the threshold, so it read as no nodule."""
+
+    multiple = 4
+
+    def forward(self, x):  # (B, 7, H, W)
+        middle = x[:, 3:4]
+        return torch.where(middle > 0, torch.nan, 0.0)
+
+
+def test_segment_refuses_probabilities_that_are_not_finite():
+    hu = torch.full((6, 16, 16), -800.0)
+    hu[2, 3:7, 5:9] = 40.0
+    with pytest.raises(detect.NonFiniteError, match=r"^16 of 1,536 voxel probabilities$"):
+        segment(hu, _NanWhereDense(), batch_size=4, autocast=_no_autocast)
+
+
 def test_group_finds_a_planted_blob_at_its_exact_centre():
     hu = np.full((40, 50, 60), -900, dtype=np.int16)
     i, r, c = np.ogrid[:40, :50, :60]
