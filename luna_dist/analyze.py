@@ -37,16 +37,20 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import socket
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import gather_object
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object
 
 from luna_dist import __version__, cli
 from luna_dist.atomic import write_json
@@ -68,6 +72,7 @@ from luna_dist.findings import Truth, marks_of, read_truth, score, write_detecti
 from luna_dist.layout import find_tables
 from luna_dist.model import LunaModel, SegmentationModel, WeightsError
 from luna_dist.out_folder import OutsideError, below, file_name
+from luna_dist.peers import lost_peer_reason, silent_ranks
 from luna_dist.report import draw_ct, write_report
 
 log = get_logger("luna_dist.analyze")
@@ -118,6 +123,32 @@ def assign(sizes: dict[str, int], processes: int) -> list[list[str]]:
         shares[rank].append(uid)
         loads[rank] += max(1, sizes[uid])
     return shares
+
+
+def deal(series: dict[str, Path], accelerator: Accelerator) -> tuple[dict[str, Path], list[list[str]]]:
+    """The main process's series and its deal of them (`assign`, by the voxel counts of its headers), the
+    same on every process.
+
+    Dealt by each process from its own view of the disk, views that differ (a node's copy
+    still being synced, a header one node cannot read) made two deals: a CT was analysed
+    twice and another by none.
+    """
+    dealt = [series, assign({uid: ct_voxels(path) for uid, path in series.items()}, accelerator.num_processes)] \
+        if accelerator.is_main_process else [None, None]
+    broadcast_object_list(dealt)
+    return dealt[0], dealt[1]
+
+
+def check_dealt(series: dict[str, Path], taken: list[str]) -> None:
+    """AnalysisError unless the processes took up (analysed, reused or failed) each series exactly once."""
+    counts = Counter(taken)
+    twice, missing = sorted(uid for uid, n in counts.items() if n > 1), sorted(set(series) - counts.keys())
+    unknown = sorted(counts.keys() - set(series))
+    if twice or missing or unknown:
+        problems = [f"{len(uids)} {what} (e.g. {uids[0]})" for uids, what in
+                    ((twice, "more than once"), (missing, "by none"), (unknown, "not listed")) if uids]
+        raise AnalysisError(f"the processes' CTs are not the {len(series)} listed, each once: {'; '.join(problems)}; "
+                            "nothing is written beyond each CT's own findings: rerun the same command")
 
 
 # -- what produced a CT's findings ------------------------------------------------------------------
@@ -225,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="score these candidate positions instead of the segmentation's groups")
     parser.add_argument("--out", type=Path, required=True, help="results folder")
     parser.add_argument("--batch-size", type=int, default=32, help="slices, and chunks, per forward pass")
+    parser.add_argument("--dist-timeout", type=float, default=300, metavar="SECONDS",
+                        help="how long a process waits for the others in a collective before it fails (default: 300)")
     parser.add_argument("--no-body-crop", dest="body_crop", action="store_false",
                         help="segment every pixel of each slice, not only the body's box (for a CT of several "
                              "separate objects, a phantom: the box holds the largest only)")
@@ -234,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    cli.check_at_least(parser, args, {"batch_size": 1})
+    cli.check_at_least(parser, args, {"batch_size": 1, "dist_timeout": 1})
     if args.candidates is None and args.seg_model is None:
         parser.error("--seg-model is needed (or --candidates CSV to score given positions)")
     if args.shards and args.series:
@@ -474,9 +507,21 @@ def unwritable(reason: str, out: Path, kept: int) -> str:
 
 
 def run(args: argparse.Namespace) -> dict:
-    accelerator = Accelerator()
+    # A process that dies or freezes (a node lost, a driver hung) leaves the others waiting in a collective:
+    # they fail after --dist-timeout rather than torch's default of 10 to 30 minutes.
+    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.dist_timeout))])
+    processes: list[str] = []  # each rank's host and pid, to name the ones lost
     try:
+        processes = gather_object([f"{socket.gethostname()}, pid {os.getpid()}"])
         return _run(args, accelerator)
+    except RuntimeError as err:
+        if len(processes) < 2 or (reason := lost_peer_reason(err)) is None:
+            raise
+        rank, world = accelerator.process_index, accelerator.num_processes
+        raise AnalysisError(f"rank {rank} of {world} lost the others: "
+                            f"{silent_ranks(rank, world, processes, min(10.0, args.dist_timeout))} ({reason}). Every "
+                            f"process stops; the finished CTs are kept in {args.out / 'ct'}: once the nodes are back, "
+                            "the same command on every node resumes") from None
     finally:
         accelerator.end_training()  # a process group left to the interpreter's exit can abort it
 
@@ -494,6 +539,7 @@ def _run(args: argparse.Namespace, accelerator: Accelerator) -> dict:
         except EvaluationError as err:
             raise AnalysisError(str(err)) from None
     check_names(series)
+    series, shares = deal(series, accelerator)
     positions = candidate_positions(args.candidates, series, found) if args.candidates else None
     if is_main:
         for line in ([note] if note else []) + (candidate_warnings(positions, args.candidates, args.data)
@@ -507,14 +553,14 @@ def _run(args: argparse.Namespace, accelerator: Accelerator) -> dict:
         raise AnalysisError(unwritable(f"{err.strerror}: {err.filename}", args.out, 0)) from None
     accelerator.wait_for_everyone()
 
-    share = assign({uid: ct_voxels(path) for uid, path in series.items()}, accelerator.num_processes)
-    done = analyse_share(share[accelerator.process_index], series, positions, truth, models, shared, args,
+    done = analyse_share(shares[accelerator.process_index], series, positions, truth, models, shared, args,
                          accelerator)
     results, failed = gather_object(done.results), gather_object(done.failed)
     reused, redone = (sum(gather_object([n])) for n in (done.reused, done.redone))
     write_errors = gather_object([done.write_error] if done.write_error else [])
     if write_errors:  # raised on every process alike, so none waits for the others
         raise AnalysisError(unwritable(write_errors[0], args.out, len(results)))
+    check_dealt(series, [r["series_uid"] for r in results] + [f["series_uid"] for f in failed])
 
     summary, output_error = {}, None
     if is_main:

@@ -831,3 +831,59 @@ def test_probabilities_that_are_not_finite_fail_the_ct_naming_the_model(tiny_dat
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert (summary["analysed"], summary["detections"], len(summary["failed"])) == (0, 0, 2)
     assert (tmp_path / "out" / "submission.csv").read_text() == "seriesuid,coordX,coordY,coordZ,probability\n"
+
+
+# -- every CT once over several processes, and a process that stops answering ---------------------------------
+def test_check_dealt_names_a_ct_taken_twice_or_by_none():
+    series = {"a": Path("a.mhd"), "b": Path("b.mhd"), "c": Path("c.mhd")}
+    analysis.check_dealt(series, ["c", "a", "b"])
+    with pytest.raises(analysis.AnalysisError, match=r"not the 3 listed, each once: 1 more than once \(e.g. a\); "
+                                                     r"1 by none \(e.g. b\); nothing is written beyond each CT's own "
+                                                     r"findings: rerun the same command$"):
+        analysis.check_dealt(series, ["a", "c", "a"])
+    with pytest.raises(analysis.AnalysisError, match=r"1 not listed \(e.g. d\)"):
+        analysis.check_dealt(series, ["a", "b", "c", "d"])
+
+
+def _two_ranks_where_rank_1(change: str, args: list[str], tmp_path: Path, timeout: float = RUN_TIMEOUT
+                            ) -> subprocess.CompletedProcess:
+    """The analysis on 2 CPU ranks, rank 1 changed by the Python lines `change` (`analyze` is the module):
+    as a node whose view of the data differs, or that stops answering."""
+    script = tmp_path / "analyze_on_two_ranks.py"
+    script.write_text("import os, sys, time\nfrom pathlib import Path\nfrom luna_dist import analyze\n"
+                      f"if os.environ['RANK'] == '1':\n    {change}\nsys.exit(analyze.main())\n")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), *args]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    return run_or_show_stacks(command, timeout, env, cwd=Path(__file__).resolve().parents[1])
+
+
+@pytest.mark.slow
+def test_ranks_that_see_other_sizes_still_analyse_every_ct_once(tiny_data, models, tiny_candidates, tmp_path):
+    """Each rank dealt the CTs from its own headers: where rank 1 could not read tiny.1's (a node's copy still
+    being synced), both ranks analysed tiny.1, none tiny.2, and the run exited 0."""
+    out = tmp_path / "out"
+    result = _two_ranks_where_rank_1("seen = analyze.ct_voxels; analyze.ct_voxels = lambda path: 0 if "
+                                     "path.name == 'tiny.1.mhd' else seen(path)",
+                                     _candidates_args(tiny_data, models, out), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["processes"], summary["analysed"], summary["failed"]) == (2, 2, [])
+    assert _rows(out / "detections.csv") == _rows(tiny_candidates / "detections.csv")
+
+
+@pytest.mark.slow
+def test_a_rank_that_stops_answering_fails_the_others_within_the_timeout(tiny_data, models, tmp_path):
+    """Rank 1 hangs in its CT (a hung driver, a lost node): rank 0 waited in the gather for torch's default
+    (10 to 30 minutes); now --dist-timeout, naming rank 1."""
+    import time
+
+    started = time.monotonic()
+    result = _two_ranks_where_rank_1("analyze.analyze_ct = lambda *args, **kwargs: time.sleep(600)",
+                                     [*_candidates_args(tiny_data, models, tmp_path / "out"), "--dist-timeout", "5"],
+                                     tmp_path, timeout=120)
+    assert result.returncode != 0 and time.monotonic() - started < 90
+    errors = [line[line.index("error:"):] for line in result.stderr.splitlines() if "error: " in line]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert re.match(rf"error: rank 0 of 2 lost the others: rank\(s\) 1 on {os.uname().nodename}, pid \d+ stopped "
+                    rf"answering \(.+\)\. Every process stops; the finished CTs are kept in {tmp_path / 'out' / 'ct'}: "
+                    "once the nodes are back, the same command on every node resumes$", errors[0]), errors[0]
