@@ -77,11 +77,11 @@ from luna_dist.report import draw_ct, write_report
 
 log = get_logger("luna_dist.analyze")
 
-ANALYSIS_VERSION = 4
+ANALYSIS_VERSION = 5
 """Part of every CT's `produced_by`: bumped whenever the same inputs would give other findings, so a rerun
 redoes the CTs of an earlier version (version 1 wrote no `produced_by`; its findings sat on voxel centres;
 version 2 gave no sizes and drew no images; version 3 segmented every pixel, also outside the body, and in
-NCHW on a CPU)."""
+NCHW on a CPU; version 4 measured each group's size on its eroded core, half the volume of a small nodule)."""
 
 
 class AnalysisError(Exception):

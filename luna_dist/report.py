@@ -272,7 +272,7 @@ def _ct_page(result: dict, source: Path | None, scored: bool) -> str:
             f"{len(detections)} detections, analysed in {sum(result['seconds'].values()):.1f} s.</p>",
             f"<p class=\"note\">Slices: axial, coronal, sagittal through the centre, {CROP_MM:g} mm wide, lung window "
             f"(level {level:g}, width {width:g} HU), the patient's right on the left, the ticks pointing at the "
-            "centre; the outline is the group's (after the segmentation's erosion)"
+            "centre; the outline is the group's (its voxels of the segmentation)"
             f"{', red: the annotated nodule' if scored else ''}. Coordinates in mm in the CT's patient space. "
             "Sizes are of the group: its longest axial diameter, the diameter of a sphere of its volume, its "
             "volume.</p>"]

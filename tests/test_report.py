@@ -40,7 +40,7 @@ def _analysed() -> Analysed:
     for (ci, cr, cc), radius, _ in BALLS:
         hu[(i - ci) ** 2 + (r - cr) ** 2 + (c - cc) ** 2 <= radius**2] = 100
     geometry = Geometry.of_image(tilted_image(hu))
-    groups = group(hu > -250, hu, (geometry.spacing_xyz[1], geometry.spacing_xyz[0]))
+    groups = group(hu > -250, hu, geometry.spacing_xyz[::-1])
     order = [int(np.argmin(np.linalg.norm(groups.centres - np.array(centre), axis=1))) for centre, _, _ in BALLS]
     p_nodule = np.zeros(len(order))
     p_nodule[order] = [p for _, _, p in BALLS]
