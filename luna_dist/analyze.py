@@ -17,13 +17,15 @@ track), and reported at exactly the positions given.
 `--folds` takes a fold's series as the shard build deals them (`folds_as_built`);
 `--shards BUILD --folds K` takes exactly the series that build holds in fold K.
 
-Each CT is analysed by exactly one process (CTs dealt largest first to the least
-loaded process, so ranks finish together), its findings written atomically to
-`RESULTS/ct/<uid>.json` with what produced them (`produced_by`: analysis version,
+Each CT is analysed by exactly one process (CTs dealt by the main process, largest first
+to the least loaded process, so ranks finish together; checked once gathered), its
+findings written atomically to `RESULTS/ct/<name>.json` (its uid as a safe file name:
+`out_folder.file_name`) with what produced them (`produced_by`: analysis version,
 mode, the sha256 of each model's weights and of the CT's candidates, thresholds,
 mixed precision, the CT's header and data size). A rerun reuses a CT only when all of
-that is the same and redoes it otherwise; a CT that cannot be read is reported and
-left out. The main process gathers every process's findings and writes
+that is the same and redoes it otherwise; a CT that fails for any reason (unreadable,
+out of memory, probabilities that are not finite numbers) is reported and left out, and
+the others go on. The main process gathers every process's findings and writes
 `detections.csv` (every group with both probabilities), `submission.csv` (LUNA16
 format, probability = p_nodule) and `summary.json`. When DIR holds `annotations.csv`
 (where the download puts it, `luna_dist.layout`; its tables are checked before the first

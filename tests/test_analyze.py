@@ -888,3 +888,16 @@ def test_a_rank_that_stops_answering_fails_the_others_within_the_timeout(tiny_da
     assert re.match(rf"error: rank 0 of 2 lost the others: rank\(s\) 1 on {os.uname().nodename}, pid \d+ stopped "
                     rf"answering \(.+\)\. Every process stops; the finished CTs are kept in {tmp_path / 'out' / 'ct'}: "
                     "once the nodes are back, the same command on every node resumes$", errors[0]), errors[0]
+
+
+def test_a_link_in_out_leading_outside_fails_its_ct_and_nothing_outside_is_deleted(own_ct, models, tmp_path, capsys):
+    """The images' folder of a CT, a link to a folder outside --out: its *.png were deleted, new ones written."""
+    out, victim = tmp_path / "out", tmp_path / "victim"
+    victim.mkdir()
+    (victim / "detection-001.png").write_bytes(b"someone else's")
+    (out / "ct").mkdir(parents=True)
+    (out / "ct" / OWN_UID).symlink_to(victim)
+    assert main(_own_args(own_ct["mhd"], models, own_ct, out)) == 1
+    assert [(p.name, p.read_bytes()) for p in victim.iterdir()] == [("detection-001.png", b"someone else's")]
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")][-1]
+    assert f"{out / 'ct' / OWN_UID}: resolves to {victim}, outside --out {out}: not written there" in error
