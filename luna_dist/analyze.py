@@ -17,14 +17,16 @@ track), and reported at exactly the positions given.
 `--folds` takes a fold's series as the shard build deals them (`folds_as_built`);
 `--shards BUILD --folds K` takes exactly the series that build holds in fold K.
 
-Each CT is analysed by exactly one process (CTs dealt largest first to the least
-loaded process, so ranks finish together), its findings written atomically to
-`RESULTS/ct/<uid>.json` with what produced them (`produced_by`: analysis version,
+Each CT is analysed by exactly one process (CTs dealt by the main process, largest first
+to the least loaded process, so ranks finish together; checked once gathered), its
+findings written atomically to `RESULTS/ct/<name>.json` (its uid as a safe file name:
+`out_folder.file_name`) with what produced them (`produced_by`: analysis version,
 mode, the sha256 of each model's weights and of the CT's candidates, thresholds,
 mixed precision, the sha256 of the CT's voxels and geometry: `ct_identity`). A rerun
-reuses a CT only when all of that is the same and redoes it otherwise; a CT that cannot
-be read is reported and left out. Positions are in LPS, as LUNA16's tables give them
-(`geometry.LPS`), whatever the axes a CT is stored in. The main process gathers every
+reuses a CT only when all of that is the same and redoes it otherwise; a CT that fails for
+any reason (unreadable, out of memory, probabilities that are not finite numbers) is
+reported and left out, and the others go on. Positions are in LPS, as LUNA16's tables give
+them (`geometry.LPS`), whatever the axes a CT is stored in. The main process gathers every
 process's findings and writes `detections.csv` (every group with both probabilities),
 `submission.csv` (LUNA16 format, probability = p_nodule) and `summary.json`. When DIR holds `annotations.csv`
 (where the download puts it, `luna_dist.layout`; its tables are checked before the first
@@ -39,22 +41,26 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
 import re
+import socket
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import gather_object
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object
 
 from luna_dist import __version__, cli
 from luna_dist.atomic import write_json
 from luna_dist.candidates import Annotation, CsvError, find_series, folds_as_built, read_candidates
-from luna_dist.ct import DICOM_TAGS, MAX_CT_VOXELS, Ct, CtError, CtSource, find_ct, read_ct
+from luna_dist.ct import MAX_CT_VOXELS, Ct, CtError, CtSource, find_ct, read_ct
 from luna_dist.detect import (
     BODY_HU,
     EROSION_ITERATIONS,
@@ -62,6 +68,7 @@ from luna_dist.detect import (
     SEG_MARGIN,
     SEG_THRESHOLD,
     Models,
+    NonFiniteError,
     analyze_ct,
     load_model,
 )
@@ -70,6 +77,8 @@ from luna_dist.findings import Truth, marks_of, read_truth, score, write_detecti
 from luna_dist.geometry import LPS
 from luna_dist.layout import find_tables
 from luna_dist.model import LunaModel, SegmentationModel, WeightsError
+from luna_dist.out_folder import OutsideError, below, file_name
+from luna_dist.peers import lost_peer_reason, silent_ranks
 from luna_dist.report import draw_ct, write_report
 
 log = get_logger("luna_dist.analyze")
@@ -78,7 +87,8 @@ ANALYSIS_VERSION = 5
 """Part of every CT's `produced_by`: bumped whenever the same inputs would give other findings, so a rerun
 redoes the CTs of an earlier version (version 1 wrote no `produced_by`; its findings sat on voxel centres;
 version 2 gave no sizes and drew no images; version 3 segmented every pixel, also outside the body, and in
-NCHW on a CPU; version 4 fed a CT in its stored axes order, and knew a .mhd by its header and data size)."""
+NCHW on a CPU; version 4 fed a CT in its stored axes order, knew a .mhd by its header and data size, and
+measured each group's size on its eroded core, half the volume of a small nodule)."""
 
 
 class AnalysisError(Exception):
@@ -98,14 +108,16 @@ def load_models(args: argparse.Namespace, device: torch.device, candidates_mode:
               "malignancy": loaded_from(LunaModel(), args.mal_model) if args.mal_model else None}
     network = {name: pair[0] if pair else None for name, pair in loaded.items()}
     return Models(network["seg"], network["nodule"], network["malignancy"],
-                  {name: pair[1] if pair else None for name, pair in loaded.items()})
+                  {name: pair[1] if pair else None for name, pair in loaded.items()},
+                  {"seg": None if candidates_mode else args.seg_model, "nodule": args.cls_model,
+                   "malignancy": args.mal_model})
 
 
 # -- distribution ---------------------------------------------------------------------------------
-def ct_voxels(path: Path) -> int:
-    """Voxel count from the image's headers alone (0 when unreadable: the analysis reports it)."""
+def ct_voxels(path: Path, max_voxels: int) -> int:
+    """Voxel count from the image's headers alone (0 when unreadable or refused: the analysis reports it)."""
     try:
-        return int(np.prod(find_ct(path).size_irc))
+        return int(np.prod(find_ct(path, max_voxels).size_irc))
     except CtError:
         return 0
 
@@ -118,6 +130,33 @@ def assign(sizes: dict[str, int], processes: int) -> list[list[str]]:
         shares[rank].append(uid)
         loads[rank] += max(1, sizes[uid])
     return shares
+
+
+def deal(series: dict[str, Path], max_voxels: int, accelerator: Accelerator) -> tuple[dict[str, Path], list[list[str]]]:
+    """The main process's series and its deal of them (`assign`, by the voxel counts of its headers), the
+    same on every process.
+
+    Dealt by each process from its own view of the disk, views that differ (a node's copy
+    still being synced, a header one node cannot read) made two deals: a CT was analysed
+    twice and another by none.
+    """
+    dealt = [series, assign({uid: ct_voxels(path, max_voxels) for uid, path in series.items()},
+                                  accelerator.num_processes)] \
+        if accelerator.is_main_process else [None, None]
+    broadcast_object_list(dealt)
+    return dealt[0], dealt[1]
+
+
+def check_dealt(series: dict[str, Path], taken: list[str]) -> None:
+    """AnalysisError unless the processes took up (analysed, reused or failed) each series exactly once."""
+    counts = Counter(taken)
+    twice, missing = sorted(uid for uid, n in counts.items() if n > 1), sorted(set(series) - counts.keys())
+    unknown = sorted(counts.keys() - set(series))
+    if twice or missing or unknown:
+        problems = [f"{len(uids)} {what} (e.g. {uids[0]})" for uids, what in
+                    ((twice, "more than once"), (missing, "by none"), (unknown, "not listed")) if uids]
+        raise AnalysisError(f"the processes' CTs are not the {len(series)} listed, each once: {'; '.join(problems)}; "
+                            "nothing is written beyond each CT's own findings: rerun the same command")
 
 
 # -- what produced a CT's findings ------------------------------------------------------------------
@@ -256,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-ct-voxels", type=int, default=MAX_CT_VOXELS,
                         help="refuse a CT whose header declares more voxels, before they are read (LUNA16's largest "
                              "has 2.0e8)")
+    parser.add_argument("--dist-timeout", type=float, default=300, metavar="SECONDS",
+                        help="how long a process waits for the others in a collective before it fails (default: 300)")
     parser.add_argument("--no-body-crop", dest="body_crop", action="store_false",
                         help="segment every pixel of each slice, not only the body's box (for a CT of several "
                              "separate objects, a phantom: the box holds the largest only)")
@@ -265,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    cli.check_at_least(parser, args, {"batch_size": 1, "max_ct_voxels": 1})
+    cli.check_at_least(parser, args, {"batch_size": 1, "max_ct_voxels": 1, "dist_timeout": 1})
     if args.candidates is None and args.seg_model is None:
         parser.error("--seg-model is needed (or --candidates CSV to score given positions)")
     if args.shards and args.series:
@@ -302,21 +343,35 @@ DICOM_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 
 def ct_uid(source: CtSource) -> str:
-    """The uid a `--ct` CT is known by, which names its results (`ct/<uid>.json`, its rows): DICOM's
+    """The uid a `--ct` CT is known by, which names its results (`ct/<name>.json`, its rows): DICOM's
     SeriesInstanceUID where its files have one; the file's name where that is a UID (LUNA16 names its
     files so); else the folder's and the file's names, `anna_scan` for `anna/scan.nii.gz`, so that two
     scans of one name in two folders are two CTs.
 
-    A SeriesInstanceUID that is no UID is refused: a file's text never chooses where results are written.
+    The uid is a file's text: it names files only as `out_folder.file_name` makes it safe.
     """
-    if source.dicom_uid:
-        if not DICOM_UID.fullmatch(source.series_uid):
-            raise AnalysisError(f"--ct {source.path}: its SeriesInstanceUID {source.series_uid!r} "
-                                f"({DICOM_TAGS['series_uid']}) is not a DICOM UID (digits and dots)")
-        return source.series_uid
-    if source.path.is_dir() or (DICOM_UID.fullmatch(source.series_uid) and "." in source.series_uid):
+    named_as_uid = DICOM_UID.fullmatch(source.series_uid) and "." in source.series_uid
+    if source.dicom_uid or source.path.is_dir() or named_as_uid:
         return source.series_uid
     return f"{source.path.resolve().parent.name}_{source.series_uid}"
+
+
+def check_names(series: dict[str, Path]) -> None:
+    """Refuse a series whose uid its outputs cannot hold as it is: one with a control character (a newline
+    in submission.csv, quoted or not, is a row to many readers) or a space at either end (every CSV reader
+    of the project strips it); and two whose file names (`out_folder.file_name`) differ only in case, one
+    file to a case-insensitive file system (macOS, Windows)."""
+    named: dict[str, str] = {}
+    for uid, path in series.items():
+        if not uid.isprintable() or uid != uid.strip():
+            shown = str(path) if str(path).isprintable() else repr(str(path))  # the message stays one line
+            raise AnalysisError(f"{shown}: series uid {uid!r} holds a control character or a space at an end, which "
+                                "the CSVs of its findings cannot hold as it is: rename the file, or fix its "
+                                "SeriesInstanceUID (0020|000e)")
+        other = named.setdefault(file_name(uid).casefold(), uid)
+        if other != uid:
+            raise AnalysisError(f"{path}: series {uid} and {other} ({series[other]}) differ only in case, so their "
+                                "files would be one on a case-insensitive file system: rename one")
 
 
 def find_on_disk(data: Path) -> dict[str, Path]:
@@ -447,34 +502,34 @@ class Share:
 def analyse_share(share: list[str], series: dict[str, Path], positions: Positions | None, truth: Truth | None,
                   models: Models, shared: dict, args: argparse.Namespace, accelerator: Accelerator) -> Share:
     """Analyse (or reuse) this process's CTs, writing each one's findings and images as soon as it is done."""
-    done, per_ct = Share(), args.out / "ct"
+    done = Share()
     nodules_of: dict[str, list[Annotation]] = {}
     for nodule in truth.nodules if truth else []:
         nodules_of.setdefault(nodule.series_uid, []).append(nodule)
     for uid in share:
         cli.raise_if_interrupted()
-        path, xyz = per_ct / f"{uid}.json", None if positions is None else positions.xyz[uid]
-        nodules = nodules_of.get(uid, []) if truth else None
+        xyz, nodules = None if positions is None else positions.xyz[uid], nodules_of.get(uid, []) if truth else None
         wanted = ct_produced_by(shared, xyz, nodules)
-        stored, existed = finished_result(path, wanted)
-        if stored is not None and known_unchanged(stored, series[uid], args.max_ct_voxels):
-            done.results.append(stored)
-            done.reused += 1
-            continue
-        try:
+        try:  # any CT's failure (unreadable, out of memory, probabilities not finite) leaves the others to go on
+            path = below(args.out, "ct", f"{file_name(uid)}.json")
+            stored, existed = finished_result(path, wanted)
+            if stored is not None and known_unchanged(stored, series[uid], args.max_ct_voxels):
+                done.results.append(stored)
+                done.reused += 1
+                continue
             ct, identity, read_seconds = read_known(series[uid], uid, args.max_ct_voxels)
             same_voxels = stored is not None and stored["produced_by"]["ct"].get("sha256") == identity["sha256"]
             analysed = None if same_voxels else analyze_ct(ct, models, accelerator.device, args.batch_size,
                                                            accelerator.autocast, xyz, args.body_crop)
-        except CtError as err:
-            done.failed.append({"series_uid": uid, "path": str(series[uid]), "error": str(err)})
-            print(f"error: {err}; {uid} left out", file=sys.stderr)
+            del ct  # analysed holds it while its images are drawn
+        except Exception as err:
+            done.failed.append(failure(uid, series[uid], err))
             continue
-        del ct  # analysed holds it while its images are drawn
         if same_voxels:  # its files copied, moved or touched: reused, and rewritten to be known unread next time
             result = {**stored, "produced_by": {**wanted, "ct": identity}}
         else:
             result = analysed.result
+            result["series_uid"] = uid  # the run's name for it (a .mhd's file name), whatever its header says
             result["seconds"] = {"read": read_seconds, **result["seconds"]}
             result["produced_by"] = {**wanted, "ct": identity}
         try:
@@ -487,6 +542,9 @@ def analyse_share(share: list[str], series: dict[str, Path], positions: Position
         except OSError as err:
             done.write_error = f"{err.strerror or err}: {err.filename or path}"
             break  # the others would not be written either; what is written stays
+        except Exception as err:  # its images could not be drawn (a link in --out leading outside it, ...)
+            done.failed.append(failure(uid, series[uid], err))
+            continue
         done.results.append(result)
         if same_voxels:
             done.reused += 1
@@ -501,15 +559,43 @@ def analyse_share(share: list[str], series: dict[str, Path], positions: Position
     return done
 
 
+def failure(uid: str, path: Path, err: Exception) -> dict:
+    """A CT that could not be analysed, as summary.json lists it, its reason printed at once: the path and
+    what went wrong, with advice where it is out of memory."""
+    if isinstance(err, (CtError, OutsideError)):  # each names the file
+        reason = str(err)
+    elif isinstance(err, NonFiniteError):  # names the network
+        reason = f"{path}: {err}"
+    else:
+        said = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+        reason = f"{path}: {type(err).__name__}" + (f": {said}" if said else "")
+    if isinstance(err, MemoryError) or "out of memory" in reason.lower():
+        reason += " (out of memory: a smaller --batch-size needs less)"
+    print(f"error: {reason}; {uid} left out", file=sys.stderr)
+    return {"series_uid": uid, "path": str(path), "error": reason}
+
+
 def unwritable(reason: str, out: Path, kept: int) -> str:
     return (f"cannot write in --out {out} ({reason}); nothing finished was lost: {kept} CT(s) are kept in "
             f"{out / 'ct'}; free space or make it writable, and rerunning the same command resumes")
 
 
 def run(args: argparse.Namespace) -> dict:
-    accelerator = Accelerator()
+    # A process that dies or freezes (a node lost, a driver hung) leaves the others waiting in a collective:
+    # they fail after --dist-timeout rather than torch's default of 10 to 30 minutes.
+    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.dist_timeout))])
+    processes: list[str] = []  # each rank's host and pid, to name the ones lost
     try:
+        processes = gather_object([f"{socket.gethostname()}, pid {os.getpid()}"])
         return _run(args, accelerator)
+    except RuntimeError as err:
+        if len(processes) < 2 or (reason := lost_peer_reason(err)) is None:
+            raise
+        rank, world = accelerator.process_index, accelerator.num_processes
+        raise AnalysisError(f"rank {rank} of {world} lost the others: "
+                            f"{silent_ranks(rank, world, processes, min(10.0, args.dist_timeout))} ({reason}). Every "
+                            f"process stops; the finished CTs are kept in {args.out / 'ct'}: once the nodes are back, "
+                            "the same command on every node resumes") from None
     finally:
         accelerator.end_training()  # a process group left to the interpreter's exit can abort it
 
@@ -526,6 +612,8 @@ def _run(args: argparse.Namespace, accelerator: Accelerator) -> dict:
             truth = read_truth(args.data)
         except EvaluationError as err:
             raise AnalysisError(str(err)) from None
+    check_names(series)
+    series, shares = deal(series, args.max_ct_voxels, accelerator)
     positions = candidate_positions(args.candidates, series, found) if args.candidates else None
     if is_main:
         for line in ([note] if note else []) + (candidate_warnings(positions, args.candidates, args.data)
@@ -539,14 +627,14 @@ def _run(args: argparse.Namespace, accelerator: Accelerator) -> dict:
         raise AnalysisError(unwritable(f"{err.strerror}: {err.filename}", args.out, 0)) from None
     accelerator.wait_for_everyone()
 
-    share = assign({uid: ct_voxels(path) for uid, path in series.items()}, accelerator.num_processes)
-    done = analyse_share(share[accelerator.process_index], series, positions, truth, models, shared, args,
+    done = analyse_share(shares[accelerator.process_index], series, positions, truth, models, shared, args,
                          accelerator)
     results, failed = gather_object(done.results), gather_object(done.failed)
     reused, redone = (sum(gather_object([n])) for n in (done.reused, done.redone))
     write_errors = gather_object([done.write_error] if done.write_error else [])
     if write_errors:  # raised on every process alike, so none waits for the others
         raise AnalysisError(unwritable(write_errors[0], args.out, len(results)))
+    check_dealt(series, [r["series_uid"] for r in results] + [f["series_uid"] for f in failed])
 
     summary, output_error = {}, None
     if is_main:
@@ -563,6 +651,8 @@ def _run(args: argparse.Namespace, accelerator: Accelerator) -> dict:
             log.info(f"report: {write_report(args.out, results, summary, series)}")
         except OSError as err:
             output_error = unwritable(f"{err.strerror or err}: {err.filename}", args.out, len(results))
+        except OutsideError as err:
+            output_error = str(err)
     accelerator.wait_for_everyone()
     if output_error:
         raise AnalysisError(output_error)
@@ -588,16 +678,16 @@ def run_produced_by(args: argparse.Namespace, models: Models, shared: dict) -> d
 
 def write_outputs(args: argparse.Namespace, results: list[dict], summary: dict, truth: Truth | None) -> dict:
     """detections.csv, submission.csv, the scores and summary.json, from every process's findings."""
-    write_detections(args.out / "detections.csv", results)
+    write_detections(below(args.out, "detections.csv"), results)
     detections = [{**d, "series_uid": r["series_uid"]} for r in results for d in r["detections"]]
     marks = marks_of(detections)
-    write_marks(args.out / "submission.csv", marks)
+    write_marks(below(args.out, "submission.csv"), marks)
     seconds = {stage: sum(r["seconds"].get(stage, 0.0) for r in results) for stage in
                ("read", "segment", "group", "classify", "images")}
     analysed = sorted(r["series_uid"] for r in results)
     summary = {**summary, "detections": len(detections), "mode": summary["produced_by"]["mode"], "seconds": seconds,
                **(score(analysed, detections, marks, truth, args.out) if truth else {})}
-    write_json(args.out / "summary.json", summary)
+    write_json(below(args.out, "summary.json"), summary)
     log.info(f"{len(results)} of {summary['series']} CTs analysed ({summary['resumed']} reused from an earlier run, "
              f"{summary['redone']} redone), {len(detections)} detections: {args.out / 'detections.csv'}")
     return summary

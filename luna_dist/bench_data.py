@@ -453,11 +453,11 @@ def segment_variants(mhd: Path, seg_model: Path, slices: int) -> dict:
 def group_peak_bytes_per_voxel(mhd: Path) -> float:
     """Peak memory of grouping one CT segmented as dense tissue (HU > -250: body, vessels, nodules), beyond
     the CT and its mask, per voxel (numpy reports its arrays to tracemalloc)."""
-    hu = read_ct(mhd).hu
-    mask = hu > -250
+    ct = read_ct(mhd)
+    hu, mask = ct.hu, ct.hu > -250
     tracemalloc.start()
     try:
-        group(mask, hu)
+        group(mask, hu, ct.geometry.spacing_xyz[::-1])
         return tracemalloc.get_traced_memory()[1] / hu.size
     finally:
         tracemalloc.stop()

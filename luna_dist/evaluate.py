@@ -392,11 +392,19 @@ def _find_bad_mark(path: Path, series_uids: list[str] | None) -> None:
 
 
 def write_marks(path: Path, marks: Marks) -> None:
-    """Write marks as a predictions CSV (the format `read_marks` and the official script read), atomically."""
+    """Write marks as a predictions CSV (the format `read_marks` and the official script read), atomically;
+    a series name holding a comma, a quote or a newline is quoted as the csv module quotes it. A probability
+    that is not a finite number is refused (ValueError): no reader may take it for a score."""
+    if not np.isfinite(marks.probability).all():
+        first = int(np.argmax(~np.isfinite(marks.probability)))
+        raise ValueError(f"{path}: not written: the probability of the mark of series {marks.series[first]} at "
+                         f"{marks.xyz[first].tolist()} is {marks.probability[first]}, not a finite number")
     with atomic_open(path, newline="") as f:
-        f.write(",".join(PREDICTION_COLUMNS) + "\n")
-        for uid, (x, y, z), p in zip(marks.series.tolist(), marks.xyz.tolist(), marks.probability.tolist()):
-            f.write(f"{uid},{x:.3f},{y:.3f},{z:.3f},{p:.9g}\n")  # 9 digits: a float32 probability exactly
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(PREDICTION_COLUMNS)
+        writer.writerows((uid, f"{x:.3f}", f"{y:.3f}", f"{z:.3f}", f"{p:.9g}")  # 9 digits: a float32 exactly
+                         for uid, (x, y, z), p in zip(marks.series.tolist(), marks.xyz.tolist(),
+                                                      marks.probability.tolist()))
 
 
 def plot_froc(result: Froc, path: Path | None, title: str = "FROC"):

@@ -18,6 +18,7 @@ from luna_dist.atomic import atomic_open
 from luna_dist.candidates import Annotation, CsvError, read_annotations
 from luna_dist.evaluate import EvaluationError, Findings, Marks, froc, plot_froc, read_findings
 from luna_dist.layout import TABLES, find_table
+from luna_dist.out_folder import below
 
 log = get_logger("luna_dist.analyze")
 
@@ -134,7 +135,7 @@ def score(analysed: list[str], detections: list[dict], marks: Marks, truth: Trut
     result = froc(analysed, truth.findings, marks, truth.excluded, bootstrap=1000, band_points=200)
     summary["froc"] = result.to_json()
     try:
-        plot_froc(result, out / "froc.png", title=f"FROC of {out / 'submission.csv'}")
+        plot_froc(result, below(out, "froc.png"), title=f"FROC of {out / 'submission.csv'}")
     except ImportError:
         log.warning("matplotlib is not installed: no froc.png (pip install 'luna_dist[plot]')")
     log.info(f"{matched} of {len(nodules)} nodules matched by a detection, {predicted} of them predicted nodules\n"

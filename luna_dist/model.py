@@ -198,20 +198,30 @@ def load_weights(path: Path) -> dict:
         raise FileNotFoundError(f"{path}: no model.safetensors; {_WEIGHTS_HINT}" if path.is_dir()
                                 else f"{path}: checkpoint not found")
     try:
-        checkpoint = load_file(file) if file.suffix == ".safetensors" else load_tensors(file)
+        checkpoint = {"model": load_file(file)} if file.suffix == ".safetensors" else load_tensors(file)
     except WeightsError:
         raise
     except Exception as err:  # torch and safetensors each word a damaged file their own way
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise WeightsError(f"{file}: not a readable checkpoint ({reason[:200]}); truncated or another kind of "
                            f"file? {_WEIGHTS_HINT}") from None
-    if file.suffix == ".safetensors":
-        return checkpoint
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
         held = (", ".join(sorted(map(str, checkpoint))[:6]) if isinstance(checkpoint, dict)
                 else type(checkpoint).__name__)
         raise WeightsError(f"{file}: holds no model weights (it holds {held}); {_WEIGHTS_HINT}")
+    _refuse_nonfinite(file, checkpoint["model"])
     return checkpoint["model"]
+
+
+def _refuse_nonfinite(file: Path, weights: dict) -> None:
+    """WeightsError naming the first tensor (in the file's order) holding a NaN or an infinity: such weights
+    give every input a probability of NaN, which nothing downstream may turn into a finding or a score."""
+    for name, tensor in weights.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            count = int((~torch.isfinite(tensor)).sum())
+            raise WeightsError(f"{file}: {name} holds {count:,} of its {tensor.numel():,} values that are not finite "
+                               "numbers (NaN or infinity): the weights of a diverged model; pass weights saved "
+                               "before it diverged")
 
 
 def load_into(model: nn.Module, path: Path) -> nn.Module:

@@ -1,11 +1,12 @@
 """The report a person looks at: `RESULTS/report.html`, and a page per CT with each detection's slices.
 
 Images are made where the CT is in memory anyway: in the analysis process, right after the CT is
-analysed (`draw_ct`), as PNG files beside its findings (`RESULTS/ct/<uid>/`). For the IMAGES_PER_CT
-detections of highest p_nodule, and every annotated nodule that no detection matches, three slices
-through the centre (axial, coronal, sagittal, in patient space: the patient's right on the left, head
-up), CROP_MM wide, in a lung window, with the group's outline (the annotated sphere's for a missed
-nodule). The PNGs are encoded here (zlib), so the images need nothing beyond numpy and scipy.
+analysed (`draw_ct`), as PNG files beside its findings (`RESULTS/ct/<name>/`, the name its uid made a
+safe file name: `out_folder.file_name`). For the IMAGES_PER_CT detections of highest p_nodule, and
+every annotated nodule that no detection matches, three slices through the centre (axial, coronal,
+sagittal, in patient space: the patient's right on the left, head up), CROP_MM wide, in a lung window,
+with the group's outline (the annotated sphere's for a missed nodule). The PNGs are encoded here
+(zlib), so the images need nothing beyond numpy and scipy.
 
 The pages are written by the main process once every process's findings are gathered
 (`write_report`): plain HTML and CSS, no script, nothing fetched from elsewhere, every text escaped;
@@ -31,6 +32,7 @@ from luna_dist.ct import HU_MIN
 from luna_dist.detect import Analysed
 from luna_dist.findings import CONFUSION_COLUMNS, CONFUSION_ROWS, MATCH_DISTANCE, confusion_cells, relative_distances
 from luna_dist.geometry import nearest_voxel, xyz_to_irc_float
+from luna_dist.out_folder import below, file_name
 
 IMAGES_PER_CT = 20
 """Detections of a CT shown with images, those of highest p_nodule; the others are listed without."""
@@ -63,15 +65,15 @@ img.slices{image-rendering:pixelated;width:420px}.note{color:#555}.missed td{bac
 
 # -- images, in the analysis process -----------------------------------------------------------------------
 def draw_ct(analysed: Analysed, nodules: list[Annotation] | None, out: Path) -> None:
-    """Images of one CT's detections and missed nodules into `out/ct/<uid>/`, and what the page needs
+    """Images of one CT's detections and missed nodules into `out/ct/<name>/`, and what the page needs
     into its findings: each detection's `image` (a path below `out`, None beyond IMAGES_PER_CT) and, with
     annotations (`nodules`: those of this series; None without), the `nodule` it matches and the
     `missed` nodules, each with its image, and how many `nodules` the series has."""
-    result, uid = analysed.result, analysed.result["series_uid"]
-    folder = out / "ct" / uid
+    result, name = analysed.result, file_name(analysed.result["series_uid"])
+    folder = below(out, "ct", name)
     folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("*.png"):  # of an earlier analysis of this CT: its detections may have been others
-        old.unlink()
+    for old in [*folder.glob("detection-*.png"), *folder.glob("missed-*.png")]:  # of an earlier analysis of this
+        old.unlink()  # CT: its detections may have been others
     detections = result["detections"]
     ranked = sorted(range(len(detections)), key=lambda k: (-detections[k]["p_nodule"], k))
     for rank, k in enumerate(ranked, start=1):
@@ -79,7 +81,7 @@ def draw_ct(analysed: Analysed, nodules: list[Annotation] | None, out: Path) -> 
         if rank <= IMAGES_PER_CT:
             label = None if analysed.labels is None else k + 1
             image = slices(analysed, np.array(detections[k]["xyz"]), label, None)
-            detections[k]["image"] = _write_png(folder / f"detection-{rank:03d}.png", image, out)
+            detections[k]["image"] = _write_png(below(out, "ct", name, f"detection-{rank:03d}.png"), image, out)
     if nodules is None:
         return
     result["nodules"] = len(nodules)
@@ -92,8 +94,8 @@ def draw_ct(analysed: Analysed, nodules: list[Annotation] | None, out: Path) -> 
     for n, nodule in enumerate(nodules):
         if not (distances[n] < MATCH_DISTANCE).any():
             image = slices(analysed, np.array(nodule.center_xyz), None, nodule.diameter_mm)
-            result["missed"].append({**_nodule(nodule), "image": _write_png(folder / f"missed-{n + 1:03d}.png",
-                                                                             image, out)})
+            written = _write_png(below(out, "ct", name, f"missed-{n + 1:03d}.png"), image, out)
+            result["missed"].append({**_nodule(nodule), "image": written})
 
 
 def _nodule(nodule: Annotation) -> dict:
@@ -159,14 +161,15 @@ def _write_png(path: Path, rgb: np.ndarray, out: Path) -> str:
 
 # -- pages, in the main process --------------------------------------------------------------------------------
 def write_report(out: Path, results: list[dict], summary: dict, sources: dict[str, Path]) -> Path:
-    """`out/report.html` (the run, its models, scores and CTs) and `out/ct/<uid>.html` per CT; the first's path.
+    """`out/report.html` (the run, its models, scores and CTs) and `out/ct/<name>.html` per CT (its uid's
+    `out_folder.file_name`); the first's path.
 
     `sources` holds each series' CT path, `summary` what summary.json holds."""
     scored = "confusion" in summary
     for result in results:
-        _write_page(out / "ct" / f"{result['series_uid']}.html", _ct_page(result, sources.get(result["series_uid"]),
-                                                                           scored))
-    _write_page(out / "report.html", _summary_page(out, results, summary, sources, scored))
+        uid = result["series_uid"]
+        _write_page(below(out, "ct", f"{file_name(uid)}.html"), _ct_page(result, sources.get(uid), scored))
+    _write_page(below(out, "report.html"), _summary_page(out, results, summary, sources, scored))
     return out / "report.html"
 
 
@@ -224,7 +227,7 @@ def _summary_page(out: Path, results: list[dict], summary: dict, sources: dict[s
     for result in sorted(results, key=lambda r: r["series_uid"]):
         uid, detections = result["series_uid"], result["detections"]
         p = [d["p_nodule"] for d in detections]
-        cells = [f"<a class=\"path\" href=\"{_href('ct/' + uid + '.html')}\">{_e(uid)}</a>",
+        cells = [f"<a class=\"path\" href=\"{_href('ct/' + file_name(uid) + '.html')}\">{_e(uid)}</a>",
                  f"<span class=\"path\">{_e(sources.get(uid, ''))}</span>"]
         numbers = [len(detections), sum(v >= 0.5 for v in p), _number(max(p) if p else None)]
         if scored:
@@ -269,7 +272,7 @@ def _ct_page(result: dict, source: Path | None, scored: bool) -> str:
             f"{len(detections)} detections, analysed in {sum(result['seconds'].values()):.1f} s.</p>",
             f"<p class=\"note\">Slices: axial, coronal, sagittal through the centre, {CROP_MM:g} mm wide, lung window "
             f"(level {level:g}, width {width:g} HU), the patient's right on the left, the ticks pointing at the "
-            "centre; the outline is the group's (after the segmentation's erosion)"
+            "centre; the outline is the group's (its voxels of the segmentation)"
             f"{', red: the annotated nodule' if scored else ''}. Coordinates in mm in the CT's patient space. "
             "Sizes are of the group: its longest axial diameter, the diameter of a sphere of its volume, its "
             "volume.</p>"]

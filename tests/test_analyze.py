@@ -41,7 +41,9 @@ from luna_dist.analyze import assign, main
 from luna_dist.candidates import assign_folds, find_series, folds_as_built, read_annotations
 from luna_dist.ct import read_ct
 from luna_dist.detect import load_model
+from luna_dist.evaluate import read_marks
 from luna_dist.model import LunaModel
+from luna_dist.out_folder import file_name
 from luna_dist.report import IMAGES_PER_CT
 from luna_dist.shard import BuildOptions, build
 
@@ -493,6 +495,14 @@ def _truncated_safetensors(data, models, tmp_path, monkeypatch):
             "--out", str(tmp_path / "out")]
 
 
+def _nan_weights(data, models, tmp_path, monkeypatch):
+    weights = LunaModel().state_dict()
+    weights["block1.conv1.bias"][3] = float("nan")
+    torch.save({"model": weights}, tmp_path / "cls.pt")
+    return ["--data", str(data), "--candidates", str(data / "candidates.csv"), "--cls-model", str(tmp_path / "cls.pt"),
+            "--out", str(tmp_path / "out")]
+
+
 def _missing_model(data, models, tmp_path, monkeypatch):
     return ["--data", str(data), "--seg-model", str(tmp_path / "none.pt"), "--cls-model", str(models["cls"]),
             "--out", str(tmp_path / "out")]
@@ -574,6 +584,8 @@ BAD_INPUTS = [
     ("optimizer state as model", _optimizer_state, 1, "optimizer.bin: holds no model weights (it holds param_groups"),
     ("truncated safetensors", _truncated_safetensors, 1, "model.safetensors: not a readable checkpoint"),
     ("missing model", _missing_model, 1, "none.pt: checkpoint not found"),
+    ("weights that are not finite", _nan_weights, 1,
+     "cls.pt: block1.conv1.bias holds 1 of its 8 values that are not finite numbers (NaN or infinity)"),
     ("another network's weights", _another_network, 1, "seg.pt: not weights of a LunaModel"),
     ("bad annotations row", _bad_table("annotations.csv", ANNOTATIONS, NODULE, ("tiny.1", 0, 0, 0, "big")), 1,
      "annotations.csv:3: diameter_mm is not a number: 'big' (this table scores the findings"),
@@ -662,9 +674,10 @@ def test_own_cts_as_dicom_and_nifti_give_the_detections_of_the_mhd(own_ct, model
     for kind, axes in STORED_AXES.items():  # the outputs say in which space positions are, and how the file was
         assert (results[kind]["coordinates"], results[kind]["stored_axes"]) == ("LPS", axes)
         assert summaries[kind]["coordinates"] == "LPS"
-    # The largest ball (radius 4.5 voxels, 3.5 once eroded): about 7 columns of 0.7 mm across, 7.7 rows of 0.8 mm.
+    # The largest ball (radius 4.5 voxels, grown back from its core): 9 columns of 0.7 mm across, 9 rows of 0.8 mm,
+    # and about 8 mm from corner to corner of its voxels (as squares).
     largest = max(found["mhd"], key=lambda d: d["voxels"])
-    assert 5.5 < largest["diameter_mm"] < 7.5 and largest["volume_mm3"] == pytest.approx(largest["voxels"] * 1.4)
+    assert 7.0 < largest["diameter_mm"] < 8.5 and largest["volume_mm3"] == pytest.approx(largest["voxels"] * 1.4)
     with (tmp_path / "mhd" / "detections.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert [float(row["diameter_mm"]) for row in rows] == [d["diameter_mm"] for d in
@@ -767,13 +780,6 @@ def test_two_scans_of_one_name_in_two_folders_are_two_cts(tmp_path):
         analysis.ct_sources([series, copy])
 
 
-def test_a_series_uid_that_is_no_uid_names_no_file(tmp_path):
-    series = write_dicom_series(tilted_image(np.zeros((6, 20, 24), dtype=np.int16)), tmp_path / "series", "../../x")
-    with pytest.raises(analysis.AnalysisError, match="its SeriesInstanceUID '../../x' \\(0020\\|000e\\) is not a DICOM "
-                                                     "UID"):
-        analysis.ct_sources([series])
-
-
 def test_a_dangling_link_among_the_slices_is_one_warning(tmp_path, capsys):
     series = write_dicom_series(tilted_image(np.zeros((6, 20, 24), dtype=np.int16)), tmp_path / "series", "1.2.3")
     os.symlink(tmp_path / "gone.dcm", series / "slice0002b.dcm")
@@ -789,3 +795,205 @@ def test_max_ct_voxels_refuses_a_ct_before_it_is_read(own_ct, models, tmp_path, 
     assert said == [f"error: --ct {own_ct['nifti']}: its header declares 48x48x12 = 27,648 voxels, more than "
                     "--max-ct-voxels 27,647 (LUNA16's largest CT has 200,278,016): not read; raise --max-ct-voxels if "
                     "the CT is that large"]
+
+
+# -- a series' uid never chooses where the analysis writes ------------------------------------------------------
+def _files_under(folder: Path, leaving_out: Path) -> dict[Path, bytes]:
+    return {path: path.read_bytes() for path in folder.rglob("*") if path.is_file() and leaving_out not in path.parents}
+
+
+@pytest.mark.parametrize("kind", ["up the tree", "absolute", "304 characters"])
+def test_a_series_uid_never_chooses_where_the_analysis_writes(kind, own_ct, models, tmp_path):
+    """The uid of a .mha header (its 0020|000e line) names the CT's outputs: `../../../victim` had the
+    analysis write beside --out and delete the *.png of the folder it named; an absolute one too; 304
+    characters were too long for a file name. Now each is a safe, recognisable name inside --out."""
+    out, victim = tmp_path / "a" / "b" / "out", tmp_path / "a" / "victim"
+    victim.mkdir(parents=True)
+    (victim / "keep.png").write_bytes(b"an image of someone else's")
+    (tmp_path / "a" / "victim.json").write_text("{}")
+    uid = {"up the tree": "../../../victim", "absolute": str(victim), "304 characters": "1.2" * 101 + "4"}[kind]
+    image = sitk.ReadImage(str(own_ct["mhd"]))
+    image.SetMetaData("0020|000e", uid)
+    sitk.WriteImage(image, str(tmp_path / "scan.mha"))
+    before = _files_under(tmp_path, out)
+    assert main(_own_args(tmp_path / "scan.mha", models, own_ct, out)) == 0
+    assert _files_under(tmp_path, out) == before  # nothing outside --out written or deleted
+    name = file_name(uid)
+    assert "/" not in name and len(name) < 100 and re.fullmatch(r"[\w.-]+~[0-9a-f]{16}", name)
+    assert name.startswith({"up the tree": "_.._.._victim", "absolute": "_", "304 characters": "1.21.21.2"}[kind])
+    result = json.loads((out / "ct" / f"{name}.json").read_text())
+    assert result["series_uid"] == uid and len(result["detections"]) == 3
+    _check_report(out, [name])
+    with (out / "detections.csv").open(newline="") as f:
+        assert {row["seriesuid"] for row in csv.DictReader(f)} == {uid}
+
+
+def test_a_series_name_with_a_comma_is_one_field_of_every_csv(own_ct, models, tmp_path):
+    """`Smith, John.nii.gz` gave submission.csv rows of six columns."""
+    ct, uid = tmp_path / "Smith, John.nii.gz", f"{tmp_path.name}_Smith, John"  # its folder's name and its own
+    shutil.copy(own_ct["nifti"], ct)
+    assert main(_own_args(ct, models, own_ct, tmp_path / "out")) == 0
+    marks = read_marks(tmp_path / "out" / "submission.csv", [uid])
+    with (tmp_path / "out" / "detections.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(marks.series) == len(rows) == 3 and {row["seriesuid"] for row in rows} == {uid}
+    assert not (tmp_path / "out" / "ct" / f"{uid}.json").exists()  # its files' name is made safe too
+
+
+@pytest.mark.parametrize("name", ["1.2.3\n9.9.9,0,0,0,0.99", "1.2.3\t", "1.2.3 "])
+def test_a_series_name_with_a_control_character_or_an_outer_space_is_refused(name, own_ct, models, tmp_path, capsys):
+    """A newline in a uid (here a NIfTI file's name, the uid its folder's and its own) forged rows of
+    submission.csv; a space at either end is lost by every CSV reader."""
+    ct, uid = tmp_path / f"{name}.nii.gz", f"{tmp_path.name}_{name}"
+    shutil.copy(own_ct["nifti"], ct)
+    assert main(_own_args(ct, models, own_ct, tmp_path / "out")) == 1
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if line.startswith("error:")]
+    shown = str(ct) if str(ct).isprintable() else repr(str(ct))
+    assert said == [f"error: {shown}: series uid {uid!r} holds a control character or a space at "
+                    "an end, which the CSVs of its findings cannot hold as it is: rename the file, or fix its "
+                    "SeriesInstanceUID (0020|000e)"], err
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_two_series_whose_names_differ_only_in_case_are_refused():
+    """One file on a case-insensitive file system (macOS, Windows): each would overwrite the other's results."""
+    analysis.check_names({"Scan": Path("a/Scan.nii.gz"), "other": Path("b/other.nii.gz")})
+    with pytest.raises(analysis.AnalysisError, match=r"^b/scan.nii.gz: series scan and Scan \(a/Scan.nii.gz\) differ "
+                                                      "only in case"):
+        analysis.check_names({"Scan": Path("a/Scan.nii.gz"), "scan": Path("b/scan.nii.gz")})
+
+
+def test_a_full_disk_while_writing_the_report_names_the_file_and_leaves_no_partial(tiny_data, models, tmp_path,
+                                                                                    monkeypatch, capsys):
+    """It printed `No space left on device: None` and left report.html.partial."""
+    from luna_dist import atomic
+
+    def full_for_the_report(file, mode="r", **kwargs):
+        opened = open(file, mode, **kwargs)
+        if Path(file).name == "report.html.partial":
+            def write(text):
+                opened.buffer.write(text[:100].encode())
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            opened.write = write
+        return opened
+    monkeypatch.setattr(atomic, "open", full_for_the_report, raising=False)
+    out = tmp_path / "out"
+    assert main(_candidates_args(tiny_data, models, out)) == 1
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(said) == 1 and f"(No space left on device: {out / 'report.html'})" in said[0], said
+    assert not list(out.rglob("*.partial")) and (out / "summary.json").is_file()
+
+
+# -- a CT that fails for any reason is one failed CT, not a stopped analysis ------------------------------------
+@pytest.mark.parametrize("error, said", [
+    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore lines"),
+     "tiny.1.mhd: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB (out of memory: a smaller "
+     "--batch-size needs less)"),
+    (ValueError("operands could not be broadcast together"), "tiny.1.mhd: ValueError: operands could not be broadcast"),
+])
+def test_a_ct_that_fails_for_any_reason_is_listed_and_the_others_finish(error, said, tiny_data, models, tmp_path,
+                                                                        monkeypatch, capsys):
+    """An out-of-memory error on one large CT stopped the analysis there (and left the other ranks waiting)."""
+    original = analysis.analyze_ct
+
+    def failing_on_tiny_1(ct, *args, **kwargs):
+        if ct.series_uid == "tiny.1":
+            raise error
+        return original(ct, *args, **kwargs)
+    monkeypatch.setattr(analysis, "analyze_ct", failing_on_tiny_1)
+    out = tmp_path / "out"
+    assert main(_candidates_args(tiny_data, models, out)) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors[-1].startswith(f"error: 1 CT(s) could not be analysed, the others are in {out}: ") and \
+        said in errors[-1] and errors[-1].endswith("; fix them and rerun to add them"), errors
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["analysed"], [f["series_uid"] for f in summary["failed"]]) == (1, ["tiny.1"])
+    assert said in summary["failed"][0]["error"] and _analysed(out) == ["tiny.2"]
+
+
+def test_probabilities_that_are_not_finite_fail_the_ct_naming_the_model(tiny_data, models, tmp_path, capsys):
+    """Finite weights whose sums overflow (both logits infinite: softmax gives NaN) scored every candidate NaN,
+    and the analysis wrote p_nodule = nan with exit 0."""
+    model = LunaModel()
+    model.head_linear.weight.data.fill_(1e38)
+    torch.save({"model": model.state_dict()}, tmp_path / "overflowing.pt")
+    args = _candidates_args(tiny_data, models, tmp_path / "out")
+    args[args.index("--cls-model") + 1] = str(tmp_path / "overflowing.pt")
+    assert main(args) == 1
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")][-1]
+    for mhd, marks in (("subset0/tiny.1.mhd", 2), ("subset1/tiny.2.mhd", 1)):
+        assert (f"{tiny_data / mhd}: the nodule classifier --cls-model {tmp_path / 'overflowing.pt'} "
+                f"gave {marks} of {marks} probabilities that are not finite numbers (NaN or infinity)") in error, error
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert (summary["analysed"], summary["detections"], len(summary["failed"])) == (0, 0, 2)
+    assert (tmp_path / "out" / "submission.csv").read_text() == "seriesuid,coordX,coordY,coordZ,probability\n"
+
+
+# -- every CT once over several processes, and a process that stops answering ---------------------------------
+def test_check_dealt_names_a_ct_taken_twice_or_by_none():
+    series = {"a": Path("a.mhd"), "b": Path("b.mhd"), "c": Path("c.mhd")}
+    analysis.check_dealt(series, ["c", "a", "b"])
+    with pytest.raises(analysis.AnalysisError, match=r"not the 3 listed, each once: 1 more than once \(e.g. a\); "
+                                                     r"1 by none \(e.g. b\); nothing is written beyond each CT's own "
+                                                     r"findings: rerun the same command$"):
+        analysis.check_dealt(series, ["a", "c", "a"])
+    with pytest.raises(analysis.AnalysisError, match=r"1 not listed \(e.g. d\)"):
+        analysis.check_dealt(series, ["a", "b", "c", "d"])
+
+
+def _two_ranks_where_rank_1(change: str, args: list[str], tmp_path: Path, timeout: float = RUN_TIMEOUT
+                            ) -> subprocess.CompletedProcess:
+    """The analysis on 2 CPU ranks, rank 1 changed by the Python lines `change` (`analyze` is the module):
+    as a node whose view of the data differs, or that stops answering."""
+    script = tmp_path / "analyze_on_two_ranks.py"
+    script.write_text("import os, sys, time\nfrom pathlib import Path\nfrom luna_dist import analyze\n"
+                      f"if os.environ['RANK'] == '1':\n    {change}\nsys.exit(analyze.main())\n")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), *args]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    return run_or_show_stacks(command, timeout, env, cwd=Path(__file__).resolve().parents[1])
+
+
+@pytest.mark.slow
+def test_ranks_that_see_other_sizes_still_analyse_every_ct_once(tiny_data, models, tiny_candidates, tmp_path):
+    """Each rank dealt the CTs from its own headers: where rank 1 could not read tiny.1's (a node's copy still
+    being synced), both ranks analysed tiny.1, none tiny.2, and the run exited 0."""
+    out = tmp_path / "out"
+    result = _two_ranks_where_rank_1("seen = analyze.ct_voxels; analyze.ct_voxels = lambda path: 0 if "
+                                     "path.name == 'tiny.1.mhd' else seen(path)",
+                                     _candidates_args(tiny_data, models, out), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["processes"], summary["analysed"], summary["failed"]) == (2, 2, [])
+    assert _rows(out / "detections.csv") == _rows(tiny_candidates / "detections.csv")
+
+
+@pytest.mark.slow
+def test_a_rank_that_stops_answering_fails_the_others_within_the_timeout(tiny_data, models, tmp_path):
+    """Rank 1 hangs in its CT (a hung driver, a lost node): rank 0 waited in the gather for torch's default
+    (10 to 30 minutes); now --dist-timeout, naming rank 1."""
+    import time
+
+    started = time.monotonic()
+    result = _two_ranks_where_rank_1("analyze.analyze_ct = lambda *args, **kwargs: time.sleep(600)",
+                                     [*_candidates_args(tiny_data, models, tmp_path / "out"), "--dist-timeout", "5"],
+                                     tmp_path, timeout=120)
+    assert result.returncode != 0 and time.monotonic() - started < 90
+    errors = [line[line.index("error:"):] for line in result.stderr.splitlines() if "error: " in line]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert re.match(rf"error: rank 0 of 2 lost the others: rank\(s\) 1 on {os.uname().nodename}, pid \d+ stopped "
+                    rf"answering \(.+\)\. Every process stops; the finished CTs are kept in {tmp_path / 'out' / 'ct'}: "
+                    "once the nodes are back, the same command on every node resumes$", errors[0]), errors[0]
+
+
+def test_a_link_in_out_leading_outside_fails_its_ct_and_nothing_outside_is_deleted(own_ct, models, tmp_path, capsys):
+    """The images' folder of a CT, a link to a folder outside --out: its *.png were deleted, new ones written."""
+    out, victim = tmp_path / "out", tmp_path / "victim"
+    victim.mkdir()
+    (victim / "detection-001.png").write_bytes(b"someone else's")
+    (out / "ct").mkdir(parents=True)
+    (out / "ct" / OWN_UID).symlink_to(victim)
+    assert main(_own_args(own_ct["mhd"], models, own_ct, out)) == 1
+    assert [(p.name, p.read_bytes()) for p in victim.iterdir()] == [("detection-001.png", b"someone else's")]
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")][-1]
+    assert f"{out / 'ct' / OWN_UID}: resolves to {victim}, outside --out {out}: not written there" in error

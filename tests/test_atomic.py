@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 
 import pytest
 
@@ -36,3 +38,14 @@ def test_binary_mode_and_options_pass_through(tmp_path):
         f.write("a\r\n")
     assert (tmp_path / "b.bin").read_bytes() == b"\x00\x01"
     assert (tmp_path / "c.csv").read_bytes() == b"a\r\n"
+
+
+def test_a_write_that_fails_leaves_no_partial_and_names_the_file(tmp_path):
+    """A full disk fails a write with no file name in its error ("No space left on device: None")."""
+    path = tmp_path / "report.html"
+    with pytest.raises(OSError) as err:
+        with atomic_open(path) as f:
+            f.write("<html>")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a write to a full disk raises it
+    assert err.value.filename == str(path) and err.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []

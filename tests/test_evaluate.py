@@ -278,6 +278,8 @@ def test_plot_without_matplotlib_is_a_clear_error(files, tmp_path, monkeypatch, 
     ("predictions", "seriesuid,coordX,coordY,coordZ,probability\n1.2.3,0,0,0,0.5\n\n1.2.3,nan,0,0,0.5\n",
      "pred.csv:4: coordX is not finite"),
     ("predictions", "seriesuid,coordX,coordY,coordZ,probability\n1.2.3,0,0,0,high\n", "pred.csv:2: probability is not a number"),
+    ("predictions", "seriesuid,coordX,coordY,coordZ,probability\n1.2.3,0,0,0,0.5\n1.2.4,1,1,1,nan\n",
+     "pred.csv:3: probability is not finite: 'nan'"),
     ("predictions", "seriesuid,coordX,coordY,coordZ,probability\n1.2.3,0,0,0\n", "pred.csv:2: expected 5 fields"),
     ("annotations", "seriesuid,coordX,coordY,coordZ,diameter_mm\n1.2.3,0,0,0,-1\n", "annotations.csv:2: diameter_mm"),
     ("excluded", "seriesuid,coordX,coordY,coordZ\n", "excluded.csv:1: header lacks column(s) diameter_mm"),
@@ -320,6 +322,24 @@ def test_marks_round_trip_through_the_csv(tmp_path):
     back = evaluate.read_marks(tmp_path / "p.csv", ["1.2.3", "1.2.4"])
     assert back.series.tolist() == ["1.2.3", "1.2.4"]
     assert np.allclose(back.xyz, original.xyz) and np.allclose(back.probability, original.probability)
+
+
+@pytest.mark.parametrize("uid", ["Smith, John", 'the "first" scan', "a\nb,1,2,3,0.99", "tab\there"])
+def test_marks_of_any_series_name_round_trip_through_the_csv(tmp_path, uid):
+    """A name with a comma gave six-column rows, one with a newline forged a row: every field is quoted
+    as the csv module quotes it, and read back as it was."""
+    original = marks((uid, 1.5, -2.25, 300.125, 0.5), ("1.2.4", 0, 0, 0, 1.0))
+    evaluate.write_marks(tmp_path / "p.csv", original)
+    back = evaluate.read_marks(tmp_path / "p.csv", [uid, "1.2.4"])
+    assert back.series.tolist() == [uid, "1.2.4"]
+    assert np.array_equal(back.xyz, original.xyz) and np.array_equal(back.probability, original.probability)
+
+
+def test_marks_whose_probability_is_not_finite_are_not_written(tmp_path):
+    with pytest.raises(ValueError, match=r"p.csv: not written: the probability of the mark of series 1.2.4 at "
+                                         r"\[0.0, 0.0, 0.0\] is nan, not a finite number"):
+        evaluate.write_marks(tmp_path / "p.csv", marks(("1.2.3", 1, 2, 3, 0.5), ("1.2.4", 0, 0, 0, float("nan"))))
+    assert not list(tmp_path.iterdir())
 
 
 def test_fold_findings_of_a_manifest_without_them_say_rebuild():

@@ -240,3 +240,24 @@ def test_a_file_with_pickled_code_is_refused_and_not_run(tmp_path):
                                      "(io.open); refused: loading them could run code")
     assert "weights_only" not in str(err.value) and "\n" not in str(err.value)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["best.pt", "state"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_weights_that_are_not_finite_are_refused_naming_the_file_and_the_tensor(tmp_path, name, value):
+    """They scored every candidate NaN, and the analysis wrote p_nodule = nan with exit 0."""
+    from safetensors.torch import save_file
+
+    from luna_dist.model import WeightsError, load_into
+
+    weights = _weights_files(tmp_path)
+    weights["block2.conv1.weight"][0, 0, 0, 0, 1] = value
+    weights["head_linear.bias"][0] = value
+    torch.save({"model": weights}, tmp_path / "best.pt")
+    save_file(weights, tmp_path / "state" / "model.safetensors")
+    file = tmp_path / name if name == "best.pt" else tmp_path / "state" / "model.safetensors"
+    with pytest.raises(WeightsError) as err:
+        load_into(LunaModel(), tmp_path / name)
+    assert str(err.value) == (f"{file}: block2.conv1.weight holds 1 of its 3,456 values that are not finite numbers "
+                              "(NaN or infinity): the weights of a diverged model; pass weights saved before it "
+                              "diverged")

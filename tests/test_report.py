@@ -25,8 +25,10 @@ from luna_dist.ct import Ct
 from luna_dist.detect import Analysed, group
 from luna_dist.findings import Truth, marks_of, read_truth, score
 from luna_dist.geometry import Geometry, irc_to_xyz
+from luna_dist.out_folder import file_name
 
 UID = "1.2.3<&>"  # what a page shows of it is escaped, what it links to is quoted
+NAME = file_name(UID)  # its files' name: "1.2.3___~" and a hash
 BALLS = [((8, 20, 20), 4.5, 0.9), ((10, 50, 24), 3.5, 0.2), ((12, 30, 56), 2.5, 0.6)]  # centre IRC, radius, p_nodule
 SOURCE = Path("/scans/own <series>")
 
@@ -38,7 +40,7 @@ def _analysed() -> Analysed:
     for (ci, cr, cc), radius, _ in BALLS:
         hu[(i - ci) ** 2 + (r - cr) ** 2 + (c - cc) ** 2 <= radius**2] = 100
     geometry = Geometry.of_image(tilted_image(hu))
-    groups = group(hu > -250, hu, (geometry.spacing_xyz[1], geometry.spacing_xyz[0]))
+    groups = group(hu > -250, hu, geometry.spacing_xyz[::-1])
     order = [int(np.argmin(np.linalg.norm(groups.centres - np.array(centre), axis=1))) for centre, _, _ in BALLS]
     p_nodule = np.zeros(len(order))
     p_nodule[order] = [p for _, _, p in BALLS]
@@ -85,12 +87,12 @@ def results(tmp_path_factory) -> Path:
                                    "models": {"seg": {"path": "seg.pt", "sha256": "ab" * 32}, "nodule": None}},
                    **score([UID], detections, marks_of(detections), truth, out)}
         report.write_report(out, [analysed.result], summary, {UID: SOURCE})
-    (out / "ct" / f"{UID}.json").write_text(json.dumps(analysed.result))
+    (out / "ct" / f"{NAME}.json").write_text(json.dumps(analysed.result))
     return out
 
 
 def _page(out: Path) -> str:
-    return (out / "ct" / f"{UID}.html").read_text(encoding="utf-8")
+    return (out / "ct" / f"{NAME}.html").read_text(encoding="utf-8")
 
 
 def _image_sources(page: Path) -> list[Path]:
@@ -129,16 +131,16 @@ def test_slices_show_the_ct_through_the_centre_in_the_lung_window_with_the_group
 
 
 def test_draw_ct_images_the_most_probable_detections_and_the_missed_nodule(results):
-    result = json.loads((results / "ct" / f"{UID}.json").read_text())
+    result = json.loads((results / "ct" / f"{NAME}.json").read_text())
     ranked = sorted(result["detections"], key=lambda d: -d["p_nodule"])
-    assert [d["image"] for d in ranked] == [f"ct/{UID}/detection-001.png", f"ct/{UID}/detection-002.png", None]
+    assert [d["image"] for d in ranked] == [f"ct/{NAME}/detection-001.png", f"ct/{NAME}/detection-002.png", None]
     assert ranked[0]["nodule"] == {"xyz": [round(v, 3) for v in ranked[0]["xyz"]], "diameter_mm": 6.0,
                                    "malignant": True}
     assert ranked[1]["nodule"] is None and ranked[2]["nodule"] is None
     assert [(m["diameter_mm"], m["malignant"], m["image"]) for m in result["missed"]] == \
-        [(5.0, False, f"ct/{UID}/missed-002.png")]
+        [(5.0, False, f"ct/{NAME}/missed-002.png")]
     assert result["nodules"] == 2
-    assert sorted(p.name for p in (results / "ct" / UID).iterdir()) == ["detection-001.png", "detection-002.png",
+    assert sorted(p.name for p in (results / "ct" / NAME).iterdir()) == ["detection-001.png", "detection-002.png",
                                                                          "missed-002.png"]
 
 
@@ -148,7 +150,7 @@ def test_the_ct_page_lists_every_detection_ranked_with_sizes_and_matches(results
     rows = re.findall(r'<tr class="detection">(.*?)</tr>', page)
     assert len(rows) == 3 and len(re.findall(r'<tr class="missed">', page)) == 1
     assert html.escape(UID) in page and UID not in page and html.escape(str(SOURCE)) in page
-    result = json.loads((results / "ct" / f"{UID}.json").read_text())
+    result = json.loads((results / "ct" / f"{NAME}.json").read_text())
     first = max(result["detections"], key=lambda d: d["p_nodule"])
     cells = re.findall(r"<td>(.*?)</td>", rows[0])
     assert cells[2:7] == [f"{first['p_nodule']:.3f}", "–", f"{first['diameter_mm']:.1f}",
@@ -158,7 +160,7 @@ def test_the_ct_page_lists_every_detection_ranked_with_sizes_and_matches(results
 
 
 def test_every_image_of_the_pages_is_there(results):
-    for page in (results / "report.html", results / "ct" / f"{UID}.html"):
+    for page in (results / "report.html", results / "ct" / f"{NAME}.html"):
         sources = _image_sources(page)
         assert sources and all(src.is_file() and src.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for src in sources)
     assert _image_sources(results / "report.html") == [results / "froc.png"]
@@ -168,7 +170,7 @@ def test_the_summary_page_shows_the_models_scores_and_links_each_ct(results):
     page = (results / "report.html").read_text(encoding="utf-8")
     assert "ab" * 32 in page and "seg.pt" in page and "CPM " in page
     links = re.findall(r'<tr class="ct"><td><a class="path" href="([^"]+)">', page)
-    assert [results / unquote(link) for link in links] == [results / "ct" / f"{UID}.html"]
+    assert [results / unquote(link) for link in links] == [results / "ct" / f"{NAME}.html"]
     cells = re.findall(r'<td class="n">(\d+)</td>', page.split('<tr class="ct">')[1])
     assert cells == ["3", "2", "2", "1", "1"]  # detections, p_nodule >= 0.5, nodules, matched, missed
     assert "<script" not in page and "http" not in page
@@ -198,14 +200,14 @@ def _chromium(*args: str) -> subprocess.CompletedProcess:
 def test_the_pages_load_in_chromium_without_console_errors_and_show_every_detection(results, tmp_path):
     image = pytest.importorskip("matplotlib.image")
     for page, rows in ((results / "report.html", ('<tr class="ct">', 1)),
-                       (results / "ct" / f"{UID}.html", ('<tr class="detection">', 3))):
+                       (results / "ct" / f"{NAME}.html", ('<tr class="detection">', 3))):
         loaded = _chromium("--dump-dom", page.as_uri())
         assert loaded.returncode == 0, loaded.stderr[-2000:]
         assert not [line for line in loaded.stderr.splitlines() if ":CONSOLE" in line], loaded.stderr
         assert loaded.stdout.count(rows[0]) == rows[1]
     shot = tmp_path / "ct.png"
     taken = _chromium(f"--screenshot={shot}", "--window-size=1280,1600", "--hide-scrollbars",
-                      (results / "ct" / f"{UID}.html").as_uri())
+                      (results / "ct" / f"{NAME}.html").as_uri())
     assert taken.returncode == 0 and shot.is_file(), taken.stderr[-2000:]
     pixels = image.imread(shot)[..., :3]
     assert pixels.shape[:2] == (1600, 1280) and pixels.std() > 0.05  # text, tables and slices, not a blank page

@@ -701,10 +701,13 @@ def saved_run(tiny_shards, tmp_path_factory) -> Path:
 def _weights_files(folder: Path) -> None:
     import torch
 
-    from luna_dist.model import SegmentationModel
+    from luna_dist.model import LunaModel, SegmentationModel
 
     torch.save({"model": SegmentationModel().state_dict()}, folder / "seg.pt")
     (folder / "notes.txt").write_text("not a model\n")
+    diverged = LunaModel().state_dict()
+    diverged["head_linear.weight"][1, 7] = float("nan")
+    torch.save({"model": diverged}, folder / "nan.pt")
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -712,6 +715,9 @@ def _weights_files(folder: Path) -> None:
     (["--checkpoint", "{tmp}/seg.pt"], "{tmp}/seg.pt: not weights of a LunaModel (23 of its tensors missing"),
     (["--task", "malignancy", "--finetune", "{tmp}/seg.pt"], "{tmp}/seg.pt: not weights of a LunaModel"),
     (["--checkpoint", "{tmp}/none.pt"], "{tmp}/none.pt: checkpoint not found"),
+    (["--checkpoint", "{tmp}/nan.pt"], "{tmp}/nan.pt: head_linear.weight holds 1 of its 2,304 values that are not "
+                                       "finite numbers (NaN or infinity): the weights of a diverged model"),
+    (["--task", "malignancy", "--finetune", "{tmp}/nan.pt"], "{tmp}/nan.pt: head_linear.weight holds 1 of its"),
     (["--out", "{saved}", "--run-name", "r"], "{saved}/r holds a run already: pass --resume to continue it"),
     (["--out", "{saved}", "--run-name", "r", "--resume", "--lr", "0.01"],
      "--resume: {saved}/r was trained with other settings: --lr 0.001 (now 0.01). Rerun with the run's flags, or "
@@ -721,7 +727,8 @@ def _weights_files(folder: Path) -> None:
      "--resume: {saved}/mid/state was saved at step 2 of epoch 1 by 1 process(es) with --batch-size 4 and 0 data "
      "worker(s) each; this command has 1, 4 and 1."),
     (["--out", "{saved}", "--run-name", "nothing", "--resume"], "{saved}/nothing/state: no saved state to resume"),
-], ids=["text file", "another network", "finetune another network", "missing", "existing run", "other lr",
+], ids=["text file", "another network", "finetune another network", "missing", "weights not finite",
+        "finetune weights not finite", "existing run", "other lr",
         "other batch size", "mid-epoch other workers", "nothing to resume"])
 def test_bad_models_and_run_folders_are_one_line(tiny_shards, saved_run, tmp_path, monkeypatch, capsys, flags, message):
     from luna_dist import train
