@@ -36,6 +36,7 @@ from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gath
 from tqdm import tqdm
 
 from luna_dist import cli, run_folder
+from luna_dist.batch_memory import held_until_copied
 from luna_dist.candidates import N_FOLDS
 from luna_dist.checkpoint import STATE, Checkpointer, CheckpointError, Progress
 from luna_dist.hardware import precision_warning
@@ -289,7 +290,7 @@ class Trainer:
         self.model.train()
         step = start - 1
         with self._bar(steps * per_step, f"E{epoch} training", initial=start * per_step) as bar:
-            for step, batch in enumerate(batches, start):
+            for step, batch in enumerate(held_until_copied(batches, self.device), start):
                 cli.raise_if_interrupted()
                 loss, rows = task.forward(self.model, batch, train=True)
                 self.optimizer.zero_grad(set_to_none=True)
@@ -323,7 +324,7 @@ class Trainer:
         model.eval()
         rows = []
         with self._bar(None, f"E{epoch} validation") as bar:  # closed on an error too: its message starts a line
-            for batch in loader:
+            for batch in held_until_copied(loader, self.device):
                 cli.raise_if_interrupted()
                 rows.append(task.forward(model, batch, train=False)[1])
                 bar.update(rows[-1].shape[0] * accelerator.num_processes)

@@ -4,7 +4,9 @@ Fixtures live in conftest.py."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import ctypes
 import io
 import locale
 import os
@@ -14,6 +16,7 @@ import signal
 import subprocess
 import tarfile
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -285,3 +288,45 @@ def ctrl_c_inside_a_finalizer() -> None:
                 pass
 
     Collected()  # collected at once
+
+
+class LaggingDevice:
+    """A stand-in on the CPU for a device whose copies from the host are asynchronous (Apple's MPS): a copy
+    reads its source `lag` copies after it was issued, at its address as a device does (holding nothing that
+    keeps the memory from being let go of), or when an event recorded after it is waited for. `read` holds
+    the bytes each copy got, in order."""
+
+    def __init__(self, lag: int) -> None:
+        self.lag, self.pending, self.read = lag, collections.deque(), []
+
+    def copy(self, tensor) -> None:
+        assert tensor.is_contiguous()
+        self.pending.append((tensor.data_ptr(), tensor.nbytes))
+        while len(self.pending) > self.lag:
+            self._run_one()
+
+    def finish(self) -> None:
+        """Every copy issued, done (a sync point), while the memory the copies read is still there."""
+        while self.pending:
+            self._run_one()
+
+    def event(self) -> LaggingDevice.Event:
+        return LaggingDevice.Event(self, len(self.read) + len(self.pending))
+
+    def _run_one(self) -> None:
+        address, size = self.pending.popleft()
+        self.read.append(ctypes.string_at(address, size))
+
+    @dataclass
+    class Event:
+        """Recorded after the copies issued so far: done once the device has run them."""
+
+        device: LaggingDevice
+        after: int  # the copies issued before it
+
+        def query(self) -> bool:
+            return len(self.device.read) >= self.after
+
+        def synchronize(self) -> None:
+            while not self.query():
+                self.device._run_one()

@@ -967,3 +967,34 @@ def test_a_ctrl_c_that_python_drops_in_a_finalizer_still_stops_training(tiny_sha
     assert calls.count(True) == 2  # stopped at the step after the Ctrl-C
     assert "error: interrupted in epoch 1" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # as it was before the run
+
+
+@pytest.mark.slow
+def test_a_device_that_reads_batches_late_trains_on_the_batches_the_loop_was_given(tiny_shards, tmp_path,
+                                                                                  monkeypatch):
+    """On Apple's MPS a `non_blocking` copy reads the host batch when the GPU reaches it, steps later: the
+    loop had let go of the batch, its worker had decoded another into the same shared memory, and the model
+    trained on chunks it was never given. The stand-in device reads each batch three copies late."""
+    from helpers import LaggingDevice
+
+    from luna_dist import batch_memory, train
+    from luna_dist.tasks import TASKS
+
+    steps, device, given = 24, LaggingDevice(lag=3), []
+    forward = TASKS["cls"].forward
+
+    def forward_on_a_lagging_device(self, model, batch, train):
+        if train:
+            given.append(batch[0].numpy().tobytes())  # the chunks the loop was given
+            device.copy(batch[0])
+            if len(given) == steps:
+                device.finish()  # the epoch's end, while the loop holds the memory of its last batches
+        return forward(self, model, batch, train)
+
+    monkeypatch.setattr(TASKS["cls"], "forward", forward_on_a_lagging_device)
+    monkeypatch.setattr(batch_memory, "copied_event", lambda _: device.event(), raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    assert train.main(_quick(tiny_shards, tmp_path, "--epochs", "1", "--epoch-samples", str(4 * steps),
+                             "--max-steps", str(steps), "--num-workers", "1")) == 0
+    wrong = [step for step, (chunks, read) in enumerate(zip(given, device.read)) if chunks != read]
+    assert len(device.read) == steps and not wrong, f"steps trained on other chunks: {wrong}"
