@@ -355,17 +355,27 @@ def worker_start() -> multiprocessing.context.BaseContext:
     started once, single-threaded, with the readers and Blosc2 imported; elsewhere (macOS,
     Windows) the platform's own `spawn`. Either way a worker runs the main module again, so
     a script that reads shards through these loaders needs `if __name__ == "__main__":`.
+    The server and its workers end with the process that started them (`luna_dist.fork_server`).
     """
     method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
     if method != "fork":
         return multiprocessing.get_context(method)
     context = multiprocessing.get_context("forkserver")
-    # The main module, run again in each worker, finds its imports done: `launch/train.py` imports
-    # luna_dist.train, and `python -m X` runs X (a package's `__main__` is left out, as spawn leaves it).
-    main = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None)
-    imported_by_main = [main] if main and not main.endswith("__main__") else []
-    context.set_forkserver_preload(["luna_dist.train", "blosc2", *imported_by_main])
+    context.set_forkserver_preload(["luna_dist.fork_server", *_server_imports(sys.modules["__main__"])])
     return context
+
+
+def _server_imports(main: ModuleType) -> list[str]:
+    """What the fork server imports, so that the main module, run again in each worker, finds its imports
+    done: luna_dist.train (`launch/train.py` imports it) and Blosc2 (the readers import it when they meet
+    an lz4 member); for `python -m X`, every luna_dist module the process has imported, never X itself:
+    runpy warned in each worker that X was imported before it ran as the main module (and ran twice).
+    A package's `__main__` is not run again, as spawn leaves it out."""
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    if not name or name.endswith("__main__"):
+        return ["luna_dist.train", "blosc2"]
+    imported = {module for module in sys.modules if module.startswith("luna_dist.")}
+    return sorted({"luna_dist.train", "blosc2", *imported} - {name})
 
 
 # -- validation ------------------------------------------------------------------------------------

@@ -403,6 +403,12 @@ class Trainer:
         return lost_peers_message(error, self.accelerator.process_index, self.processes, self.progress.epoch,
                                   self.run_dir, min(10.0, self.args.dist_timeout))
 
+    def stopped(self, what: str) -> str:
+        """The line of a run that `what` stopped in mid-course: what is kept, and how to go on."""
+        then = (f"rerun the same command with --resume --run-name {self.run_dir.name} to continue"
+                if (self.run_dir / STATE).is_dir() else "rerun the same command to start again")
+        return f"{what} in epoch {self.progress.epoch + 1}. {self.checkpoints.kept(self.progress)}; {then}"
+
     def close(self) -> None:
         self.run_log.close()
         self.accelerator.end_training()
@@ -428,14 +434,10 @@ def main(argv: list[str] | None = None) -> int:
             LoggingError) as err:
         return cli.fail(own_line(err))
     except KeyboardInterrupt:
-        if trainer is None:
-            return cli.EXIT_INTERRUPTED
-        if trainer.accelerator.is_main_process:
-            then = (f"rerun the same command with --resume --run-name {trainer.run_dir.name} to continue"
-                    if (trainer.run_dir / STATE).is_dir() else "rerun the same command to start again")
-            kept = trainer.checkpoints.kept(trainer.progress)
-            cli.fail(f"interrupted in epoch {trainer.progress.epoch + 1}. {kept}; {then}")
-        return cli.EXIT_INTERRUPTED
+        stopped, code = cli.interruption()
+        if trainer is not None and trainer.accelerator.is_main_process:
+            cli.fail(trainer.stopped(stopped))
+        return code
     except RuntimeError as err:
         if trainer is None or (message := trainer.lost_peers(err)) is None:
             raise

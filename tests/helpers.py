@@ -97,6 +97,36 @@ def _descendants(pid: int) -> list[int]:
     return [grandchild for child in map(int, children) for grandchild in [child, *_descendants(child)]]
 
 
+def is_running(pid: int) -> bool:
+    """Alive and not a zombie (a dead worker re-parented to a non-reaping init stays a zombie)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def shared_memory_files(pids: list[int]) -> set[str]:
+    """The files in /dev/shm that the processes `pids` map and that still have a name there (Linux's /proc)."""
+    files = set()
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+                fields = line.split(maxsplit=5)  # address, permissions, offset, device, inode[, path]
+                if len(fields) == 6 and fields[5].startswith("/dev/shm/") and not fields[5].endswith("(deleted)"):
+                    files.add(fields[5])
+    return files
+
+
+def left_behind(pids: list[int], files: set[str], wait: float) -> tuple[list[int], list[str]]:
+    """Which of the processes `pids` still run and which of `files` still exist after up to `wait` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        running, existing = [pid for pid in pids if is_running(pid)], sorted(f for f in files if os.path.exists(f))
+        if not (running or existing) or time.monotonic() > deadline:
+            return running, existing
+        time.sleep(0.1)
+
+
 # -- classification samples as the shards hold them -------------------------------------------------------------
 POS_NEG = ("pos", "neg")
 CLS_BATCHES = partial(batched, collate=chunk_samples.collate)
