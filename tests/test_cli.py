@@ -92,3 +92,6 @@ def test_interrupts_takes_a_sigterm_as_a_ctrl_c_that_says_so(sigterm_raises):
             cli.raise_if_interrupted()
     assert cli.interruption() == ("stopped by SIGTERM", 143)
     assert signal.getsignal(signal.SIGTERM) is before
+    with cli.interrupts():  # the next command starts with no signal noted
+        cli.raise_if_interrupted()
+    assert cli.interruption() == ("interrupted", 130)
