@@ -49,6 +49,7 @@ from luna_dist.batch_memory import PooledLoader, leased
 from luna_dist.shard_format import MANIFEST, REBUILD, ShardSetError, check_manifest, check_sample
 from luna_dist.shard_io import DEFAULT_READ_TIMEOUT, ShardSource, is_remote, read_manifest, shard_location, unreachable
 from luna_dist.shard_tar import read_samples
+from luna_dist.worker_watch import WORKER_TIMEOUT, Beats, WatchedLoader
 
 
 @dataclass
@@ -328,18 +329,25 @@ def train_pipeline(shards: ShardSet, config: TrainStreamConfig, epoch: int,
 
 
 def train_loader(shards: ShardSet, config: TrainStreamConfig, epoch: int, collate: Callable[[list[dict]], tuple],
-                 pin_memory: bool = False) -> PooledLoader:
+                 pin_memory: bool = False, worker_timeout: float = WORKER_TIMEOUT) -> PooledLoader:
     """The batches of one epoch for this rank: exactly `config.steps` of them."""
-    return pooled_loader(train_pipeline(shards, config, epoch, collate), config.num_workers, pin_memory)
+    return pooled_loader(train_pipeline(shards, config, epoch, collate), config.num_workers, pin_memory,
+                         worker_timeout)
 
 
-def pooled_loader(pipeline: wds.DataPipeline, num_workers: int, pin_memory: bool, **loader_options) -> PooledLoader:
+def pooled_loader(pipeline: wds.DataPipeline, num_workers: int, pin_memory: bool,
+                  worker_timeout: float = WORKER_TIMEOUT, **loader_options) -> PooledLoader:
     """A pipeline's batches through `num_workers` DataLoader workers, which reuse the shared memory of the
-    batches the training process has let go of (`luna_dist.batch_memory`)."""
-    if num_workers:
-        loader_options.setdefault("multiprocessing_context", worker_start())
-    return PooledLoader(wds.WebLoader(wds.DataPipeline(pipeline, leased), batch_size=None, num_workers=num_workers,
-                                      pin_memory=pin_memory, **loader_options))
+    batches the training process has let go of (`luna_dist.batch_memory`); a worker that dies, or sends
+    nothing for `worker_timeout` seconds, stops the reading naming it (`luna_dist.worker_watch`)."""
+    if not num_workers:
+        return PooledLoader(wds.WebLoader(wds.DataPipeline(pipeline, leased), batch_size=None, num_workers=0,
+                                          pin_memory=pin_memory, **loader_options))
+    beats = Beats(num_workers)
+    loader = wds.WebLoader(wds.DataPipeline(pipeline, leased), batch_size=None, num_workers=num_workers,
+                           pin_memory=pin_memory, worker_init_fn=beats.start,
+                           **{"multiprocessing_context": worker_start(), **loader_options})
+    return PooledLoader(WatchedLoader(loader, beats, worker_timeout))
 
 
 @functools.cache
@@ -400,5 +408,7 @@ def val_pipeline(shards: ShardSet, folds: Iterable[int], batch_size: int, labels
 
 
 def val_loader(shards: ShardSet, folds: Iterable[int], batch_size: int, num_workers: int, labels: tuple[str, ...],
-               batcher: Callable[..., Iterator], pin_memory: bool = False) -> PooledLoader:
-    return pooled_loader(val_pipeline(shards, folds, batch_size, labels, batcher), num_workers, pin_memory)
+               batcher: Callable[..., Iterator], pin_memory: bool = False,
+               worker_timeout: float = WORKER_TIMEOUT) -> PooledLoader:
+    return pooled_loader(val_pipeline(shards, folds, batch_size, labels, batcher), num_workers, pin_memory,
+                         worker_timeout)

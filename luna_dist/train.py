@@ -48,6 +48,7 @@ from luna_dist.shard_format import ShardSetError
 from luna_dist.shard_io import DEFAULT_READ_TIMEOUT
 from luna_dist.stream import ShardSet, open_shard_set
 from luna_dist.tasks import SHARED_FLAGS, TASKS
+from luna_dist.worker_watch import LEAST_TIMEOUT, WORKER_TIMEOUT, WorkerLost
 
 log = get_logger("luna_dist.train")
 
@@ -78,6 +79,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, tuple[str, ...]]]
     add("--epochs", type=int, default=1, help="passes over the training folds (or --epoch-samples each)")
     add("--batch-size", type=int, default=32, help="per process")
     add("--num-workers", type=int, help="data workers per process (default: 4 on CUDA, 2 on MPS, 0 on CPU)")
+    add("--worker-timeout", type=float, default=WORKER_TIMEOUT, metavar="SECONDS",
+        help="a data worker that shows no sign of life for this long (frozen, stopped) stops the run, naming it; "
+             "a slow one is not stopped (default: %(default)s)")
     add("--lr", type=float, default=0.001, help="learning rate")
     add("--momentum", type=float, default=0.99, help="SGD momentum (--task cls, malignancy)")
     add("--seed", type=int, default=0, help="seeds the weights, the shuffles and the augmentations")
@@ -125,6 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                       "max_steps": 1, "shuffle_buffer": 1, "save_every": 1})
     if not args.read_timeout > 0:
         parser.error(f"--read-timeout must be above 0 seconds, got {args.read_timeout}")
+    cli.check_at_least(parser, args, {"worker_timeout": LEAST_TIMEOUT})
     if any(not 0 <= fold < N_FOLDS for fold in args.val_folds):
         parser.error(f"--val-folds must be in 0..{N_FOLDS - 1}, got {args.val_folds}")
     task = TASKS[args.task]
@@ -433,7 +438,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ShardSetError, FileNotFoundError, CheckpointError, WeightsError, RunFolderError, Diverged,
             LoggingError) as err:
         return cli.fail(own_line(err))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, WorkerLost) as err:
+        # A Ctrl-C or SIGTERM to the whole process group may end a data worker before the loop sees it.
+        if isinstance(err, WorkerLost) and not cli.interrupted():
+            rank = f"rank {trainer.accelerator.process_index}'s " if trainer.accelerator.num_processes > 1 else ""
+            return cli.fail(trainer.stopped(f"{rank}{err}"))
         stopped, code = cli.interruption()
         if trainer is not None and trainer.accelerator.is_main_process:
             cli.fail(trainer.stopped(stopped))

@@ -361,7 +361,8 @@ def test_best_by_must_be_a_score_the_task_and_shards_have(tiny_shards, tmp_path,
 
 @pytest.mark.parametrize("flag, value, least", [("--epoch-samples", "0", 1), ("--epoch-samples", "-5", 1),
                                                 ("--num-workers", "-3", 0), ("--max-steps", "0", 1),
-                                                ("--shuffle-buffer", "0", 1), ("--batch-size", "0", 1)])
+                                                ("--shuffle-buffer", "0", 1), ("--batch-size", "0", 1),
+                                                ("--worker-timeout", "1.0", 2.0)])
 def test_out_of_range_numbers_are_refused_naming_the_flag(flag, value, least, capsys):
     from luna_dist.train import parse_args
 
@@ -1074,3 +1075,46 @@ def test_a_killed_or_terminated_run_leaves_nothing_running_and_resumes(tiny_shar
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert f"at step {saved} of epoch 1, {4 * int(saved)} samples seen" in finished.stderr
     assert "E1 val " in finished.stderr and (tmp_path / "r" / "best.pt").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the data workers in Linux's /proc")
+@pytest.mark.parametrize("signum, flags, said", [
+    ("SIGKILL", [], "died (killed? out of memory?)"),
+    ("SIGSTOP", ["--worker-timeout", "2"],
+     "showed no sign of life for {} s (frozen or stopped; --worker-timeout 2) and was killed"),
+])
+def test_a_data_worker_that_dies_or_freezes_stops_the_run_naming_it(tiny_shards, tmp_path, signum, flags, said):
+    """A killed worker gave torch's 85-line traceback and no word of how to go on; a stopped one hung the run
+    with no message at all."""
+    import re
+    import signal
+    import time
+
+    from helpers import _descendants
+
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "luna_dist.train",
+               *_quick(tiny_shards, tmp_path, "--epoch-samples", "400", "--max-steps", "100", "--num-workers", "2",
+                       *flags)]
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while "8.00/400" not in log.read_text() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)  # two steps trained: the workers are at work
+        children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout
+        victim = sorted(set(_descendants(process.pid)) - set(map(int, children.split())))[0]  # the server's child
+        os.kill(victim, getattr(signal, signum))
+        assert process.wait(timeout=60) == 1
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        raise
+    stderr = log.read_text()
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    pattern = re.escape(f"error: data worker {{}} of 2 (pid {victim}) {said} in epoch 1. Nothing was saved; "
+                        "rerun the same command to start again").replace(re.escape("{}"), r"\d+")
+    assert re.fullmatch(pattern, errors[0]), errors[0]
