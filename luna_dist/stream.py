@@ -338,16 +338,14 @@ def train_loader(shards: ShardSet, config: TrainStreamConfig, epoch: int, collat
 def pooled_loader(pipeline: wds.DataPipeline, num_workers: int, pin_memory: bool,
                   worker_timeout: float = WORKER_TIMEOUT, **loader_options) -> PooledLoader:
     """A pipeline's batches through `num_workers` DataLoader workers, which reuse the shared memory of the
-    batches the training process has let go of (`luna_dist.batch_memory`); a worker that dies, or sends
-    nothing for `worker_timeout` seconds, stops the reading naming it (`luna_dist.worker_watch`)."""
-    if not num_workers:
-        return PooledLoader(wds.WebLoader(wds.DataPipeline(pipeline, leased), batch_size=None, num_workers=0,
-                                          pin_memory=pin_memory, **loader_options))
-    beats = Beats(num_workers)
+    batches the training process has let go of (`luna_dist.batch_memory`); a worker that dies, or shows no
+    sign of life for `worker_timeout` seconds, stops the reading naming it (`luna_dist.worker_watch`)."""
+    if num_workers:
+        beats = Beats(num_workers)
+        loader_options = {"multiprocessing_context": worker_start(), **loader_options, "worker_init_fn": beats.start}
     loader = wds.WebLoader(wds.DataPipeline(pipeline, leased), batch_size=None, num_workers=num_workers,
-                           pin_memory=pin_memory, worker_init_fn=beats.start,
-                           **{"multiprocessing_context": worker_start(), **loader_options})
-    return PooledLoader(WatchedLoader(loader, beats, worker_timeout))
+                           pin_memory=pin_memory, **loader_options)
+    return PooledLoader(WatchedLoader(loader, beats, worker_timeout) if num_workers else loader)
 
 
 @functools.cache

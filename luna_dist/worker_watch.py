@@ -4,7 +4,7 @@ A worker killed (the out-of-memory killer, a `kill`) made torch raise its own er
 85-line traceback and nothing said of what to do; a frozen one (stopped, or stuck with the
 interpreter's lock held) hung the run for ever, the loader waiting for its next batch.
 
-Each worker beats: a thread of its own counts the seconds in a small shared array (`Beats`).
+Each worker beats: a thread of its own counts quarter seconds in a small shared array (`Beats`).
 A worker that is slow but alive goes on beating: a first batch that waits on remote shards
 (each read bounded by --read-timeout), a long decode. One that stops beating is frozen: its
 process is stopped, or something holds its interpreter's lock. The training process watches
