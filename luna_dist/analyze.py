@@ -702,10 +702,11 @@ def main(argv: list[str] | None = None) -> int:
     except AnalysisError as err:
         return cli.fail(str(err))
     except KeyboardInterrupt:
+        stopped, code = cli.interruption()
         kept = len(list((args.out / "ct").glob("*.json")))
-        cli.fail(f"interrupted: {kept} finished CT(s) are kept in {args.out / 'ct'}; rerunning the same command "
+        cli.fail(f"{stopped}: {kept} finished CT(s) are kept in {args.out / 'ct'}; rerunning the same command "
                  "resumes from them")
-        return cli.EXIT_INTERRUPTED
+        return code
     return cli.EXIT_OK
 
 

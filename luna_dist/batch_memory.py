@@ -23,6 +23,12 @@ batch; a worker that finds no slot free takes a new segment, sent as torch sends
 consumer that keeps its batches still reads them intact, only more slowly. `PooledLoader`,
 which every loader of `luna_dist.stream` is, unwraps the batches and drops the mappings of
 its workers when its iteration ends (its workers end with it: no persistent workers).
+
+A device may read a batch after the training process has let go of it: a `non_blocking`
+copy to Apple's MPS reads the host memory when the GPU reaches it, steps later, and the
+worker may have decoded another batch into the slot by then (PyTorch promises no order for
+copies from the CPU to devices other than CUDA's pinned ones). `held_until_copied` keeps each
+batch until the device is past it.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from __future__ import annotations
 import math
 import os
 import weakref
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
@@ -38,7 +45,9 @@ import torch
 
 SLOTS = 8
 """Segments a worker keeps: the DataLoader's 2 batches in flight per worker, the one being
-decoded, the batch in use and the one before it, which is released a step late, and room."""
+decoded, the batch in use and up to `COPIES_IN_FLIGHT` before it, and room."""
+COPIES_IN_FLIGHT = 2
+"""Steps a batch is kept after its own at most, for the device to finish reading it (`held_until_copied`)."""
 BY_VALUE_BYTES = 64 * 1024
 """A tensor in no slot up to this size travels inside the pickle; a larger one as torch sends it."""
 _FREE, _HELD = 0, 1
@@ -230,3 +239,40 @@ class PooledLoader:
         finally:
             for worker in workers:
                 _WORKERS.pop(worker, None)
+
+
+def held_until_copied(batches: Iterable[tuple], device: torch.device) -> Iterator[tuple]:
+    """The batches, each kept (and its slots held) until every copy to `device` made during its step is done.
+
+    After each step an event is recorded on the device's stream; a batch goes once the event
+    after its step is done, seen without waiting (`query`), or when `COPIES_IN_FLIGHT` newer
+    ones wait, by waiting for its event alone: never a sync of the whole device in a step, so
+    the device still works while the next batch is copied. On CUDA the batches are pinned
+    copies, whose memory torch's pinned allocator does not reuse before the copy is done
+    either: holding them costs nothing. The CPU copies at once: nothing is kept. When the
+    batches end, or the loop stops, the device is waited for once: the memory under a batch
+    may be unmapped once it goes.
+    """
+    waiting: deque[tuple[object, tuple]] = deque()  # (event after the step, its batch), oldest first
+    try:
+        for batch in batches:
+            yield batch
+            if (event := copied_event(device)) is not None:
+                waiting.append((event, batch))
+            while waiting and (len(waiting) > COPIES_IN_FLIGHT or waiting[0][0].query()):
+                waiting[0][0].synchronize()
+                waiting.popleft()  # only now: the batch goes with it
+            del batch
+    finally:
+        if (event := copied_event(device)) is not None:
+            event.synchronize()  # every copy issued so far: also of a batch whose step stopped half-way
+
+
+def copied_event(device: torch.device) -> torch.Event | None:
+    """An event recorded now on `device`'s current stream, done once every copy issued before it is; None on
+    the CPU, where a copy is done when `to` returns."""
+    if device.type == "cpu":
+        return None
+    event = torch.mps.Event() if device.type == "mps" else torch.Event(device=device)
+    event.record()
+    return event

@@ -8,6 +8,7 @@ Exit codes of every `python -m luna_dist.*` command:
          work is kept and a rerun resumes it
     2    the command line itself is wrong (argparse's usage message), before anything starts
     130  interrupted (Ctrl-C); what is kept and how to go on is said in one line
+    143  stopped by SIGTERM (`kill`, a batch system's time limit): as Ctrl-C
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
 
 def setup_logging() -> None:
@@ -29,41 +30,58 @@ def setup_logging() -> None:
     logging.getLogger("accelerate").setLevel(logging.WARNING)
 
 
-_interrupted = False
+_stopped_by: int | None = None
+"""The signal that stopped the command (see `interrupts`), if one did."""
 
 
 @contextmanager
 def interrupts() -> Iterator[None]:
-    """Ctrl-C raises KeyboardInterrupt, and is noted so that `raise_if_interrupted` raises it again.
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt, and are noted so that `raise_if_interrupted` raises it again.
 
     Python raises a Ctrl-C's KeyboardInterrupt wherever the main thread is. Raised inside a
     finalizer (a `__del__`, a weakref callback, a generator the garbage collector closes) it
     is printed and dropped, and a training run went on to its end with exit 0. Training
-    calls `raise_if_interrupted` once a step, the analysis once a CT. The previous handler
-    comes back on leaving; a process started ignoring Ctrl-C keeps ignoring it, as Python does.
+    calls `raise_if_interrupted` once a step, the analysis once a CT. SIGTERM (`kill`, a
+    batch system's time limit, a container stopped) is handled the same way: it ended the
+    process at once, saying nothing of what was kept, and without ending its data workers.
+    The previous handlers come back on leaving; a signal the process was started ignoring
+    (Ctrl-C under nohup or in a background job) is still ignored, as Python does.
     """
-    global _interrupted
-    _interrupted = False
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started ignoring Ctrl-C (nohup, a background job)
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, _note_and_raise)
+    global _stopped_by
+    _stopped_by = None
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    handled = [signum for signum, handler in previous.items() if handler is not signal.SIG_IGN]
+    for signum in handled:
+        signal.signal(signum, _note_and_raise)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum in handled:
+            signal.signal(signum, previous[signum])
 
 
 def _note_and_raise(signum: int, frame: object) -> None:
-    global _interrupted
-    _interrupted = True
+    global _stopped_by
+    _stopped_by = signum
     raise KeyboardInterrupt
 
 
 def raise_if_interrupted() -> None:
-    """KeyboardInterrupt when a Ctrl-C came (see `interrupts`), even one that Python dropped."""
-    if _interrupted:
+    """KeyboardInterrupt when a Ctrl-C or SIGTERM came (see `interrupts`), even one that Python dropped."""
+    if interrupted():
         raise KeyboardInterrupt
+
+
+def interrupted() -> bool:
+    """Whether a Ctrl-C or SIGTERM came (see `interrupts`)."""
+    return _stopped_by is not None
+
+
+def interruption() -> tuple[str, int]:
+    """How an interrupted command's line begins, and its exit code: Ctrl-C's, or SIGTERM's."""
+    if _stopped_by == signal.SIGTERM:
+        return "stopped by SIGTERM", EXIT_TERMINATED
+    return "interrupted", EXIT_INTERRUPTED
 
 
 def below(flag: str, value, least) -> str | None:

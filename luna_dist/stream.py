@@ -49,6 +49,7 @@ from luna_dist.batch_memory import PooledLoader, leased
 from luna_dist.shard_format import MANIFEST, REBUILD, ShardSetError, check_manifest, check_sample
 from luna_dist.shard_io import DEFAULT_READ_TIMEOUT, ShardSource, is_remote, read_manifest, shard_location
 from luna_dist.shard_tar import read_samples
+from luna_dist.worker_watch import WORKER_TIMEOUT, Beats, WatchedLoader
 
 
 @dataclass
@@ -327,18 +328,23 @@ def train_pipeline(shards: ShardSet, config: TrainStreamConfig, epoch: int,
 
 
 def train_loader(shards: ShardSet, config: TrainStreamConfig, epoch: int, collate: Callable[[list[dict]], tuple],
-                 pin_memory: bool = False) -> PooledLoader:
+                 pin_memory: bool = False, worker_timeout: float = WORKER_TIMEOUT) -> PooledLoader:
     """The batches of one epoch for this rank: exactly `config.steps` of them."""
-    return pooled_loader(train_pipeline(shards, config, epoch, collate), config.num_workers, pin_memory)
+    return pooled_loader(train_pipeline(shards, config, epoch, collate), config.num_workers, pin_memory,
+                         worker_timeout)
 
 
-def pooled_loader(pipeline: wds.DataPipeline, num_workers: int, pin_memory: bool, **loader_options) -> PooledLoader:
+def pooled_loader(pipeline: wds.DataPipeline, num_workers: int, pin_memory: bool,
+                  worker_timeout: float = WORKER_TIMEOUT, **loader_options) -> PooledLoader:
     """A pipeline's batches through `num_workers` DataLoader workers, which reuse the shared memory of the
-    batches the training process has let go of (`luna_dist.batch_memory`)."""
+    batches the training process has let go of (`luna_dist.batch_memory`); a worker that dies, or shows no
+    sign of life for `worker_timeout` seconds, stops the reading naming it (`luna_dist.worker_watch`)."""
     if num_workers:
-        loader_options.setdefault("multiprocessing_context", worker_start())
-    return PooledLoader(wds.WebLoader(wds.DataPipeline(pipeline, leased), batch_size=None, num_workers=num_workers,
-                                      pin_memory=pin_memory, **loader_options))
+        beats = Beats(num_workers)
+        loader_options = {"multiprocessing_context": worker_start(), **loader_options, "worker_init_fn": beats.start}
+    loader = wds.WebLoader(wds.DataPipeline(pipeline, leased), batch_size=None, num_workers=num_workers,
+                           pin_memory=pin_memory, **loader_options)
+    return PooledLoader(WatchedLoader(loader, beats, worker_timeout) if num_workers else loader)
 
 
 @functools.cache
@@ -354,17 +360,27 @@ def worker_start() -> multiprocessing.context.BaseContext:
     started once, single-threaded, with the readers and Blosc2 imported; elsewhere (macOS,
     Windows) the platform's own `spawn`. Either way a worker runs the main module again, so
     a script that reads shards through these loaders needs `if __name__ == "__main__":`.
+    The server and its workers end with the process that started them (`luna_dist.fork_server`).
     """
     method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
     if method != "fork":
         return multiprocessing.get_context(method)
     context = multiprocessing.get_context("forkserver")
-    # The main module, run again in each worker, finds its imports done: `launch/train.py` imports
-    # luna_dist.train, and `python -m X` runs X (a package's `__main__` is left out, as spawn leaves it).
-    main = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None)
-    imported_by_main = [main] if main and not main.endswith("__main__") else []
-    context.set_forkserver_preload(["luna_dist.train", "blosc2", *imported_by_main])
+    context.set_forkserver_preload(["luna_dist.fork_server", *_server_imports(sys.modules["__main__"])])
     return context
+
+
+def _server_imports(main: ModuleType) -> list[str]:
+    """What the fork server imports, so that the main module, run again in each worker, finds its imports
+    done: luna_dist.train (`launch/train.py` imports it) and Blosc2 (the readers import it when they meet
+    an lz4 member); for `python -m X`, every luna_dist module the process has imported, never X itself:
+    runpy warned in each worker that X was imported before it ran as the main module (and ran twice).
+    A package's `__main__` is not run again, as spawn leaves it out."""
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    if not name or name.endswith("__main__"):
+        return ["luna_dist.train", "blosc2"]
+    imported = {module for module in sys.modules if module.startswith("luna_dist.")}
+    return sorted({"luna_dist.train", "blosc2", *imported} - {name})
 
 
 # -- validation ------------------------------------------------------------------------------------
@@ -389,5 +405,7 @@ def val_pipeline(shards: ShardSet, folds: Iterable[int], batch_size: int, labels
 
 
 def val_loader(shards: ShardSet, folds: Iterable[int], batch_size: int, num_workers: int, labels: tuple[str, ...],
-               batcher: Callable[..., Iterator], pin_memory: bool = False) -> PooledLoader:
-    return pooled_loader(val_pipeline(shards, folds, batch_size, labels, batcher), num_workers, pin_memory)
+               batcher: Callable[..., Iterator], pin_memory: bool = False,
+               worker_timeout: float = WORKER_TIMEOUT) -> PooledLoader:
+    return pooled_loader(val_pipeline(shards, folds, batch_size, labels, batcher), num_workers, pin_memory,
+                         worker_timeout)

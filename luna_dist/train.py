@@ -35,6 +35,7 @@ from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gath
 from tqdm import tqdm
 
 from luna_dist import cli, run_folder
+from luna_dist.batch_memory import held_until_copied
 from luna_dist.candidates import N_FOLDS
 from luna_dist.checkpoint import (
     STATE,
@@ -55,6 +56,7 @@ from luna_dist.shard_format import ShardSetError
 from luna_dist.shard_io import DEFAULT_READ_TIMEOUT
 from luna_dist.stream import ShardSet, open_shard_set
 from luna_dist.tasks import SHARED_FLAGS, TASKS
+from luna_dist.worker_watch import LEAST_TIMEOUT, WORKER_TIMEOUT, WorkerLost
 
 log = get_logger("luna_dist.train")
 
@@ -86,6 +88,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, tuple[str, ...]]]
     add("--epochs", type=int, default=1, help="passes over the training folds (or --epoch-samples each)")
     add("--batch-size", type=int, default=32, help="per process")
     add("--num-workers", type=int, help="data workers per process (default: 4 on CUDA, 2 on MPS, 0 on CPU)")
+    add("--worker-timeout", type=float, default=WORKER_TIMEOUT, metavar="SECONDS",
+        help="a data worker that shows no sign of life for this long (frozen, stopped) stops the run, naming it; "
+             "a slow one is not stopped (default: %(default)s)")
     add("--lr", type=float, default=0.001, help="learning rate")
     add("--momentum", type=float, default=0.99, help="SGD momentum (--task cls, malignancy)")
     add("--seed", type=int, default=0, help="seeds the weights, the shuffles and the augmentations")
@@ -133,6 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                       "max_steps": 1, "shuffle_buffer": 1, "save_every": 1})
     if not args.read_timeout > 0:
         parser.error(f"--read-timeout must be above 0 seconds, got {args.read_timeout}")
+    cli.check_at_least(parser, args, {"worker_timeout": LEAST_TIMEOUT})
     if any(not 0 <= fold < N_FOLDS for fold in args.val_folds):
         parser.error(f"--val-folds must be in 0..{N_FOLDS - 1}, got {args.val_folds}")
     task = TASKS[args.task]
@@ -288,7 +294,7 @@ class Trainer:
         self.model.train()
         step = start - 1
         with self._bar(steps * per_step, f"E{epoch} training", initial=start * per_step) as bar:
-            for step, batch in enumerate(batches, start):
+            for step, batch in enumerate(held_until_copied(batches, self.device), start):
                 cli.raise_if_interrupted()
                 loss, rows = task.forward(self.model, batch, train=True)
                 self.optimizer.zero_grad(set_to_none=True)
@@ -322,7 +328,7 @@ class Trainer:
         model.eval()
         rows = []
         with self._bar(None, f"E{epoch} validation") as bar:  # closed on an error too: its message starts a line
-            for batch in loader:
+            for batch in held_until_copied(loader, self.device):
                 cli.raise_if_interrupted()
                 rows.append(task.forward(model, batch, train=False)[1])
                 bar.update(rows[-1].shape[0] * accelerator.num_processes)
@@ -413,6 +419,10 @@ class Trainer:
         return lost_peers_message(error, self.accelerator.process_index, self.processes, self.progress.current, go_on,
                                   min(10.0, self.args.dist_timeout))
 
+    def stopped(self, what: str) -> str:
+        """The line of a run that `what` stopped in mid-course: what is kept, and how to go on."""
+        return f"{what} in epoch {self.progress.current}. {self.checkpoints.kept()}; {self.checkpoints.go_on()}"
+
     def close(self) -> None:
         self.run_log.close()
         self.accelerator.end_training()
@@ -437,13 +447,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ShardSetError, FileNotFoundError, CheckpointError, StateError, WeightsError, RunFolderError, Diverged,
             LoggingError) as err:
         return cli.fail(own_line(err))
-    except KeyboardInterrupt:
-        if trainer is None:
-            return cli.EXIT_INTERRUPTED
-        if trainer.accelerator.is_main_process:
-            kept = trainer.checkpoints.kept()
-            cli.fail(f"interrupted in epoch {trainer.progress.current}. {kept}; {trainer.checkpoints.go_on()}")
-        return cli.EXIT_INTERRUPTED
+    except (KeyboardInterrupt, WorkerLost) as err:
+        # A Ctrl-C or SIGTERM to the whole process group may end a data worker before the loop sees it.
+        if isinstance(err, WorkerLost) and not cli.interrupted():
+            if trainer is None:
+                return cli.fail(str(err))
+            rank = f"rank {trainer.accelerator.process_index}'s " if trainer.accelerator.num_processes > 1 else ""
+            return cli.fail(trainer.stopped(f"{rank}{err}"))
+        stopped, code = cli.interruption()
+        if trainer is not None and trainer.accelerator.is_main_process:
+            cli.fail(trainer.stopped(stopped))
+        return code
     except RuntimeError as err:
         if trainer is None or (message := trainer.lost_peers(err)) is None:
             raise

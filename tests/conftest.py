@@ -168,6 +168,18 @@ def stalling_server(tmp_path):
 
 
 @pytest.fixture
+def sigterm_raises():
+    """SIGTERM raises KeyboardInterrupt in this test where the code under test does not handle it, rather than
+    ending the test run."""
+    def raise_keyboard_interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.fixture
 def ctrl_c_raises():
     """SIGINT raises KeyboardInterrupt in this test, also where the suite was started ignoring it (nohup)."""
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -4,7 +4,9 @@ pickle that runs code. Fixtures live in conftest.py."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import ctypes
 import gzip
 import io
 import locale
@@ -15,6 +17,7 @@ import signal
 import subprocess
 import tarfile
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -93,6 +96,36 @@ def run_or_show_stacks(command: list[str], timeout: float, env: dict, **kwargs) 
 def _descendants(pid: int) -> list[int]:
     children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
     return [grandchild for child in map(int, children) for grandchild in [child, *_descendants(child)]]
+
+
+def is_running(pid: int) -> bool:
+    """Alive and not a zombie (a dead worker re-parented to a non-reaping init stays a zombie)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def shared_memory_files(pids: list[int]) -> set[str]:
+    """The files in /dev/shm that the processes `pids` map and that still have a name there (Linux's /proc)."""
+    files = set()
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+                fields = line.split(maxsplit=5)  # address, permissions, offset, device, inode[, path]
+                if len(fields) == 6 and fields[5].startswith("/dev/shm/") and not fields[5].endswith("(deleted)"):
+                    files.add(fields[5])
+    return files
+
+
+def left_behind(pids: list[int], files: set[str], wait: float) -> tuple[list[int], list[str]]:
+    """Which of the processes `pids` still run and which of `files` still exist after up to `wait` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        running, existing = [pid for pid in pids if is_running(pid)], sorted(f for f in files if os.path.exists(f))
+        if not (running or existing) or time.monotonic() > deadline:
+            return running, existing
+        time.sleep(0.1)
 
 
 # -- classification samples as the shards hold them -------------------------------------------------------------
@@ -390,3 +423,45 @@ class OpensAFile:
 
     def __reduce__(self):
         return open, (str(self.path), "w")
+
+
+class LaggingDevice:
+    """A stand-in on the CPU for a device whose copies from the host are asynchronous (Apple's MPS): a copy
+    reads its source `lag` copies after it was issued, at its address as a device does (holding nothing that
+    keeps the memory from being let go of), or when an event recorded after it is waited for. `read` holds
+    the bytes each copy got, in order."""
+
+    def __init__(self, lag: int) -> None:
+        self.lag, self.pending, self.read = lag, collections.deque(), []
+
+    def copy(self, tensor) -> None:
+        assert tensor.is_contiguous()
+        self.pending.append((tensor.data_ptr(), tensor.nbytes))
+        while len(self.pending) > self.lag:
+            self._run_one()
+
+    def finish(self) -> None:
+        """Every copy issued, done (a sync point), while the memory the copies read is still there."""
+        while self.pending:
+            self._run_one()
+
+    def event(self) -> LaggingDevice.Event:
+        return LaggingDevice.Event(self, len(self.read) + len(self.pending))
+
+    def _run_one(self) -> None:
+        address, size = self.pending.popleft()
+        self.read.append(ctypes.string_at(address, size))
+
+    @dataclass
+    class Event:
+        """Recorded after the copies issued so far: done once the device has run them."""
+
+        device: LaggingDevice
+        after: int  # the copies issued before it
+
+        def query(self) -> bool:
+            return len(self.device.read) >= self.after
+
+        def synchronize(self) -> None:
+            while not self.query():
+                self.device._run_one()

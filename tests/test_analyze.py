@@ -572,6 +572,18 @@ def _ctrl_c_dropped_in_the_first_ct(data, models, tmp_path, monkeypatch):
     return _candidates_args(data, models, tmp_path / "out")
 
 
+def _sigterm_in_the_second_ct(data, models, tmp_path, monkeypatch):
+    original, calls = analysis.analyze_ct, []
+
+    def terminated(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            signal.raise_signal(signal.SIGTERM)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(analysis, "analyze_ct", terminated)
+    return _candidates_args(data, models, tmp_path / "out")
+
+
 def _single_slice_ct(data, models, tmp_path, monkeypatch):
     _write_ct(data / "subset2" / "tiny.thin.mhd", np.full((1, 64, 64), 100, dtype=np.int16))
     return ["--data", str(data), "--seg-model", str(models["seg"]), "--cls-model", str(models["cls"]),
@@ -603,12 +615,14 @@ BAD_INPUTS = [
      ("(Read-only file system: ", "nothing finished was lost: 2 CT(s) are kept in")),
     ("interrupted", _interrupted_after_one_ct, 130, "interrupted: 1 finished CT(s) are kept in "),
     ("a Ctrl-C that Python drops", _ctrl_c_dropped_in_the_first_ct, 130, "interrupted: 1 finished CT(s) are kept in "),
+    ("SIGTERM", _sigterm_in_the_second_ct, 143, "stopped by SIGTERM: 1 finished CT(s) are kept in "),
     ("single-slice CT", _single_slice_ct, 0, "tiny.thin.mhd: 1x64x64 voxels, under 3 along an axis"),
 ]
 
 
 @pytest.mark.parametrize("make, code, line", [row[1:] for row in BAD_INPUTS], ids=[row[0] for row in BAD_INPUTS])
-def test_bad_input_is_one_line(make, code, line, tiny_data, models, tmp_path, monkeypatch, capsys, ctrl_c_raises):
+def test_bad_input_is_one_line(make, code, line, tiny_data, models, tmp_path, monkeypatch, capsys, ctrl_c_raises,
+                              sigterm_raises):
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     assert main(make(data, models, tmp_path, monkeypatch)) == code

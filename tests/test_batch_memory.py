@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from helpers import LaggingDevice
 
 from luna_dist import batch_memory
-from luna_dist.batch_memory import SLOTS, PooledLoader, _ByValue, _InSlot, leased, new_batch
+from luna_dist.batch_memory import SLOTS, PooledLoader, _ByValue, _InSlot, held_until_copied, leased, new_batch
 from luna_dist.stream import pooled_loader
 
 BATCHES = 3 * SLOTS
@@ -72,6 +73,23 @@ def test_a_slot_goes_back_once_nothing_built_over_it_is_left(monkeypatch):
     pinned = batch_memory._arrived(5, None, (replace(whole, segment=None),)).pin_memory()
     assert states[2] == 0 and torch.equal(pinned.batch[0], torch.arange(32, dtype=torch.int16).view(4, 8))
     assert list(PooledLoader([pinned])) == [pinned.batch] and 5 not in batch_memory._WORKERS
+
+
+@pytest.mark.parametrize("held", [False, True])
+def test_a_device_that_reads_a_batch_late_reads_the_batch_it_was_given(monkeypatch, held):
+    """Apple's MPS reads the host memory of a `non_blocking` copy when the GPU reaches it, steps later; by
+    then the worker had decoded another batch into the slot, and the model trained on it. Held until an
+    event after its step is done (the stand-in's events: its copies run in order), a batch stays intact."""
+    device = LaggingDevice(lag=3)
+    monkeypatch.setattr(batch_memory, "copied_event", lambda _: device.event())
+    loader = _loader(1)
+    for n, (batch, _, _) in enumerate(held_until_copied(loader, torch.device("mps")) if held else loader):
+        device.copy(batch)
+        if n == BATCHES - 1:
+            device.finish()  # while the last batches' memory is mapped: the loop's end unmaps it
+    got = [int(np.frombuffer(read, dtype=np.int16)[0]) for read in device.read]
+    wrong = [(n, value) for n, value in enumerate(got) if value != n]
+    assert len(got) == BATCHES and (not wrong if held else wrong), wrong
 
 
 @pytest.mark.parametrize("tensor", [torch.tensor(3), torch.tensor([True, False]), torch.arange(6.0).view(2, 3).T,

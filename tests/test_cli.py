@@ -79,3 +79,19 @@ def test_interrupts_notes_a_ctrl_c_and_keeps_one_ignored_ignored(ctrl_c_raises):
         signal.raise_signal(signal.SIGINT)
         cli.raise_if_interrupted()
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+def test_interrupts_takes_a_sigterm_as_a_ctrl_c_that_says_so(sigterm_raises):
+    """SIGTERM (`kill`, a batch system's time limit) ended a command at once, saying nothing of what it kept."""
+    assert cli.interruption() == ("interrupted", 130)
+    before = signal.getsignal(signal.SIGTERM)
+    with cli.interrupts():
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGTERM)
+        with pytest.raises(KeyboardInterrupt):  # noted: raised again
+            cli.raise_if_interrupted()
+    assert cli.interruption() == ("stopped by SIGTERM", 143)
+    assert signal.getsignal(signal.SIGTERM) is before
+    with cli.interrupts():  # the next command starts with no signal noted
+        cli.raise_if_interrupted()
+    assert cli.interruption() == ("interrupted", 130)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from helpers import CHUNK_MEMBERS, kill_build_after
+from helpers import CHUNK_MEMBERS, is_running, kill_build_after
 from helpers import open_cls as open_shard_set
 
 import luna_dist.ct as ct_module
@@ -382,14 +382,6 @@ def test_killed_build_resumes_to_the_uninterrupted_result(synth_data, shard_dir,
 def children_of(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(child) for child in path.read_text().split()] if path.exists() else []
-
-
-def is_running(pid: int) -> bool:
-    """Alive and not a zombie (a dead worker re-parented to a non-reaping init stays a zombie)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 @pytest.mark.slow

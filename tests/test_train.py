@@ -362,7 +362,8 @@ def test_best_by_must_be_a_score_the_task_and_shards_have(tiny_shards, tmp_path,
 
 @pytest.mark.parametrize("flag, value, least", [("--epoch-samples", "0", 1), ("--epoch-samples", "-5", 1),
                                                 ("--num-workers", "-3", 0), ("--max-steps", "0", 1),
-                                                ("--shuffle-buffer", "0", 1), ("--batch-size", "0", 1)])
+                                                ("--shuffle-buffer", "0", 1), ("--batch-size", "0", 1),
+                                                ("--worker-timeout", "1.0", 2.0)])
 def test_out_of_range_numbers_are_refused_naming_the_flag(flag, value, least, capsys):
     from luna_dist.train import parse_args
 
@@ -1099,3 +1100,153 @@ def test_a_ctrl_c_that_python_drops_in_a_finalizer_still_stops_training(tiny_sha
     assert calls.count(True) == 2  # stopped at the step after the Ctrl-C
     assert "error: interrupted in epoch 1" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # as it was before the run
+
+
+@pytest.mark.slow
+def test_a_device_that_reads_batches_late_trains_on_the_batches_the_loop_was_given(tiny_shards, tmp_path,
+                                                                                  monkeypatch):
+    """On Apple's MPS a `non_blocking` copy reads the host batch when the GPU reaches it, steps later: the
+    loop had let go of the batch, its worker had decoded another into the same shared memory, and the model
+    trained on chunks it was never given. The stand-in device reads each batch three copies late."""
+    from helpers import LaggingDevice
+
+    from luna_dist import batch_memory, train
+    from luna_dist.tasks import TASKS
+
+    steps, device, given = 24, LaggingDevice(lag=3), []
+    forward = TASKS["cls"].forward
+
+    def forward_on_a_lagging_device(self, model, batch, train):
+        if train:
+            given.append(batch[0].numpy().tobytes())  # the chunks the loop was given
+            device.copy(batch[0])
+            if len(given) == steps:
+                device.finish()  # the epoch's end, while the loop holds the memory of its last batches
+        return forward(self, model, batch, train)
+
+    monkeypatch.setattr(TASKS["cls"], "forward", forward_on_a_lagging_device)
+    monkeypatch.setattr(batch_memory, "copied_event", lambda _: device.event(), raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    assert train.main(_quick(tiny_shards, tmp_path, "--epochs", "1", "--epoch-samples", str(4 * steps),
+                             "--max-steps", str(steps), "--num-workers", "1")) == 0
+    wrong = [step for step, (chunks, read) in enumerate(zip(given, device.read)) if chunks != read]
+    assert len(device.read) == steps and not wrong, f"steps trained on other chunks: {wrong}"
+
+
+def _signal_when_saved(command: list[str], env: dict, log: Path, signum: int
+                       ) -> tuple[subprocess.CompletedProcess, list[int], set[str]]:
+    """Run `command` (its output to `log`), send it `signum` once it has saved a mid-epoch state; return how it
+    ended, the processes it had started by then and the files in /dev/shm they mapped."""
+    import signal
+    import time
+
+    from helpers import _descendants, shared_memory_files
+
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while "state saved" not in log.read_text() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        started = _descendants(process.pid)
+        files = shared_memory_files([process.pid, *started])
+        process.send_signal(signum)
+        process.wait(timeout=60)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, "", log.read_text()), started, files
+
+
+def _left_behind(started: list[int], files: set[str]) -> tuple[list[int], list[str]]:
+    """`helpers.left_behind` after 20 s at most; what is left is then removed (before the test fails)."""
+    import signal
+
+    from helpers import left_behind
+
+    running, existing = left_behind(started, files, wait=20)
+    for pid in running:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for file in existing:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(file)
+    return running, existing
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads processes and mappings from Linux's /proc")
+def test_a_killed_or_terminated_run_leaves_nothing_running_and_resumes(tiny_shards, tmp_path):
+    """SIGKILL left the data workers' fork server, the workers and the resource tracker running for ever (about
+    1 GB) with the loader queues' semaphores in /dev/shm; SIGTERM ended the run at once, saying nothing.
+    Every worker start printed runpy's RuntimeWarning about the main module (`python -m luna_dist.train`)."""
+    import re
+    import signal
+
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "luna_dist.train",
+               *_quick(tiny_shards, tmp_path, "--epoch-samples", "64", "--max-steps", "16", "--num-workers", "2",
+                       "--save-every", "3")]
+    killed, started, files = _signal_when_saved(command, env, tmp_path / "killed.log", signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL and len(started) >= 4, killed.stderr[-3000:]  # tracker, server, workers
+    assert files, "the loader queues' semaphores are not in /dev/shm: nothing is tested"
+    assert _left_behind(started, files) == ([], []), "processes or /dev/shm files outlived the killed run"
+
+    stopped, started, files = _signal_when_saved([*command, "--resume"], env, tmp_path / "stopped.log", signal.SIGTERM)
+    saved = re.findall(r"E1 step (\d+) of 16: state saved", stopped.stderr)[-1]
+    errors = [line for line in stopped.stderr.splitlines() if line.startswith("error:")]
+    assert stopped.returncode == 143 and errors == [
+        f"error: stopped by SIGTERM in epoch 1. The last saved state, {tmp_path / 'r' / 'state'} (after step {saved} "
+        "of epoch 1), is kept; rerun the same command with --resume --run-name r to continue"], stopped.stderr[-3000:]
+    assert _left_behind(started, files) == ([], [])
+    for log in (killed, stopped):
+        assert "Traceback" not in log.stderr and "RuntimeWarning" not in log.stderr, log.stderr[-3000:]
+
+    finished = run_or_show_stacks([*command, "--resume"], RUN_TIMEOUT, env)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert f"at step {saved} of epoch 1, {4 * int(saved)} samples seen" in finished.stderr
+    assert "E1 val " in finished.stderr and (tmp_path / "r" / "best.pt").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the data workers in Linux's /proc")
+@pytest.mark.parametrize("signum, flags, said", [
+    ("SIGKILL", [], "died (killed? out of memory?)"),
+    ("SIGSTOP", ["--worker-timeout", "2"],
+     "showed no sign of life for {} s (frozen or stopped; --worker-timeout 2) and was killed"),
+])
+def test_a_data_worker_that_dies_or_freezes_stops_the_run_naming_it(tiny_shards, tmp_path, signum, flags, said):
+    """A killed worker gave torch's 85-line traceback and no word of how to go on; a stopped one hung the run
+    with no message at all."""
+    import re
+    import signal
+    import time
+
+    from helpers import _descendants
+
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "luna_dist.train",
+               *_quick(tiny_shards, tmp_path, "--epoch-samples", "400", "--max-steps", "100", "--num-workers", "2",
+                       *flags)]
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while "8.00/400" not in log.read_text() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)  # two steps trained: the workers are at work
+        children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout
+        victim = sorted(set(_descendants(process.pid)) - set(map(int, children.split())))[0]  # the server's child
+        os.kill(victim, getattr(signal, signum))
+        assert process.wait(timeout=60) == 1
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        raise
+    stderr = log.read_text()
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    pattern = re.escape(f"error: data worker {{}} of 2 (pid {victim}) {said} in epoch 1. Nothing was saved; "
+                        "rerun the same command to start again").replace(re.escape("{}"), r"\d+")
+    assert re.fullmatch(pattern, errors[0]), errors[0]

@@ -126,7 +126,7 @@ class Task:
         args = self.args
         config = TrainStreamConfig(tuple(self.train_folds), args.batch_size, steps, num_workers, self.train_streams(),
                                    args.shuffle_buffer, args.seed)
-        return train_loader(self.shards, config, epoch, self.train_collate(), pin_memory=pin_memory)
+        return train_loader(self.shards, config, epoch, self.train_collate(), pin_memory, args.worker_timeout)
 
     def val_batcher(self) -> Callable:
         """The validation pipeline's batching stage (`stream.val_pipeline`), e.g. a partial of `stream.batched`."""
@@ -135,7 +135,7 @@ class Task:
     def val_loader(self, num_workers: int, pin_memory: bool) -> Iterable:
         """This rank's share of the validation samples: each sample once over all ranks and workers."""
         return val_loader(self.shards, self.val_folds, self.args.batch_size, num_workers, self.val_labels,
-                          self.val_batcher(), pin_memory=pin_memory)
+                          self.val_batcher(), pin_memory, self.args.worker_timeout)
 
     def val_records(self) -> int | None:
         """How many records validation gathers from all ranks, by the manifest; None where it cannot tell."""
