@@ -53,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.logging import get_logger
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object
 
@@ -703,9 +703,10 @@ def main(argv: list[str] | None = None) -> int:
         return cli.fail(str(err))
     except KeyboardInterrupt:
         stopped, code = cli.interruption()
-        kept = len(list((args.out / "ct").glob("*.json")))
-        cli.fail(f"{stopped}: {kept} finished CT(s) are kept in {args.out / 'ct'}; rerunning the same command "
-                 "resumes from them")
+        if PartialState().is_main_process:  # one line for the run, as training says it (a launcher signals every rank)
+            kept = len(list((args.out / "ct").glob("*.json")))
+            cli.fail(f"{stopped}: {kept} finished CT(s) are kept in {args.out / 'ct'}; rerunning the same command "
+                     "resumes from them")
         return code
     return cli.EXIT_OK
 

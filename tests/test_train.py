@@ -579,7 +579,8 @@ def test_a_run_diverged_before_any_save_is_not_told_to_go_on_from_saved_weights(
 
 
 def test_a_diverged_model_is_never_scored(tiny_shards, tmp_path, monkeypatch, capsys):
-    """A model with NaN weights: no accuracy, AUC or CPM is computed over its NaN probabilities."""
+    """A model whose probabilities are NaN (finite weights whose sums overflow: both logits infinite): no accuracy,
+    AUC or CPM is computed over them. (Weights that are not finite are refused when loaded.)"""
     import torch
 
     from luna_dist import train
@@ -587,7 +588,7 @@ def test_a_diverged_model_is_never_scored(tiny_shards, tmp_path, monkeypatch, ca
 
     model = LunaModel()
     with torch.no_grad():
-        model.head_linear.weight.fill_(float("nan"))
+        model.head_linear.weight.fill_(1e38)
     torch.save({"model": model.state_dict()}, tmp_path / "nan.pt")
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     code = train.main(["--shards", str(tiny_shards), "--eval-only", "--checkpoint", str(tmp_path / "nan.pt"),
@@ -1205,7 +1206,7 @@ def test_a_killed_or_terminated_run_leaves_nothing_running_and_resumes(tiny_shar
 
     finished = run_or_show_stacks([*command, "--resume"], RUN_TIMEOUT, env)
     assert finished.returncode == 0, finished.stderr[-3000:]
-    assert f"at step {saved} of epoch 1, {4 * int(saved)} samples seen" in finished.stderr
+    assert f"after step {saved} of epoch 1, {4 * int(saved)} samples seen" in finished.stderr
     assert "E1 val " in finished.stderr and (tmp_path / "r" / "best.pt").is_file()
 
 
@@ -1248,5 +1249,6 @@ def test_a_data_worker_that_dies_or_freezes_stops_the_run_naming_it(tiny_shards,
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
     pattern = re.escape(f"error: data worker {{}} of 2 (pid {victim}) {said} in epoch 1. Nothing was saved; "
-                        "rerun the same command to start again").replace(re.escape("{}"), r"\d+")
+                        "rerun the same command with --overwrite --run-name r to start again").replace(re.escape("{}"),
+                                                                                                        r"\d+")
     assert re.fullmatch(pattern, errors[0]), errors[0]
