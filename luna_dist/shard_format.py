@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Protocol
@@ -379,6 +380,11 @@ def copy_payloads(samples: list[dict], name: str, out: np.ndarray, shape: tuple[
 # -- the manifest ---------------------------------------------------------------------------------
 _MANIFEST_FIELDS = ("folds", "shards", "failed")
 _SHARD_FIELDS = ("name", "fold", "label", "samples", "bytes")
+_SHARD_TEXT = {"name": (re.compile(r"fold[0-9]+-(pos|neg|val)-[0-9]{6,}\.tar"),
+                        "shard's name (foldK-LABEL-NNNNNN.tar)"),
+               "sha256": (re.compile(r"[0-9a-f]{64}"), "sha256 (64 hex digits)")}
+"""The manifest's text that reaches a file name, a URL or a `pipe:` command's shell line, as the build writes it:
+anything else (a `;`, a `/`) would have the manifest's sender choose a command to run or a file to write."""
 
 
 def check_manifest(manifest, location: str, task: str, reads: dict[str, dict]) -> None:
@@ -407,3 +413,9 @@ def check_manifest(manifest, location: str, task: str, reads: dict[str, dict]) -
         if missing:
             raise ShardSetError(f"{location}: shard entry {n} has no {', '.join(missing)} (damaged?); "
                                 "rebuild the shards")
+        for key, (pattern, meaning) in _SHARD_TEXT.items():
+            value = shard.get(key)
+            if value is not None and not (isinstance(value, str) and pattern.fullmatch(value)):
+                shown = ascii(value)[:80]
+                raise ShardSetError(f"{location}: shard entry {n} has a {key} that is no {meaning}: {shown}; "
+                                    "it is not used (a damaged manifest, or one not written by a build)")

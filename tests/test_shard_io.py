@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 import re
 import shutil
 import sys
@@ -139,6 +140,31 @@ def test_pipe_shard_set_runs_a_command_per_file(shard_dir):
     assert keys[0] == keys[1]
     with pytest.raises(ShardSetError, match="needs {name}"):
         open_shard_set(f"pipe:cat {shard_dir}/manifest.json")
+
+
+def test_a_manifest_never_runs_a_command_or_chooses_where_the_cache_writes(shard_dir, tmp_path):
+    """A shard's name and sha256 come from the manifest, which the server sends: a name went into the `pipe:`
+    command's shell line as it was, and the sha256 into the cache's file name."""
+    marker = tmp_path / "ran"
+    served = tmp_path / "served"
+    served.mkdir()
+    for file in shard_dir.iterdir():
+        os.symlink(file, served / file.name)
+    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    name = manifest["shards"][0]["name"]
+    hostile = {"name": f"{name}; touch {marker}"}, {"sha256": f"../../{tmp_path.name}-outside"}
+    for damage in hostile:
+        changed = json.loads(json.dumps(manifest))
+        changed["shards"][0].update(damage)
+        (served / "manifest.json").unlink()
+        (served / "manifest.json").write_text(json.dumps(changed))
+        field = next(iter(damage))
+        with pytest.raises(ShardSetError) as err:
+            shards = open_shard_set(f"pipe:cat {served}/{{name}}", cache_dir=tmp_path / "cache")
+            list(val_pipeline(shards, [manifest["shards"][0]["fold"]], 16, POS_NEG, _keys))
+        assert str(err.value).startswith(f"pipe:cat {served}/manifest.json: shard entry 0 has a {field} that is no "), \
+            str(err.value)
+        assert not marker.exists() and not list(tmp_path.parent.glob(f"*{tmp_path.name}-outside*"))
 
 
 # -- servers that answer wrongly -------------------------------------------------------------------------------
