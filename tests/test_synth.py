@@ -190,7 +190,7 @@ def test_excluded_findings_are_tiny_nodules_and_lookalikes_away_from_the_nodules
 
 def test_excluded_findings_leave_every_other_file_as_it_was(tmp_path, monkeypatch):
     """They draw from their own stream: without them, the CTs and the other tables are the same bytes."""
-    import luna_dist.synth as synth
+    from luna_dist import synth
 
     with_excluded = all_bytes(make_dataset(tmp_path / "with", n_cts=2, seed=4).out)
     monkeypatch.setattr(synth, "draw_excluded", lambda seed, k, ph: (np.zeros((0, 3)), np.zeros(0)))
