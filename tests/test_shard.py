@@ -29,9 +29,9 @@ import SimpleITK as sitk
 from helpers import CHUNK_MEMBERS, is_running, kill_build_after
 from helpers import open_cls as open_shard_set
 
-import luna_dist.ct as ct_module
-import luna_dist.shard as shard_module
-import luna_dist.shard_write as shard_write
+from luna_dist import ct as ct_module
+from luna_dist import shard as shard_module
+from luna_dist import shard_write as shard_write
 from luna_dist.shard import BuildError, BuildOptions, build
 from luna_dist.shard_format import CODECS, MANIFEST, SUFFIXES, ShardSetError, load_array
 from luna_dist.shard_inputs import InputError, left_out_summary
