@@ -2,8 +2,8 @@
 # The benchmark suite at sizes for one CUDA GPU (a few minutes): shard build, loader scaling with
 # up to 8 workers, training against the compute ceiling with bf16 and channels_last_3d, and the
 # analysis: seconds per CT by stage, and the UNet's slices/s on whole slices against the body's box,
-# NCHW against channels_last (the figure that decides hardware.seg_memory_format on a GPU), fp32 and bf16;
-# then the loader on zstd shards of the same CTs.
+# NCHW against channels_last (the figure that decides luna_dist.common.hardware.seg_memory_format on a
+# GPU), fp32 and bf16; then the loader on zstd shards of the same CTs.
 #   launch/bench_gpu.sh [OUT_DIR]      -> OUT_DIR/bench-gpu.json, bench-gpu.png, bench-gpu-loader-zstd.json, tables on stdout
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -99,7 +99,7 @@ import sys
 from pathlib import Path
 
 from luna_dist import __version__
-from luna_dist.hardware import cpu_features
+from luna_dist.common.hardware import cpu_features
 
 rows = [json.loads(line) for line in Path(sys.argv[1]).read_text().splitlines()]
 sizes = sorted({row["size"] for row in rows})

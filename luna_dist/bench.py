@@ -24,7 +24,7 @@ in one run.
 
 Without --data/--shards it makes a synthetic data set first. Figures print as one
 table; --json writes them, --plot draws them (needs matplotlib). The measurements are in
-`luna_dist.bench_data` (the data path) and `luna_dist.bench_train` (training).
+`luna_dist.benchmarks`: the build, the loader, training, the analysis and the scoring.
 """
 
 from __future__ import annotations
@@ -40,13 +40,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from luna_dist import __version__, cli
-from luna_dist.atomic import write_json
-from luna_dist.bench_data import bench_analyze, bench_evaluate, bench_loader, bench_shard
-from luna_dist.bench_train import bench_seg, bench_train
-from luna_dist.hardware import cpu_features, native_bf16
-from luna_dist.shard import BuildOptions, build
-from luna_dist.synth import make_dataset
+from luna_dist import __version__
+from luna_dist.benchmarks.analysis import bench_analyze
+from luna_dist.benchmarks.build import bench_shard
+from luna_dist.benchmarks.loader import bench_loader
+from luna_dist.benchmarks.scoring import bench_evaluate
+from luna_dist.benchmarks.training import bench_seg, bench_train
+from luna_dist.common import cli
+from luna_dist.common.atomic import write_json
+from luna_dist.common.hardware import cpu_features, native_bf16
+from luna_dist.shards.build import build
+from luna_dist.shards.options import BuildOptions
+from luna_dist.synthetic.generator import make_dataset
 
 
 def machine() -> dict:

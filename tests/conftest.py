@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 from helpers import SEG_NEGATIVES, SHARD_MAX_SAMPLES, SHARD_WORKERS, SYNTH_CTS, SYNTH_SEED, TINY_NEGATIVES
 
-from luna_dist.shard import BuildOptions, build
-from luna_dist.synth import make_dataset
+from luna_dist.shards.build import build
+from luna_dist.shards.options import BuildOptions
+from luna_dist.synthetic.generator import make_dataset
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +52,7 @@ def shard_build_options(synth_data, tmp_path_factory) -> BuildOptions:
 def shard_dir(shard_build_options) -> Path:
     """Folder of a finished shard build of `synth_data` (manifest.json + fold{K}-{pos,neg}-NNNNNN.tar).
 
-    Built once per session with `luna_dist.shard.build` (2 workers, at most 150 samples
+    Built once per session with `luna_dist.shards.build.build` (2 workers, at most 150 samples
     per shard). Never modify it: rerunning a build in it, truncating or deleting files
     would change it for every later test; copy it first.
     """

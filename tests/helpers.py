@@ -24,11 +24,12 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from luna_dist import chunk_samples
-from luna_dist.bench_data import THRESHOLD_HU, threshold_model  # noqa: F401  (the tests' UNet of known output)
-from luna_dist.ct import CHUNK_SHAPE
-from luna_dist.shard_format import SUFFIXES, load_array
-from luna_dist.stream import ShardSet, batched, open_shard_set
+from luna_dist.benchmarks.analysis import THRESHOLD_HU, threshold_model  # noqa: F401  (the tests' UNet of known output)
+from luna_dist.data.batches import collate
+from luna_dist.data.streams import ShardSet, batched, open_shard_set
+from luna_dist.imaging.chunks import CHUNK_SHAPE
+from luna_dist.shards import chunk_samples
+from luna_dist.shards.codecs import SUFFIXES, load_array
 
 SYNTH_CTS = 10
 SYNTH_SEED = 0
@@ -130,7 +131,7 @@ def left_behind(pids: list[int], files: set[str], wait: float) -> tuple[list[int
 
 # -- classification samples as the shards hold them -------------------------------------------------------------
 POS_NEG = ("pos", "neg")
-CLS_BATCHES = partial(batched, collate=chunk_samples.collate)
+CLS_BATCHES = partial(batched, collate=collate)
 """Validation batches of a classification shard set."""
 
 

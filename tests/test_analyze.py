@@ -36,16 +36,21 @@ from helpers import (
     write_dicom_series,
 )
 
-from luna_dist import analyze as analysis
-from luna_dist.analyze import assign, main
-from luna_dist.candidates import assign_folds, find_series, folds_as_built, read_annotations
-from luna_dist.ct import read_ct
-from luna_dist.detect import load_model
-from luna_dist.evaluate import read_marks
-from luna_dist.model import LunaModel
-from luna_dist.out_folder import file_name
-from luna_dist.report import IMAGES_PER_CT
-from luna_dist.shard import BuildOptions, build
+from luna_dist.analysis import identity as identity_module
+from luna_dist.analysis import run as analysis
+from luna_dist.analysis.detect import load_model
+from luna_dist.analysis.identity import ct_files_stat, ct_identity, produced_by, read_known
+from luna_dist.analysis.report import IMAGES_PER_CT
+from luna_dist.analysis.run import assign
+from luna_dist.analysis.series import AnalysisError, check_names, ct_sources
+from luna_dist.analyze import main
+from luna_dist.common.out_folder import file_name
+from luna_dist.evaluation.files import read_marks
+from luna_dist.imaging.ct import MAX_CT_VOXELS, read_ct
+from luna_dist.models.classifier import LunaModel
+from luna_dist.shards.build import build
+from luna_dist.shards.options import BuildOptions
+from luna_dist.tables.candidates import assign_folds, find_series, folds_as_built, read_annotations
 
 RUN_TIMEOUT = 300
 
@@ -95,15 +100,15 @@ def test_ct_identity_is_the_voxels_and_their_geometry_not_where_the_files_lie(sy
     copy.parent.mkdir()
     shutil.copy(mhd, copy)
     shutil.copy(mhd.with_suffix(".raw"), copy.with_suffix(".raw"))
-    identity = analysis.ct_identity(read_ct(mhd))
-    assert analysis.ct_identity(read_ct(copy)) == identity
+    identity = ct_identity(read_ct(mhd))
+    assert ct_identity(read_ct(copy)) == identity
     with copy.with_suffix(".raw").open("r+b") as f:  # one voxel, the file's size as it was
         f.seek(1000)
         f.write(b"\x01\x02")
-    assert analysis.ct_identity(read_ct(copy)) != identity
+    assert ct_identity(read_ct(copy)) != identity
     shutil.copy(mhd.with_suffix(".raw"), copy.with_suffix(".raw"))
     copy.write_text(copy.read_text().replace("Offset = ", "Offset = 1", 1))  # the same voxels, placed elsewhere
-    assert analysis.ct_identity(read_ct(copy)) != identity
+    assert ct_identity(read_ct(copy)) != identity
 
 
 # -- the command -----------------------------------------------------------------------------------
@@ -263,10 +268,10 @@ def test_candidates_rerun_into_a_segmentation_out_redoes_every_ct(synth_data, mo
 
 def test_the_body_crop_is_part_of_what_produced_the_findings():
     models = analysis.Models(None, None, None, {"seg": "a", "nodule": "b", "malignancy": None})
-    cropped, whole = (analysis.produced_by(models, "no", False, crop) for crop in (True, False))
+    cropped, whole = (produced_by(models, "no", False, crop) for crop in (True, False))
     assert cropped["body_crop"] == {"body_hu": -500, "margin": 24} and whole["body_crop"] is None
     assert {k: v for k, v in cropped.items() if k != "body_crop"} == {k: v for k, v in whole.items() if k != "body_crop"}
-    assert analysis.produced_by(models, "no", True, True)["body_crop"] is None  # candidates: nothing segmented
+    assert produced_by(models, "no", True, True)["body_crop"] is None  # candidates: nothing segmented
 
 
 @pytest.mark.slow
@@ -535,7 +540,8 @@ def _loose_without_candidates(data, models, tmp_path, monkeypatch):
 
 
 def _failing(name: str, code: int, where: str):
-    """Replace analyze's `name` by a function that raises OSError(code) when its path lies under `where`."""
+    """Replace `name` of `luna_dist.analysis.run` by a function that raises OSError(code) when its path lies
+    under `where`."""
     def make(data, models, tmp_path, monkeypatch):
         original = getattr(analysis, name)
 
@@ -730,13 +736,13 @@ def test_bad_own_ct_is_one_line(make, said, own_ct, models, tmp_path, capsys):
     assert "Traceback" not in err
 
 
-def _count_calls(monkeypatch, name: str) -> list:
-    calls, original = [], getattr(analysis, name, None)
+def _count_calls(monkeypatch, module, name: str) -> list:
+    calls, original = [], getattr(module, name)
 
     def counted(*args, **kwargs):
         calls.append(args[0])
         return original(*args, **kwargs)
-    monkeypatch.setattr(analysis, name, counted, raising=False)
+    monkeypatch.setattr(module, name, counted)
     return calls
 
 
@@ -744,13 +750,13 @@ def test_a_rerun_knows_a_ct_by_its_voxels(own_ct, models, tmp_path, monkeypatch)
     """A .mhd was known by its header and its .raw's size: new voxels of the same size got the old findings.
     Known by its voxels' sha256, recorded with its files' stat: new voxels are analysed anew (their file's
     mtime and size as they were), unchanged files are reused unread, a copy is read once and reused."""
-    monkeypatch.setattr(analysis, "UNSETTLED_NS", 0, raising=False)  # the test's files were written a moment ago
+    monkeypatch.setattr(identity_module, "UNSETTLED_NS", 0)  # the test's files were written a moment ago
     folder = tmp_path / "scans"
     folder.mkdir()
     for suffix in (".mhd", ".raw"):
         shutil.copy(own_ct["mhd"].with_suffix(suffix), folder)
     mhd, raw = folder / own_ct["mhd"].name, folder / own_ct["mhd"].with_suffix(".raw").name
-    reads, analyses = _count_calls(monkeypatch, "read_ct"), _count_calls(monkeypatch, "analyze_ct")
+    reads, analyses = _count_calls(monkeypatch, identity_module, "read_ct"), _count_calls(monkeypatch, analysis, "analyze_ct")
 
     def rerun(path: Path) -> tuple[int, int]:
         assert main(_own_args(path, models, own_ct, tmp_path / "out")) == 0
@@ -774,9 +780,9 @@ def test_a_rerun_knows_a_ct_by_its_voxels(own_ct, models, tmp_path, monkeypatch)
 def test_a_file_changed_as_it_is_read_is_not_known_by_its_stat(own_ct, tmp_path):
     path = tmp_path / "scan.nii.gz"
     shutil.copy(own_ct["nifti"], path)  # written now: its stat may not change at a change within a clock tick
-    ct, identity, _ = analysis.read_known(path, "scan", analysis.MAX_CT_VOXELS)
-    assert identity["files"] is None and identity["sha256"] == analysis.ct_identity(ct)
-    assert analysis.ct_files_stat(path, analysis.MAX_CT_VOXELS)[0][0] == "scan.nii.gz"
+    ct, identity, _ = read_known(path, "scan", MAX_CT_VOXELS)
+    assert identity["files"] is None and identity["sha256"] == ct_identity(ct)
+    assert ct_files_stat(path, MAX_CT_VOXELS)[0][0] == "scan.nii.gz"
 
 
 def test_two_scans_of_one_name_in_two_folders_are_two_cts(tmp_path):
@@ -787,17 +793,17 @@ def test_two_scans_of_one_name_in_two_folders_are_two_cts(tmp_path):
         (tmp_path / patient).mkdir()
         sitk.WriteImage(image, str(tmp_path / patient / "scan.nii.gz"))
         paths.append(tmp_path / patient / "scan.nii.gz")
-    assert analysis.ct_sources(paths) == {"anna_scan": paths[0], "ben_scan": paths[1]}
+    assert ct_sources(paths) == {"anna_scan": paths[0], "ben_scan": paths[1]}
     series = write_dicom_series(image, tmp_path / "series", "1.2.3")
     copy = shutil.copytree(series, tmp_path / "copy")
-    with pytest.raises(analysis.AnalysisError, match=f"--ct {copy}: series 1.2.3 again \\(also {series}\\)"):
-        analysis.ct_sources([series, copy])
+    with pytest.raises(AnalysisError, match=f"--ct {copy}: series 1.2.3 again \\(also {series}\\)"):
+        ct_sources([series, copy])
 
 
 def test_a_dangling_link_among_the_slices_is_one_warning(tmp_path, capsys):
     series = write_dicom_series(tilted_image(np.zeros((6, 20, 24), dtype=np.int16)), tmp_path / "series", "1.2.3")
     os.symlink(tmp_path / "gone.dcm", series / "slice0002b.dcm")
-    assert analysis.ct_sources([series]) == {"1.2.3": series}
+    assert ct_sources([series]) == {"1.2.3": series}
     assert capsys.readouterr().err.splitlines() == [
         f"warning: --ct {series / 'slice0002b.dcm'}: a symbolic link to {tmp_path / 'gone.dcm'}, which does not exist: "
         "skipped; the series is checked without it"]
@@ -872,16 +878,16 @@ def test_a_series_name_with_a_control_character_or_an_outer_space_is_refused(nam
 
 def test_two_series_whose_names_differ_only_in_case_are_refused():
     """One file on a case-insensitive file system (macOS, Windows): each would overwrite the other's results."""
-    analysis.check_names({"Scan": Path("a/Scan.nii.gz"), "other": Path("b/other.nii.gz")})
-    with pytest.raises(analysis.AnalysisError, match=r"^b/scan.nii.gz: series scan and Scan \(a/Scan.nii.gz\) differ "
+    check_names({"Scan": Path("a/Scan.nii.gz"), "other": Path("b/other.nii.gz")})
+    with pytest.raises(AnalysisError, match=r"^b/scan.nii.gz: series scan and Scan \(a/Scan.nii.gz\) differ "
                                                       "only in case"):
-        analysis.check_names({"Scan": Path("a/Scan.nii.gz"), "scan": Path("b/scan.nii.gz")})
+        check_names({"Scan": Path("a/Scan.nii.gz"), "scan": Path("b/scan.nii.gz")})
 
 
 def test_a_full_disk_while_writing_the_report_names_the_file_and_leaves_no_partial(tiny_data, models, tmp_path,
                                                                                     monkeypatch, capsys):
     """It printed `No space left on device: None` and left report.html.partial."""
-    from luna_dist import atomic
+    from luna_dist.common import atomic
 
     def full_for_the_report(file, mode="r", **kwargs):
         opened = open(file, mode, **kwargs)
@@ -958,10 +964,11 @@ def test_check_dealt_names_a_ct_taken_twice_or_by_none():
 
 def _two_ranks_where_rank_1(change: str, args: list[str], tmp_path: Path, timeout: float = RUN_TIMEOUT
                             ) -> subprocess.CompletedProcess:
-    """The analysis on 2 CPU ranks, rank 1 changed by the Python lines `change` (`analyze` is the module):
-    as a node whose view of the data differs, or that stops answering."""
+    """The analysis on 2 CPU ranks, rank 1 changed by the Python lines `change` (`run` is the module that analyses
+    the CTs of a process): as a node whose view of the data differs, or that stops answering."""
     script = tmp_path / "analyze_on_two_ranks.py"
     script.write_text("import os, sys, time\nfrom pathlib import Path\nfrom luna_dist import analyze\n"
+                      "from luna_dist.analysis import run\n"
                       f"if os.environ['RANK'] == '1':\n    {change}\nsys.exit(analyze.main())\n")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), *args]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
@@ -973,8 +980,8 @@ def test_ranks_that_see_other_sizes_still_analyse_every_ct_once(tiny_data, model
     """Each rank dealt the CTs from its own headers: where rank 1 could not read tiny.1's (a node's copy still
     being synced), both ranks analysed tiny.1, none tiny.2, and the run exited 0."""
     out = tmp_path / "out"
-    result = _two_ranks_where_rank_1("seen = analyze.ct_voxels; analyze.ct_voxels = lambda path: 0 if "
-                                     "path.name == 'tiny.1.mhd' else seen(path)",
+    result = _two_ranks_where_rank_1("seen = run.ct_voxels; run.ct_voxels = lambda path, limit: 0 if "
+                                     "path.name == 'tiny.1.mhd' else seen(path, limit)",
                                      _candidates_args(tiny_data, models, out), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -989,7 +996,7 @@ def test_a_rank_that_stops_answering_fails_the_others_within_the_timeout(tiny_da
     import time
 
     started = time.monotonic()
-    result = _two_ranks_where_rank_1("analyze.analyze_ct = lambda *args, **kwargs: time.sleep(600)",
+    result = _two_ranks_where_rank_1("run.analyze_ct = lambda *args, **kwargs: time.sleep(600)",
                                      [*_candidates_args(tiny_data, models, tmp_path / "out"), "--dist-timeout", "5"],
                                      tmp_path, timeout=120)
     assert result.returncode != 0 and time.monotonic() - started < 90

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from luna_dist.atomic import atomic_open, write_json
+from luna_dist.common.atomic import atomic_open, write_json
 
 
 def test_the_file_appears_only_when_complete(tmp_path):

@@ -1,3 +1,5 @@
+
+
 import dataclasses
 import itertools
 import pickle
@@ -6,8 +8,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from luna_dist.augment import AugmentConfig, augment, augment_with_mask, random_crop
-from luna_dist.ct import CHUNK_SHAPE, HU_MAX, HU_MIN
+from luna_dist.data.augment import AugmentConfig, augment, augment_with_mask, random_crop
+from luna_dist.imaging.chunks import CHUNK_SHAPE
+from luna_dist.imaging.ct import HU_MAX, HU_MIN
 
 I, R, C = CHUNK_SHAPE
 SPATIAL_DIMS = (2, 3, 4)  # I, R, C in a (N, 1, I, R, C) batch
@@ -264,7 +267,6 @@ def test_default_generator_is_used_when_none_given():
 
 
 # -- 2-D slice stacks with their masks (segmentation) ------------------------------------------
-
 S = 64  # segmentation crops are 64 x 64
 
 

@@ -11,9 +11,8 @@ import torch
 import webdataset as wds
 from helpers import LaggingDevice
 
-from luna_dist import batch_memory
-from luna_dist.batch_memory import SLOTS, PooledLoader, _ByValue, _InSlot, held_until_copied, leased, new_batch
-from luna_dist.stream import pooled_loader
+from luna_dist.data import batch_memory, loaders
+from luna_dist.data.batch_memory import SLOTS, PooledLoader, _ByValue, _InSlot, held_until_copied, leased, new_batch
 
 BATCHES = 3 * SLOTS
 
@@ -29,7 +28,7 @@ def _numbered_batches():
 
 
 def _loader(workers: int, **options) -> PooledLoader:
-    return pooled_loader(wds.DataPipeline(_numbered_batches), workers, pin_memory=False, **options)
+    return loaders.pooled_loader(wds.DataPipeline(_numbered_batches), workers, pin_memory=False, **options)
 
 
 @pytest.mark.parametrize("workers", [0, 1])

@@ -7,8 +7,10 @@ import math
 
 import pytest
 
-from luna_dist import bench, bench_data
-from luna_dist.shard_format import CODECS
+import luna_dist.shards.chunk_samples
+from luna_dist import bench
+from luna_dist.benchmarks.loader import PerCandidateDataset
+from luna_dist.shards.codecs import CODECS
 
 TINY = ["--cts", "3", "--shape", "40", "128", "128", "--workers", "2"]
 
@@ -96,7 +98,7 @@ def test_loader_figures(tiny_work, capsys):
 def test_train_figures(tiny_work, capsys):
     import torch
 
-    from luna_dist.hardware import native_bf16
+    from luna_dist.common.hardware import native_bf16
 
     # bf16 where the CPU computes it: emulated, it is ~18 times slower, and would make the suite crawl.
     variants = ["default+no", "cl3d+bf16" if native_bf16(torch.device("cpu"))[0] else "cl3d+no"]
@@ -143,14 +145,14 @@ def test_per_candidate_baseline_cuts_the_shard_chunks_and_pickles_for_spawn(synt
     import numpy as np
     import webdataset as wds
 
-    from luna_dist import chunk_samples
-    from luna_dist.candidates import read_candidates
-    from luna_dist.shard_format import load_array, sample_key
-    from luna_dist.stream import open_shard_set
+    from luna_dist.data.streams import open_shard_set
+    from luna_dist.shards.codecs import load_array
+    from luna_dist.shards.format import sample_key
+    from luna_dist.tables.candidates import read_candidates
 
     candidates = read_candidates(synth_data / "candidates.csv")[0]
-    dataset = bench_data.PerCandidateDataset(synth_data, candidates)
-    path = open_shard_set(shard_dir, chunk_samples).shards([9], "pos")[0]
+    dataset = PerCandidateDataset(synth_data, candidates)
+    path = open_shard_set(shard_dir, luna_dist.shards.chunk_samples).shards([9], "pos")[0]
     for sample in wds.DataPipeline(wds.SimpleShardList([path]), wds.tarfile_to_samples()):
         index = next(i for i, c in enumerate(dataset.candidates) if sample_key(c.series_uid, c.row) == sample["__key__"])
         chunk, label = dataset[index]

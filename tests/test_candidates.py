@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from luna_dist.candidates import (
+from luna_dist.tables.candidates import (
     N_FOLDS,
     Annotation,
     BadRow,
@@ -38,8 +38,6 @@ def write(path: Path, lines: list[str]) -> Path:
 
 
 # --- the synthetic tables ------------------------------------------------------------------------------
-
-
 def test_synthetic_candidates_parse_completely(synth_data):
     path = synth_data / "candidates.csv"
     rows = data_lines(path)
@@ -84,8 +82,6 @@ def test_synthetic_nodule_candidates_all_find_their_annotation(synth_data):
 
 
 # --- malformed rows ------------------------------------------------------------------------------------
-
-
 MIXED_ROWS = [
     # (line text, problem substring or None for a good row)
     (f"{UID_A},1.5,-2.25,-300.0,0", None),
@@ -208,7 +204,6 @@ def test_bad_annotation_rows(tmp_path):
 
 
 # --- join ---------------------------------------------------------------------------------------------
-
 ANNOTATIONS = [
     Annotation(UID_A, (0.0, 0.0, 0.0), 10.0),  # radius 5
     Annotation(UID_A, (6.0, 0.0, 0.0), 8.0),  # radius 4, overlaps the first between x = 2 and 5
@@ -262,8 +257,6 @@ def test_join_keeps_order_and_count():
 
 
 # --- folds --------------------------------------------------------------------------------------------
-
-
 def touch(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("")

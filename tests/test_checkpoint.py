@@ -7,7 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from luna_dist.checkpoint import BEST, COMPLETE, OLD, PARTIAL, STATE, Progress, is_better, newest_state, recover
+from luna_dist.training.checkpoint import (
+    BEST,
+    COMPLETE,
+    OLD,
+    PARTIAL,
+    STATE,
+    Progress,
+    is_better,
+    newest_state,
+    recover,
+)
 
 
 def _state(folder: Path, epoch: int, complete: bool = True) -> None:
@@ -85,7 +95,7 @@ def test_a_state_comes_back_exactly_from_files_that_run_no_code(tmp_path, monkey
     import torch
     from accelerate import Accelerator
 
-    from luna_dist.checkpoint import Checkpointer
+    from luna_dist.training.checkpoint import Checkpointer
 
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     accelerator = Accelerator()

@@ -11,9 +11,9 @@ import webdataset as wds
 from helpers import chunk_sample, tar_samples
 from helpers import open_cls as open_shard_set
 
-from luna_dist.chunk_samples import collate
-from luna_dist.ct import CHUNK_SHAPE
-from luna_dist.shard_format import ShardSetError
+from luna_dist.data.batches import collate
+from luna_dist.imaging.chunks import CHUNK_SHAPE
+from luna_dist.shards.format import ShardSetError
 
 
 def test_collate_copies_payload_and_labels():

@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from luna_dist import cli
+from luna_dist.common import cli
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,7 +59,7 @@ def test_every_command_exits_2_on_a_wrong_command_line(module, capsys):
 
 
 def test_training_exits_2_on_an_unknown_flag():
-    from luna_dist.train import parse_args
+    from luna_dist.training.options import parse_args
 
     with pytest.raises(SystemExit) as exit_:
         parse_args(["--shards", "s", "--no-such-flag"])

@@ -15,8 +15,10 @@ import pytest
 import SimpleITK as sitk
 from helpers import BAD_CTS, sheared_nifti, tilted_image, write_dicom_series
 
-from luna_dist.ct import CHUNK_SHAPE, HU_MAX, HU_MIN, CtError, chunk_bounds, cut_chunks, find_ct, read_ahead, read_ct
-from luna_dist.geometry import Geometry, irc_to_xyz, xyz_to_irc
+from luna_dist.imaging.chunks import CHUNK_SHAPE, chunk_bounds, cut_chunks
+from luna_dist.imaging.ct import HU_MAX, HU_MIN, CtError, find_ct, read_ct
+from luna_dist.imaging.geometry import Geometry, irc_to_xyz, xyz_to_irc
+from luna_dist.imaging.read_ahead import read_ahead
 
 HALF = np.array(CHUNK_SHAPE) // 2  # (16, 24, 24)
 
@@ -69,7 +71,7 @@ def test_read_ct_accepts_str_path(synth_data):
 DANGLING_VIEW_SCRIPT = '''
 import gc, sys
 import numpy as np, SimpleITK as sitk
-from luna_dist.ct import read_ct
+from luna_dist.imaging.ct import read_ct
 path = sys.argv[1]
 expected = sitk.GetArrayFromImage(sitk.ReadImage(path))
 hu = read_ct(path).hu          # the Ct (and its sitk.Image) is dropped at once
@@ -183,8 +185,6 @@ def test_real_ct_chunk_equals_direct_crop(synth_data):
 
 
 # --- errors -------------------------------------------------------------------------------------------
-
-
 def test_missing_mhd(tmp_path):
     missing = tmp_path / "1.2.3.mhd"
     with pytest.raises(CtError) as err:

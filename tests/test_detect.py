@@ -10,20 +10,12 @@ import torch
 from helpers import THRESHOLD_HU, threshold_model
 from scipy import ndimage
 
-from luna_dist import detect
-from luna_dist.detect import (
-    FERET_DIRECTIONS,
-    SEG_MARGIN,
-    SEG_THRESHOLD,
-    Models,
-    body_box,
-    classify,
-    group,
-    load_model,
-    segment,
-    segment_window,
-)
-from luna_dist.model import LunaModel, SegmentationModel
+from luna_dist.analysis import segment as segmentation
+from luna_dist.analysis.detect import Models, classify, load_model
+from luna_dist.analysis.groups import FERET_DIRECTIONS, group, growth_reach
+from luna_dist.analysis.segment import SEG_MARGIN, SEG_THRESHOLD, NonFiniteError, body_box, segment, segment_window
+from luna_dist.models.classifier import LunaModel
+from luna_dist.models.unet import SegmentationModel
 
 
 def _no_autocast():
@@ -132,7 +124,7 @@ def _probabilities(model: SegmentationModel, hu: torch.Tensor, window=(slice(Non
 def test_the_body_crop_leaves_the_probabilities_inside_the_body_as_they_are(margin, agrees, monkeypatch):
     """With SEG_MARGIN each pixel of the box sees what it sees in the whole slice: the same probability but
     for float rounding; without a margin the pixels near the box's edge see the padding instead."""
-    monkeypatch.setattr(detect, "SEG_MARGIN", margin)
+    monkeypatch.setattr(segmentation, "SEG_MARGIN", margin)
     model, hu = _seeded_unet(), torch.from_numpy(_chest()).float()
     box = body_box(_chest())
     window = segment_window(box, hu.shape[1:], model.multiple)
@@ -171,7 +163,7 @@ class _NanWhereDense(torch.nn.Module):
 def test_segment_refuses_probabilities_that_are_not_finite():
     hu = torch.full((6, 16, 16), -800.0)
     hu[2, 3:7, 5:9] = 40.0
-    with pytest.raises(detect.NonFiniteError, match=r"^16 of 1,536 voxel probabilities$"):
+    with pytest.raises(NonFiniteError, match=r"^16 of 1,536 voxel probabilities$"):
         segment(hu, _NanWhereDense(), batch_size=4, autocast=_no_autocast)
 
 
@@ -229,7 +221,7 @@ def test_group_equals_the_whole_volume_center_of_mass_and_dilations_exactly(shap
     mask = ndimage.uniform_filter(rng.random(shape), 3) > 0.5  # blobs of every size, some touching the border
     groups = group(mask, hu, spacing)
     centres, voxels = groups.centres, groups.voxels
-    expected_centres, expected_voxels, expected_labels = _center_of_mass_groups(mask, hu, detect.growth_reach(spacing))
+    expected_centres, expected_voxels, expected_labels = _center_of_mass_groups(mask, hu, growth_reach(spacing))
     np.testing.assert_array_equal(centres, expected_centres)
     np.testing.assert_array_equal(voxels, expected_voxels)
     np.testing.assert_array_equal(groups.labels, expected_labels)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
+import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,3 +50,67 @@ def test_every_command_of_the_gpu_benchmark_script_parses():
     for command in commands:
         module, *args = shlex.split(command)
         docs._parser(module).parse_args(args)  # exits (SystemExit) on a flag its parser does not take
+
+
+def _pages() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _resolves(dotted: str) -> bool:
+    """A dotted name the docs give: a module, then attributes of it."""
+    parts = dotted.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            target = importlib.import_module(".".join(parts[:split]))
+        except ModuleNotFoundError:
+            continue
+        for attribute in parts[split:]:
+            if not hasattr(target, attribute):
+                return False
+            target = getattr(target, attribute)
+        return True
+    return False
+
+
+FILE_SUFFIXES = {"safetensors", "json", "csv", "pt", "bin", "tar", "png", "md", "html", "raw", "mhd", "gz"}
+"""What follows a name that is a file's, not a module's (`model.safetensors`)."""
+
+
+def test_the_docs_name_modules_that_exist():
+    """After the modules moved into packages, a page naming `luna_dist.shard_format`, `stream.py` or
+    `shard_io.read_manifest` sends a reader nowhere: every dotted name and file the pages give exists."""
+    gone = ("shard_format", "shard_tar", "shard_io", "shard_inputs", "shard_write", "shard_plan", "bench_data",
+            "bench_train", "ct_files", "stream", "model")
+    files = {path.relative_to(ROOT).as_posix() for path in ROOT.glob("**/*.py") if ".venv" not in path.parts}
+    for page in _pages():
+        text = page.read_text()
+        for dotted in re.findall(r"\b(luna_dist(?:\.\w+)+)", text):
+            if any(part.isupper() for part in dotted.split(".")):  # a placeholder: luna_dist.NAME
+                continue
+            assert _resolves(dotted.rstrip(".")), f"{page.name} names {dotted}, which does not exist"
+        for named in re.findall(r"\b([\w/]+\.py)\b", text):
+            if re.search(r"(^|[/._])[A-Z][A-Z0-9]+(?=[/._])", named):  # a placeholder: tasks/NAME.py, NAME_samples.py
+                continue
+            assert any(file == named or file.endswith("/" + named) for file in files), \
+                f"{page.name} names {named}, which does not exist"
+        for old in gone:
+            for match in re.finditer(rf"(?<![\w./-]){old}\.(\w+)", text):
+                assert match[1] in FILE_SUFFIXES, f"{page.name} names the module {old} ({match[0]}), now gone"
+
+
+@pytest.mark.slow
+def test_the_library_page_runs_as_written(tmp_path):
+    """docs/library.md's example is the library's tested use from Python: run as a script, it goes from synthetic
+    data to shards, a trained classifier, an analysed CT and LUNA16's score."""
+    page = (ROOT / "docs" / "library.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, re.DOTALL)
+    assert len(blocks) == 1
+    (tmp_path / "example.py").write_text(blocks[0])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = result.stdout.splitlines()
+    assert (tmp_path / "library-example" / "runs" / "cls" / "best.pt").is_file()
+    assert 0 <= float(printed[-1]) <= 1  # the CPM

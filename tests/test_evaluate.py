@@ -9,8 +9,10 @@ import shutil
 import numpy as np
 import pytest
 
-from luna_dist import evaluate
-from luna_dist.evaluate import FP_RATES, Findings, Marks, froc
+from luna_dist.evaluate import main
+from luna_dist.evaluation.files import read_marks, write_marks
+from luna_dist.evaluation.luna16 import FP_RATES, FROC_GRID, RATE_INDICES, Findings, Marks, froc
+from luna_dist.shards import chunk_samples
 
 # The grid points the official script reads for 1/8 ... 8 FP/scan (10,001 points from 0.125 to 8).
 GRID_AT_RATES = [0.125, 0.2502125, 0.49985, 0.9999125, 2.0000375, 4.0002875, 8.0]
@@ -32,8 +34,8 @@ NODULE = findings(("a", 0, 0, 0, 10))
 
 
 def test_rates_are_read_at_the_official_grid_points():
-    assert np.allclose(evaluate.FROC_GRID[evaluate.RATE_INDICES], GRID_AT_RATES)
-    assert np.all(np.abs(evaluate.FROC_GRID[evaluate.RATE_INDICES] - np.array(FP_RATES)) < 3e-4)
+    assert np.allclose(FROC_GRID[RATE_INDICES], GRID_AT_RATES)
+    assert np.all(np.abs(FROC_GRID[RATE_INDICES] - np.array(FP_RATES)) < 3e-4)
 
 
 @pytest.mark.parametrize("point, hit", [
@@ -232,7 +234,7 @@ def files(tmp_path):
 
 def run_main(files, tmp_path, *extra):
     argv = [arg for name, path in files.items() for arg in (f"--{name}", str(path))]
-    return evaluate.main([*argv, "--json", str(tmp_path / "out.json"), *extra])
+    return main([*argv, "--json", str(tmp_path / "out.json"), *extra])
 
 
 def test_command_writes_every_json_field(files, tmp_path, capsys):
@@ -287,7 +289,7 @@ def test_plot_without_matplotlib_is_a_clear_error(files, tmp_path, monkeypatch, 
 ])
 def test_bad_input_names_file_and_line(files, tmp_path, capsys, name, text, message):
     write(files[name], text)
-    assert run_main(files, tmp_path) == 1  # one exit code for bad input, as every command (luna_dist.cli)
+    assert run_main(files, tmp_path) == 1  # one exit code for bad input, as every command (luna_dist.common.cli)
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1
 
@@ -309,7 +311,7 @@ def test_a_header_with_an_invisible_character_is_shown_escaped(files, tmp_path, 
     write(files["predictions"], "seriesuid\u200b,coordX,coordY,coordZ,probability\n1.2.3,0,0,0,0.5\n")
     assert run_main(files, tmp_path) == 1
     assert "header lacks column(s) seriesuid; expected" in capsys.readouterr().err
-    from luna_dist.candidates import CsvError, read_candidates
+    from luna_dist.tables.candidates import CsvError, read_candidates
 
     write(tmp_path / "c.csv", "seriesuid\u200b,coordX,coordY,coordZ,class\n")
     with pytest.raises(CsvError, match=r"found 'seriesuid\\u200b', coordX"):
@@ -318,8 +320,8 @@ def test_a_header_with_an_invisible_character_is_shown_escaped(files, tmp_path, 
 
 def test_marks_round_trip_through_the_csv(tmp_path):
     original = marks(("1.2.3", 1.5, -2.25, 300.125, 0.123456), ("1.2.4", 0, 0, 0, 1.0))
-    evaluate.write_marks(tmp_path / "p.csv", original)
-    back = evaluate.read_marks(tmp_path / "p.csv", ["1.2.3", "1.2.4"])
+    write_marks(tmp_path / "p.csv", original)
+    back = read_marks(tmp_path / "p.csv", ["1.2.3", "1.2.4"])
     assert back.series.tolist() == ["1.2.3", "1.2.4"]
     assert np.allclose(back.xyz, original.xyz) and np.allclose(back.probability, original.probability)
 
@@ -329,8 +331,8 @@ def test_marks_of_any_series_name_round_trip_through_the_csv(tmp_path, uid):
     """A name with a comma gave six-column rows, one with a newline forged a row: every field is quoted
     as the csv module quotes it, and read back as it was."""
     original = marks((uid, 1.5, -2.25, 300.125, 0.5), ("1.2.4", 0, 0, 0, 1.0))
-    evaluate.write_marks(tmp_path / "p.csv", original)
-    back = evaluate.read_marks(tmp_path / "p.csv", [uid, "1.2.4"])
+    write_marks(tmp_path / "p.csv", original)
+    back = read_marks(tmp_path / "p.csv", [uid, "1.2.4"])
     assert back.series.tolist() == [uid, "1.2.4"]
     assert np.array_equal(back.xyz, original.xyz) and np.array_equal(back.probability, original.probability)
 
@@ -338,51 +340,49 @@ def test_marks_of_any_series_name_round_trip_through_the_csv(tmp_path, uid):
 def test_marks_whose_probability_is_not_finite_are_not_written(tmp_path):
     with pytest.raises(ValueError, match=r"p.csv: not written: the probability of the mark of series 1.2.4 at "
                                          r"\[0.0, 0.0, 0.0\] is nan, not a finite number"):
-        evaluate.write_marks(tmp_path / "p.csv", marks(("1.2.3", 1, 2, 3, 0.5), ("1.2.4", 0, 0, 0, float("nan"))))
+        write_marks(tmp_path / "p.csv", marks(("1.2.3", 1, 2, 3, 0.5), ("1.2.4", 0, 0, 0, float("nan"))))
     assert not list(tmp_path.iterdir())
 
 
 def test_fold_findings_of_a_manifest_without_them_say_rebuild():
-    from luna_dist.evaluate import fold_findings
+    from luna_dist.evaluation.files import fold_findings
 
     with pytest.raises(KeyError, match="rebuild the shards"):
         fold_findings({"folds": {"9": {"series": ["a"]}}}, [9])
 
 
 def test_shards_option_scores_the_folds_listed_in_the_manifest(shard_dir, tmp_path, capsys):
-    from luna_dist import chunk_samples
-    from luna_dist.evaluate import fold_findings
-    from luna_dist.stream import open_shard_set
+    from luna_dist.data.streams import open_shard_set
+    from luna_dist.evaluation.files import fold_findings
 
     series, nodules, _ = fold_findings(open_shard_set(shard_dir, chunk_samples).manifest, [8, 9])
     on_nodules = [(uid, *xyz, 0.9) for uid, xyz in zip(nodules.series.tolist(), nodules.xyz.tolist())]
-    evaluate.write_marks(tmp_path / "p.csv", marks(*on_nodules, (series[0], 900, 900, 900, 0.95)))
+    write_marks(tmp_path / "p.csv", marks(*on_nodules, (series[0], 900, 900, 900, 0.95)))
     argv = ["--shards", str(shard_dir), "--predictions", str(tmp_path / "p.csv"), "--bootstrap", "0"]
-    assert evaluate.main([*argv, "--folds", "8", "9", "--json", str(tmp_path / "s.json")]) == 0
+    assert main([*argv, "--folds", "8", "9", "--json", str(tmp_path / "s.json")]) == 0
     score = json.loads((tmp_path / "s.json").read_text())
     assert (score["scans"], score["nodules"], score["detected"], score["false_positives"]) == \
         (len(series), len(nodules.series), len(nodules.series), 1)
-    assert evaluate.main([*argv, "--folds", "9"]) == 1  # marks of fold 8's series are not in fold 9
+    assert main([*argv, "--folds", "9"]) == 1  # marks of fold 8's series are not in fold 9
     assert "is not in the series list" in capsys.readouterr().err
-    assert evaluate.main([*argv, "--folds", "12"]) == 1
+    assert main([*argv, "--folds", "12"]) == 1
     assert "no fold 12" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        evaluate.main([*argv, "--annotations", str(tmp_path / "p.csv")])
+        main([*argv, "--annotations", str(tmp_path / "p.csv")])
 
 
 def test_shards_option_reads_the_manifest_from_a_url(shard_dir, served, tmp_path):
-    from luna_dist import chunk_samples
-    from luna_dist.evaluate import fold_findings
-    from luna_dist.stream import open_shard_set
+    from luna_dist.data.streams import open_shard_set
+    from luna_dist.evaluation.files import fold_findings
 
     www, url = served
     shutil.copy(shard_dir / "manifest.json", www / "manifest.json")  # evaluation reads nothing else
     series, nodules, _ = fold_findings(open_shard_set(shard_dir, chunk_samples).manifest, [9])
-    evaluate.write_marks(tmp_path / "p.csv", marks(*[(uid, *xyz, 0.9) for uid, xyz in
+    write_marks(tmp_path / "p.csv", marks(*[(uid, *xyz, 0.9) for uid, xyz in
                                                      zip(nodules.series.tolist(), nodules.xyz.tolist())]))
     scores = []
     for shards in (str(shard_dir), f"{url}/"):
-        assert evaluate.main(["--shards", shards, "--folds", "9", "--predictions", str(tmp_path / "p.csv"),
+        assert main(["--shards", shards, "--folds", "9", "--predictions", str(tmp_path / "p.csv"),
                               "--bootstrap", "0", "--json", str(tmp_path / "s.json")]) == 0
         scores.append(json.loads((tmp_path / "s.json").read_text()))
     assert scores[0] == scores[1] and scores[0]["nodules"] == len(nodules.series)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from luna_dist.candidates import Annotation
-from luna_dist.findings import confusion
+from luna_dist.analysis.findings import confusion
+from luna_dist.tables.candidates import Annotation
 
 
 def test_confusion_table_by_the_book_rule():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from luna_dist.geometry import (
+from luna_dist.imaging.geometry import (
     LPS,
     Geometry,
     irc_to_xyz,

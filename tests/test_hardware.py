@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from luna_dist import hardware
+from luna_dist.common import hardware
 
 EPYC_NO_AVX512 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma bmi2\nprocessor\t: 1\nflags\t\t: fpu sse2 avx avx2 fma bmi2\n"
 EPYC_BF16 = "flags\t\t: fpu avx2 fma avx512f avx512bw avx512_bf16 avx512_vnni\n"
@@ -48,7 +48,8 @@ def test_training_warns_before_the_first_step(tiny_shards, tmp_path, monkeypatch
     """bf16 on a CPU said to lack bf16 units: the warning comes before any training line."""
     from accelerate.state import AcceleratorState
 
-    from luna_dist.train import Trainer, parse_args
+    from luna_dist.training.options import parse_args
+    from luna_dist.training.trainer import Trainer
 
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 from helpers import real_table
 
-from luna_dist.candidates import CsvError, read_annotations, read_series_list
-from luna_dist.layout import find_tables
-from luna_dist.shard import BuildOptions, build
-from luna_dist.shard_inputs import InputError, read_inputs
+from luna_dist.shards.build import build
+from luna_dist.shards.inputs import InputError, read_inputs
+from luna_dist.shards.options import BuildOptions
+from luna_dist.tables.candidates import CsvError, read_annotations, read_series_list
+from luna_dist.tables.layout import find_tables
 
 CANDIDATES = "seriesuid,coordX,coordY,coordZ,class\n"
 
@@ -184,7 +185,7 @@ def test_a_build_from_the_download_layout(tiny_data, tmp_path, capsys):
 @pytest.mark.slow
 def test_the_analysis_scores_with_the_tables_where_the_download_puts_them(tmp_path):
     """analyze reads its answer tables as the build finds them: the kit's excluded findings included."""
-    from luna_dist.findings import read_truth
+    from luna_dist.analysis.findings import read_truth
 
     root = download(tmp_path / "LUNA16")
     truth = read_truth(root)

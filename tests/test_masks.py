@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from helpers import SYNTH_CTS, SYNTH_SEED
 
-from luna_dist.candidates import Annotation, find_series, read_annotations
-from luna_dist.ct import read_ct
-from luna_dist.geometry import xyz_to_irc
-from luna_dist.masks import START_RADIUS, THRESHOLD_HU, annotation_mask, box_radii, nodule_mask
-from luna_dist.synth import true_nodule_mask
+from luna_dist.imaging.ct import read_ct
+from luna_dist.imaging.geometry import xyz_to_irc
+from luna_dist.imaging.masks import START_RADIUS, THRESHOLD_HU, annotation_mask, box_radii, nodule_mask
+from luna_dist.synthetic.generator import true_nodule_mask
+from luna_dist.tables.candidates import Annotation, find_series, read_annotations
 
 TISSUE, AIR = 0, -1000
 

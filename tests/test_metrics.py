@@ -1,10 +1,12 @@
+
+
 import math
 import warnings
 
 import pytest
 import torch
 
-from luna_dist.metrics import compute_metrics, compute_seg_metrics, format_metrics, format_seg_metrics
+from luna_dist.training.metrics import compute_metrics, compute_seg_metrics, format_metrics, format_seg_metrics
 
 nan = math.nan
 
@@ -175,8 +177,6 @@ def test_format_edge_cases(case, expected):
 
 
 # -- segmentation: pixel counts per slice ------------------------------------------------------
-
-
 def test_seg_metrics_sum_pixels_before_any_ratio():
     tp = torch.tensor([90.0, 10.0, 0.0, 0.0])
     fn = torch.tensor([10.0, 90.0, 0.0, 0.0])

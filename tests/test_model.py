@@ -1,10 +1,13 @@
+
+
 import pickle
 
 import pytest
 import torch
 
-from luna_dist.ct import CHUNK_SHAPE
-from luna_dist.model import LunaBlock, LunaModel, SegmentationModel
+from luna_dist.imaging.chunks import CHUNK_SHAPE
+from luna_dist.models.classifier import LunaBlock, LunaModel
+from luna_dist.models.unet import SegmentationModel
 
 
 def _chunks(n: int, seed: int = 0) -> torch.Tensor:
@@ -111,8 +114,6 @@ def test_pickle_and_state_dict_round_trip(model):
 
 
 # -- the segmentation UNet ---------------------------------------------------------------------
-
-
 def _slices(n: int, size: tuple[int, int] = (64, 64), seed: int = 0) -> torch.Tensor:
     """Random 7-slice context stacks (N, 7, H, W) in HU."""
     generator = torch.Generator().manual_seed(seed)
@@ -201,7 +202,7 @@ def _weights_files(folder) -> dict:
 
 @pytest.mark.parametrize("name", ["best.pt", "state", "state/model.safetensors"])
 def test_weights_load_from_best_pt_state_folder_or_safetensors(tmp_path, name):
-    from luna_dist.model import load_into
+    from luna_dist.models.weights import load_into
 
     expected = _weights_files(tmp_path)
     loaded = load_into(LunaModel(), tmp_path / name).state_dict()
@@ -216,7 +217,7 @@ def test_weights_load_from_best_pt_state_folder_or_safetensors(tmp_path, name):
     ("seg.pt", "seg.pt: not weights of a LunaModel (23 of its tensors missing, e.g. tail_batchnorm.weight; 81 unexpected"),
 ])
 def test_a_file_that_holds_no_usable_weights_is_one_line_naming_it(tmp_path, name, message):
-    from luna_dist.model import WeightsError, load_into
+    from luna_dist.models.weights import WeightsError, load_into
 
     _weights_files(tmp_path)
     with pytest.raises(WeightsError) as err:
@@ -230,7 +231,7 @@ def test_a_file_with_pickled_code_is_refused_and_not_run(tmp_path):
     file holds and that it is refused."""
     from helpers import OpensAFile
 
-    from luna_dist.model import WeightsError, load_into
+    from luna_dist.models.weights import WeightsError, load_into
 
     marker = tmp_path / "ran"
     torch.save({"model": LunaModel().state_dict(), "extra": OpensAFile(marker)}, tmp_path / "planted.pt")
@@ -248,7 +249,7 @@ def test_weights_that_are_not_finite_are_refused_naming_the_file_and_the_tensor(
     """They scored every candidate NaN, and the analysis wrote p_nodule = nan with exit 0."""
     from safetensors.torch import save_file
 
-    from luna_dist.model import WeightsError, load_into
+    from luna_dist.models.weights import WeightsError, load_into
 
     weights = _weights_files(tmp_path)
     weights["block2.conv1.weight"][0, 0, 0, 0, 1] = value

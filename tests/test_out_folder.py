@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from luna_dist.out_folder import OutsideError, below, file_name
+from luna_dist.common.out_folder import OutsideError, below, file_name
 
 KEPT = ["1.3.6.1.4.1.14519.5.2.1.6279.6001.100225287222365663678666836860", "tiny.1", "scan", "Smith_John-2",
         "9" * 128]

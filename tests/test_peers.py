@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 import torch
 
-from luna_dist.peers import lost_peer_reason, lost_peers_message, silent_ranks
+from luna_dist.common.peers import lost_peer_reason, lost_peers_message, silent_ranks
 
 GLOO_CLOSED = ("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:30084. "
                "This is typically caused by a process that crashed")

@@ -12,22 +12,23 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from luna_dist.candidates import join_annotations, read_annotations, read_candidates
-from luna_dist.geometry import Geometry, irc_to_xyz, xyz_to_irc, xyz_to_irc_float
-from luna_dist.rehearsal import (
+from luna_dist.imaging.geometry import Geometry, irc_to_xyz, xyz_to_irc, xyz_to_irc_float
+from luna_dist.rehearsal import main
+from luna_dist.shards.build import build
+from luna_dist.shards.options import BuildOptions
+from luna_dist.synthetic.generator import CANDIDATES_HEADER, MIN_SHAPE
+from luna_dist.synthetic.rehearsal import (
     FINDING_JITTER_MM,
     MARGIN_MM,
     POSITIVE_REACH,
     allot,
     draw_ct,
-    main,
     make_rehearsal,
     plan_counts,
     positives_per_nodule,
     read_series,
 )
-from luna_dist.shard import BuildOptions, build
-from luna_dist.synth import CANDIDATES_HEADER, MIN_SHAPE
+from luna_dist.tables.candidates import join_annotations, read_annotations, read_candidates
 
 FIXTURES = Path(__file__).parent / "fixtures" / "luna16"
 SERIES = 12

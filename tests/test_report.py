@@ -20,12 +20,13 @@ import pytest
 from accelerate import PartialState
 from helpers import tilted_image
 
-from luna_dist import report
-from luna_dist.ct import Ct
-from luna_dist.detect import Analysed, group
-from luna_dist.findings import Truth, marks_of, read_truth, score
-from luna_dist.geometry import Geometry, irc_to_xyz
-from luna_dist.out_folder import file_name
+from luna_dist.analysis import report
+from luna_dist.analysis.detect import Analysed
+from luna_dist.analysis.findings import Truth, marks_of, read_truth, score
+from luna_dist.analysis.groups import group
+from luna_dist.common.out_folder import file_name
+from luna_dist.imaging.ct import Ct
+from luna_dist.imaging.geometry import Geometry, irc_to_xyz
 
 UID = "1.2.3<&>"  # what a page shows of it is escaped, what it links to is quoted
 NAME = file_name(UID)  # its files' name: "1.2.3___~" and a hash

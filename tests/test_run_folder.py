@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from luna_dist import __version__, run_folder
+from luna_dist import __version__
+from luna_dist.training import run_folder
 
 
 def _record(**flags) -> dict:

@@ -13,8 +13,7 @@ import torch
 from accelerate import Accelerator
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from luna_dist.run_log import LOGGED, LoggingError, RunLog, logged_epoch
-from luna_dist.tasks import Report
+from luna_dist.training.run_log import LOGGED, LoggingError, Report, RunLog, logged_epoch
 
 
 class _Task:

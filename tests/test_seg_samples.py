@@ -20,31 +20,31 @@ import pytest
 from helpers import SEG_NEGATIVES as NEGATIVES
 from helpers import kill_build_after
 
-from luna_dist import chunk_samples, seg_samples
-from luna_dist.candidates import find_series, read_annotations, read_candidates
-from luna_dist.ct import read_ct
-from luna_dist.geometry import xyz_to_irc
-from luna_dist.masks import annotation_mask
-from luna_dist.seg_samples import (
+from luna_dist.data.batches import batched_slices, collate_stacks
+from luna_dist.data.loaders import val_loader
+from luna_dist.data.streams import open_shard_set
+from luna_dist.imaging.ct import read_ct
+from luna_dist.imaging.geometry import xyz_to_irc
+from luna_dist.imaging.masks import annotation_mask
+from luna_dist.shards import chunk_samples, codecs, seg_samples
+from luna_dist.shards.build import build
+from luna_dist.shards.format import MANIFEST, ShardSetError
+from luna_dist.shards.options import BuildOptions
+from luna_dist.shards.seg_samples import (
     CONTEXT,
     CROP,
     SLAB_SLICES,
     VAL_BLOCK,
-    batched_slices,
-    collate_stacks,
     context_slices,
     pack_mask,
     slabs,
     unpack_mask,
     validation_slices,
 )
-from luna_dist.shard import BuildOptions, build
-from luna_dist.shard_format import MANIFEST, ShardSetError, load_array
-from luna_dist.stream import open_shard_set, val_loader
+from luna_dist.tables.candidates import find_series, read_annotations, read_candidates
+
 
 # --- the pure parts ------------------------------------------------------------------------------------
-
-
 def test_context_is_clamped_at_the_volume_ends():
     assert context_slices(np.array([0, 5, 9]), 10).tolist() == [
         [0, 0, 0, 0, 1, 2, 3], [2, 3, 4, 5, 6, 7, 8], [6, 7, 8, 9, 9, 9, 9]]
@@ -76,8 +76,6 @@ def test_mask_bits_round_trip():
 
 
 # --- a build of the session's synthetic data -----------------------------------------------------------
-
-
 @pytest.fixture(scope="module")
 def seg_dir(seg_shard_dir) -> Path:
     return seg_shard_dir
@@ -90,7 +88,7 @@ def read_tar(path: Path) -> dict[str, dict]:
             key, ext = member.name.split(".", 1)
             data = tar.extractfile(member).read()
             name = ext[:ext.index(".npy") + 4] if ".npy" in ext else ext  # the array, whatever its codec
-            samples[key][name] = load_array({ext: data}, name) if name.endswith(".npy") else json.loads(data)
+            samples[key][name] = codecs.load_array({ext: data}, name) if name.endswith(".npy") else json.loads(data)
     return dict(samples)
 
 

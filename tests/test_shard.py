@@ -29,16 +29,19 @@ import SimpleITK as sitk
 from helpers import CHUNK_MEMBERS, is_running, kill_build_after
 from helpers import open_cls as open_shard_set
 
-from luna_dist import ct as ct_module
-from luna_dist import shard as shard_module
-from luna_dist import shard_write as shard_write
-from luna_dist.shard import BuildError, BuildOptions, build
-from luna_dist.shard_format import CODECS, MANIFEST, SUFFIXES, ShardSetError, load_array
-from luna_dist.shard_inputs import InputError, left_out_summary
-from luna_dist.synth import make_dataset
+from luna_dist.imaging import read_ahead as read_ahead_module
+from luna_dist.shards import build as shard_module
+from luna_dist.shards import codecs
+from luna_dist.shards import output as build_output
+from luna_dist.shards import writer as writer
+from luna_dist.shards.build import build
+from luna_dist.shards.format import MANIFEST, ShardSetError
+from luna_dist.shards.inputs import InputError, left_out_summary
+from luna_dist.shards.options import BuildError, BuildOptions
+from luna_dist.synthetic.generator import make_dataset
 
 CHUNK_SHAPE = (32, 48, 48)
-CHUNK = "chunk.npy" + SUFFIXES[CODECS[0]]  # as the default codec names it
+CHUNK = "chunk.npy" + codecs.SUFFIXES[codecs.CODECS[0]]  # as the default codec names it
 """The chunk's member as the default codec stores it."""
 SHARD_NAME = re.compile(r"^fold(\d+)-(pos|neg)-(\d{6})\.tar$")
 JSON_FIELDS = {"series_uid", "fold", "center_xyz", "center_irc", "is_nodule", "diameter_mm", "is_malignant",
@@ -46,8 +49,6 @@ JSON_FIELDS = {"series_uid", "fold", "center_xyz", "center_irc", "is_nodule", "d
 
 
 # --- independent readers ------------------------------------------------------------------------------
-
-
 def csv_rows(path: Path) -> list[dict]:
     """Data rows of a LUNA16 CSV, with their 0-based data row and 1-based file line."""
     with open(path, newline="") as f:
@@ -122,7 +123,7 @@ def read_samples(out: Path) -> dict[str, dict]:
                 "shard": path.name,
                 "cls": sample["cls"],
                 "json": json.loads(sample["json"]),
-                "sha": hashlib.sha256(load_array(sample, "chunk.npy").tobytes()).hexdigest(),
+                "sha": hashlib.sha256(codecs.load_array(sample, "chunk.npy").tobytes()).hexdigest(),
             }
     return samples
 
@@ -156,7 +157,7 @@ def tar_is_complete(path: Path) -> None:
         assert f.read() == b"\0" * 1024, f"{path}: no end-of-archive marker"
     for key, sample in iter_tar(path):
         assert set(sample) == {CHUNK, "cls", "json", "crc32.json"}, f"{path}: {key}"
-        assert load_array(sample, "chunk.npy").shape == CHUNK_SHAPE
+        assert codecs.load_array(sample, "chunk.npy").shape == CHUNK_SHAPE
         json.loads(sample["json"])
 
 
@@ -174,8 +175,6 @@ def shard_cli(*args, cwd: Path | None = None, **kwargs) -> subprocess.CompletedP
 
 
 # --- the session build, read back -------------------------------------------------------------------
-
-
 @pytest.fixture(scope="module")
 def samples(shard_dir) -> dict[str, dict]:
     """All samples of the session build, read through the tar files."""
@@ -202,7 +201,7 @@ def check_chunks_against_the_cts(data: Path, out: Path) -> int:
                 volumes[uid] = sitk.GetArrayFromImage(images[uid])
             irc = images[uid].TransformPhysicalPointToIndex(xyz_of(rows[key]))[::-1]
             expected, outside = reference_chunk(volumes[uid], irc)
-            chunk = load_array(sample, "chunk.npy")
+            chunk = codecs.load_array(sample, "chunk.npy")
             assert chunk.dtype == np.int16 and chunk.shape == CHUNK_SHAPE, key
             assert np.array_equal(chunk, expected), f"{path.name}: {key} differs from the crop at {irc}"
             assert meta["center_irc"] == list(irc), key
@@ -305,7 +304,7 @@ def test_manifest_counts_equal_the_csv_and_the_tars(synth_data, samples, manifes
 
 
 def test_manifest_carries_each_folds_findings_for_the_evaluation(synth_data, manifest):
-    from luna_dist.evaluate import fold_findings
+    from luna_dist.evaluation.files import fold_findings
 
     folds = {uid: int(path.parent.name.removeprefix("subset")) for uid, path in series_paths(synth_data).items()}
     for name, csv_name in (("annotations", "annotations.csv"), ("excluded", "annotations_excluded.csv")):
@@ -346,8 +345,6 @@ def test_open_shard_set_accepts_the_build(shard_dir, manifest):
 
 
 # --- kill and resume ----------------------------------------------------------------------------------
-
-
 @pytest.mark.slow
 def test_killed_build_resumes_to_the_uninterrupted_result(synth_data, shard_dir, samples, tmp_path):
     out = tmp_path / "out"
@@ -412,8 +409,6 @@ def test_workers_end_when_the_build_process_is_killed(synth_data, tmp_path):
 
 
 # --- small builds that the tests may change ------------------------------------------------------------
-
-
 SMALL_NEGATIVES_PER_CT = 40
 SMALL_MAX_SAMPLES = 25
 
@@ -575,9 +570,9 @@ def test_truncated_raw_fails_that_ct_only_and_resumes(data, small_data, tmp_path
 def test_each_ct_is_read_ahead_before_a_worker_reads_it_and_at_most_two_ahead(data, tmp_path, monkeypatch):
     """With one worker: the CT being cut and the next are asked for; the next after each CT is done."""
     events = []
-    monkeypatch.setattr(ct_module, "read_ahead", lambda path: events.append(("ahead", Path(path))))
-    real_read_ct = shard_write.read_ct
-    monkeypatch.setattr(shard_write, "read_ct", lambda path, *more: events.append(("read", Path(path))) or real_read_ct(path, *more))
+    monkeypatch.setattr(read_ahead_module, "read_ahead", lambda path: events.append(("ahead", Path(path))))
+    real_read_ct = writer.read_ct
+    monkeypatch.setattr(writer, "read_ct", lambda path, *more: events.append(("read", Path(path))) or real_read_ct(path, *more))
     build(options(data, tmp_path / "out"))
     reads = [path for kind, path in events if kind == "read"]
     assert sorted(path for kind, path in events if kind == "ahead") == sorted(reads)  # each CT once
@@ -600,8 +595,8 @@ def test_unreadable_mhd_fails_that_ct_only_and_resumes(data, small_data, tmp_pat
 
     shutil.copy2(small_data / mhd.relative_to(data), mhd)
     read = []
-    real_read_ct = shard_write.read_ct
-    monkeypatch.setattr(shard_write, "read_ct", lambda path, *more: read.append(Path(path)) or real_read_ct(path, *more))
+    real_read_ct = writer.read_ct
+    monkeypatch.setattr(writer, "read_ct", lambda path, *more: read.append(Path(path)) or real_read_ct(path, *more))
     manifest = build(options(data, out))
     assert read == [mhd]  # only the failed CT is read again
     assert manifest["failed"] == []
@@ -654,8 +649,7 @@ def test_a_table_that_mostly_fails_to_parse_is_refused_naming_the_flag(data, tmp
     with pytest.raises(InputError) as err:
         build(options(data, tmp_path / "out"))
     message = str(err.value)
-    assert message.startswith(f"{candidates}: {rows:,} of {rows:,} rows (100.0 %) cannot be used, e.g. {candidates}:2: "
-                              "coordX is not a number: 'np.float64(")
+    assert message.startswith(f"{candidates}: {rows:,} of {rows:,} rows (100.0 %) cannot be used, e.g. {candidates}:2: coordX is not a number: 'np.float64(")
     assert "more than 1 % left out" in message and "--max-bad-rows 100" in message
     assert not (tmp_path / "out").exists()  # checked before anything is written
 
@@ -697,7 +691,7 @@ def test_candidates_outside_the_volume_are_padded_and_flagged(data, tmp_path):
     for path in shard_files(out):
         for key, sample in iter_tar(path):
             if key in (far_key, corner_key):
-                chunks[key] = load_array(sample, "chunk.npy")
+                chunks[key] = codecs.load_array(sample, "chunk.npy")
     far_meta = samples[far_key]["json"]
     assert far_meta["outside_volume"] is True and far_meta["candidate_row"] == n_rows
     assert (chunks[far_key] == -1000).all()
@@ -758,8 +752,6 @@ def test_stray_shards_without_manifest_count_as_another_build(data, tmp_path):
 
 
 # --- inputs checked before anything is written -----------------------------------------------------------
-
-
 def drop_annotations(data: Path) -> None:
     (data / "annotations.csv").rename(data.parent / "annotations.csv")
 
@@ -922,7 +914,7 @@ def test_rerun_waits_for_a_writer_still_holding_the_output(data, tmp_path, small
     try:
         assert holder.stdout.readline() == "held\n"
         before = file_stats(out)
-        monkeypatch.setattr(shard_module, "LOCK_WAIT_S", 0.5)
+        monkeypatch.setattr(build_output, "LOCK_WAIT_S", 0.5)
         with pytest.raises(BuildError, match=f"another build \\(pid {holder.pid}\\) is writing there"):
             build(options(data, out))
         assert file_stats(out) == before
@@ -999,7 +991,7 @@ def test_full_disk_while_packing_positives_or_the_manifest(data, tmp_path, small
                                      "nothing finished was lost (3 CT(s) done and kept)")
     monkeypatch.setattr(shard_module, "pack_positives", real)
     read = []
-    monkeypatch.setattr(shard_write, "read_ct", lambda path, *more: read.append(path))
+    monkeypatch.setattr(writer, "read_ct", lambda path, *more: read.append(path))
     build(options(data, out))
     assert read == [] and fingerprint(out) == small_reference
 
@@ -1050,7 +1042,6 @@ def test_cli_builds_and_prints_a_summary(small_data, tmp_path):
     assert manifest["arguments"]["workers"] == 2 and manifest["arguments"]["max_samples"] == 25
 
 
-
 @pytest.mark.slow
 def test_cli_error_exit_code(small_data, tmp_path):
     """A different build in --out: `python -m luna_dist.shard` exits 1 with an `error:` line, nothing changed."""
@@ -1078,7 +1069,7 @@ def test_cli_refuses_out_of_range_numbers(small_data, tmp_path, flag, value, mes
 def test_the_codec_changes_the_bytes_not_the_samples(tiny_data, tiny_shards, tmp_path):
     """Each --codec stores the same chunks under its own member name; lz4 (the default) in about half the bytes
     of none, and zstd in fewer still."""
-    assert CODECS[0] == "lz4"
+    assert codecs.CODECS[0] == "lz4"
     outs = {"lz4": tiny_shards}
     for codec in ("zstd", "none"):
         outs[codec] = tmp_path / codec

@@ -14,22 +14,12 @@ import zstandard
 from helpers import CLS_BATCHES, POS_NEG, damaged_copy, random_header, random_payload, zero_magic, zero_middle
 from helpers import open_cls as open_shard_set
 
-from luna_dist import seg_samples
-from luna_dist.shard import BuildOptions, build
-from luna_dist.shard_format import (
-    CODECS,
-    MANIFEST,
-    ZSTD_LEVEL,
-    ShardSetError,
-    check_sample,
-    copy_payloads,
-    load_array,
-    member_checksums,
-    npy_header,
-    stored_array,
-    with_checksums,
-)
-from luna_dist.stream import val_pipeline
+from luna_dist.data.batches import batched_slices
+from luna_dist.data.streams import val_pipeline
+from luna_dist.shards import codecs
+from luna_dist.shards.build import build
+from luna_dist.shards.format import MANIFEST, ShardSetError, check_sample, member_checksums, with_checksums
+from luna_dist.shards.options import BuildOptions
 
 
 def test_missing_manifest_names_the_command_to_finish(tmp_path):
@@ -62,11 +52,11 @@ def test_damaged_shard_names_the_shard_and_thechunk_sample(shard_dir, tmp_path, 
 
 @pytest.mark.parametrize("slab, problem", [
     ({"json": b"{}", "ct.npy": b"\0" * 200, "mask.npy": b"\0" * 200}, "ct.npy unreadable ("),
-    ({"json": b"{}", "ct.npy": stored_array("ct.npy", np.zeros((1, 4, 4), dtype=np.int16), "none")[1]}, "no mask.npy"),
+    ({"json": b"{}", "ct.npy": codecs.stored_array("ct.npy", np.zeros((1, 4, 4), dtype=np.int16), "none")[1]}, "no mask.npy"),
 ])
 def test_damaged_segmentation_slab_names_the_shard_and_the_slab(slab, problem):
     with pytest.raises(ShardSetError) as err:
-        list(seg_samples.batched_slices(iter([{"__url__": "fold9-val-000000.tar", "__key__": "uid_3", **slab}]), batch_size=4))
+        list(batched_slices(iter([{"__url__": "fold9-val-000000.tar", "__key__": "uid_3", **slab}]), batch_size=4))
     assert str(err.value).startswith(f"fold9-val-000000.tar: sample uid_3: {problem}")
 
 
@@ -102,30 +92,30 @@ ARRAYS = [
 ]
 
 
-@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("codec", codecs.CODECS)
 @pytest.mark.parametrize("array", ARRAYS, ids=["extremes", "chunk", "mask", "empty", "big-endian"])
 def test_every_codec_gives_back_the_array_it_stored(codec, array):
-    name, stored = stored_array("x.npy", array, codec)
+    name, stored = codecs.stored_array("x.npy", array, codec)
     assert name == {"none": "x.npy", "zstd": "x.npy.zst", "lz4": "x.npy.b2"}[codec]
-    loaded = load_array({name: stored}, "x.npy")
+    loaded = codecs.load_array({name: stored}, "x.npy")
     assert loaded.dtype == array.dtype and np.array_equal(loaded, array)
     batch = np.empty((2, *array.shape), dtype=array.dtype)
-    copy_payloads([{name: stored}, {"x.npy": stored_array("x.npy", array, "none")[1]}], "x.npy", batch, array.shape)
+    codecs.copy_payloads([{name: stored}, {"x.npy": codecs.stored_array("x.npy", array, "none")[1]}], "x.npy", batch, array.shape)
     assert np.array_equal(batch[0], array) and np.array_equal(batch[1], array)
 
 
-@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("codec", codecs.CODECS)
 def test_a_member_of_another_byte_order_than_the_batch_is_refused_by_name(codec):
-    name, stored = stored_array("chunk.npy", ARRAYS[1].astype(">i2"), codec)
+    name, stored = codecs.stored_array("chunk.npy", ARRAYS[1].astype(">i2"), codec)
     batch = np.empty((1, *ARRAYS[1].shape), dtype=np.int16)
     with pytest.raises(ShardSetError, match=r"sample k: chunk.npy is >i2 \(32, 48, 48\), expected int16 \(32, 48, 48\)"):
-        copy_payloads([{"__key__": "k", name: stored}], "chunk.npy", batch, ARRAYS[1].shape)
+        codecs.copy_payloads([{"__key__": "k", name: stored}], "chunk.npy", batch, ARRAYS[1].shape)
 
 
 @pytest.mark.parametrize("codec", ["lz4", "zstd"])
 def test_compression_pays_on_a_chunk_and_the_crc_covers_the_stored_bytes(codec):
     chunk = ARRAYS[1]
-    name, stored = stored_array("chunk.npy", chunk, codec)
+    name, stored = codecs.stored_array("chunk.npy", chunk, codec)
     assert len(stored) < 0.8 * chunk.nbytes  # uniform noise of 11 bits in 16 (log2 2001): ~0.69 of raw at best
     sample = with_checksums({"__key__": "k", name: stored, "cls": b"0"})
     check_sample(sample)
@@ -137,36 +127,36 @@ def test_compression_pays_on_a_chunk_and_the_crc_covers_the_stored_bytes(codec):
 
 @pytest.mark.parametrize("codec", ["lz4", "zstd"])
 def test_a_compressed_member_that_cannot_be_read_is_named(codec):
-    name, stored = stored_array("chunk.npy", ARRAYS[1], codec)
+    name, stored = codecs.stored_array("chunk.npy", ARRAYS[1], codec)
     with pytest.raises(ShardSetError, match=rf"sample k: {re.escape(name)} cannot be decompressed"):
-        load_array({"__key__": "k", name: stored[:-10]}, "chunk.npy")
+        codecs.load_array({"__key__": "k", name: stored[:-10]}, "chunk.npy")
     with pytest.raises(ShardSetError, match=r"sample k: no chunk.npy"):
-        load_array({"__key__": "k", "cls": b"0"}, "chunk.npy")
+        codecs.load_array({"__key__": "k", "cls": b"0"}, "chunk.npy")
     wrong = np.empty((1, 16, 48, 48), dtype=np.int16)
     with pytest.raises(ShardSetError, match=r"chunk.npy is int16 \(32, 48, 48\), expected int16 \(16, 48, 48\)"):
-        copy_payloads([{"__key__": "k", name: stored}], "chunk.npy", wrong, (16, 48, 48))
+        codecs.copy_payloads([{"__key__": "k", name: stored}], "chunk.npy", wrong, (16, 48, 48))
 
 
 def test_an_lz4_member_whose_header_and_data_disagree_is_named():
     """An lz4 member's `.npy` header lies outside its compressed data: the sizes are compared before decoding."""
-    _, header_of_half = stored_array("chunk.npy", ARRAYS[1][:16], "none")
-    name, stored = stored_array("chunk.npy", ARRAYS[1], "lz4")
+    _, header_of_half = codecs.stored_array("chunk.npy", ARRAYS[1][:16], "none")
+    name, stored = codecs.stored_array("chunk.npy", ARRAYS[1], "lz4")
     header_length = len(header_of_half) - ARRAYS[1][:16].nbytes
     mixed = header_of_half[:header_length] + stored[header_length:]
     with pytest.raises(ShardSetError, match=r"sample k: chunk.npy.b2 holds 147456 bytes of data, expected 73728"):
-        load_array({"__key__": "k", name: mixed}, "chunk.npy")
+        codecs.load_array({"__key__": "k", name: mixed}, "chunk.npy")
 
 
-@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("codec", codecs.CODECS)
 def test_a_header_declaring_python_objects_is_refused(codec):
     """Its payload's bytes would become pointers (a crash, or worse); np.load refuses it without allow_pickle."""
-    name, stored = stored_array("x.npy", np.arange(4, dtype=np.int64), codec)
+    name, stored = codecs.stored_array("x.npy", np.arange(4, dtype=np.int64), codec)
     if codec != "zstd":
-        stored = npy_header((4,), object) + stored[len(npy_header((4,), np.int64)):]
+        stored = codecs.npy_header((4,), object) + stored[len(codecs.npy_header((4,), np.int64)):]
     else:
-        stored = _zstd_member(npy_header((4,), object) + np.arange(4, dtype=np.int64).tobytes(), None)
+        stored = _zstd_member(codecs.npy_header((4,), object) + np.arange(4, dtype=np.int64).tobytes(), None)
     with pytest.raises(ShardSetError, match=r"sample k: x.npy unreadable \(arrays of object are not written by the build\)"):
-        load_array({"__key__": "k", name: stored}, "x.npy")
+        codecs.load_array({"__key__": "k", name: stored}, "x.npy")
 
 
 def test_checksums_are_zlibs_crc32_so_earlier_builds_still_verify():
@@ -199,7 +189,7 @@ def test_a_build_of_the_previous_format_version_is_read_and_a_later_one_refused(
 def _zstd_member(npy: bytes, declared: int | None) -> bytes:
     """`npy` as one Zstandard frame whose header declares `declared` bytes of content (None: no size), whatever
     it holds: its blocks as the compressor wrote them, its header rewritten (magic, descriptor, window, size)."""
-    frame = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=False).compress(npy)
+    frame = zstandard.ZstdCompressor(level=codecs.ZSTD_LEVEL, write_content_size=False).compress(npy)
     assert frame[4] == 0  # no content size, not single-segment: a window descriptor follows
     if declared is None:
         return frame
@@ -208,7 +198,7 @@ def _zstd_member(npy: bytes, declared: int | None) -> bytes:
 
 def _grouped(array: np.ndarray) -> bytes:
     """What a `zstd` member holds once decompressed: the `.npy` header, then the payload's bytes grouped by place."""
-    return npy_header(array.shape, array.dtype) + array.reshape(-1).view(np.uint8).reshape(-1, array.itemsize).T.tobytes()
+    return codecs.npy_header(array.shape, array.dtype) + array.reshape(-1).view(np.uint8).reshape(-1, array.itemsize).T.tobytes()
 
 
 @pytest.mark.parametrize("declared", [1 << 40, "true", None], ids=["claims-1-TiB", "64-MB-declared", "no-size"])
@@ -220,8 +210,8 @@ def test_a_zstd_member_larger_than_its_sample_is_refused_before_it_is_decompress
     assert len(member) < 200_000
     sample = {"__url__": "fold3-neg-000001.tar", "__key__": "uid_7", "chunk.npy.zst": member}
     batch = np.empty((1, *ARRAYS[1].shape), dtype=np.int16)
-    for decode in (lambda: copy_payloads([sample], "chunk.npy", batch, ARRAYS[1].shape),
-                   lambda: load_array(sample, "chunk.npy")):
+    for decode in (lambda: codecs.copy_payloads([sample], "chunk.npy", batch, ARRAYS[1].shape),
+                   lambda: codecs.load_array(sample, "chunk.npy")):
         tracemalloc.start()
         try:
             with pytest.raises(ShardSetError) as err:
@@ -236,12 +226,12 @@ def test_a_zstd_member_larger_than_its_sample_is_refused_before_it_is_decompress
 
 def test_a_zstd_member_of_an_honest_frame_without_its_size_is_read():
     npy = _grouped(ARRAYS[1])
-    assert np.array_equal(load_array({"x.npy.zst": _zstd_member(npy, None)}, "x.npy"), ARRAYS[1])
+    assert np.array_equal(codecs.load_array({"x.npy.zst": _zstd_member(npy, None)}, "x.npy"), ARRAYS[1])
 
 
 def test_a_zstd_member_whose_frame_declares_another_size_is_named():
     member = _zstd_member(_grouped(ARRAYS[1]), 1 << 40)
     with pytest.raises(ShardSetError, match=r"sample k: chunk.npy.zst declares 1,099,511,627,776 bytes, expected at "
                                             r"most [\d,]+; the shard is damaged"):
-        copy_payloads([{"__key__": "k", "chunk.npy.zst": member}], "chunk.npy", np.empty((1, 32, 48, 48), np.int16),
+        codecs.copy_payloads([{"__key__": "k", "chunk.npy.zst": member}], "chunk.npy", np.empty((1, 32, 48, 48), np.int16),
                       (32, 48, 48))

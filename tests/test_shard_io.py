@@ -19,9 +19,9 @@ from helpers import CLS_BATCHES, POS_NEG
 from helpers import open_cls as open_shard_set
 from webdataset.gopen import gopen
 
-from luna_dist.shard_format import MANIFEST, ShardSetError
-from luna_dist.shard_io import MAX_MANIFEST_BYTES, RemoteFile
-from luna_dist.stream import checked_samples, val_pipeline
+from luna_dist.data.streams import checked_samples, val_pipeline
+from luna_dist.shards.format import MANIFEST, ShardSetError
+from luna_dist.shards.sources import MAX_MANIFEST_BYTES, RemoteFile
 
 
 def _serve_copy(shard_dir, www) -> Path:

@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 from helpers import SEG_NEGATIVES, real_table
 
-from luna_dist.candidates import find_series, read_annotations, read_series_list
-from luna_dist.ct import CtError, read_ct
-from luna_dist.shard import BuildOptions, build, main, plan_tasks, read_build_inputs
-from luna_dist.shard_format import CODECS
-from luna_dist.shard_plan import Rate, plan, read_header
-from luna_dist.shard_write import shard_series
+from luna_dist.imaging.ct import CtError, read_ct
+from luna_dist.shard import main
+from luna_dist.shards.build import build, plan_tasks, read_build_inputs
+from luna_dist.shards.codecs import CODECS
+from luna_dist.shards.options import BuildOptions
+from luna_dist.shards.plan import Rate, plan, read_header
+from luna_dist.shards.writer import shard_series
+from luna_dist.tables.candidates import find_series, read_annotations, read_series_list
 
 
 def test_a_header_says_what_the_ct_holds(tiny_data):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from luna_dist.shard_tar import TarReadError, TarShard, read_samples
+from luna_dist.shards.tar import TarReadError, TarShard, read_samples
 
 SAMPLES = [
     {"__key__": "1_3_6_1_4_1_14519_5_2_1_6279_6001_105756658031515062000744821260_1234",

@@ -14,20 +14,19 @@ import webdataset as wds
 from helpers import CLS_BATCHES, POS_NEG, chunk_sample, damaged_copy, random_header, random_payload, tar_samples
 from helpers import open_cls as open_shard_set
 
-from luna_dist.chunk_samples import collate
-from luna_dist.ct import CHUNK_SHAPE
-from luna_dist.shard_format import ShardSetError
-from luna_dist.stream import (
+from luna_dist.data.batches import collate
+from luna_dist.data.loaders import train_loader, val_loader
+from luna_dist.data.streams import (
     Rank,
     TrainStreamConfig,
     batched,
     mixed,
     pos_neg_streams,
-    train_loader,
     train_pipeline,
-    val_loader,
     val_pipeline,
 )
+from luna_dist.imaging.chunks import CHUNK_SHAPE
+from luna_dist.shards.format import ShardSetError
 
 
 @pytest.mark.parametrize("count,batch,partial_last,sizes", [
@@ -79,7 +78,7 @@ def test_train_loader_gives_exactly_the_steps_asked_whatever_the_workers(shard_d
 def test_worker_shares_add_up_to_the_steps(monkeypatch, steps, workers):
     from types import SimpleNamespace
 
-    from luna_dist.stream import worker_share
+    from luna_dist.data.streams import worker_share
 
     shares = []
     for worker in range(workers):
@@ -182,8 +181,6 @@ def test_training_needs_both_classes(shard_dir):
         train_loader(shards, config, 0, collate)
 
 
-
-
 @pytest.mark.parametrize("damage", [random_header, random_payload])
 def test_damaged_shard_stops_training_naming_it(shard_dir, tmp_path, damage):
     """The training stream resamples shards: it must meet the damaged one and fail, not train on it."""
@@ -192,7 +189,3 @@ def test_damaged_shard_stops_training_naming_it(shard_dir, tmp_path, damage):
     with pytest.raises(ShardSetError) as err:
         list(train_pipeline(shards, config, 0, collate))
     assert str(err.value).startswith(str(victim))
-
-
-
-

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from luna_dist.ct import CHUNK_SHAPE
-from luna_dist.synth import (
+import luna_dist.synthetic.generator
+from luna_dist.imaging.chunks import CHUNK_SHAPE
+from luna_dist.synth import main
+from luna_dist.synthetic.generator import (
     ANNOTATIONS_HEADER,
     CANDIDATES_HEADER,
     MALIGNANCY_HEADER,
     SERIES_UID_PREFIX,
-    main,
     make_dataset,
 )
 
@@ -190,10 +191,9 @@ def test_excluded_findings_are_tiny_nodules_and_lookalikes_away_from_the_nodules
 
 def test_excluded_findings_leave_every_other_file_as_it_was(tmp_path, monkeypatch):
     """They draw from their own stream: without them, the CTs and the other tables are the same bytes."""
-    from luna_dist import synth
 
     with_excluded = all_bytes(make_dataset(tmp_path / "with", n_cts=2, seed=4).out)
-    monkeypatch.setattr(synth, "draw_excluded", lambda seed, k, ph: (np.zeros((0, 3)), np.zeros(0)))
+    monkeypatch.setattr(luna_dist.synthetic.generator, "draw_excluded", lambda seed, k, ph: (np.zeros((0, 3)), np.zeros(0)))
     without = all_bytes(make_dataset(tmp_path / "without", n_cts=2, seed=4).out)
     assert without.pop("annotations_excluded.csv") == (ANNOTATIONS_HEADER + "\n").encode()
     assert with_excluded.pop("annotations_excluded.csv").count(b"\n") > 2

@@ -16,13 +16,13 @@ import torch
 from accelerate import Accelerator
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from luna_dist import chunk_samples, seg_samples
-from luna_dist.metrics import roc_curve
-from luna_dist.model import LunaModel
-from luna_dist.stream import open_shard_set
-from luna_dist.tasks.malignancy import Malignancy
-from luna_dist.tasks.segmentation import FN_WEIGHT, Segmentation, dice_loss, overlay
-from luna_dist.train import parse_args
+from luna_dist.data.streams import open_shard_set
+from luna_dist.models.classifier import LunaModel
+from luna_dist.shards import chunk_samples, seg_samples
+from luna_dist.training.metrics import roc_curve
+from luna_dist.training.options import parse_args
+from luna_dist.training.tasks.malignancy import Malignancy
+from luna_dist.training.tasks.segmentation import FN_WEIGHT, Segmentation, dice_loss, overlay
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,8 +124,6 @@ def test_short_malignancy_run_end_to_end(shard_dir, nodule_classifier, tmp_path)
 
 
 # -- the segmentation task ---------------------------------------------------------------------
-
-
 def test_dice_loss_per_sample():
     mask = torch.zeros(3, 1, 4, 4)
     mask[:, :, :2, :2] = 1  # 4 pixels

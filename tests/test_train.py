@@ -19,6 +19,10 @@ import pytest
 from helpers import damaged_copy, open_cls, random_payload, run_or_show_stacks
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from luna_dist import evaluate
+from luna_dist import train as train_command
+from luna_dist.evaluation.files import fold_findings, read_marks
+
 RUN_TIMEOUT = 300
 SCALARS = ["loss/all", "loss/neg", "loss/pos", "correct/all", "correct/neg", "correct/pos",
            "pr/precision", "pr/recall", "pr/f1_score"]
@@ -131,15 +135,14 @@ def test_tensorboard_holds_scalars_pr_curve_and_histograms(two_rank_run):
 
 def test_validation_writes_luna16_predictions_scored_as_the_evaluation_scores_them(tiny_shards, two_rank_run, tmp_path,
                                                                                 capsys):
-    from luna_dist import evaluate
 
     metrics = json.loads((two_rank_run.parent / "metrics.json").read_text())
-    marks = evaluate.read_marks(two_rank_run / "val-predictions-E1.csv")
+    marks = read_marks(two_rank_run / "val-predictions-E1.csv")
     shards = open_cls(tiny_shards)
     assert len(marks.probability) == metrics["count/all"] == shards.count([3], "pos") + shards.count([3], "neg")
     assert ((marks.probability >= 0) & (marks.probability <= 1)).all()
     # The file scored by the command, with the fold's tables from the manifest, gives the logged CPM.
-    series, nodules, excluded = evaluate.fold_findings(shards.manifest, [3])
+    series, nodules, excluded = fold_findings(shards.manifest, [3])
     (tmp_path / "series.csv").write_text("\n".join(series) + "\n")
     for name, found in (("annotations", nodules), ("excluded", excluded)):
         rows = [f"{u},{x!r},{y!r},{z!r},{d!r}" for u, (x, y, z), d in zip(found.series, found.xyz.tolist(), found.diameter.tolist())]
@@ -301,7 +304,8 @@ def _save(trainer, val_metrics: dict | None) -> None:
 
 def _in_process(args: list[str]):
     """A Trainer in this process (CPU), for tests of its parts; close it after use."""
-    from luna_dist.train import Trainer, parse_args
+    from luna_dist.training.options import parse_args
+    from luna_dist.training.trainer import Trainer
 
     return Trainer(parse_args(args))
 
@@ -340,8 +344,8 @@ def test_best_model_is_the_best_cpm_ties_broken_by_auc_and_says_so(tiny_shards, 
 
 
 def test_best_by_must_be_a_score_the_task_and_shards_have(tiny_shards, tmp_path, monkeypatch, capsys):
-    from luna_dist.shard_format import ShardSetError
-    from luna_dist.train import parse_args
+    from luna_dist.shards.format import ShardSetError
+    from luna_dist.training.options import parse_args
 
     with pytest.raises(SystemExit):
         parse_args(["--task", "seg", "--shards", str(tiny_shards), "--best-by", "cpm"])
@@ -365,7 +369,7 @@ def test_best_by_must_be_a_score_the_task_and_shards_have(tiny_shards, tmp_path,
                                                 ("--shuffle-buffer", "0", 1), ("--batch-size", "0", 1),
                                                 ("--worker-timeout", "1.0", 2.0)])
 def test_out_of_range_numbers_are_refused_naming_the_flag(flag, value, least, capsys):
-    from luna_dist.train import parse_args
+    from luna_dist.training.options import parse_args
 
     with pytest.raises(SystemExit) as exit_:
         parse_args(["--shards", "unused", flag, value])
@@ -396,8 +400,6 @@ def test_damaged_shard_read_by_a_data_worker_is_one_line(tiny_shards, tmp_path):
 
 
 # -- the segmentation task through the same loop -----------------------------------------------
-
-
 @pytest.fixture(scope="module")
 def seg_two_rank_run(tiny_seg_shards, tmp_path_factory) -> Path:
     """One segmentation epoch on 2 CPU ranks with a data worker each: a few steps, augmented."""
@@ -467,6 +469,8 @@ def test_cls_run_refuses_seg_shards(tiny_seg_shards, tmp_path):
                             env={**os.environ, "ACCELERATE_USE_CPU": "true"})
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "shards built with --task seg, this run needs --task cls shards" in result.stderr
+
+
 @pytest.mark.slow
 def test_damaged_shard_is_one_error_naming_it(tiny_shards, tmp_path):
     """--verify finds it before training; without it, validation (in a data worker) stops on it."""
@@ -486,8 +490,9 @@ def test_damaged_shard_is_one_error_naming_it(tiny_shards, tmp_path):
 
 def test_validation_that_misses_samples_fails_after_the_gather(tiny_shards, tmp_path, monkeypatch):
     """Behind the per-shard counts: the gathered total must equal the manifest's (e.g. a shard no rank read)."""
-    from luna_dist.shard_format import ShardSetError
-    from luna_dist.train import Trainer, parse_args
+    from luna_dist.shards.format import ShardSetError
+    from luna_dist.training.options import parse_args
+    from luna_dist.training.trainer import Trainer
 
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     trainer = Trainer(parse_args(["--shards", str(tiny_shards), "--out", str(tmp_path), "--run-name", "r",
@@ -540,7 +545,7 @@ def test_a_diverged_run_stops_at_the_first_nonfinite_loss_and_keeps_the_last_sta
     stops naming the epoch, the step and the flags, and nothing after the last saved state is saved."""
     import torch
 
-    from luna_dist.train import Diverged
+    from luna_dist.training.trainer import Diverged
 
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     first = _in_process(_quick(tiny_shards, tmp_path, "--epochs", "1", "--max-steps", "20"))
@@ -566,7 +571,7 @@ def test_a_diverged_run_stops_at_the_first_nonfinite_loss_and_keeps_the_last_sta
 
 def test_a_run_diverged_before_any_save_is_not_told_to_go_on_from_saved_weights(tiny_shards, tmp_path, monkeypatch):
     """The line offered --checkpoint RUN/state, which fails when nothing was saved yet."""
-    from luna_dist.train import Diverged
+    from luna_dist.training.trainer import Diverged
 
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     trainer = _in_process(_quick(tiny_shards, tmp_path, "--epochs", "1"))
@@ -583,15 +588,14 @@ def test_a_diverged_model_is_never_scored(tiny_shards, tmp_path, monkeypatch, ca
     AUC or CPM is computed over them. (Weights that are not finite are refused when loaded.)"""
     import torch
 
-    from luna_dist import train
-    from luna_dist.model import LunaModel
+    from luna_dist.models.classifier import LunaModel
 
     model = LunaModel()
     with torch.no_grad():
         model.head_linear.weight.fill_(1e38)
     torch.save({"model": model.state_dict()}, tmp_path / "nan.pt")
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
-    code = train.main(["--shards", str(tiny_shards), "--eval-only", "--checkpoint", str(tmp_path / "nan.pt"),
+    code = train_command.main(["--shards", str(tiny_shards), "--eval-only", "--checkpoint", str(tmp_path / "nan.pt"),
                        "--val-folds", "3", "--metrics-json", str(tmp_path / "m.json")])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     shards = open_cls(tiny_shards)
@@ -609,7 +613,7 @@ def test_logs_that_fail_after_the_state_is_saved_are_written_again_by_the_resume
 
     from torch.utils.tensorboard import SummaryWriter
 
-    from luna_dist.run_log import LoggingError
+    from luna_dist.training.run_log import LoggingError
 
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     trainer = _in_process(_quick(tiny_shards, tmp_path, "--epochs", "1"))
@@ -665,7 +669,7 @@ def test_an_existing_run_is_never_overwritten_by_a_command_without_resume(tiny_s
     """Rerunning --run-name without --resume replaced its state and its best model by a worse one."""
     import torch
 
-    from luna_dist.run_folder import RunFolderError
+    from luna_dist.training.run_folder import RunFolderError
 
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     trainer = _in_process(_quick(tiny_shards, tmp_path, "--epochs", "1"))
@@ -703,7 +707,8 @@ def saved_run(tiny_shards, tmp_path_factory) -> Path:
 def _weights_files(folder: Path) -> None:
     import torch
 
-    from luna_dist.model import LunaModel, SegmentationModel
+    from luna_dist.models.classifier import LunaModel
+    from luna_dist.models.unet import SegmentationModel
 
     torch.save({"model": SegmentationModel().state_dict()}, folder / "seg.pt")
     (folder / "notes.txt").write_text("not a model\n")
@@ -733,7 +738,6 @@ def _weights_files(folder: Path) -> None:
         "finetune weights not finite", "existing run", "other lr",
         "other batch size", "mid-epoch other workers", "nothing to resume"])
 def test_bad_models_and_run_folders_are_one_line(tiny_shards, saved_run, tmp_path, monkeypatch, capsys, flags, message):
-    from luna_dist import train
 
     _weights_files(tmp_path)
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
@@ -741,7 +745,7 @@ def test_bad_models_and_run_folders_are_one_line(tiny_shards, saved_run, tmp_pat
     base = _quick(tiny_shards, tmp_path / "runs")
     if "--task" in flags:  # --balanced is the classifier's
         del base[base.index("--balanced"):base.index("--balanced") + 2]
-    code = train.main([*base, *(flag.format(**fill) for flag in flags)])
+    code = train_command.main([*base, *(flag.format(**fill) for flag in flags)])
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 1 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
@@ -755,7 +759,6 @@ def test_a_resume_never_runs_code_planted_in_the_state(tiny_shards, saved_run, t
     import torch
     from helpers import OpensAFile
 
-    from luna_dist import train
 
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     ran = tmp_path / "ran"
@@ -765,7 +768,7 @@ def test_a_resume_never_runs_code_planted_in_the_state(tiny_shards, saved_run, t
         shutil.copytree(saved_run / "r", out / "r")
         torch.save({"state": OpensAFile(ran)}, out / "r" / "state" / name)
         try:
-            code = train.main([*_quick(tiny_shards, out, "--epochs", "2"), "--resume"])
+            code = train_command.main([*_quick(tiny_shards, out, "--epochs", "2"), "--resume"])
         finally:  # whatever the loading of the code's result raised
             assert not ran.exists(), f"{name}: the planted code ran"
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
@@ -780,7 +783,6 @@ def test_a_state_of_pickles_is_refused_with_a_way_on_that_works(tiny_shards, sav
     unpickled; the advice it prints runs."""
     import torch
 
-    from luna_dist import train
 
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     run = tmp_path / "r"
@@ -790,15 +792,15 @@ def test_a_state_of_pickles_is_refused_with_a_way_on_that_works(tiny_shards, sav
     torch.save({"random_state": (3, tuple(range(625)), None)}, run / "state" / "random_states_0.pkl")
     for name in ("progress.json", "random_states.json"):
         (run / "state" / name).unlink()
-    assert train.main([*_quick(tiny_shards, tmp_path, "--epochs", "2"), "--resume"]) == 1
+    assert train_command.main([*_quick(tiny_shards, tmp_path, "--epochs", "2"), "--resume"]) == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]
     state = run / "state"
     assert error == (f"error: --resume: {state / 'custom_checkpoint_0.pkl'}: a pickle, which could run code when "
                      "loaded, is not loaded (luna_dist saved its states with pickles before): go on from the state's "
                      f"weights with --checkpoint {state} and a new --run-name, or start the run again with --overwrite")
-    assert train.main([*_quick(tiny_shards, tmp_path, "--epochs", "1"), "--checkpoint", str(state),
+    assert train_command.main([*_quick(tiny_shards, tmp_path, "--epochs", "1"), "--checkpoint", str(state),
                        "--run-name", "from-weights"]) == 0
-    assert train.main([*_quick(tiny_shards, tmp_path, "--epochs", "1"), "--overwrite"]) == 0
+    assert train_command.main([*_quick(tiny_shards, tmp_path, "--epochs", "1"), "--overwrite"]) == 0
     assert json.loads(_custom_state(run))["epoch"] == 1 and not list(state.glob("*.pkl"))
 
 
@@ -841,12 +843,11 @@ def test_a_ctrl_c_in_epoch_1_gives_a_command_that_ends_as_an_uninterrupted_run(t
     import torch
     from safetensors.torch import load_file
 
-    from luna_dist import train
-    from luna_dist.tasks import TASKS
+    from luna_dist.training.tasks import TASKS
 
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     command = _quick(tiny_shards, tmp_path, "--epochs", "2")
-    assert train.main([*command, "--run-name", "straight"]) == 0
+    assert train_command.main([*command, "--run-name", "straight"]) == 0
     forward, steps, ctrl_c = TASKS["cls"].forward, [], [True]
 
     def ctrl_c_once(self, model, batch, train):
@@ -857,7 +858,7 @@ def test_a_ctrl_c_in_epoch_1_gives_a_command_that_ends_as_an_uninterrupted_run(t
 
     monkeypatch.setattr(TASKS["cls"], "forward", ctrl_c_once)
     capsys.readouterr()
-    assert train.main(command) == 130
+    assert train_command.main(command) == 130
     error = capsys.readouterr().err.strip().splitlines()[-1]
     run = tmp_path / "r"
     if stage == "training":
@@ -867,7 +868,7 @@ def test_a_ctrl_c_in_epoch_1_gives_a_command_that_ends_as_an_uninterrupted_run(t
         assert error == f"error: interrupted in epoch 1. The last saved state, {run / 'state'} (after epoch 1, not yet " \
                         "validated), is kept; rerun the same command with --resume --run-name r to continue"
     steps.clear()
-    assert train.main([*command, *re.search(r"rerun the same command with (.*) to ", error)[1].split()]) == 0
+    assert train_command.main([*command, *re.search(r"rerun the same command with (.*) to ", error)[1].split()]) == 0
     assert steps.count(True) == (2 if stage == "validation" else 4)  # epoch 1 was not trained again
     straight = load_file(tmp_path / "straight" / "state" / "model.safetensors")
     resumed = load_file(run / "state" / "model.safetensors")
@@ -1084,8 +1085,7 @@ def test_a_ctrl_c_that_python_drops_in_a_finalizer_still_stops_training(tiny_sha
 
     from helpers import ctrl_c_inside_a_finalizer
 
-    from luna_dist import train
-    from luna_dist.tasks import TASKS
+    from luna_dist.training.tasks import TASKS
 
     forward, calls = TASKS["cls"].forward, []
 
@@ -1097,7 +1097,7 @@ def test_a_ctrl_c_that_python_drops_in_a_finalizer_still_stops_training(tiny_sha
 
     monkeypatch.setattr(TASKS["cls"], "forward", forward_then_ctrl_c)
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
-    assert train.main(_quick(tiny_shards, tmp_path, "--epochs", "1", "--max-steps", "6")) == 130
+    assert train_command.main(_quick(tiny_shards, tmp_path, "--epochs", "1", "--max-steps", "6")) == 130
     assert calls.count(True) == 2  # stopped at the step after the Ctrl-C
     assert "error: interrupted in epoch 1" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # as it was before the run
@@ -1111,8 +1111,8 @@ def test_a_device_that_reads_batches_late_trains_on_the_batches_the_loop_was_giv
     trained on chunks it was never given. The stand-in device reads each batch three copies late."""
     from helpers import LaggingDevice
 
-    from luna_dist import batch_memory, train
-    from luna_dist.tasks import TASKS
+    from luna_dist.data import batch_memory
+    from luna_dist.training.tasks import TASKS
 
     steps, device, given = 24, LaggingDevice(lag=3), []
     forward = TASKS["cls"].forward
@@ -1128,7 +1128,7 @@ def test_a_device_that_reads_batches_late_trains_on_the_batches_the_loop_was_giv
     monkeypatch.setattr(TASKS["cls"], "forward", forward_on_a_lagging_device)
     monkeypatch.setattr(batch_memory, "copied_event", lambda _: device.event(), raising=False)
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
-    assert train.main(_quick(tiny_shards, tmp_path, "--epochs", "1", "--epoch-samples", str(4 * steps),
+    assert train_command.main(_quick(tiny_shards, tmp_path, "--epochs", "1", "--epoch-samples", str(4 * steps),
                              "--max-steps", str(steps), "--num-workers", "1")) == 0
     wrong = [step for step, (chunks, read) in enumerate(zip(given, device.read)) if chunks != read]
     assert len(device.read) == steps and not wrong, f"steps trained on other chunks: {wrong}"

@@ -9,7 +9,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from luna_dist.stream import pooled_loader
+from luna_dist.data.loaders import pooled_loader
 
 BATCHES = 6
 

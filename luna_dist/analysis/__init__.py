@@ -1,0 +1,12 @@
+"""From CTs to findings: one CT segmented (`segment`), grouped and measured (`groups`) and classified
+(`detect`); which CTs (`series`), many over many processes (`run`), what produced each finding
+(`identity`); the scores (`findings`) and the report (`report`)."""
+
+from luna_dist.common.lazy import exports
+
+__all__, __getattr__, __dir__ = exports(__name__, {
+    "Models": "luna_dist.analysis.detect",
+    "load_model": "luna_dist.analysis.detect",
+    "analyze_ct": "luna_dist.analysis.detect",
+    "Analysed": "luna_dist.analysis.detect",
+})
