@@ -377,6 +377,48 @@ def test_out_of_range_numbers_are_refused_naming_the_flag(flag, value, least, ca
     assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {flag} must be at least {least}, got {value}")
 
 
+def test_a_fold_left_out_cannot_also_be_validated_on(capsys):
+    from luna_dist.training.options import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--shards", "unused", "--val-folds", "2", "3", "--exclude-folds", "3"])
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        "error: fold 3 is in --val-folds and --exclude-folds: a fold is validated on or left out")
+
+
+def test_best_pt_and_the_predictions_record_the_folds_trained_and_chosen_on(two_rank_run, tiny_shards):
+    """--select-on val (the default): best.pt was chosen by fold 3's score, so it and every epoch's predictions
+    of fold 3 count as having seen fold 3; the saved state's weights were chosen on nothing."""
+    from luna_dist.models import provenance
+
+    series = {int(fold): tuple(entry["series"]) for fold, entry in open_cls(tiny_shards).manifest["folds"].items()}
+    best = provenance.read(two_rank_run / "best.pt")
+    assert best.trained_on == {fold: series[fold] for fold in (0, 1, 2)} and best.selected_on == {3: series[3]}
+    assert best.selection == "the best cpm on folds [3]"
+    state = provenance.read(two_rank_run / "state")
+    assert state.trained_on == best.trained_on and state.selected_on == {}
+    assert json.loads((two_rank_run / "args.json").read_text())["provenance"] == best.folds()
+    parts = provenance.read_sidecar(two_rank_run / "val-predictions-E1.csv")
+    assert parts == [provenance.Part(series[3], {"the nodule classifier of epoch 1": best})]
+
+
+@pytest.mark.slow
+def test_select_on_last_keeps_the_last_epoch_and_a_left_out_fold_is_never_read(tiny_shards, tmp_path):
+    import torch
+
+    from luna_dist.models import provenance
+
+    result = train(["--shards", str(tiny_shards), "--out", str(tmp_path), "--run-name", "r", "--epochs", "2",
+                    "--max-steps", "1", "--batch-size", "4", "--balanced", "1", "--val-folds", "0",
+                    "--exclude-folds", "3", "--select-on", "last"])
+    assert "train folds [1, 2], validation folds [0], folds [3] left out; best.pt: the last epoch" in result.stderr
+    assert result.stderr.count("kept, the last epoch (--select-on last)") == 2
+    best = torch.load(tmp_path / "r" / "best.pt", weights_only=True)
+    assert (best["epoch"], best["select_on"]) == (2, "last")
+    record = provenance.read(tmp_path / "r" / "best.pt")
+    assert sorted(record.trained_on) == [1, 2] and record.selected_on == {} and record.selection == "the last epoch"
+
+
 @pytest.mark.slow
 def test_damaged_shard_read_by_a_data_worker_is_one_line(tiny_shards, tmp_path):
     """The worker's traceback stays out of the message; the shard and the sample are named."""
