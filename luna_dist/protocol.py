@@ -27,6 +27,8 @@ from luna_dist.cv import plan, report, slurm
 from luna_dist.cv.recipe import Recipe, RecipeError, check, load
 from luna_dist.cv.runner import ProtocolError, Runner
 from luna_dist.cv.stages import KINDS, Layout, Stage, fold_stages, merge_stage, shard_stages
+from luna_dist.imaging.ct import CtError
+from luna_dist.shards.inputs import InputError
 from luna_dist.training import options
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "launch" / "recipes" / "luna16.toml"
@@ -130,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.plan and args.slurm:
         parser.error("--plan prints the stages and --slurm writes them as jobs: choose one")
+    if not args.data.is_dir():
+        return cli.fail(f"--data {args.data}: not a folder (the LUNA16-format folder: subset*/, the tables)")
     layout = Layout(args.data.absolute(), args.out.absolute())
     launcher = shlex.split(args.launcher) if args.launcher else [sys.executable]
     try:
@@ -137,12 +141,17 @@ def main(argv: list[str] | None = None) -> int:
         parsed = check(recipe, stage_parsers(layout))
     except RecipeError as err:
         return cli.fail(str(err))
-    if args.slurm:
-        print(slurm.write(layout, args, launcher))
-        return cli.EXIT_OK
-    if args.plan:
-        print(plan.plan(recipe, parsed, layout, launcher, args.folds))
-        return cli.EXIT_OK
+    try:
+        if args.slurm:
+            print(slurm.write(layout, args, launcher))
+            return cli.EXIT_OK
+        if args.plan:
+            print(plan.plan(recipe, parsed, layout, launcher, args.folds))
+            return cli.EXIT_OK
+    except (ProtocolError, InputError, CtError, ValueError) as err:
+        return cli.fail(str(err))
+    except OSError as err:
+        return cli.fail(f"{err.filename}: {err.strerror}")
     runner = Runner(layout, launcher, set(args.stages))
     try:
         with cli.interrupts():

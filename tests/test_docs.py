@@ -23,7 +23,7 @@ def test_flag_tables_are_those_of_the_parsers():
 
 
 @pytest.mark.parametrize("module", ["luna_dist.shard", "luna_dist.train", "luna_dist.analyze", "luna_dist.evaluate",
-                                    "luna_dist.synth", "luna_dist.bench", "luna_dist.rehearsal"])
+                                    "luna_dist.synth", "luna_dist.bench", "luna_dist.rehearsal", "luna_dist.protocol"])
 def test_every_command_has_its_table_and_every_flag_is_in_it(module):
     pages = [p for p in (ROOT / "docs").glob("*.md") if f"<!-- flags: {module} -->" in p.read_text()]
     assert len(pages) == 1, f"{module}: one page holds its flags, found {pages}"

@@ -17,7 +17,7 @@ import pytest
 
 from luna_dist import analyze, protocol
 from luna_dist.cv import recipe as recipes
-from luna_dist.cv.runner import ProtocolError, check_unseen
+from luna_dist.cv.runner import ProtocolError, Runner, check_unseen
 from luna_dist.cv.stages import Layout, fold_stages, merge_stage, selection, shard_stages
 from luna_dist.evaluation.files import fold_findings, read_marks
 from luna_dist.evaluation.luna16 import Marks, froc
@@ -131,6 +131,16 @@ def test_a_changed_flag_or_input_changes_the_identity_of_what_depends_on_it_and_
     os.rename(layout.data, moved.data)
     os.rename(layout.out, moved.out)
     assert _identities(SMALL, moved, tmp_path) == changed  # folders moved keep their stages
+
+
+def test_a_stage_of_another_kind_runs_only_once_those_before_it_are_done(tmp_path, capsys):
+    """A SLURM fold task started before the builds finished refuses, naming the stage and the command that does it."""
+    (tmp_path / "data").mkdir()
+    args = ["--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--recipe",
+            str(write_recipe(tmp_path / "r.toml"))]
+    assert protocol.main([*args, "--stages", "folds", "--folds", "3"]) == 1
+    assert capsys.readouterr().err == "error: stage shard-cls is not done: run it first (--stages shards)\n"
+    assert not (tmp_path / "out").exists()
 
 
 STOPPED = """
@@ -318,10 +328,19 @@ def test_the_protocol_scores_each_fold_with_models_that_never_saw_it(small_data,
     assert analyze.main(args) == 1
     assert capsys.readouterr().err.startswith(f"error: the segmentation model --seg-model {fold1 / 'seg' / 'best.pt'} "
                                               "trained on fold 0, and 1 of its series is scored here")
+    layout = Layout(small_data, out)
+    classifier, *_, analysis = fold_stages(recipes.load(recipe), layout, 0, [0, 1, 2, 3])
+    assert Runner(layout, [sys.executable], set()).done(classifier) is not None
     (out / "fold0" / "cls" / "best.pt").write_bytes((fold1 / "cls" / "best.pt").read_bytes())
-    analysis = fold_stages(recipes.load(recipe), Layout(small_data, out), 0, [0, 1, 2, 3])[-1]
     with pytest.raises(ProtocolError, match=rf"^{out / 'fold0' / 'cls' / 'best.pt'} trained on fold 0"):
-        check_unseen(analysis, Layout(small_data, out))
+        check_unseen(analysis, layout)
+    assert Runner(layout, [sys.executable], set()).done(classifier) is None  # a model replaced by hand: trained again
+
+    # A fold without series is named.
+    assert protocol.main(["--data", str(small_data), "--out", str(out), "--recipe", str(recipe), "--folds", "7",
+                          "--stages", "merge"]) == 1
+    assert capsys.readouterr().err.endswith(f"error: --folds 7: the build {out / 'shards' / 'cls'} has no series in "
+                                            "it (its folds with series: [0, 1, 2, 3])\n")
 
 
 def _processes_writing(out: Path) -> list[int]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import sys
 import time
 from pathlib import Path
@@ -183,7 +184,10 @@ def _shown(paths: list[Path], layout: Layout) -> str:
             if path.is_relative_to(root):
                 return f"{name}/{path.relative_to(root)}" if name else str(path.relative_to(root))
         return str(path)
-    return ", ".join(short(path) for path in paths)
+    shown = [short(path) for path in paths]
+    if len(shown) > 3:  # every fold's file: said once, foldK standing for each
+        shown = list(dict.fromkeys(re.sub(r"^fold\d+/", "foldK/", name) for name in shown))
+    return ", ".join(shown)
 
 
 def _duration(seconds: float) -> str:
