@@ -62,10 +62,10 @@ class Runner:
         self.layout, self.launcher, self.kinds = layout, launcher, kinds
         self.current: Stage | None = None  # the stage running, for the line of an interruption
 
-    def done(self, stage: Stage) -> dict | None:
-        """The record of `stage` when it finished with its identity as it is now and its output (a model, a
-        manifest, a submission) is the one it wrote; else None."""
-        identity = stage.identity(self.layout)
+    def done(self, stage: Stage, identity: str | None = None) -> dict | None:
+        """The record of `stage` when it finished with its identity as it is now (`identity`, computed when not
+        given) and its output (a model, a manifest, a submission) is the one it wrote; else None."""
+        identity = identity or stage.identity(self.layout)
         record = read_record(self.layout.record(stage.name))
         if identity is None or record is None or record.get("identity") != identity:
             return None
@@ -73,10 +73,11 @@ class Runner:
 
     def run(self, stage: Stage) -> dict:
         """Skip `stage` when done, else run it; its record. ProtocolError when it may not run here or fails."""
-        if (record := self.done(stage)) is not None:
+        inputs = stage.inputs()
+        identity = None if inputs is None else stage.identity(self.layout, inputs)
+        if (record := self.done(stage, identity)) is not None:
             print(f"{stage.name}: done, skipped", flush=True)
             return record
-        identity = stage.identity(self.layout)
         if stage.kind not in self.kinds:
             earlier = read_record(self.layout.record(stage.name))
             state = "not done" if earlier is None else "done with other inputs than it has now"
@@ -100,7 +101,7 @@ class Runner:
             raise ProtocolError(f"stage {stage.name} failed (exit {code}; its error is above): fix what it names and "
                                 "rerun the same command, which skips the stages finished")
         seconds = time.perf_counter() - began
-        record = {"stage": stage.name, "identity": identity, "inputs": stage.inputs(), "command": shlex.join(argv),
+        record = {"stage": stage.name, "identity": identity, "inputs": inputs, "command": shlex.join(argv),
                   "launcher": shlex.join(self.launcher) if stage.launched else None, "started": started,
                   "finished": _now(), "seconds": round(seconds, 1),
                   "output": _output(stage.output)}

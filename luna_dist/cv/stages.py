@@ -86,8 +86,9 @@ class Stage:
     task: str | None = None
     output: Path | None = None  # the file its followers read (a model, a submission, a manifest)
 
-    def identity(self, layout: Layout) -> str | None:
-        inputs = self.inputs()
+    def identity(self, layout: Layout, inputs: dict | None = None) -> str | None:
+        """The sha256 of what the stage is made of (see the module's docstring); `inputs` when already known."""
+        inputs = self.inputs() if inputs is None else inputs
         if inputs is None:
             return None
         shown = [_placeholders(token, layout) for token in self.command]
