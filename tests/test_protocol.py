@@ -18,7 +18,7 @@ import pytest
 from luna_dist import analyze, protocol
 from luna_dist.cv import recipe as recipes
 from luna_dist.cv.runner import ProtocolError, Runner, check_unseen
-from luna_dist.cv.stages import Layout, fold_stages, merge_stage, selection, shard_stages
+from luna_dist.cv.stages import Layout, Stage, fold_stages, merge_stage, selection, shard_stages
 from luna_dist.evaluation.files import fold_findings, read_marks
 from luna_dist.evaluation.luna16 import Marks, froc
 from luna_dist.models import provenance
@@ -131,6 +131,23 @@ def test_a_changed_flag_or_input_changes_the_identity_of_what_depends_on_it_and_
     os.rename(layout.data, moved.data)
     os.rename(layout.out, moved.out)
     assert _identities(SMALL, moved, tmp_path) == changed  # folders moved keep their stages
+
+
+def _writer(layout: Layout) -> Stage:
+    """A stage whose command writes one file, its output."""
+    output = layout.out / "w" / "f.txt"
+    return Stage("w", "merge", "evaluate", ["-c", "import sys; open(sys.argv[1], 'w').write('made')", str(output)], False, [],
+                 output.parent, lambda: {}, output=output)
+
+
+def test_a_finished_stage_is_done_in_a_moved_folder_and_not_once_its_output_is_replaced(tmp_path, capsys):
+    layout = Layout(tmp_path / "data", tmp_path / "out")
+    Runner(layout, [sys.executable], {"merge"}).run(_writer(layout))
+    moved = Layout(tmp_path / "data", tmp_path / "moved")
+    os.rename(layout.out, moved.out)
+    assert Runner(moved, [sys.executable], set()).done(_writer(moved)) is not None
+    (moved.out / "w" / "f.txt").write_text("replaced")
+    assert Runner(moved, [sys.executable], set()).done(_writer(moved)) is None
 
 
 def test_a_stage_of_another_kind_runs_only_once_those_before_it_are_done(tmp_path, capsys):
