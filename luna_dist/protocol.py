@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="LUNA16-format folder (subset*/ with .mhd/.raw, the tables)")
     parser.add_argument("--out", type=Path, required=True,
                         help="the protocol's folder: shards, runs, analyses, the merged score and index.html")
-    parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE,
+    parser.add_argument("--recipe", type=Path,
                         help="TOML file of each stage's flags (default: launch/recipes/luna16.toml, the real data "
                              "set's; launch/recipes/synthetic.toml: the demo's sizes)")
     parser.add_argument("--launcher", default=None,
@@ -130,6 +130,7 @@ def plottable() -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.recipe = args.recipe or DEFAULT_RECIPE  # not the parser's default: the docs show none of this checkout's paths
     if args.plan and args.slurm:
         parser.error("--plan prints the stages and --slurm writes them as jobs: choose one")
     if not args.data.is_dir():
