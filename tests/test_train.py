@@ -135,7 +135,6 @@ def test_tensorboard_holds_scalars_pr_curve_and_histograms(two_rank_run):
 
 def test_validation_writes_luna16_predictions_scored_as_the_evaluation_scores_them(tiny_shards, two_rank_run, tmp_path,
                                                                                 capsys):
-
     metrics = json.loads((two_rank_run.parent / "metrics.json").read_text())
     marks = read_marks(two_rank_run / "val-predictions-E1.csv")
     shards = open_cls(tiny_shards)
@@ -147,10 +146,14 @@ def test_validation_writes_luna16_predictions_scored_as_the_evaluation_scores_th
     for name, found in (("annotations", nodules), ("excluded", excluded)):
         rows = [f"{u},{x!r},{y!r},{z!r},{d!r}" for u, (x, y, z), d in zip(found.series, found.xyz.tolist(), found.diameter.tolist())]
         (tmp_path / f"{name}.csv").write_text("\n".join(["seriesuid,coordX,coordY,coordZ,diameter_mm", *rows]) + "\n")
-    assert evaluate.main(["--annotations", str(tmp_path / "annotations.csv"), "--excluded", str(tmp_path / "excluded.csv"),
-                          "--seriesuids", str(tmp_path / "series.csv"), "--bootstrap", "0",
-                          "--predictions", str(two_rank_run / "val-predictions-E1.csv"),
-                          "--json", str(tmp_path / "score.json")]) == 0
+    tables = ["--annotations", str(tmp_path / "annotations.csv"), "--excluded", str(tmp_path / "excluded.csv"),
+              "--seriesuids", str(tmp_path / "series.csv"), "--bootstrap", "0", "--json", str(tmp_path / "score.json")]
+    # The run chose its best epoch on fold 3 (--select-on val): its predictions' sidecar says so, and fold 3 is not
+    # scored with them; the CSV alone, compared here as numbers, is.
+    assert evaluate.main([*tables, "--predictions", str(two_rank_run / "val-predictions-E1.csv")]) == 1
+    assert "was selected on fold 3" in capsys.readouterr().err
+    shutil.copy(two_rank_run / "val-predictions-E1.csv", tmp_path / "predictions.csv")
+    assert evaluate.main([*tables, "--predictions", str(tmp_path / "predictions.csv")]) == 0
     score = json.loads((tmp_path / "score.json").read_text())
     assert score["cpm"] == pytest.approx(metrics["cpm"], abs=1e-9)
     assert score["nodules"] == len(nodules.series) > 0 and score["scans"] == len(series)
