@@ -1,6 +1,7 @@
-"""LUNA16's whole protocol, composed of the commands' stages: the recipe of their flags (`recipe`), the stages, what
-each reads and writes and its identity (`stages`), the local runner (`runner`), the SLURM form (`slurm`), the
-plan (`plan`) and the page of the merged result (`report`). The command: `luna_dist/protocol.py`."""
+"""Cross-validation: LUNA16's whole protocol, each fold scored by models trained without it, composed of the
+commands' stages: the recipe of their flags (`recipe`), the stages, what each reads and writes and its identity
+(`stages`), the local runner (`runner`), the SLURM form (`slurm`), the plan (`plan`) and the page of the merged
+result (`report`). The command: `luna_dist/protocol.py`."""
 
 from luna_dist.common.lazy import exports
 

@@ -1,7 +1,7 @@
 """The protocol's stages, what each runs, reads and writes, and its identity.
 
     shard-cls, shard-seg       python -m luna_dist.shard: the classification and segmentation builds, once
-    cls-foldK                  launch/train.py --task cls on every fold but K (`recipe.select` says which epoch)
+    cls-foldK                  python -m luna_dist.train --task cls on every fold but K (`recipe.select`: which epoch)
     seg-foldK                  --task seg, likewise
     malignancy-foldK           --task malignancy, fine-tuned from cls-foldK's best.pt, likewise
     analyze-foldK              python -m luna_dist.analyze of fold K with those three models
