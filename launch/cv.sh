@@ -8,7 +8,8 @@
 # Relative SHARD_DIR and OUT are taken from the folder the script is started in.
 # Resumable per fold: a fold finished with the same flags is skipped, an unfinished one resumes
 # from its last saved epoch, and training refuses to resume a fold trained with other flags
-# (naming them) rather than relabel it. Each fold's last epoch's predictions are the ones merged.
+# (naming them) rather than relabel it. Each fold's last epoch's predictions are the ones merged, and
+# each fold's best.pt is its last epoch (--select-on last): no fold is scored by a model chosen on it.
 set -euo pipefail
 SHARDS=${1:?usage: launch/cv.sh SHARD_DIR [train.py flags]}
 shift
@@ -31,7 +32,8 @@ for fold in $FOLDS; do
     resume=$(compgen -G "$run/state*" >/dev/null && echo --resume || { [ -d "$run" ] && echo --overwrite; } || true)
     echo "fold $fold: training on the other folds${resume:+ ($resume)}"
     # shellcheck disable=SC2086  # LAUNCH is a command line
-    if ! $LAUNCH --shards "$SHARDS" --val-folds "$fold" --out "$OUT" --run-name "fold$fold" $resume "$@"; then
+    if ! $LAUNCH --shards "$SHARDS" --val-folds "$fold" --select-on last --out "$OUT" --run-name "fold$fold" \
+            $resume "$@"; then
         echo "error: fold $fold failed (above); a fold resumes only with the flags it was trained with:" \
              "use another OUT for other flags, or remove $run to train it afresh" >&2
         exit 1
@@ -45,11 +47,9 @@ for fold in $FOLDS; do
     [ -n "$last" ] || { echo "error: $OUT/fold$fold has no val-predictions-E*.csv; rerun to finish it" >&2; exit 1; }
     files+=("$last")
 done
-# One header, then every fold's rows.
-awk 'FNR == 1 && NR != 1 { next } { print }' "${files[@]}" > "$OUT/predictions.csv.partial"
-mv "$OUT/predictions.csv.partial" "$OUT/predictions.csv"
 plot=$(python -c "import matplotlib" 2>/dev/null && echo "--plot $OUT/froc.png" || true)
+# Every fold's marks scored as one and merged into one file; each file's sidecar (what its model saw) is checked.
 # shellcheck disable=SC2086  # FOLDS and plot are lists of words
-python -m luna_dist.evaluate --shards "$SHARDS" --folds $FOLDS --predictions "$OUT/predictions.csv" \
-    --json "$OUT/cv-score.json" $plot
+python -m luna_dist.evaluate --shards "$SHARDS" --folds $FOLDS --predictions "${files[@]}" \
+    --merged "$OUT/predictions.csv" --json "$OUT/cv-score.json" $plot
 echo "cross-validation of folds $FOLDS: $OUT/predictions.csv, $OUT/cv-score.json ($(( $(date +%s) - started )) s)"

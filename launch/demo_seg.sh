@@ -14,6 +14,6 @@ THREADS=$(python -c "import os; print(os.cpu_count())")
 RESUME=$(compgen -G "runs/$RUN/state*" >/dev/null && echo --resume || { [ -d "runs/$RUN" ] && echo --overwrite; } || true)
 accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
     --num_cpu_threads_per_process "$THREADS" \
-    launch/train.py --task seg --shards "$SHARDS" --run-name "$RUN" $RESUME \
+    launch/train.py --task seg --shards "$SHARDS" --run-name "$RUN" $RESUME --select-on last \
     --epochs "${EPOCHS:-10}" --epoch-samples 2048 --batch-size 16 --augment --seed "${SEED:-0}"
 echo "TensorBoard logs: runs/$RUN (tensorboard --logdir runs)"

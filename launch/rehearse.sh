@@ -8,7 +8,8 @@
 #             shards (~83 GB) do not fit on most disks, so two folds of ten are built and the
 #             fraction is said
 #   train     one epoch of EPOCH_SAMPLES balanced samples on fold 0, validation on all of fold 9
-#             with LUNA16's CPM from the manifest's real findings
+#             with LUNA16's CPM from the manifest's real findings (the epoch kept: chosen on no
+#             fold, so fold 9 is then scored with it)
 #   evaluate  LUNA16's scoring of the validation's predictions, and of a submission of every
 #             candidate of the 888 (or 444) series with a random probability
 #   analyze   the analysis of fold 9 in candidates mode (its candidates scored by the classifier)
@@ -58,8 +59,8 @@ lines = (data / "candidates.csv").read_text().splitlines(keepends=True)
 EOF
     stage "$size" build "$shards" python -m luna_dist.shard --data "$data" --out "$shards" --workers "$WORKERS" \
         --candidates "$WORK/data-$size-folds-0-9.csv" --no-progress
-    stage "$size" train "$WORK/runs-$size" python launch/train.py --shards "$shards" --val-folds 9 --epochs 1 \
-        --epoch-samples "$EPOCH_SAMPLES" --balanced 1 --batch-size 64 --out "$WORK/runs-$size" --run-name cls
+    stage "$size" train "$WORK/runs-$size" python launch/train.py --shards "$shards" --val-folds 9 --select-on last \
+        --epochs 1 --epoch-samples "$EPOCH_SAMPLES" --balanced 1 --batch-size 64 --out "$WORK/runs-$size" --run-name cls
     stage "$size" evaluate "$WORK/runs-$size/cls" python -m luna_dist.evaluate --shards "$shards" --folds 9 \
         --predictions "$WORK/runs-$size/cls/val-predictions-E1.csv" --json "$WORK/$size-evaluate.json"
     python - "$data" "$WORK/marks-$size.csv" <<'EOF'
@@ -84,7 +85,7 @@ EOF
     stage "$size" seg-build "$WORK/seg-$size" python -m luna_dist.shard --task seg --data "$data" \
         --out "$WORK/seg-$size" --workers "$WORKERS" --candidates "$WORK/data-$size-folds-0-9.csv" --no-progress
     stage "$size" seg-train "$WORK/runs-$size/seg" python launch/train.py --task seg --shards "$WORK/seg-$size" \
-        --val-folds 9 --epochs 1 --epoch-samples "$EPOCH_SAMPLES" --batch-size 16 --augment \
+        --val-folds 9 --select-on last --epochs 1 --epoch-samples "$EPOCH_SAMPLES" --batch-size 16 --augment \
         --out "$WORK/runs-$size" --run-name seg
     stage "$size" analyze-seg "$WORK/results-seg-$size" python -m luna_dist.analyze --data "$data" \
         --shards "$shards" --folds 9 --seg-model "$WORK/runs-$size/seg/best.pt" \

@@ -5,7 +5,9 @@
     python -m luna_dist.evaluate --shards shards/NAME [--folds 0 1 ...] --predictions predictions.csv
 
 (the second takes the series, nodules and excluded findings of the folds from the shard manifest). The
-rules are `luna_dist.evaluation.luna16`'s.
+rules are `luna_dist.evaluation.luna16`'s. Several predictions files (a cross-validation's folds) are scored
+as one. A file's sidecar (`NAME.provenance.json`, `luna_dist.models.provenance`) says which models made its
+marks and what they saw: a model that trained or was selected on a scored series it marked is refused.
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from luna_dist.common import cli
 from luna_dist.common.atomic import write_json
-from luna_dist.evaluation.files import plot_froc, read_findings, read_marks, shard_findings
-from luna_dist.evaluation.luna16 import FP_RATES, EvaluationError, format_value, froc
+from luna_dist.evaluation.files import plot_froc, read_findings, read_marks, shard_findings, write_marks
+from luna_dist.evaluation.luna16 import FP_RATES, EvaluationError, Marks, format_value, froc
+from luna_dist.models import provenance
 from luna_dist.tables.candidates import CsvError, read_series_list
 
 
@@ -32,8 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="instead of the three above: a shard build (folder or URL), whose manifest lists them "
                              "per fold")
     parser.add_argument("--folds", type=int, nargs="+", help="with --shards: the folds scored (default: all)")
-    parser.add_argument("--predictions", type=Path, required=True,
-                        help="CSV with seriesuid,coordX,coordY,coordZ,probability (mm)")
+    parser.add_argument("--predictions", type=Path, nargs="+", required=True,
+                        help="CSV with seriesuid,coordX,coordY,coordZ,probability (mm); several (each fold's of a "
+                             "cross-validation) are scored as one, each series marked in one of them at most")
+    parser.add_argument("--merged", type=Path,
+                        help="write the marks of every --predictions here, as one file (and what made them: its "
+                             ".provenance.json)")
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--plot", type=Path, help="draw the FROC curve here (PNG; needs matplotlib)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="scan resamplings for the 95%% interval (0: none)")
@@ -41,10 +50,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def joined(marks: list[Marks], paths: list[Path]) -> Marks:
+    """The marks of several files as one; EvaluationError naming a series marked in two of them (its marks would
+    count twice)."""
+    owner: dict[str, Path] = {}
+    for found, path in zip(marks, paths):
+        for uid in np.unique(found.series).tolist():
+            if (other := owner.setdefault(uid, path)) != path:
+                raise EvaluationError(f"{path}: series {uid} is marked in {other} too; give each series' marks in one "
+                                      "file")
+    return Marks(np.concatenate([m.series for m in marks]), np.concatenate([m.xyz for m in marks]).reshape(-1, 3),
+                 np.concatenate([m.probability for m in marks]))
+
+
+def made_by(path: Path, marks: Marks, scored: list[str]) -> list[provenance.Part]:
+    """What made the marks of `path`, from its sidecar (`luna_dist.models.provenance`); EvaluationError naming the
+    model and the fold when one trained or was selected on a scored series it marked. Without a sidecar, one
+    part of unknown models, and a note."""
+    parts = provenance.read_sidecar(path)
+    if parts is None:
+        print(f"note: {path} has no {provenance.sidecar(path).name} (luna_dist's training and analysis write one "
+              "beside their predictions): whether the models that made it saw the scored series is not checked",
+              file=sys.stderr)
+        return [provenance.Part(tuple(np.unique(marks.series).tolist()), None)]
+    listed = set(scored)
+    for part in parts:
+        for name, record in (part.models or {}).items():
+            named = f"{name} (the marks of {path})"
+            if (problem := provenance.leak(named, record, listed.intersection(part.series))) is not None:
+                raise EvaluationError(problem)
+            if warning := provenance.unchecked(named, record):
+                print(warning, file=sys.stderr)
+    return parts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cli.check_at_least(parser, args, {"bootstrap": 0})
+    if args.merged and args.merged.resolve() in {path.resolve() for path in args.predictions}:
+        parser.error(f"--merged {args.merged} is one of --predictions: write the merged marks to another file")
     tables = (args.annotations, args.seriesuids, args.excluded)
     if (args.shards and any(tables)) or not (args.shards or (args.annotations and args.seriesuids)):
         parser.error("give either --annotations and --seriesuids (and --excluded), or --shards")
@@ -61,9 +106,17 @@ def main(argv: list[str] | None = None) -> int:
             series_uids = read_series_list(args.seriesuids)
             nodules = read_findings(args.annotations)
             excluded = read_findings(args.excluded, excluded=True) if args.excluded else None
-        marks = read_marks(args.predictions, series_uids)
-    except (EvaluationError, CsvError) as err:
+        read = [(path, read_marks(path, series_uids)) for path in args.predictions]
+        marks = joined([found for _, found in read], args.predictions)
+        parts = [part for path, found in read for part in made_by(path, found, series_uids)]
+    except (EvaluationError, CsvError, ValueError) as err:
         return cli.fail(str(err))
+    if args.merged:
+        try:
+            write_marks(args.merged, marks)
+            provenance.write_sidecar(args.merged, parts)
+        except OSError as err:
+            return cli.fail(f"--merged: could not write {err.filename}: {err.strerror}")
     result = froc(series_uids, nodules, marks, excluded, args.bootstrap, args.seed, band_points=200 if args.plot else 0)
     print(f"{result.scans} scans, {result.marks} marks ({result.marks_counted} counted), {result.nodules} nodules: "
           f"{result.detected} detected, {result.false_positives} false positives, "

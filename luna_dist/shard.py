@@ -73,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_options(argv: list[str] | None = None) -> tuple[BuildOptions, bool]:
+    """The build's options from its command line, checked (`parser.error` where it is wrong), and whether it asks
+    for --plan only."""
     parser = build_parser()
     args = parser.parse_args(argv)
     plan_only = vars(args).pop("plan")
@@ -82,9 +84,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{flags[0]} is a flag of --task seg; --task {args.task} does not use it")
     default_out = Path("shards") / (args.data.resolve().name + ("-seg" if args.task == "seg" else ""))
     try:
-        options = BuildOptions(**{**vars(args), "out": args.out or default_out})
+        return BuildOptions(**{**vars(args), "out": args.out or default_out}), plan_only
     except BuildError as err:  # a flag out of range: the command line is wrong
         parser.error(str(err))
+
+
+def main(argv: list[str] | None = None) -> int:
+    options, plan_only = parse_options(argv)
     if plan_only:
         try:
             inputs = read_build_inputs(options)

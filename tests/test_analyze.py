@@ -47,7 +47,9 @@ from luna_dist.analyze import main
 from luna_dist.common.out_folder import file_name
 from luna_dist.evaluation.files import read_marks
 from luna_dist.imaging.ct import MAX_CT_VOXELS, read_ct
+from luna_dist.models import provenance
 from luna_dist.models.classifier import LunaModel
+from luna_dist.models.provenance import UNTRAINED, Provenance
 from luna_dist.shards.build import build
 from luna_dist.shards.options import BuildOptions
 from luna_dist.tables.candidates import assign_folds, find_series, folds_as_built, read_annotations
@@ -60,8 +62,9 @@ def models(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
     paths = {"seg": folder / "seg.pt", "cls": folder / "cls.pt"}
-    torch.save({"model": threshold_model().state_dict()}, paths["seg"])
-    torch.save({"model": LunaModel().state_dict()}, paths["cls"])
+    # Built, not trained: they saw no CT, and say so (as training's best.pt says what its model saw).
+    torch.save({"model": threshold_model().state_dict(), "provenance": UNTRAINED.to_json()}, paths["seg"])
+    torch.save({"model": LunaModel().state_dict(), "provenance": UNTRAINED.to_json()}, paths["cls"])
     return paths
 
 
@@ -318,7 +321,7 @@ def test_rerun_with_another_classifier_redoes_the_cts_as_a_fresh_run_would(tiny_
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["analysed"], summary["resumed"], summary["redone"]) == (2, 0, 2)
     sha256 = load_model(LunaModel(), other, torch.device("cpu"))[1]
-    assert summary["produced_by"]["models"]["nodule"] == {"path": str(other), "sha256": sha256}
+    assert summary["produced_by"]["models"]["nodule"] == {"path": str(other), "sha256": sha256, "provenance": None}
 
 
 # -- folds as the shard build deals them ------------------------------------------------------------------
@@ -930,6 +933,52 @@ def test_a_ct_that_fails_for_any_reason_is_listed_and_the_others_finish(error, s
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["analysed"], [f["series_uid"] for f in summary["failed"]]) == (1, ["tiny.1"])
     assert said in summary["failed"][0]["error"] and _analysed(out) == ["tiny.2"]
+
+
+def _model_that_saw(path: Path, trained: dict, selected: dict) -> Path:
+    record = Provenance(trained, selected, "the best cpm on folds [1]" if selected else "the last epoch")
+    torch.save({"model": LunaModel().state_dict(), "provenance": record.to_json()}, path)
+    return path
+
+
+@pytest.mark.parametrize("trained, selected, said", [
+    ({0: ("tiny.1",), 1: ("tiny.2",)}, {}, "trained on fold 1"),
+    ({0: ("tiny.1",)}, {1: ("tiny.2",)}, "was selected on fold 1"),
+])
+def test_a_fold_is_not_scored_with_a_model_that_trained_or_was_selected_on_it(trained, selected, said, tiny_data,
+                                                                              tmp_path, capsys):
+    """The analysis scored fold 1 with a classifier trained on it, or whose epoch was chosen by its score on it,
+    and reported that CPM as if the fold were unseen."""
+    model = _model_that_saw(tmp_path / "best.pt", trained, selected)
+    out = tmp_path / "out"
+    assert main(_candidates_args(tiny_data, {"cls": model}, out) + ["--folds", "1"]) == 1
+    said_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith(("error:", "warning:"))]
+    assert said_lines == [f"error: the nodule classifier --cls-model {model} {said}, and 1 of its series is scored "
+                          "here (e.g. tiny.2): a fold is scored only by models that neither trained nor were "
+                          "selected on it; train them without it (--val-folds 1 --select-on last)"]
+    assert not list(out.glob("ct/*.json")) and not (out / "submission.csv").exists()
+
+
+def test_a_fold_the_models_did_not_see_is_scored_and_its_submission_says_what_they_saw(tiny_data, tmp_path, capsys):
+    model = _model_that_saw(tmp_path / "best.pt", {1: ("tiny.2",)}, {})
+    out = tmp_path / "out"
+    assert main(_candidates_args(tiny_data, {"cls": model}, out) + ["--folds", "0"]) == 0
+    assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith(("error:", "warning:"))]
+    record = provenance.read(model)
+    named = f"the nodule classifier --cls-model {model}"
+    assert provenance.read_sidecar(out / "submission.csv") == [provenance.Part(("tiny.1",), {named: record})]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["produced_by"]["models"]["nodule"]["provenance"] == record.folds()
+    assert record.folds()["trained_on"] == [1]
+
+
+def test_a_model_that_records_nothing_is_scored_with_a_warning(tiny_data, tmp_path, capsys):
+    torch.save({"model": LunaModel().state_dict()}, tmp_path / "old.pt")
+    assert main(_candidates_args(tiny_data, {"cls": tmp_path / "old.pt"}, tmp_path / "out")) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: the nodule classifier --cls-model {tmp_path / 'old.pt'} records no folds it "
+                        "trained or was selected on (saved before luna_dist recorded them, or by other software): "
+                        "whether it saw the scored series is not checked"]
 
 
 def test_probabilities_that_are_not_finite_fail_the_ct_naming_the_model(tiny_data, models, tmp_path, capsys):

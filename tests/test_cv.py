@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from luna_dist.models import provenance
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -35,8 +37,10 @@ def test_cv_trains_each_fold_merges_and_scores_every_series(tiny_shards, tmp_pat
     out = tmp_path / "cv"
     first = cv(Path("shards"), Path("cv"), tmp_path)
     for fold in range(4):
-        args = json.loads((out / f"fold{fold}" / "args.json").read_text())["arguments"]
-        assert args["val_folds"] == f"[{fold}]"
+        record = json.loads((out / f"fold{fold}" / "args.json").read_text())
+        assert record["arguments"]["val_folds"] == f"[{fold}]"
+        # Each fold's best.pt is its last epoch, chosen on no fold: fold K can be scored with it.
+        assert record["provenance"]["selected_on"] == [] and fold not in record["provenance"]["trained_on"]
         assert (out / f"fold{fold}" / "val-predictions-E1.csv").is_file()
     with open(out / "predictions.csv", newline="") as f:
         merged = list(csv.DictReader(f))
@@ -48,6 +52,9 @@ def test_cv_trains_each_fold_merges_and_scores_every_series(tiny_shards, tmp_pat
     assert score["nodules"] == sum(len(entry["annotations"]) for entry in manifest["folds"].values()) > 0
     assert score["cpm_ci"] is not None and 0 <= score["cpm"] <= 1
     assert "CPM" in first.stdout and "cross-validation of folds 0 1 2 3" in first.stdout
+    # What made the merged marks goes with them: each fold's marks, by a model that did not see that fold.
+    parts = provenance.read_sidecar(out / "predictions.csv")
+    assert sorted(part.series for part in parts) == sorted(tuple(entry["series"]) for entry in manifest["folds"].values())
 
     # A rerun with the same flags trains nothing and gives the same merged file and score.
     before = (out / "predictions.csv").read_bytes()

@@ -22,8 +22,16 @@ def test_flag_tables_are_those_of_the_parsers():
     assert docs.main(["--check"]) == 0
 
 
+def test_flag_tables_hold_no_path_of_this_checkout():
+    """A default shown as this checkout's path would make the tables differ, and --check fail, in every other one."""
+    modules = {module for page in (ROOT / "docs").glob("*.md") for module in docs.MARKER.findall(page.read_text())}
+    assert "luna_dist.protocol" in {module for _, module, *_ in modules}
+    for _, module, *_ in modules:
+        assert str(ROOT) not in docs.table(module), module
+
+
 @pytest.mark.parametrize("module", ["luna_dist.shard", "luna_dist.train", "luna_dist.analyze", "luna_dist.evaluate",
-                                    "luna_dist.synth", "luna_dist.bench", "luna_dist.rehearsal"])
+                                    "luna_dist.synth", "luna_dist.bench", "luna_dist.rehearsal", "luna_dist.protocol"])
 def test_every_command_has_its_table_and_every_flag_is_in_it(module):
     pages = [p for p in (ROOT / "docs").glob("*.md") if f"<!-- flags: {module} -->" in p.read_text()]
     assert len(pages) == 1, f"{module}: one page holds its flags, found {pages}"

@@ -12,6 +12,8 @@ import pytest
 from luna_dist.evaluate import main
 from luna_dist.evaluation.files import read_marks, write_marks
 from luna_dist.evaluation.luna16 import FP_RATES, FROC_GRID, RATE_INDICES, Findings, Marks, froc
+from luna_dist.models import provenance
+from luna_dist.models.provenance import Provenance
 from luna_dist.shards import chunk_samples
 
 # The grid points the official script reads for 1/8 ... 8 FP/scan (10,001 points from 0.125 to 8).
@@ -316,6 +318,56 @@ def test_a_header_with_an_invisible_character_is_shown_escaped(files, tmp_path, 
     write(tmp_path / "c.csv", "seriesuid\u200b,coordX,coordY,coordZ,class\n")
     with pytest.raises(CsvError, match=r"found 'seriesuid\\u200b', coordX"):
         read_candidates(tmp_path / "c.csv")
+
+
+def _split(files, tmp_path) -> tuple:
+    """pred.csv's marks of 1.2.3 and of 1.2.4 as two files, each with its sidecar: the first made by a model
+    trained on fold 0 (series 1.2.4, 1.2.5), the second by one trained on fold 1 (1.2.3) and chosen on fold 2
+    (1.2.5)."""
+    rows = files["predictions"].read_text().splitlines()
+    first = write(tmp_path / "a.csv", "\n".join([rows[0], *[r for r in rows[1:] if "1.2.3" in r]]) + "\n")
+    second = write(tmp_path / "b.csv", "\n".join([rows[0], *[r for r in rows[1:] if "1.2.4" in r]]) + "\n")
+    trained_elsewhere = Provenance({0: ("1.2.4", "1.2.5")}, {}, "the last epoch")
+    chosen_elsewhere = Provenance({1: ("1.2.3",)}, {2: ("1.2.5",)}, "the best cpm on folds [2]")
+    provenance.write_sidecar(first, [provenance.Part(("1.2.3",), {"model A": trained_elsewhere})])
+    provenance.write_sidecar(second, [provenance.Part(("1.2.4",), {"model B": chosen_elsewhere})])
+    return first, second
+
+
+def test_several_files_score_as_one_and_merge_with_what_made_them(files, tmp_path, capsys):
+    assert run_main(files, tmp_path, "--bootstrap", "50") == 0
+    whole = json.loads((tmp_path / "out.json").read_text())
+    assert "note: " in capsys.readouterr().err  # pred.csv has no sidecar
+    first, second = _split(files, tmp_path)
+    merged = tmp_path / "merged.csv"
+    assert run_main({**files, "predictions": first}, tmp_path, "--bootstrap", "50", "--predictions", str(first),
+                    str(second), "--merged", str(merged)) == 0
+    assert json.loads((tmp_path / "out.json").read_text()) == whole
+    assert sorted(read_marks(merged).series.tolist()) == ["1.2.3", "1.2.3", "1.2.4", "1.2.4"]
+    assert [part.series for part in provenance.read_sidecar(merged)] == [("1.2.3",), ("1.2.4",)]
+    assert run_main({**files, "predictions": merged}, tmp_path, "--bootstrap", "50") == 0
+    assert json.loads((tmp_path / "out.json").read_text()) == whole
+    assert "note:" not in capsys.readouterr().err
+    assert run_main({**files, "predictions": first}, tmp_path, "--predictions", str(first), str(merged)) == 1
+    assert f"error: {merged}: series 1.2.3 is marked in {first} too" in capsys.readouterr().err
+
+
+def test_marks_of_a_series_their_model_saw_are_not_scored(files, tmp_path, capsys):
+    """Marks made by a model chosen on the scored series were scored as if it had never seen them."""
+    first, second = _split(files, tmp_path)
+    chosen_here = Provenance({1: ("1.2.3",)}, {2: ("1.2.4",)}, "the best cpm on folds [2]")
+    provenance.write_sidecar(second, [provenance.Part(("1.2.4",), {"model B": chosen_here})])
+    assert run_main({**files, "predictions": first}, tmp_path, "--predictions", str(first), str(second)) == 1
+    assert capsys.readouterr().err == (f"error: model B (the marks of {second}) was selected on fold 2, and 1 of its "
+                                       "series is scored here (e.g. 1.2.4): a fold is scored only by models that "
+                                       "neither trained nor were selected on it; train them without it (--val-folds "
+                                       "2 --select-on last)\n")
+    second.write_text(second.read_text() + "0.1,1.2.4,0,0,0\n")  # the sidecar no longer describes it
+    assert run_main({**files, "predictions": second}, tmp_path) == 1
+    assert "b.provenance.json was written for other contents of" in capsys.readouterr().err
+    provenance.sidecar(second).unlink()
+    assert run_main({**files, "predictions": second}, tmp_path) == 0
+    assert f"note: {second} has no b.provenance.json" in capsys.readouterr().err
 
 
 def test_marks_round_trip_through_the_csv(tmp_path):

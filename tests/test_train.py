@@ -135,7 +135,6 @@ def test_tensorboard_holds_scalars_pr_curve_and_histograms(two_rank_run):
 
 def test_validation_writes_luna16_predictions_scored_as_the_evaluation_scores_them(tiny_shards, two_rank_run, tmp_path,
                                                                                 capsys):
-
     metrics = json.loads((two_rank_run.parent / "metrics.json").read_text())
     marks = read_marks(two_rank_run / "val-predictions-E1.csv")
     shards = open_cls(tiny_shards)
@@ -147,10 +146,14 @@ def test_validation_writes_luna16_predictions_scored_as_the_evaluation_scores_th
     for name, found in (("annotations", nodules), ("excluded", excluded)):
         rows = [f"{u},{x!r},{y!r},{z!r},{d!r}" for u, (x, y, z), d in zip(found.series, found.xyz.tolist(), found.diameter.tolist())]
         (tmp_path / f"{name}.csv").write_text("\n".join(["seriesuid,coordX,coordY,coordZ,diameter_mm", *rows]) + "\n")
-    assert evaluate.main(["--annotations", str(tmp_path / "annotations.csv"), "--excluded", str(tmp_path / "excluded.csv"),
-                          "--seriesuids", str(tmp_path / "series.csv"), "--bootstrap", "0",
-                          "--predictions", str(two_rank_run / "val-predictions-E1.csv"),
-                          "--json", str(tmp_path / "score.json")]) == 0
+    tables = ["--annotations", str(tmp_path / "annotations.csv"), "--excluded", str(tmp_path / "excluded.csv"),
+              "--seriesuids", str(tmp_path / "series.csv"), "--bootstrap", "0", "--json", str(tmp_path / "score.json")]
+    # The run chose its best epoch on fold 3 (--select-on val): its predictions' sidecar says so, and fold 3 is not
+    # scored with them; the CSV alone, compared here as numbers, is.
+    assert evaluate.main([*tables, "--predictions", str(two_rank_run / "val-predictions-E1.csv")]) == 1
+    assert "was selected on fold 3" in capsys.readouterr().err
+    shutil.copy(two_rank_run / "val-predictions-E1.csv", tmp_path / "predictions.csv")
+    assert evaluate.main([*tables, "--predictions", str(tmp_path / "predictions.csv")]) == 0
     score = json.loads((tmp_path / "score.json").read_text())
     assert score["cpm"] == pytest.approx(metrics["cpm"], abs=1e-9)
     assert score["nodules"] == len(nodules.series) > 0 and score["scans"] == len(series)
@@ -375,6 +378,48 @@ def test_out_of_range_numbers_are_refused_naming_the_flag(flag, value, least, ca
         parse_args(["--shards", "unused", flag, value])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {flag} must be at least {least}, got {value}")
+
+
+def test_a_fold_left_out_cannot_also_be_validated_on(capsys):
+    from luna_dist.training.options import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--shards", "unused", "--val-folds", "2", "3", "--exclude-folds", "3"])
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        "error: fold 3 is in --val-folds and --exclude-folds: a fold is validated on or left out")
+
+
+def test_best_pt_and_the_predictions_record_the_folds_trained_and_chosen_on(two_rank_run, tiny_shards):
+    """--select-on val (the default): best.pt was chosen by fold 3's score, so it and every epoch's predictions
+    of fold 3 count as having seen fold 3; the saved state's weights were chosen on nothing."""
+    from luna_dist.models import provenance
+
+    series = {int(fold): tuple(entry["series"]) for fold, entry in open_cls(tiny_shards).manifest["folds"].items()}
+    best = provenance.read(two_rank_run / "best.pt")
+    assert best.trained_on == {fold: series[fold] for fold in (0, 1, 2)} and best.selected_on == {3: series[3]}
+    assert best.selection == "the best cpm on folds [3]"
+    state = provenance.read(two_rank_run / "state")
+    assert state.trained_on == best.trained_on and state.selected_on == {}
+    assert json.loads((two_rank_run / "args.json").read_text())["provenance"] == best.folds()
+    parts = provenance.read_sidecar(two_rank_run / "val-predictions-E1.csv")
+    assert parts == [provenance.Part(series[3], {"the nodule classifier of epoch 1": best})]
+
+
+@pytest.mark.slow
+def test_select_on_last_keeps_the_last_epoch_and_a_left_out_fold_is_never_read(tiny_shards, tmp_path):
+    import torch
+
+    from luna_dist.models import provenance
+
+    result = train(["--shards", str(tiny_shards), "--out", str(tmp_path), "--run-name", "r", "--epochs", "2",
+                    "--max-steps", "1", "--batch-size", "4", "--balanced", "1", "--val-folds", "0",
+                    "--exclude-folds", "3", "--select-on", "last"])
+    assert "train folds [1, 2], validation folds [0], folds [3] left out; best.pt: the last epoch" in result.stderr
+    assert result.stderr.count("kept, the last epoch (--select-on last)") == 2
+    best = torch.load(tmp_path / "r" / "best.pt", weights_only=True)
+    assert (best["epoch"], best["select_on"]) == (2, "last")
+    record = provenance.read(tmp_path / "r" / "best.pt")
+    assert sorted(record.trained_on) == [1, 2] and record.selected_on == {} and record.selection == "the last epoch"
 
 
 @pytest.mark.slow

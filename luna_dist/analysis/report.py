@@ -184,7 +184,8 @@ def _write_page(path: Path, body: str) -> None:
         f.write(body)
 
 
-def _page(title: str, body: list[str]) -> str:
+def html_page(title: str, body: list[str]) -> str:
+    """A page of `body` (HTML lines) in the reports' plain style; `title` is escaped here."""
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{_e(title)}</title><style>{PAGE_STYLE}</style></head><body>\n" + "\n".join(body)
             + "\n</body></html>\n")
@@ -242,7 +243,7 @@ def _summary_page(out: Path, results: list[dict], summary: dict, sources: dict[s
         body.append("<tr class=\"ct\">" + "".join(f"<td>{c}</td>" for c in cells)
                     + "".join(f"<td class=\"n\">{n}</td>" for n in numbers) + "</tr>")
     body.append("</table>")
-    return _page(f"Analysis {out}", body)
+    return html_page(f"Analysis {out}", body)
 
 
 def _scores(out: Path, summary: dict) -> list[str]:
@@ -305,7 +306,7 @@ def _ct_page(result: dict, source: Path | None, scored: bool) -> str:
             body += [f"<tr class=\"missed\"><td>{_image(m['image'], 'missed nodule')}</td><td>{_describe(m)}</td></tr>"
                      for m in missed]
             body.append("</table>")
-    return _page(uid, body)
+    return html_page(uid, body)
 
 
 def _image(path: str | None, alt: str) -> str:

@@ -29,7 +29,9 @@ probabilities), `submission.csv` (LUNA16 format, probability = p_nodule) and `su
 When DIR holds `annotations.csv` (where the download puts it, `luna_dist.tables.layout`; its
 tables are checked before the first CT) it also scores them (`luna_dist.analysis.findings`):
 the confusion table of nodules found, filtered out and predicted benign or malignant, and
-LUNA16's FROC/CPM of `submission.csv`.
+LUNA16's FROC/CPM of `submission.csv`. A model that trained or was selected on a CT it would
+score is refused before the first CT (`luna_dist.analysis.leaks`), and `submission.provenance.json`
+says what the models of `submission.csv` saw.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object
 
 from luna_dist import __version__
+from luna_dist.analysis import leaks
 from luna_dist.analysis.detect import Models, analyze_ct, load_model
 from luna_dist.analysis.findings import Truth, marks_of, read_truth, score, write_detections
 from luna_dist.analysis.groups import MIN_EXTENT
@@ -288,6 +291,11 @@ def _run(args: argparse.Namespace, accelerator: Accelerator) -> dict:
                                                 if positions else []):
             print(line, file=sys.stderr)
     models = load_models(args, accelerator.device, positions is not None)
+    seen = leaks.records(models)
+    warnings = leaks.check(models, seen, list(series)) if truth is not None else []
+    if is_main:
+        for line in warnings:
+            print(line, file=sys.stderr)
     shared = produced_by(models, accelerator.mixed_precision, positions is not None, args.body_crop)
     try:
         (args.out / "ct").mkdir(parents=True, exist_ok=True)
@@ -313,9 +321,10 @@ def _run(args: argparse.Namespace, accelerator: Accelerator) -> dict:
                    "redone": redone,
                    "failed": failed, "processes": accelerator.num_processes,
                    "candidate_rows_not_on_disk": sum(positions.not_on_disk.values()) if positions else 0,
-                   "produced_by": run_produced_by(args, models, shared)}
+                   "produced_by": run_produced_by(args, models, shared, seen)}
         try:
             summary = write_outputs(args, results, summary, truth)
+            leaks.write_sidecar(below(args.out, "submission.csv"), models, seen, sorted(series))
             log.info(f"report: {write_report(args.out, results, summary, series)}")
         except OSError as err:
             output_error = unwritable(f"{err.strerror or err}: {err.filename}", args.out, len(results))
@@ -330,13 +339,15 @@ def _run(args: argparse.Namespace, accelerator: Accelerator) -> dict:
     return summary
 
 
-def run_produced_by(args: argparse.Namespace, models: Models, shared: dict) -> dict:
-    """What produced the whole result folder, for summary.json: versions, arguments, models and inputs."""
+def run_produced_by(args: argparse.Namespace, models: Models, shared: dict, seen: dict) -> dict:
+    """What produced the whole result folder, for summary.json: versions, arguments, models (with the folds each
+    trained and was selected on) and inputs."""
     paths = {"seg": args.seg_model, "nodule": args.cls_model, "malignancy": args.mal_model}
     return {"luna_dist": __version__, "analysis_version": ANALYSIS_VERSION,
             "arguments": cli.arguments_json(vars(args)),
             "mode": shared["mode"],
-            "models": {name: {"path": str(paths[name]), "sha256": sha} if sha else None
+            "models": {name: {"path": str(paths[name]), "sha256": sha,
+                              "provenance": seen[name].folds() if seen.get(name) else None} if sha else None
                        for name, sha in models.sha256.items()},
             "candidates": {"path": str(args.candidates), "sha256": file_sha256(args.candidates)}
             if args.candidates else None,

@@ -23,6 +23,7 @@ from luna_dist.analysis.segment import body_box, segment
 from luna_dist.common.hardware import native_bf16, seg_memory_format
 from luna_dist.imaging.ct import HU_MAX, HU_MIN, read_ct
 from luna_dist.models.classifier import LunaModel
+from luna_dist.models.provenance import UNTRAINED
 from luna_dist.models.unet import SegmentationModel
 from luna_dist.shards.seg_samples import CONTEXT
 from luna_dist.tables.candidates import Annotation, find_series
@@ -71,10 +72,10 @@ def bench_analyze(data: Path, work: Path, cts: int, seg_model: Path | None, cls_
     work.mkdir(parents=True, exist_ok=True)
     if seg_model is None:
         seg_model = work / "seg-threshold.pt"
-        torch.save({"model": threshold_model().state_dict()}, seg_model)
+        torch.save({"model": threshold_model().state_dict(), "provenance": UNTRAINED.to_json()}, seg_model)
     if cls_model is None:
         cls_model = work / "cls-untrained.pt"
-        torch.save({"model": LunaModel().state_dict()}, cls_model)
+        torch.save({"model": LunaModel().state_dict(), "provenance": UNTRAINED.to_json()}, cls_model)
     series = sorted(find_series(data))[:cts]
     result = {"cts": len(series), "voxels_per_ct": 0, "seconds_per_ct": {}, "cts_per_s": {}}
     for processes in (1, 2) if ranks else (1,):

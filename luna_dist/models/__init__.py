@@ -1,4 +1,5 @@
-"""The networks: the nodule classifier (`classifier`), the segmentation UNet (`unet`), their weights (`weights`)."""
+"""The networks: the nodule classifier (`classifier`), the segmentation UNet (`unet`), their weights (`weights`), and
+what each saw (`provenance`)."""
 
 from luna_dist.common.lazy import exports
 
@@ -8,4 +9,6 @@ __all__, __getattr__, __dir__ = exports(__name__, {
     "load_weights": "luna_dist.models.weights",
     "load_into": "luna_dist.models.weights",
     "WeightsError": "luna_dist.models.weights",
+    "Provenance": "luna_dist.models.provenance",
+    "read_provenance": "luna_dist.models.provenance:read",
 })

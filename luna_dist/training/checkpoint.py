@@ -8,6 +8,7 @@ and read back without running anything the folder holds.
     scaler.json          the loss scale of fp16 mixed precision (only there)
     random_states.json   every rank's random states (Python, NumPy, torch, the accelerator's generator)
     progress.json        the `Progress` counters
+    provenance.json      the folds its weights trained on (`luna_dist.models.provenance`)
     complete.json        written last, once every part is in
 
 accelerate's `save_state` pickles the progress and the random states, and its `load_state`
@@ -47,6 +48,8 @@ from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 
 from luna_dist.common.atomic import write_json
+from luna_dist.models import provenance
+from luna_dist.models.provenance import Provenance
 from luna_dist.models.weights import load_tensors
 
 STATE, PARTIAL, OLD = "state", "state.partial", "state.old"
@@ -205,8 +208,10 @@ class Checkpointer:
     """Writes a run's state after every epoch's training, again after its validation (with its best model), and
     mid-epoch with --save-every; reads it back for --resume."""
 
-    def __init__(self, run: Path, accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    def __init__(self, run: Path, accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 provenance: tuple[Provenance, Provenance] | None = None):
         self.run, self.accelerator, self.model, self.optimizer = run, accelerator, model, optimizer
+        self.provenance = provenance  # what a state's weights saw, and best.pt's (`luna_dist.models.provenance`)
 
     def save_epoch(self, progress: Progress, task, val_metrics: dict | None) -> None:
         """The state (model, optimizer, random states, progress) and, with `val_metrics` (the epoch validated), best.pt
@@ -214,15 +219,17 @@ class Checkpointer:
 
         `task` gives the score (`score`, `best_by`, `best_by_rules`). The saved progress holds
         this epoch's best score, so a resumed run never replaces best.pt with a worse model.
+        With `--select-on last` every validated epoch is kept as best.pt, whatever it scored.
         """
         best, previous = None, (progress.best_score, progress.best_by, progress.validated)
+        last = task.args.select_on == "last"
         if val_metrics is not None:
             progress.validated = progress.epoch
-            if is_better(score := task.score(val_metrics), progress.best_score):
+            if is_better(score := task.score(val_metrics), progress.best_score) or last:
                 progress.best_score, progress.best_by = score, task.best_by
                 best = {"task": task.name, "epoch": progress.epoch, "samples_seen": progress.samples_seen,
                         "val_metrics": val_metrics, "best_by": task.best_by, "score": score,
-                        "score_of": list(task.best_by_rules[task.best_by])}
+                        "score_of": list(task.best_by_rules[task.best_by]), "select_on": task.args.select_on}
         try:
             self.save(progress, best)
         except CheckpointError:
@@ -230,7 +237,8 @@ class Checkpointer:
             raise
         if best is not None:
             scores = " then ".join(f"{name} {value:.4f}" for name, value in zip(best["score_of"], score))
-            log.info(f"E{progress.epoch} new best model by {task.best_by}, {scores}: {self.run / BEST}")
+            kept = "kept, the last epoch (--select-on last)" if last else f"new best model by {task.best_by}"
+            log.info(f"E{progress.epoch} {kept}, {scores}: {self.run / BEST}")
 
     def kept(self) -> str:
         """What a stopped run keeps, for its last message: read from the saved state, which a stop in the middle of
@@ -282,8 +290,11 @@ class Checkpointer:
             write_json(folder / SCALER, self.accelerator.scaler.state_dict())
         write_json(folder / RANDOM_STATES, states, indent=None)
         write_json(folder / PROGRESS, progress.state_dict())
+        if self.provenance is not None:
+            write_json(folder / provenance.STATE_FILE, self.provenance[0].to_json())
         if best is not None:
-            torch.save({"model": weights, **best}, best_file)
+            made_by = {} if self.provenance is None else {"provenance": self.provenance[1].to_json()}
+            torch.save({"model": weights, **best, **made_by}, best_file)
 
     def load(self, progress: Progress) -> None:
         """The saved state (`RUN/state`) into the model, the optimizer, `progress` and each rank's random states.

@@ -41,6 +41,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, tuple[str, ...]]]
     add("--momentum", type=float, default=0.99, help="SGD momentum (--task cls, malignancy)")
     add("--seed", type=int, default=0, help="seeds the weights, the shuffles and the augmentations")
     add("--val-folds", type=int, nargs="+", default=[9], help="folds held out for validation")
+    add("--exclude-folds", type=int, nargs="+", default=[], metavar="FOLD",
+        help="folds neither trained nor validated on: kept unseen for a later score (e.g. a fold a model chosen "
+             "on --val-folds is then scored on)")
+    add("--select-on", choices=["val", "last"], default="val",
+        help="the epoch kept as best.pt: val, the best --best-by score on --val-folds (which it then has seen: "
+             "they are not scored with it); last, the last epoch, chosen on no fold (validation is shown, not used)")
     add("--best-by", help="the validation score that picks best.pt: cls cpm (default where the shards carry the "
                           "findings; ties by AUC), auc, f1, loss; malignancy auc (default), f1, loss; seg recall "
                           "(default: at --seg-precision-floor), f1, loss")
@@ -85,8 +91,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.read_timeout > 0:
         parser.error(f"--read-timeout must be above 0 seconds, got {args.read_timeout}")
     cli.check_at_least(parser, args, {"worker_timeout": LEAST_TIMEOUT})
-    if any(not 0 <= fold < N_FOLDS for fold in args.val_folds):
-        parser.error(f"--val-folds must be in 0..{N_FOLDS - 1}, got {args.val_folds}")
+    for flag, folds in (("--val-folds", args.val_folds), ("--exclude-folds", args.exclude_folds)):
+        if any(not 0 <= fold < N_FOLDS for fold in folds):
+            parser.error(f"{flag} must be in 0..{N_FOLDS - 1}, got {folds}")
+    if both := sorted(set(args.val_folds) & set(args.exclude_folds)):
+        parser.error(f"fold {both[0]} is in --val-folds and --exclude-folds: a fold is validated on or left out")
     task = TASKS[args.task]
     if args.best_by is not None and args.best_by not in task.best_by_rules:
         parser.error(f"--best-by {args.best_by} is not a score of --task {args.task}: choose "

@@ -44,11 +44,14 @@ class RunFolderError(Exception):
     """The command does not fit the run folder it names; the message says which flag to change."""
 
 
-def record(args: argparse.Namespace, processes: int, mixed_precision: str, shards_identity: dict) -> dict:
-    """What args.json holds: the arguments as given (as text) and what else shapes the run."""
+def record(args: argparse.Namespace, processes: int, mixed_precision: str, shards_identity: dict,
+           provenance: dict | None = None) -> dict:
+    """What args.json holds: the arguments as given (as text), what else shapes the run, and the folds its best
+    model trained and was selected on (`luna_dist.models.provenance.Provenance.folds`)."""
     return {"luna_dist": __version__, "arguments": {k: str(v) for k, v in sorted(vars(args).items())},
             "processes": processes, "mixed_precision": mixed_precision,
-            "shards_identity": hashlib.sha256(json.dumps(shards_identity, sort_keys=True).encode()).hexdigest()}
+            "shards_identity": hashlib.sha256(json.dumps(shards_identity, sort_keys=True).encode()).hexdigest(),
+            "provenance": provenance}
 
 
 def differences(saved: dict, current: dict) -> list[str]:

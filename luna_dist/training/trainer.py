@@ -37,6 +37,8 @@ from luna_dist.common.hardware import precision_warning
 from luna_dist.common.peers import lost_peers_message
 from luna_dist.data.batch_memory import held_until_copied
 from luna_dist.data.streams import ShardSet, open_shard_set
+from luna_dist.models import provenance
+from luna_dist.models.provenance import Provenance
 from luna_dist.models.weights import load_into
 from luna_dist.shards.format import ShardSetError
 from luna_dist.training import run_folder
@@ -136,10 +138,10 @@ class Trainer:
         if args.verify:
             verify_shards(self.shards, accelerator)
         self.val_folds = sorted(set(args.val_folds))
-        train_folds = [f for f in self.shards.folds if f not in self.val_folds]
+        train_folds = [f for f in self.shards.folds if f not in self.val_folds and f not in args.exclude_folds]
         if not train_folds and not args.eval_only:
-            raise ShardSetError(f"{args.shards}: every fold is a validation fold ({self.val_folds}); "
-                                "nothing to train on")
+            raise ShardSetError(f"{args.shards}: every fold is a validation fold ({self.val_folds}) or excluded "
+                                f"({sorted(args.exclude_folds)}); nothing to train on")
         # Before the first step and before the run folder exists: folds that cannot serve fail now.
         self.task = task = kind(args, accelerator, self.shards, train_folds, self.val_folds, not args.eval_only)
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
@@ -148,6 +150,7 @@ class Trainer:
         model = task.build_model()
         if args.checkpoint:
             load_into(model, args.checkpoint)
+        saved, task.provenance = self._provenance()
         self.model, self.optimizer = accelerator.prepare(model, task.build_optimizer(model))
         self.progress = Progress(rank=accelerator.process_index)
         self.train_rate = math.nan  # samples/s of the last training epoch, all ranks
@@ -156,12 +159,29 @@ class Trainer:
         # The rule best.pt is chosen by goes into args.json as the task settled it (its default depends on the shards).
         record = run_folder.record(argparse.Namespace(**{**vars(args), "best_by": task.best_by}),
                                    accelerator.num_processes, accelerator.mixed_precision,
-                                   self.shards.manifest.get("identity", {}))
+                                   self.shards.manifest.get("identity", {}), task.provenance.folds())
         self.folder = RunFolder(args, accelerator, record)
         self.run_dir = self.folder.path
-        self.checkpoints = Checkpointer(self.run_dir, accelerator, self.model, self.optimizer)
+        self.checkpoints = Checkpointer(self.run_dir, accelerator, self.model, self.optimizer,
+                                        (saved, task.provenance))
         self.run_log = RunLog(self.run_dir, accelerator, task, args.metrics_json)
         self.folder.open(self.progress, self._layout(), self.run_log, self.checkpoints)
+
+    def _provenance(self) -> tuple[Provenance, Provenance]:
+        """What the weights of a saved state saw (the folds trained on), and what best.pt's and the validation
+        predictions' saw (with the folds `--select-on val` chooses on), each with what the weights it started
+        from saw."""
+        args, task = self.args, self.task
+        fold_series = {int(fold): entry["series"] for fold, entry in self.shards.manifest["folds"].items()}
+        starts = [(f"--{flag} {path}", provenance.read(path)) for flag, path in
+                  (("finetune", getattr(args, "finetune", None)), ("checkpoint", args.checkpoint)) if path]
+        made = []
+        for select_on in ("last", args.select_on):
+            record = provenance.training(fold_series, task.train_folds, self.val_folds, select_on, task.best_by)
+            for start in starts:
+                record = record.after(start)
+            made.append(record)
+        return made[0], made[1]
 
     def _layout(self) -> dict:
         """What decides the order of a rank's training samples within an epoch."""
@@ -266,8 +286,9 @@ class Trainer:
         args, accelerator, progress = self.args, self.accelerator, self.progress
         log.info(f"task {self.task.name}: {accelerator.num_processes} process(es) on {self.device} "
                  f"({accelerator.distributed_type}), mixed precision {accelerator.mixed_precision}, {self.num_workers} "
-                 f"data worker(s) each; train folds {self.task.train_folds}, validation folds {self.val_folds}; "
-                 f"best model by {self.task.best_by}; run {self.run_dir}")
+                 f"data worker(s) each; train folds {self.task.train_folds}, validation folds {self.val_folds}"
+                 + (f", folds {sorted(args.exclude_folds)} left out" if args.exclude_folds else "")
+                 + f"; best.pt: {self.task.provenance.selection}; run {self.run_dir}")
         if accelerator.is_main_process and (warning := precision_warning(self.device, accelerator.mixed_precision)):
             log.warning(warning)
         if args.eval_only:

@@ -22,6 +22,7 @@ from luna_dist.data.augment import AugmentConfig
 from luna_dist.data.augment import augment as augmented
 from luna_dist.data.loaders import train_loader, val_loader
 from luna_dist.data.streams import ClassStream, ShardSet, TrainStreamConfig, pos_neg_streams
+from luna_dist.models.provenance import Provenance
 from luna_dist.shards.format import ShardSetError
 from luna_dist.training.run_log import Report
 
@@ -54,6 +55,8 @@ class Task:
     """The --best-by choices, the first the default: the metrics each compares, in order (later ones
     break ties); a leading '-' means lower is better."""
     val_labels: ClassVar[tuple[str, ...]] = ("pos", "neg")
+    provenance: Provenance | None = None
+    """What the validated model saw (set by the loop), for the predictions a report writes."""
 
     def __init__(self, args: argparse.Namespace, accelerator: Accelerator, shards: ShardSet, train_folds: list[int],
                  val_folds: list[int], training: bool):

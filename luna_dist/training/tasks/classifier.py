@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,6 +15,7 @@ from luna_dist.common import cli
 from luna_dist.data.batches import collate, collate_located
 from luna_dist.data.streams import batched
 from luna_dist.evaluation import files, luna16
+from luna_dist.models import provenance
 from luna_dist.models.classifier import LunaModel
 from luna_dist.shards import chunk_samples
 from luna_dist.shards.format import ShardSetError
@@ -113,6 +115,13 @@ class NoduleClassifier(Task):
         xyz = torch.stack([self.column(rows, axis) for axis in ("x", "y", "z")], dim=1).numpy()
         return luna16.Marks(uids, xyz, self.column(rows, "prob").numpy())
 
+    def _write_predictions(self, path: Path, marks: luna16.Marks, epoch: int) -> None:
+        """The validation marks, and beside them what the model that made them saw (`provenance.write_sidecar`)."""
+        files.write_marks(path, marks)
+        if self.provenance is not None:
+            made_by = {f"the nodule classifier of epoch {epoch}": self.provenance}
+            provenance.write_sidecar(path, [provenance.Part(tuple(self.evaluation[0]), made_by)])
+
     def format_metrics(self, epoch, mode, metrics):
         lines = format_metrics(epoch, mode, metrics)
         if "cpm" in metrics:
@@ -134,7 +143,7 @@ class NoduleClassifier(Task):
                 report.histograms[name] = values
         if self._located(records):
             marks = self._marks(records)
-            report.files[f"val-predictions-E{epoch}.csv"] = lambda path: files.write_marks(path, marks)
+            report.files[f"val-predictions-E{epoch}.csv"] = partial(self._write_predictions, marks=marks, epoch=epoch)
             try:
                 report.figures["froc"] = files.plot_froc(self._froc(records), None, title=f"FROC, epoch {epoch}")
             except ImportError:
