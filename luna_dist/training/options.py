@@ -32,7 +32,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, tuple[str, ...]]]
     add("--batch-size", type=int, default=32, help="per process")
     add("--num-workers", type=int,
         help="data workers per process (default: enough to feed the device, by its samples/s timed at the start "
-             "against a worker's, within the cores: docs/training.md; a mid-epoch --resume keeps the epoch's)")
+             "against a worker's, within the cores: docs/doctor.md; a mid-epoch --resume keeps the epoch's)")
     add("--worker-timeout", type=float, default=WORKER_TIMEOUT, metavar="SECONDS",
         help="a data worker that shows no sign of life for this long (frozen, stopped) stops the run, naming it; "
              "a slow one is not stopped (default: %(default)s)")
