@@ -1,10 +1,10 @@
 """luna_dist: lung-nodule models on LUNA16-format CT data, from one laptop to a GPU cluster.
 
 The commands (`python -m luna_dist.shard`, `.train`, `.evaluate`, `.analyze`, `.synth`, `.rehearsal`,
-`.bench`, `.protocol`, `.docs`) are modules of this package; the library is its subpackages, each layer
-using only those below it (docs/library.md):
+`.bench`, `.doctor`, `.protocol`, `.docs`) are modules of this package; the library is its subpackages, each
+layer using only those below it (docs/library.md):
 
-    common < tables < imaging, synthetic < shards < data < models, evaluation < training, analysis
+    common < tables < imaging, synthetic < shards < data < models, evaluation < devices < training, analysis
            < benchmarks < cv < the commands < protocol
 
 What a user may import is named here and in each subpackage's `__all__`; every other name is private.

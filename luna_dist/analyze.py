@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "has 2.0e8)")
     parser.add_argument("--dist-timeout", type=float, default=300, metavar="SECONDS",
                         help="how long a process waits for the others in a collective before it fails (default: 300)")
+    parser.add_argument("--skip-device-check", action="store_true",
+                        help="analyse on a device the start's check refuses, or without the check (recorded in "
+                             "summary.json; docs/doctor.md)")
     parser.add_argument("--no-body-crop", dest="body_crop", action="store_false",
                         help="segment every pixel of each slice, not only the body's box (for a CT of several "
                              "separate objects, a phantom: the box holds the largest only)")

@@ -16,6 +16,7 @@ import torch
 
 from luna_dist.common import cli
 from luna_dist.data.worker_watch import WorkerLost
+from luna_dist.devices.start import DeviceCheckError
 from luna_dist.models.weights import WeightsError
 from luna_dist.shards.format import ShardSetError
 from luna_dist.training.checkpoint import CheckpointError, StateError
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             trainer = Trainer(args)
             trainer.run()
     except (ShardSetError, FileNotFoundError, CheckpointError, StateError, WeightsError, RunFolderError, Diverged,
-            LoggingError) as err:
+            LoggingError, DeviceCheckError) as err:
         return cli.fail(own_line(err))
     except (KeyboardInterrupt, WorkerLost) as err:
         # A Ctrl-C or SIGTERM to the whole process group may end a data worker before the loop sees it.

@@ -466,3 +466,44 @@ class LaggingDevice:
         def synchronize(self) -> None:
             while not self.query():
                 self.device._run_one()
+
+
+MPS_MISSING = ("The operator '{}' is not currently implemented for the MPS device. If you want this op to be added in "
+               "priority during the prototype phase of this feature, please comment on "
+               "https://github.com/pytorch/pytorch/issues/77764. As a temporary fix, you can set the environment "
+               "variable `PYTORCH_ENABLE_MPS_FALLBACK=1` to use the CPU as a fallback for this op. WARNING: this will "
+               "be slower than running natively on MPS.")
+"""What MPS raises (NotImplementedError) for a kernel it lacks, as torch words it."""
+
+
+def broken_backend(perturbed: tuple = (), missing: tuple = (), scale: float = 1.1):
+    """A stand-in on the CPU for a broken device backend, as a dispatch mode: the outputs of the aten ops in
+    `perturbed` come out `scale` times too large (a silently wrong kernel), those in `missing` raise as MPS
+    raises for a kernel it lacks."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Broken(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in missing:
+                raise NotImplementedError(MPS_MISSING.format(func.name()))
+            out = func(*args, **(kwargs or {}))
+            if func not in perturbed:
+                return out
+            return tuple(t * scale if t is not None else t for t in out) if isinstance(out, tuple) else out * scale
+
+    return Broken()
+
+
+def on_a_broken_device(monkeypatch, **broken) -> None:
+    """Check the CPU at a run's start as a device, and run every device pass of the numbers check (never the CPU
+    reference) on `broken_backend(**broken)`."""
+    from luna_dist.devices import numbers, start
+
+    device_pass = numbers.device_pass
+
+    def broken_pass(*args, **kwargs):
+        with broken_backend(**broken):
+            return device_pass(*args, **kwargs)
+
+    monkeypatch.setattr(numbers, "device_pass", broken_pass)
+    monkeypatch.setattr(start, "checked_at_start", lambda device: True)

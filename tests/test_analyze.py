@@ -30,6 +30,7 @@ import torch
 from helpers import (
     BAD_CTS,
     ctrl_c_inside_a_finalizer,
+    on_a_broken_device,
     run_or_show_stacks,
     threshold_model,
     tilted_image,
@@ -458,6 +459,7 @@ def test_a_candidate_off_the_voxel_centre_scores_as_the_hit_it_is(tiny_candidate
     summary = json.loads((tiny_candidates / "summary.json").read_text())
     assert summary["froc"]["detected"] == 1 and summary["froc"]["nodules"] == 1
     assert summary["nodules_matched"] == 1
+    assert summary["device_check"]["status"] == "skipped"  # the CPU is the reference
 
 
 def test_candidate_rows_of_series_not_on_disk_are_counted_and_named(tiny_data, models, tmp_path, capsys):
@@ -557,6 +559,11 @@ def _failing(name: str, code: int, where: str):
     return make
 
 
+def _device_computing_wrongly(data, models, tmp_path, monkeypatch):
+    on_a_broken_device(monkeypatch, perturbed=(torch.ops.aten.convolution.default,))
+    return _candidates_args(data, models, tmp_path / "out")
+
+
 def _interrupted_after_one_ct(data, models, tmp_path, monkeypatch):
     original, calls = analysis.analyze_ct, []
 
@@ -622,6 +629,9 @@ BAD_INPUTS = [
      ("(No space left on device: ", "nothing finished was lost: 0 CT(s) are kept in", "rerunning the same command")),
     ("read-only --out writing the outputs", _failing("write_marks", errno.EROFS, "out"), 1,
      ("(Read-only file system: ", "nothing finished was lost: 2 CT(s) are kept in")),
+    ("a device that computes wrongly", _device_computing_wrongly, 1,
+     ("computes differently from the CPU: LunaModel in fp32: the evaluation output of block1.conv1 differs",
+      "accept the device with --skip-device-check")),
     ("interrupted", _interrupted_after_one_ct, 130, "interrupted: 1 finished CT(s) are kept in "),
     ("a Ctrl-C that Python drops", _ctrl_c_dropped_in_the_first_ct, 130, "interrupted: 1 finished CT(s) are kept in "),
     ("SIGTERM", _sigterm_in_the_second_ct, 143, "stopped by SIGTERM: 1 finished CT(s) are kept in "),

@@ -11,7 +11,7 @@ from luna_dist.training import run_folder
 
 def _record(**flags) -> dict:
     args = {"lr": 0.001, "batch_size": 32, "epochs": 2, "num_workers": None, "shards": "shards/a", "augment": False}
-    return run_folder.record(argparse.Namespace(**{**args, **flags}), 1, "no", {"inputs": "abc"})
+    return run_folder.record(argparse.Namespace(**{**args, **flags}), 1, "no", {"inputs": "abc"}, {"status": "passed"})
 
 
 def test_flags_that_shape_an_epoch_must_match_and_the_others_may_change():
@@ -19,7 +19,7 @@ def test_flags_that_shape_an_epoch_must_match_and_the_others_may_change():
     assert run_folder.differences(saved, _record(epochs=5, num_workers=4, shards="https://host/a/")) == []
     assert run_folder.differences(saved, _record(lr=0.01, augment=True)) == ["--augment False (now True)",
                                                                                "--lr 0.001 (now 0.01)"]
-    other_build = run_folder.record(argparse.Namespace(**saved["arguments"]), 1, "bf16", {"inputs": "xyz"})
+    other_build = run_folder.record(argparse.Namespace(**saved["arguments"]), 1, "bf16", {"inputs": "xyz"}, {"status": "skipped"})
     assert run_folder.differences(saved, other_build) == ["the shard build differs", "mixed precision no (now bf16)"]
 
 

@@ -741,7 +741,7 @@ def saved_run(tiny_shards, tmp_path_factory) -> Path:
         trainer = _in_process(_quick(tiny_shards, out, "--epochs", "1"))
         trainer.run()
         trainer.close()
-        mid = _in_process([*_quick(tiny_shards, out, "--max-steps", "4"), "--run-name", "mid"])
+        mid = _in_process([*_quick(tiny_shards, out, "--max-steps", "4"), "--run-name", "mid", "--num-workers", "0"])
         mid.progress.epoch_rngs, mid.progress.layout = [{}], mid._layout()
         mid.progress.step, mid.progress.samples_seen = 2, 8
         _save(mid, None)

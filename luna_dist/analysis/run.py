@@ -25,7 +25,8 @@ fails for any reason (unreadable, out of memory, probabilities that are not fini
 is reported and left out, and the others go on. Positions are in LPS, as LUNA16's tables
 give them (`luna_dist.imaging.geometry.LPS`), whatever the axes a CT is stored in. The main
 process gathers every process's findings and writes `detections.csv` (every group with both
-probabilities), `submission.csv` (LUNA16 format, probability = p_nodule) and `summary.json`.
+probabilities), `submission.csv` (LUNA16 format, probability = p_nodule) and `summary.json` (with what
+the check of the device before the first CT found: `luna_dist.devices.start`).
 When DIR holds `annotations.csv` (where the download puts it, `luna_dist.tables.layout`; its
 tables are checked before the first CT) it also scores them (`luna_dist.analysis.findings`):
 the confusion table of nodules found, filtered out and predicted benign or malignant, and
@@ -37,6 +38,7 @@ says what the models of `submission.csv` saw.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import socket
 import sys
@@ -80,8 +82,10 @@ from luna_dist.analysis.series import (
 )
 from luna_dist.common import cli
 from luna_dist.common.atomic import write_json
+from luna_dist.common.hardware import seg_memory_format
 from luna_dist.common.out_folder import OutsideError, below, file_name
 from luna_dist.common.peers import lost_peer_reason, silent_ranks
+from luna_dist.devices.start import DeviceCheckError, check_every_rank
 from luna_dist.evaluation.files import write_marks
 from luna_dist.evaluation.luna16 import EvaluationError
 from luna_dist.imaging.ct import CtError, find_ct
@@ -110,6 +114,14 @@ def load_models(args: argparse.Namespace, device: torch.device, candidates_mode:
                   {name: pair[1] if pair else None for name, pair in loaded.items()},
                   {"seg": None if candidates_mode else args.seg_model, "nodule": args.cls_model,
                    "malignancy": args.mal_model})
+
+
+def checked_models(models: Models, device: torch.device) -> list[tuple[torch.nn.Module, torch.memory_format]]:
+    """What the start's device check runs (`luna_dist.devices.start`): CPU copies of the UNet and the nodule
+    classifier as loaded, each in the layout the analysis gives its input (the malignancy model is the
+    classifier's network again: the same kernels)."""
+    return [(copy.deepcopy(model).cpu(), layout) for model, layout in
+            ((models.seg, seg_memory_format(device)), (models.nodule, torch.contiguous_format)) if model is not None]
 
 
 # -- distribution ---------------------------------------------------------------------------------
@@ -296,6 +308,11 @@ def _run(args: argparse.Namespace, accelerator: Accelerator) -> dict:
     if is_main:
         for line in warnings:
             print(line, file=sys.stderr)
+    try:
+        device_check = check_every_rank(accelerator, checked_models(models, accelerator.device), training=False,
+                                        skip=args.skip_device_check)
+    except DeviceCheckError as err:
+        raise AnalysisError(str(err)) from None
     shared = produced_by(models, accelerator.mixed_precision, positions is not None, args.body_crop)
     try:
         (args.out / "ct").mkdir(parents=True, exist_ok=True)
@@ -321,7 +338,7 @@ def _run(args: argparse.Namespace, accelerator: Accelerator) -> dict:
                    "redone": redone,
                    "failed": failed, "processes": accelerator.num_processes,
                    "candidate_rows_not_on_disk": sum(positions.not_on_disk.values()) if positions else 0,
-                   "produced_by": run_produced_by(args, models, shared, seen)}
+                   "produced_by": run_produced_by(args, models, shared, seen), "device_check": device_check}
         try:
             summary = write_outputs(args, results, summary, truth)
             leaks.write_sidecar(below(args.out, "submission.csv"), models, seen, sorted(series))

@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 
 from luna_dist.data.streams import open_shard_set
-from luna_dist.imaging.chunks import CHUNK_SHAPE
+from luna_dist.devices.speed import device_rate, synchronize, timed_steps
 from luna_dist.imaging.ct import HU_MAX, HU_MIN, read_ct
-from luna_dist.models.classifier import LunaModel
 from luna_dist.shards import chunk_samples, seg_samples
 from luna_dist.shards.build import build
 from luna_dist.shards.options import BuildOptions
@@ -43,52 +42,17 @@ def _trainer(shards_dir: Path, out: Path, batch_size: int, steps: int, extra: li
 def compute_ceiling(device: torch.device, batch_size: int, steps: int, channels_last: bool, bf16: bool) -> float:
     """Train steps on one int16 batch already on the device: what the model alone can do.
 
-    Each step does what a training step does to its input (float conversion, layout),
-    so the ratio to end-to-end isolates the cost of feeding the model.
+    Each step does what a training step does to its input (float conversion, layout), so the
+    ratio to end-to-end isolates the cost of feeding the model (`luna_dist.devices.speed`, as the
+    doctor times it).
     """
-    model = LunaModel().to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.99)
-    chunks = torch.randint(HU_MIN, HU_MAX, (batch_size, 1, *CHUNK_SHAPE), dtype=torch.int16, device=device)
-    labels = torch.randint(0, 2, (batch_size,), device=device)
-
-    def step():
-        x = chunks.float()
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last_3d)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits, _ = model(x)
-        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return _timed_steps(step, device, steps, batch_size)
-
-
-def _timed_steps(step, device: torch.device, steps: int, batch_size: int) -> float:
-    """Samples/s of `steps` calls of `step`, after one warm-up call (kernel selection, allocator)."""
-    step()
-    _synchronize(device)
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _synchronize(device)
-    return steps * batch_size / (time.perf_counter() - started)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elif device.type == "mps":
-        torch.mps.synchronize()
+    return device_rate("cls", device, batch_size, steps, "bf16" if bf16 else "no", channels_last)
 
 
 def end_to_end(trainer, epoch: int) -> float:
     started = time.perf_counter()
     metrics = trainer.train_epoch(epoch)
-    _synchronize(trainer.device)
+    synchronize(trainer.device)
     return metrics["count/all"] / (time.perf_counter() - started)
 
 
@@ -175,4 +139,4 @@ def seg_ceiling(trainer, batch_size: int, steps: int) -> float:
         trainer.accelerator.backward(loss.mean())
         trainer.optimizer.step()
 
-    return _timed_steps(step, device, steps, batch_size)
+    return timed_steps(step, device, steps, batch_size)

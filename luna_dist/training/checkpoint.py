@@ -142,7 +142,10 @@ class Progress:
 
     def resume_problem(self, layout: dict, state: Path) -> str | None:
         """Why a loaded mid-epoch state cannot go on with this command's `layout` (processes, batch size and
-        workers decide which samples a rank's stream yields); None when it can."""
+        workers decide which samples a rank's stream yields; workers None: not given, so the epoch's); None when
+        it can."""
+        if self.step and layout["num_workers"] is None:
+            layout = {**layout, "num_workers": self.layout["num_workers"]}
         if not self.step or self.layout == layout:
             return None
         saved = self.layout

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
-
-import torch
 
 from luna_dist.common import cli
 from luna_dist.data.worker_watch import LEAST_TIMEOUT, WORKER_TIMEOUT
@@ -33,7 +30,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, tuple[str, ...]]]
              "many seconds of waiting: a minimum rate, not a deadline (default: %(default)s)")
     add("--epochs", type=int, default=1, help="passes over the training folds (or --epoch-samples each)")
     add("--batch-size", type=int, default=32, help="per process")
-    add("--num-workers", type=int, help="data workers per process (default: 4 on CUDA, 2 on MPS, 0 on CPU)")
+    add("--num-workers", type=int,
+        help="data workers per process (default: enough to feed the device, by its samples/s timed at the start "
+             "against a worker's, within the cores: docs/doctor.md; a mid-epoch --resume keeps the epoch's)")
     add("--worker-timeout", type=float, default=WORKER_TIMEOUT, metavar="SECONDS",
         help="a data worker that shows no sign of life for this long (frozen, stopped) stops the run, naming it; "
              "a slow one is not stopped (default: %(default)s)")
@@ -70,6 +69,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, tuple[str, ...]]]
     add("--max-steps", type=int, help="cap training steps per epoch (quick checks)")
     add("--channels-last", choices=["auto", "on", "off"], default="auto",
         help="channels-last memory layout (auto: on except on MPS)")
+    add("--skip-device-check", action="store_true",
+        help="train on a device the start's check refuses, or without the check (recorded in args.json; "
+             "docs/doctor.md)")
     owners = dict(SHARED_FLAGS)
     for task in TASKS.values():
         group = parser.add_argument_group(f"--task {task.name}")
@@ -107,9 +109,3 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--resume continues a run and --overwrite starts it again: choose one")
     return args
 
-
-def default_workers(device: torch.device, local_processes: int) -> int:
-    """Enough workers to feed a GPU (one decodes ~thousands of samples/s); none needed for CPU compute."""
-    if device.type == "cuda":
-        return max(1, min(4, (os.cpu_count() or 1) // max(1, local_processes) - 1))
-    return 2 if device.type == "mps" else 0

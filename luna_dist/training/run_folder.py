@@ -1,6 +1,7 @@
 """A training run's folder: which command may start or continue it, what it was trained with, its logs.
 
-    RUN/args.json      the command's arguments, the processes, mixed precision and shard build it ran with
+    RUN/args.json      the command's arguments, the processes, mixed precision and shard build it ran with, and
+                       what the check of the device found when it last started
     RUN/state/, RUN/best.pt   the saved training state and the best model (luna_dist.training.checkpoint)
     RUN/trn/, RUN/val/, RUN/logged.json   the logs (luna_dist.training.run_log)
 
@@ -33,11 +34,12 @@ ARGUMENTS = "args.json"
 MAY_CHANGE = frozenset({
     "epochs", "resume", "overwrite", "run_name", "out", "eval_only", "metrics_json", "verify", "dist_timeout",
     "save_every", "cache_dir", "read_timeout", "worker_timeout", "checkpoint", "finetune", "num_workers", "shards",
+    "skip_device_check",
 })
 """Flags a resumed run may give differently: where it runs, how long, what it reports, how it reads the shards.
 Every other flag shapes what an epoch computes. (`--shards` may move: the build's identity is compared
 instead; `--num-workers` may change between epochs, not in the middle of one; `--finetune` only
-initialises a run.)"""
+initialises a run; `--skip-device-check` is recorded with each start's device check.)"""
 
 
 class RunFolderError(Exception):
@@ -45,13 +47,14 @@ class RunFolderError(Exception):
 
 
 def record(args: argparse.Namespace, processes: int, mixed_precision: str, shards_identity: dict,
-           provenance: dict | None = None) -> dict:
-    """What args.json holds: the arguments as given (as text), what else shapes the run, and the folds its best
-    model trained and was selected on (`luna_dist.models.provenance.Provenance.folds`)."""
+           device_check: dict, provenance: dict | None = None) -> dict:
+    """What args.json holds: the arguments as given (as text), what else shapes the run, what this start's check
+    of the device found (`luna_dist.devices.start`: passed, skipped and why, with its largest differences), and
+    the folds its best model trained and was selected on (`luna_dist.models.provenance.Provenance.folds`)."""
     return {"luna_dist": __version__, "arguments": {k: str(v) for k, v in sorted(vars(args).items())},
             "processes": processes, "mixed_precision": mixed_precision,
             "shards_identity": hashlib.sha256(json.dumps(shards_identity, sort_keys=True).encode()).hexdigest(),
-            "provenance": provenance}
+            "device_check": device_check, "provenance": provenance}
 
 
 def differences(saved: dict, current: dict) -> list[str]:

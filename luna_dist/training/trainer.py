@@ -37,11 +37,15 @@ from luna_dist.common.hardware import precision_warning
 from luna_dist.common.peers import lost_peers_message
 from luna_dist.data.batch_memory import held_until_copied
 from luna_dist.data.streams import ShardSet, open_shard_set
+from luna_dist.devices.machine import usable_cores
+from luna_dist.devices.numbers import layout_for
+from luna_dist.devices.speed import STARVED
+from luna_dist.devices.start import check_every_rank
 from luna_dist.models import provenance
 from luna_dist.models.provenance import Provenance
 from luna_dist.models.weights import load_into
 from luna_dist.shards.format import ShardSetError
-from luna_dist.training import run_folder
+from luna_dist.training import feeding, run_folder
 from luna_dist.training.checkpoint import (
     STATE,
     Checkpointer,
@@ -50,7 +54,6 @@ from luna_dist.training.checkpoint import (
     set_random_states,
     stream_random_states,
 )
-from luna_dist.training.options import default_workers
 from luna_dist.training.run_folder import RunFolder, RunFolderError
 from luna_dist.training.run_log import RunLog
 from luna_dist.training.tasks import TASKS
@@ -144,28 +147,34 @@ class Trainer:
                                 f"({sorted(args.exclude_folds)}); nothing to train on")
         # Before the first step and before the run folder exists: folds that cannot serve fail now.
         self.task = task = kind(args, accelerator, self.shards, train_folds, self.val_folds, not args.eval_only)
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        self.num_workers = (args.num_workers if args.num_workers is not None
-                            else default_workers(self.device, local_processes))
         model = task.build_model()
         if args.checkpoint:
             load_into(model, args.checkpoint)
         saved, task.provenance = self._provenance()
+        # Before a run folder is made: a device that computes wrongly trains nothing.
+        device_check = check_every_rank(accelerator, [(model, layout_for(model, task.channels_last))],
+                                        not args.eval_only, args.skip_device_check)
         self.model, self.optimizer = accelerator.prepare(model, task.build_optimizer(model))
         self.progress = Progress(rank=accelerator.process_index)
         self.train_rate = math.nan  # samples/s of the last training epoch, all ranks
+        self.num_workers = args.num_workers  # None until the run folder says whether an epoch is to be finished
+        self.waited = [0.0, 0.0, 0.0]  # the last epoch's waiting figures (feeding.Waited.figures), of one rank
+        self.starving_told = False  # a starved device is warned of once a run
         # Who is who, for the message when a process dies: every rank knows every rank's host and pid.
         self.processes = gather_object([f"{socket.gethostname()}, pid {os.getpid()}"])
         # The rule best.pt is chosen by goes into args.json as the task settled it (its default depends on the shards).
         record = run_folder.record(argparse.Namespace(**{**vars(args), "best_by": task.best_by}),
                                    accelerator.num_processes, accelerator.mixed_precision,
-                                   self.shards.manifest.get("identity", {}), task.provenance.folds())
+                                   self.shards.manifest.get("identity", {}), device_check, task.provenance.folds())
         self.folder = RunFolder(args, accelerator, record)
         self.run_dir = self.folder.path
         self.checkpoints = Checkpointer(self.run_dir, accelerator, self.model, self.optimizer,
                                         (saved, task.provenance))
         self.run_log = RunLog(self.run_dir, accelerator, task, args.metrics_json)
         self.folder.open(self.progress, self._layout(), self.run_log, self.checkpoints)
+        if self.num_workers is None:
+            self.num_workers = feeding.default_workers(task, self.progress, accelerator.mixed_precision,
+                                                       int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
     def _provenance(self) -> tuple[Provenance, Provenance]:
         """What the weights of a saved state saw (the folds trained on), and what best.pt's and the validation
@@ -184,7 +193,8 @@ class Trainer:
         return made[0], made[1]
 
     def _layout(self) -> dict:
-        """What decides the order of a rank's training samples within an epoch."""
+        """What decides the order of a rank's training samples within an epoch (workers None: not given, so those
+        of an epoch to be finished)."""
         return {"processes": self.accelerator.num_processes, "batch_size": self.args.batch_size,
                 "num_workers": self.num_workers}
 
@@ -209,7 +219,7 @@ class Trainer:
         if start == 0:  # every rank's random states as its stream begins: a mid-epoch resume replays them
             progress.epoch_rngs, progress.layout = gather_object([stream_random_states()]), self._layout()
         loader = task.train_loader(epoch, steps, self.num_workers, self.device.type == "cuda")
-        batches = resumed_stream(loader, start, progress.epoch_rng, self.device) if start else iter(loader)
+        batches = feeding.Waited(resumed_stream(loader, start, progress.epoch_rng, self.device) if start else loader)
         # Per-sample records stay on the device: no host sync inside the loop. Rows a short batch
         # leaves empty keep -1 in column 0 and are dropped after the gather (with the steps before
         # a mid-epoch resume: their records were not saved).
@@ -237,6 +247,7 @@ class Trainer:
                     log.info(f"E{epoch} step {step + 1} of {steps}: state saved")
         if step + 1 != steps:
             raise RuntimeError(f"training stream gave {step + 1} batches, expected {steps}")
+        self._fed(batches)
         progress.step, progress.epoch_rngs, progress.layout = 0, None, None
         progress.samples_seen = epoch_start_seen + steps * per_step
         gathered = accelerator.gather(record.flatten(0, 1))  # (world * steps * batch, columns)
@@ -314,14 +325,33 @@ class Trainer:
             seconds, trained = time.perf_counter() - started, progress.samples_seen - seen
             self.run_log.print(epoch, "trn", train_metrics)
             self.train_rate = trained / seconds
+            waiting = feeding.share(*self.waited[:2])
             log.info(f"E{epoch} trained {trained:,} samples in {seconds:.1f} s "
-                     f"({self.train_rate:,.1f} samples/s, all ranks)")
+                     f"({self.train_rate:,.1f} samples/s, all ranks), waiting for data {waiting:.0%} of the time"
+                     + (" (the rank that waited most)" if accelerator.num_processes > 1 else ""))
+            self._starving(epoch, waiting)
+            train_metrics = {**train_metrics, "speed/samples_per_s": self.train_rate, "speed/waiting_share": waiting}
             progress.epoch, progress.train_metrics = epoch, train_metrics
             self.checkpoints.save_epoch(progress, self.task, None)  # a failure while validating keeps the training
             metrics = self._validate_and_save(epoch)
         if progress.epoch >= args.epochs and not metrics:
             log.info(f"{self.run_dir} already trained for {progress.epoch} epoch(s); raise --epochs to continue")
         return metrics
+
+    def _fed(self, batches: feeding.Waited) -> None:
+        """Keep the epoch's waiting figures of the rank that waited the largest share (one gather an epoch)."""
+        figures = self.accelerator.gather(torch.tensor([batches.figures()], device=self.device))
+        shares = figures[:, 0] / figures[:, 1].clamp_min(1e-9)
+        self.waited = figures[int(shares.argmax())].tolist()
+
+    def _starving(self, epoch: int, waiting: float) -> None:
+        """Warn once a run when the device waited for data more than STARVED of an epoch, with what to do."""
+        if waiting <= STARVED or self.starving_told or not self.accelerator.is_main_process:
+            return
+        self.starving_told = True
+        cores = usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        log.warning(f"E{epoch}: the device waited for data {waiting:.0%} of the epoch: "
+                    f"{feeding.advice(*self.waited, self.num_workers, cores)}")
 
     def _validate_and_save(self, epoch: int) -> dict:
         """Validate the saved model of `epoch`, save the state again as validated (best.pt if it scored best), then
