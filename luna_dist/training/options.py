@@ -28,6 +28,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, tuple[str, ...]]]
     add("--shards", required=True, help="shard set built by python -m luna_dist.shard: a folder, or a URL "
                                         "(http(s)://…/, s3://…/, gs://…/, or 'pipe:CMD' with {name} for the file name)")
     add("--cache-dir", type=Path, help="keep a checked copy of each shard streamed from a URL here; read it from there")
+    add("--cache-limit", type=cli.byte_size, metavar="SIZE",
+        help="the most the --cache-dir folder may hold, e.g. 40GB: the shards used longest ago that no process reads "
+             "are deleted to make room (default: no bound)")
     add("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT, metavar="SECONDS",
         help="a shard or manifest streamed from a URL fails, naming it, when less than 1 MiB of it arrives in this "
              "many seconds of waiting: a minimum rate, not a deadline (default: %(default)s)")
@@ -82,6 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"{flag} is a flag of --task {' and '.join(owners[flag])}; --task {args.task} does not use it")
     cli.check_at_least(parser, args, {"epochs": 1, "batch_size": 1, "epoch_samples": 1, "num_workers": 0,
                                       "max_steps": 1, "shuffle_buffer": 1, "save_every": 1})
+    if args.cache_limit is not None and args.cache_dir is None:
+        parser.error("--cache-limit bounds the cache folder: give --cache-dir too")
     if not args.read_timeout > 0:
         parser.error(f"--read-timeout must be above 0 seconds, got {args.read_timeout}")
     cli.check_at_least(parser, args, {"worker_timeout": LEAST_TIMEOUT})

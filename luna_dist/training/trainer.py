@@ -132,7 +132,7 @@ class Trainer:
             InitProcessGroupKwargs(timeout=timedelta(seconds=args.dist_timeout))])
         set_seed(args.seed, device_specific=True)  # each rank its own streams; prepare() shares rank 0's weights
         self.device, kind = accelerator.device, TASKS[args.task]
-        self.shards = open_shard_set(args.shards, kind.samples, args.cache_dir, args.read_timeout)
+        self.shards = open_shard_set(args.shards, kind.samples, args.cache_dir, args.read_timeout, args.cache_limit)
         if args.verify:
             verify_shards(self.shards, accelerator)
         self.val_folds = sorted(set(args.val_folds))
