@@ -128,8 +128,10 @@ class Trainer:
         self.args = args
         # A node that dies or freezes leaves the others waiting in a collective: fail after
         # --dist-timeout rather than torch's default of 30 minutes (gloo).
+        # --log-with's trackers but TensorBoard, which the run log writes itself (an Aim repository goes in --out).
         self.accelerator = accelerator = Accelerator(kwargs_handlers=[
-            InitProcessGroupKwargs(timeout=timedelta(seconds=args.dist_timeout))])
+            InitProcessGroupKwargs(timeout=timedelta(seconds=args.dist_timeout))],
+            log_with=[name for name in args.log_with if name != "tensorboard"] or None, project_dir=args.out)
         set_seed(args.seed, device_specific=True)  # each rank its own streams; prepare() shares rank 0's weights
         self.device, kind = accelerator.device, TASKS[args.task]
         self.shards = open_shard_set(args.shards, kind.samples, args.cache_dir, args.read_timeout, args.cache_limit)
@@ -162,6 +164,9 @@ class Trainer:
         self.checkpoints = Checkpointer(self.run_dir, accelerator, self.model, self.optimizer)
         self.run_log = RunLog(self.run_dir, accelerator, task, args.metrics_json)
         self.folder.open(self.progress, self._layout(), self.run_log, self.checkpoints)
+        if not args.eval_only:
+            params = {**record["arguments"], **{key: record[key] for key in ("processes", "mixed_precision")}}
+            self.run_log.start_trackers(f"luna_dist-{task.name}", params)
 
     def _layout(self) -> dict:
         """What decides the order of a rank's training samples within an epoch."""
@@ -306,9 +311,11 @@ class Trainer:
         """Validate the saved model of `epoch`, save the state again as validated (best.pt if it scored best), then
         write the epoch's logs: a failure in them keeps the state."""
         metrics, report = self._validate_and_log(epoch)
+        best_before = self.progress.best_score
         self.checkpoints.save_epoch(self.progress, self.task, metrics)
         self.run_log.write(epoch, self.progress.samples_seen,
-                           {"trn": (self.progress.train_metrics, None), "val": (metrics, report)})
+                           {"trn": (self.progress.train_metrics, None), "val": (metrics, report)},
+                           best=self.progress.best_score is not best_before)  # a new best score: best.pt is this
         self._write_metrics(metrics)
         return metrics
 
