@@ -30,7 +30,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed
-from tqdm import tqdm
+from tqdm.auto import tqdm  # a widget in Jupyter, text elsewhere
 
 from luna_dist.common import cli
 from luna_dist.common.hardware import precision_warning
@@ -337,3 +337,9 @@ class Trainer:
     def close(self) -> None:
         self.run_log.close()
         self.accelerator.end_training()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()  # from Python (a notebook): `with Trainer(args) as trainer: trainer.run()`
