@@ -5,17 +5,21 @@ client (MLflow's local file store)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
+from accelerate.tracking import GeneralTracker
 from helpers import run_or_show_stacks
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from luna_dist import train as train_command
 from luna_dist.training.options import TRACKERS, parse_args
+from luna_dist.training.run_log import RunLog, logged_epoch
 
 
 def _mlflow_env(store: Path) -> dict:
@@ -96,3 +100,35 @@ def test_a_tracker_that_cannot_start_its_run_stops_the_command_before_training_i
     assert lines[0].startswith("error: --log-with mlflow: could not start the run (") and lines[0].endswith(
         "check the tracker's settings (its environment variables, its server), or leave it out of --log-with")
     assert not (tmp_path / "runs" / "r" / "state").exists()
+
+
+class _Unreachable(GeneralTracker):
+    """A tracker whose server has gone away: every log raises, as a tracking client does when its network fails."""
+
+    name = "unreachable"
+    requires_logging_directory = False
+    tracker = None
+
+    def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+        raise ConnectionError("the tracking server went away")
+
+
+def test_a_tracker_that_fails_after_the_start_is_warned_of_and_the_epoch_is_logged_all_the_same(tmp_path, caplog):
+    accelerator = Accelerator(cpu=True, log_with=[_Unreachable()])
+    accelerator.init_trackers("luna_dist-cls")
+    log = RunLog(tmp_path, accelerator, _Task(), None)
+    log.open(purge_step=None, new=True)
+    with caplog.at_level(logging.WARNING, logger="luna_dist.train"):
+        log.write(1, 64, {"trn": ({"loss": 0.7}, None), "val": ({"loss": 0.5}, None)}, best=True)
+    log.close()
+    assert "--log-with unreachable: epoch 1's scalars could not be logged (ConnectionError: the tracking server went " \
+           "away); the run folder's TensorBoard events hold them" in caplog.text
+    assert logged_epoch(tmp_path) == 1
+    events = EventAccumulator(str(tmp_path / "val"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(64, 0.5)]
+
+
+class _Task:
+    def format_metrics(self, epoch: int, mode: str, metrics: dict) -> list[str]:
+        return []
