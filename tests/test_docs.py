@@ -45,8 +45,9 @@ def test_every_command_has_its_table_and_every_flag_is_in_it(module):
 
 
 def test_links_between_pages_point_to_pages_that_exist():
+    """Pages, the pictures they show and the notebook they link to."""
     for page in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
-        for target in re.findall(r"\]\(([^)#:]+\.md)", page.read_text()):
+        for target in re.findall(r"\]\(([^)#:]+\.(?:md|png|ipynb))", page.read_text()):
             assert (page.parent / target).is_file(), f"{page.name} links to {target}, which does not exist"
 
 

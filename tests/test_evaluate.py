@@ -259,6 +259,21 @@ def test_plot_is_drawn(files, tmp_path):
     assert (tmp_path / "froc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_drawing_a_plot_leaves_the_process_backend_as_it_was(files, tmp_path):
+    """The FROC figure is drawn by every classifier validation: switching the process to Agg left a notebook
+    that trained with no pictures of its own."""
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    matplotlib.use("pdf")  # any backend but Agg, as a notebook's inline one is
+    try:
+        assert run_main(files, tmp_path, "--bootstrap", "20", "--plot", str(tmp_path / "froc.png")) == 0
+        assert matplotlib.get_backend() == "pdf"
+    finally:
+        matplotlib.use(before)
+    assert (tmp_path / "froc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_plot_without_matplotlib_is_a_clear_error(files, tmp_path, monkeypatch, capsys):
     import builtins
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import signal
 import sys
 from collections.abc import Iterator
@@ -109,6 +110,17 @@ def check_in_range(parser: argparse.ArgumentParser, flag: str, value: float, low
     """parser.error where `value` of `flag` is outside [low, high]."""
     if (problem := outside(flag, value, low, high)) is not None:
         parser.error(problem)
+
+
+def byte_size(text: str) -> int:
+    """A flag's size in bytes (argparse's `type`): 40GB, 500MB, 1.5TB, 40G (powers of 1000), 40GiB (of 1024), or a
+    number of bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*(?:([kmgt])(i?))?b?\s*", text, re.IGNORECASE)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: give e.g. 40GB, 500MB or 40GiB")
+    number, prefix, binary = match.groups()
+    power = "kmgt".index(prefix.lower()) + 1 if prefix else 0
+    return int(float(number) * (1024 if binary else 1000) ** power)
 
 
 def arguments_json(arguments: dict) -> dict:

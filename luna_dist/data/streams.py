@@ -52,14 +52,16 @@ from luna_dist.shards.tar import read_samples
 class ShardSet:
     """A checked shard set, in a folder or behind a URL: its manifest and the shards of each fold and label.
 
-    `cache_dir`: remote shards are copied there and read from the copy. `read_timeout`: a remote
-    shard of which less than `luna_dist.shards.sources.MIN_PROGRESS` arrives in that many seconds of waiting fails.
+    `cache_dir`: remote shards are copied there and read from the copy, the folder holding at most
+    `cache_limit` bytes (`luna_dist.shards.cache`). `read_timeout`: a remote shard of which less than
+    `luna_dist.shards.sources.MIN_PROGRESS` arrives in that many seconds of waiting fails.
     """
 
     root: Path | str
     manifest: dict
     cache_dir: str | None = None
     read_timeout: float = DEFAULT_READ_TIMEOUT
+    cache_limit: int | None = None
 
     def _select(self, folds: Iterable[int], label: str) -> list[dict]:
         folds = set(folds)
@@ -76,7 +78,7 @@ class ShardSet:
         """What the readers need to open and check each shard; pickles for spawn workers."""
         entries = {shard_location(self.root, s["name"]): (s["samples"], s["bytes"], s["sha256"])
                    for s in self.manifest["shards"]}
-        return ShardSource(entries, is_remote(self.root), self.cache_dir, self.read_timeout)
+        return ShardSource(entries, is_remote(self.root), self.cache_dir, self.read_timeout, self.cache_limit)
 
     def verify(self) -> tuple[list[str], float]:
         """sha256 of every shard (read or streamed whole) against the manifest: the problems found, and the seconds."""
@@ -99,13 +101,16 @@ class ShardSet:
 
 
 def open_shard_set(root: Path | str, samples: ModuleType, cache_dir: str | Path | None = None,
-                   read_timeout: float = DEFAULT_READ_TIMEOUT) -> ShardSet:
+                   read_timeout: float = DEFAULT_READ_TIMEOUT, cache_limit: int | None = None) -> ShardSet:
     """Read and check `manifest.json` for the samples of a sample module (`chunk_samples`, `seg_samples`: the
     task they were built for, the layout its `READS` names) and every shard's presence and size.
 
     `root` is a folder or a URL (`is_remote`); behind a URL, each shard's size and sha256 are
-    checked on the bytes streamed instead, as they are read.
+    checked on the bytes streamed instead, as they are read, and with `cache_dir` copied there,
+    within `cache_limit` bytes, which must hold the largest shard.
     """
+    if cache_limit is not None and cache_dir is None:
+        raise ShardSetError("--cache-limit bounds the cache folder: give --cache-dir too")
     root = root if is_remote(root) else Path(root)
     path = shard_location(root, MANIFEST)
     try:
@@ -130,11 +135,16 @@ def open_shard_set(root: Path | str, samples: ModuleType, cache_dir: str | Path 
     if problems:
         raise ShardSetError(f"{root} does not match its manifest:\n  " + "\n  ".join(problems[:20])
                             + "\nrebuild with `python -m luna_dist.shard ... --overwrite`")
+    largest = max(manifest["shards"], key=lambda shard: shard["bytes"], default=None)
+    if cache_limit is not None and is_remote(root) and largest is not None and largest["bytes"] > cache_limit:
+        raise ShardSetError(f"--cache-limit {cache_limit:,} bytes cannot hold {shard_location(root, largest['name'])} "
+                            f"({largest['bytes']:,} bytes), the largest shard: raise it (a few shards a data worker "
+                            "at least), or leave out --cache-dir to stream every shard")
     if manifest["failed"]:
         warnings.warn(f"{root}: {len(manifest['failed'])} CT(s) failed to shard and are left out "
                       f"(e.g. {manifest['failed'][0]['path']}); fix them and rerun the shard build to add them",
                       stacklevel=2)
-    return ShardSet(root, manifest, None if cache_dir is None else str(cache_dir), read_timeout)
+    return ShardSet(root, manifest, None if cache_dir is None else str(cache_dir), read_timeout, cache_limit)
 
 
 def checked_samples(shards: Iterator[dict], source: ShardSource) -> Iterator[dict]:

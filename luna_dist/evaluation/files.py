@@ -134,13 +134,15 @@ def write_marks(path: Path, marks: Marks) -> None:
 
 
 def plot_froc(result: Froc, path: Path | None, title: str = "FROC"):
-    """Draw the FROC curve (and its bootstrap band) on a log FP axis; returns the figure (needs matplotlib)."""
-    import matplotlib
+    """Draw the FROC curve (and its bootstrap band) on a log FP axis; returns the figure (needs matplotlib).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    A bare `Figure`, not pyplot's: pyplot would need a backend, and switching the process's to
+    Agg left a notebook that trained or analysed with no pictures of its own.
+    """
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig = Figure(figsize=(6, 4.5))
+    ax = fig.subplots()
     shown = np.interp(FROC_GRID, result.fps, result.sensitivity)
     ax.plot(FROC_GRID, shown, label=f"CPM {format_value(result.cpm)}")
     if result.band is not None:

@@ -32,7 +32,7 @@ from contextlib import suppress
 from dataclasses import asdict
 from pathlib import Path
 
-from tqdm import tqdm
+from tqdm.auto import tqdm  # a widget in Jupyter, text elsewhere
 
 from luna_dist import __version__
 from luna_dist.common import cli

@@ -1,7 +1,7 @@
 """Where a shard set's files lie and how their bytes reach a reader, checked: a folder or a URL.
 
 `--shards` is a folder or a URL (`https://…/`, `s3://…/`, `gs://…/`, `pipe:…{name}`):
-remote files are streamed through webdataset's gopen, or copied once into a cache folder.
+remote files are streamed through webdataset's gopen, or copied into a cache folder (`luna_dist.shards.cache`).
 Every byte of a remote shard is hashed as it passes and compared at its end with the
 manifest's size and sha256; reading stops at that size. Every remote read is bounded: a
 file of which less than MIN_PROGRESS arrives in the read timeout fails (`RemoteFile`), a
@@ -25,10 +25,12 @@ import time
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from webdataset.gopen import Pipe, gopen, gopen_schemes
 
-from luna_dist.shards.format import MANIFEST, REBUILD, ShardSetError, sha256_file
+from luna_dist.shards.cache import ShardCache, cache_name
+from luna_dist.shards.format import MANIFEST, REBUILD, ShardSetError
 
 DEFAULT_READ_TIMEOUT = 120.0
 """Seconds of waiting for a remote shard or manifest in which MIN_PROGRESS of it must arrive (--read-timeout)."""
@@ -345,6 +347,7 @@ class ShardSource:
     remote: bool
     cache_dir: str | None = None
     read_timeout: float = DEFAULT_READ_TIMEOUT
+    cache_limit: int | None = None  # bytes the cache folder may hold (luna_dist.shards.cache); None: no bound
 
     def open(self, location: str, checked: bool = False) -> io.BufferedReader:
         """A local shard as a file; a remote one streamed (or from the cache) and, as with `checked`,
@@ -356,52 +359,27 @@ class ShardSource:
             return open(location, "rb")
         if not self.remote:
             stream = open(location, "rb")
-        elif self.cache_dir is None:
-            stream = RemoteFile(location, gopen(location), self.read_timeout)
         else:
-            stream = open(self._cached(location, size, sha256), "rb")
+            stream = self._cached(location, size, sha256) if self.cache_dir is not None else None
+            if stream is None:  # no cache, or no copy it can hold now
+                stream = RemoteFile(location, gopen(location), self.read_timeout)
         return io.BufferedReader(CheckedStream(location, stream, size, sha256), 1 << 20)
 
-    def _cached(self, location: str, size: int, sha256: str) -> Path:
-        """The cache's checked copy of a remote shard, downloaded first if it has none or a damaged one.
+    def _cached(self, location: str, size: int, sha256: str) -> BinaryIO | None:
+        """The cache's checked copy of a remote shard, downloaded first where it has none; None where the cache
+        cannot hold it now (see `ShardCache.open`).
 
         The download streams through the same checks as a direct read (size, sha256, the
-        reader's exit status) into a temporary name, renamed once it matches the manifest,
-        so neither a cut-off download nor one from a changed server enters the cache.
-        (webdataset's FileCache downloads through gopen with no read timeout and reports
-        a failed download as a bare exception.)
+        reader's exit status), so neither a cut-off download nor one from a changed server
+        enters the cache. (webdataset's FileCache downloads through gopen with no read
+        timeout and reports a failed download as a bare exception.)
         """
-        copy = Path(self.cache_dir) / _cache_name(location, sha256)
-        if copy.is_file() and _checked_copy(copy, size, sha256):
-            return copy
-        copy.parent.mkdir(parents=True, exist_ok=True)
-        download = copy.with_name(f"{copy.name}.{os.getpid()}.partial")  # workers may fetch the same shard
-        try:
+        def download(file: BinaryIO) -> None:
             remote = RemoteFile(location, gopen(location), self.read_timeout)
-            with io.BufferedReader(CheckedStream(location, remote, size, sha256), 1 << 20) as stream, \
-                    open(download, "wb") as out:
+            with io.BufferedReader(CheckedStream(location, remote, size, sha256), 1 << 20) as stream:
                 while block := stream.read(1 << 20):
-                    out.write(block)
+                    file.write(block)
                 stream.raw.check()
-            os.replace(download, copy)
-        finally:
-            download.unlink(missing_ok=True)
-        return copy
 
-
-def _cache_name(url: str, sha256: str) -> str:
-    """A shard's name in the cache: its content's hash first, so two sets never share a stale copy."""
-    return f"{sha256[:16]}-{url.rsplit('/', 1)[-1]}"
-
-
-_CHECKED_COPIES: set[tuple[str, int]] = set()  # (path, mtime) of cached copies this process has hashed
-
-
-def _checked_copy(path: Path, size: int, sha256: str) -> bool:
-    """A cached copy is hashed before its first use in a process (and after any change); reads hash it again."""
-    stamp = (str(path), path.stat().st_mtime_ns)
-    if stamp not in _CHECKED_COPIES:
-        if path.stat().st_size != size or sha256_file(path) != sha256:
-            return False
-        _CHECKED_COPIES.add(stamp)
-    return True
+        cache = ShardCache(self.cache_dir, self.cache_limit, self.read_timeout)
+        return cache.open(cache_name(location, sha256), size, sha256, download)

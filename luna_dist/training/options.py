@@ -6,11 +6,17 @@ import argparse
 import sys
 from pathlib import Path
 
+from accelerate.tracking import get_available_trackers
+
 from luna_dist.common import cli
 from luna_dist.data.worker_watch import LEAST_TIMEOUT, WORKER_TIMEOUT
 from luna_dist.shards.sources import DEFAULT_READ_TIMEOUT
 from luna_dist.tables.candidates import N_FOLDS
 from luna_dist.training.tasks import SHARED_FLAGS, TASKS
+
+TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow-skinny", "wandb": "wandb", "comet_ml": "comet-ml",
+            "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
+"""The experiment trackers accelerate speaks, as `--log-with` names them, and the package each needs."""
 
 AUGMENT_HELP = {"flip": "mirroring along each axis", "offset": "shifts", "scale": "zoom",
                 "rotate": "rotation about the head-foot axis", "noise": "Gaussian noise"}
@@ -25,6 +31,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, tuple[str, ...]]]
     add("--shards", required=True, help="shard set built by python -m luna_dist.shard: a folder, or a URL "
                                         "(http(s)://…/, s3://…/, gs://…/, or 'pipe:CMD' with {name} for the file name)")
     add("--cache-dir", type=Path, help="keep a checked copy of each shard streamed from a URL here; read it from there")
+    add("--cache-limit", type=cli.byte_size, metavar="SIZE",
+        help="the most the --cache-dir folder may hold, e.g. 40GB: the shards used longest ago that no process reads "
+             "are deleted to make room (default: no bound)")
     add("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT, metavar="SECONDS",
         help="a shard or manifest streamed from a URL fails, naming it, when less than 1 MiB of it arrives in this "
              "many seconds of waiting: a minimum rate, not a deadline (default: %(default)s)")
@@ -61,6 +70,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, tuple[str, ...]]]
     add("--checkpoint", type=Path, help="weights to start from or to evaluate: a best.pt or a run's state/ folder")
     add("--eval-only", action="store_true", help="validate the resumed or given checkpoint; no training")
     add("--metrics-json", type=Path, help="also write the last validation metrics here")
+    add("--log-with", nargs="+", choices=list(TRACKERS), default=["tensorboard"], metavar="TRACKER",
+        help="experiment trackers to log to, through accelerate: tensorboard (the run folder's own, always written), "
+             f"{', '.join(list(TRACKERS)[1:])}; each takes its settings from its environment variables "
+             "(MLFLOW_TRACKING_URI, WANDB_PROJECT, ...)")
     add("--verify", action="store_true", help="check every shard's sha256 against the manifest first (reads them all)")
     add("--dist-timeout", type=float, default=300, metavar="SECONDS",
         help="how long a process waits for the others in a collective before it fails (default: 300)")
@@ -90,6 +103,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"{flag} is a flag of --task {' and '.join(owners[flag])}; --task {args.task} does not use it")
     cli.check_at_least(parser, args, {"epochs": 1, "batch_size": 1, "epoch_samples": 1, "num_workers": 0,
                                       "max_steps": 1, "shuffle_buffer": 1, "save_every": 1})
+    available = {str(tracker) for tracker in get_available_trackers()} | {"tensorboard"}
+    for tracker in args.log_with:
+        if tracker not in available:
+            parser.error(f"--log-with {tracker}: the {TRACKERS[tracker]} package is not installed here: pip install "
+                         f"{TRACKERS[tracker]}")
+    if args.cache_limit is not None and args.cache_dir is None:
+        parser.error("--cache-limit bounds the cache folder: give --cache-dir too")
     if not args.read_timeout > 0:
         parser.error(f"--read-timeout must be above 0 seconds, got {args.read_timeout}")
     cli.check_at_least(parser, args, {"worker_timeout": LEAST_TIMEOUT})

@@ -34,7 +34,7 @@ ARGUMENTS = "args.json"
 MAY_CHANGE = frozenset({
     "epochs", "resume", "overwrite", "run_name", "out", "eval_only", "metrics_json", "verify", "dist_timeout",
     "save_every", "cache_dir", "read_timeout", "worker_timeout", "checkpoint", "finetune", "num_workers", "shards",
-    "skip_device_check",
+    "skip_device_check", "cache_limit", "log_with",
 })
 """Flags a resumed run may give differently: where it runs, how long, what it reports, how it reads the shards.
 Every other flag shapes what an epoch computes. (`--shards` may move: the build's identity is compared

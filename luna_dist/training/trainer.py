@@ -30,7 +30,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed
-from tqdm import tqdm
+from tqdm.auto import tqdm  # a widget in Jupyter, text elsewhere
 
 from luna_dist.common import cli
 from luna_dist.common.hardware import precision_warning
@@ -133,11 +133,13 @@ class Trainer:
         self.args = args
         # A node that dies or freezes leaves the others waiting in a collective: fail after
         # --dist-timeout rather than torch's default of 30 minutes (gloo).
+        # --log-with's trackers but TensorBoard, which the run log writes itself (an Aim repository goes in --out).
         self.accelerator = accelerator = Accelerator(kwargs_handlers=[
-            InitProcessGroupKwargs(timeout=timedelta(seconds=args.dist_timeout))])
+            InitProcessGroupKwargs(timeout=timedelta(seconds=args.dist_timeout))],
+            log_with=[name for name in args.log_with if name != "tensorboard"] or None, project_dir=args.out)
         set_seed(args.seed, device_specific=True)  # each rank its own streams; prepare() shares rank 0's weights
         self.device, kind = accelerator.device, TASKS[args.task]
-        self.shards = open_shard_set(args.shards, kind.samples, args.cache_dir, args.read_timeout)
+        self.shards = open_shard_set(args.shards, kind.samples, args.cache_dir, args.read_timeout, args.cache_limit)
         if args.verify:
             verify_shards(self.shards, accelerator)
         self.val_folds = sorted(set(args.val_folds))
@@ -175,6 +177,9 @@ class Trainer:
         if self.num_workers is None:
             self.num_workers = feeding.default_workers(task, self.progress, accelerator.mixed_precision,
                                                        int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        if not args.eval_only:
+            params = {**record["arguments"], **{key: record[key] for key in ("processes", "mixed_precision")}}
+            self.run_log.start_trackers(f"luna_dist-{task.name}", params)
 
     def _provenance(self) -> tuple[Provenance, Provenance]:
         """What the weights of a saved state saw (the folds trained on), and what best.pt's and the validation
@@ -357,9 +362,11 @@ class Trainer:
         """Validate the saved model of `epoch`, save the state again as validated (best.pt if it scored best), then
         write the epoch's logs: a failure in them keeps the state."""
         metrics, report = self._validate_and_log(epoch)
+        best_before = self.progress.best_score
         self.checkpoints.save_epoch(self.progress, self.task, metrics)
         self.run_log.write(epoch, self.progress.samples_seen,
-                           {"trn": (self.progress.train_metrics, None), "val": (metrics, report)})
+                           {"trn": (self.progress.train_metrics, None), "val": (metrics, report)},
+                           best=self.progress.best_score is not best_before)  # a new best score: best.pt is this
         self._write_metrics(metrics)
         return metrics
 
@@ -381,3 +388,9 @@ class Trainer:
     def close(self) -> None:
         self.run_log.close()
         self.accelerator.end_training()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()  # from Python (a notebook): `with Trainer(args) as trainer: trainer.run()`

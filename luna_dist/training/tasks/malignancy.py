@@ -147,14 +147,12 @@ class Malignancy(Task):
         if not len(labelled):
             return Report()
         try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
+            from matplotlib.figure import Figure  # not pyplot's, which would take the process's backend
         except ImportError:
             return Report()  # matplotlib is optional: the AUC scalars are logged all the same
         malignant = self.column(labelled, "label").numpy() > 0.5
-        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        fig = Figure(figsize=(4.5, 4.5))
+        ax = fig.subplots()
         for column, name in (("prob", "model"), ("diameter", "diameter alone")):
             fpr, tpr = roc_curve(malignant, self.column(labelled, column).numpy())
             ax.plot(fpr, tpr, label=name)
