@@ -1022,7 +1022,8 @@ def test_two_nodes_run_one_epoch_like_one_machine(tiny_shards, tmp_path):
     assert [p.name for p in (tmp_path / "node0").iterdir()] == [] == [p.name for p in (tmp_path / "node1").iterdir()]
     written = {p.name for p in (out / "r").iterdir()}
     assert {"args.json", "logged.json", "state", "trn", "val", "val-predictions-E1.csv"} <= written
-    assert written <= {"args.json", "logged.json", "best.pt", "state", "trn", "val", "val-predictions-E1.csv"}
+    assert written <= {"args.json", "logged.json", "best.pt", "state", "trn", "val", "val-predictions-E1.csv",
+                       "val-predictions-E1.provenance.json"}
     for mode in ("trn", "val"):
         assert len(list((out / "r" / mode).iterdir())) == 1  # one event file: one writer
     # The state: the model and optimizer once, every rank's random states in one file, all written by rank 0.
