@@ -159,3 +159,15 @@ def test_best_model_is_recall_at_the_precision_floor(tiny_seg_shards, precision,
                         training=False)
     assert task.best_by == "recall"
     assert task.score({"pr/precision": precision, "pr/recall": recall}) == [pytest.approx(score)]
+
+
+def test_a_best_model_below_the_precision_floor_is_told_by_its_precision_not_its_rank(tiny_seg_shards):
+    """Below the floor the score ranks models by precision - 1: the line says the precision and the floor, not a
+    negative 'recall'."""
+    args = parse_args(["--task", "seg", "--shards", str(tiny_seg_shards), "--val-folds", "3"])
+    task = Segmentation(args, Accelerator(cpu=True), open_shard_set(tiny_seg_shards, seg_samples), [0, 1, 2], [3],
+                        training=False)
+    below = {"pr/precision": 0.0067, "pr/recall": 0.99}
+    assert task.describe_score(below, task.score(below)) == "pr/precision 0.0067, below --seg-precision-floor 0.3"
+    above = {"pr/precision": 0.5, "pr/recall": 0.9}
+    assert task.describe_score(above, task.score(above)) == "pr/recall at --seg-precision-floor 0.9000"

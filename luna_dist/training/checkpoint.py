@@ -239,7 +239,7 @@ class Checkpointer:
             progress.best_score, progress.best_by, progress.validated = previous
             raise
         if best is not None:
-            scores = " then ".join(f"{name} {value:.4f}" for name, value in zip(best["score_of"], score))
+            scores = task.describe_score(val_metrics, score)
             kept = "kept, the last epoch (--select-on last)" if last else f"new best model by {task.best_by}"
             log.info(f"E{progress.epoch} {kept}, {scores}: {self.run / BEST}")
 

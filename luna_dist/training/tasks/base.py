@@ -158,6 +158,10 @@ class Task:
         """The best-model score by `--best-by`: higher is better, compared entry by entry; NaN never wins."""
         return [-metrics[key[1:]] if key.startswith("-") else metrics[key] for key in self.best_by_rules[self.best_by]]
 
+    def describe_score(self, metrics: dict, score: list[float]) -> str:
+        """`score` (of `metrics`) as the best model's line says it: each of its names with its value."""
+        return " then ".join(f"{name} {value:.4f}" for name, value in zip(self.best_by_rules[self.best_by], score))
+
 
 def chunk_input(chunks: Tensor, device: torch.device, augment: AugmentConfig | None, channels_last: bool) -> Tensor:
     """int16 chunks on the host -> float32 HU on the device, augmented there (when `augment` is given)."""

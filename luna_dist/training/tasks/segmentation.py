@@ -165,3 +165,9 @@ class Segmentation(Task):
         precision = metrics["pr/precision"]
         precision = 0.0 if math.isnan(precision) else precision
         return [metrics["pr/recall"] if precision >= self.args.seg_precision_floor else precision - 1]
+
+    def describe_score(self, metrics: dict, score: list[float]) -> str:
+        """Below the floor the score is a rank (precision - 1), not a recall: the line says the precision."""
+        if self.best_by == "recall" and score[0] < 0:
+            return f"pr/precision {score[0] + 1:.4f}, below --seg-precision-floor {self.args.seg_precision_floor}"
+        return super().describe_score(metrics, score)
