@@ -34,11 +34,11 @@ flags = "--workers 1 --max-samples 10"
 [shard.seg]
 flags = "--workers 1 --seg-negatives 12"
 [train.cls]
-flags = "--epochs 1 --max-steps 2 --batch-size 4 --balanced 1 --lr 0.0005 --momentum 0.9"
+flags = "--epochs 1 --max-steps 2 --batch-size 4 --balanced 1 --lr 0.0005 --momentum 0.9 --num-workers 0"
 [train.seg]
-flags = "--epochs 1 --max-steps 4 --batch-size 4 --lr 0.01"
+flags = "--epochs 1 --max-steps 4 --batch-size 4 --lr 0.01 --num-workers 0"
 [train.malignancy]
-flags = "--epochs 1 --max-steps 2 --batch-size 4 --mix 1 1 0"
+flags = "--epochs 1 --max-steps 2 --batch-size 4 --mix 1 1 0 --num-workers 0"
 [analyze]
 flags = ""
 [evaluate]
