@@ -22,7 +22,7 @@ def cv(shards: Path, out: Path, cwd: Path, *flags: str, check: bool = True) -> s
     env = {**os.environ, "OUT": str(out), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run([str(ROOT / "launch" / "cv.sh"), str(shards), "--epochs", "1", "--max-steps", "2",
-                             "--batch-size", "4", "--balanced", "1", *flags], cwd=cwd, env=env, capture_output=True,
+                             "--batch-size", "4", "--balanced", "1", "--num-workers", "0", *flags], cwd=cwd, env=env, capture_output=True,
                             text=True, timeout=240)
     if check:
         assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"

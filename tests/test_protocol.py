@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from luna_dist import analyze, protocol
+from luna_dist import analyze, evaluate, protocol
 from luna_dist.cv import recipe as recipes
 from luna_dist.cv.runner import ProtocolError, Runner, check_unseen
 from luna_dist.cv.stages import Layout, Stage, fold_stages, merge_stage, selection, shard_stages
@@ -26,17 +26,19 @@ from luna_dist.synthetic.generator import MIN_SHAPE, make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The UNet's --lr 0.01 over 4 steps: a segmentation of a few to some tens of groups a CT, where 2 steps at the
+# default rate leave hundreds for each analysis to classify (then the slowest stage by far).
 SMALL = """select = "last"
 [shard.cls]
 flags = "--workers 1 --max-samples 10"
 [shard.seg]
 flags = "--workers 1 --seg-negatives 12"
 [train.cls]
-flags = "--epochs 1 --max-steps 2 --batch-size 4 --balanced 1 --lr 0.0005 --momentum 0.9"
+flags = "--epochs 1 --max-steps 2 --batch-size 4 --balanced 1 --lr 0.0005 --momentum 0.9 --num-workers 0"
 [train.seg]
-flags = "--epochs 1 --max-steps 2 --batch-size 4"
+flags = "--epochs 1 --max-steps 4 --batch-size 4 --lr 0.01 --num-workers 0"
 [train.malignancy]
-flags = "--epochs 1 --max-steps 2 --batch-size 4 --mix 1 1 0"
+flags = "--epochs 1 --max-steps 2 --batch-size 4 --mix 1 1 0 --num-workers 0"
 [analyze]
 flags = ""
 [evaluate]
@@ -261,7 +263,8 @@ def test_the_protocol_scores_each_fold_with_models_that_never_saw_it(small_data,
     out, recipe = tmp_path / "out", write_recipe(tmp_path / "recipe.toml")
 
     # The plan, before anything: every stage to run, each estimated.
-    planned = _run(_command(small_data, out, recipe, "--plan")).stdout
+    assert protocol.main(_command(small_data, out, recipe, "--plan")[3:]) == 0
+    planned = capsys.readouterr().out
     for stage in ("shard-cls", "shard-seg", "cls-fold0", "analyze-fold1", "merge"):
         line = next(line for line in planned.splitlines() if line.startswith(stage + " "))
         assert "to run" in line and line.endswith("*"), line
@@ -305,8 +308,8 @@ def test_the_protocol_scores_each_fold_with_models_that_never_saw_it(small_data,
     # The merged CPM is evaluate's of the merged submission, which is every fold's marks.
     score = json.loads((out / "merged" / "score.json").read_text())
     check = tmp_path / "check.json"
-    _run([sys.executable, "-m", "luna_dist.evaluate", "--shards", str(out / "shards" / "cls"), "--folds", "0", "1",
-          "--predictions", str(out / "merged" / "submission.csv"), "--bootstrap", "100", "--json", str(check)])
+    assert evaluate.main(["--shards", str(out / "shards" / "cls"), "--folds", "0", "1", "--predictions",
+                          str(out / "merged" / "submission.csv"), "--bootstrap", "100", "--json", str(check)]) == 0
     assert json.loads(check.read_text()) == score
     folds = [read_marks(out / f"fold{fold}" / "analysis" / "submission.csv") for fold in (0, 1)]
     joined = Marks(*(np.concatenate([getattr(m, key) for m in folds]) for key in ("series", "xyz", "probability")))
