@@ -19,6 +19,7 @@ import io
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +29,9 @@ from luna_dist.devices import machine, numbers, ops, speed
 from luna_dist.models.classifier import LunaModel
 from luna_dist.models.unet import SegmentationModel
 from luna_dist.shards.format import ShardSetError
+
+if TYPE_CHECKING:
+    from luna_dist.data.streams import ShardSet
 
 SMALL_BUILD_CTS = 2
 """CTs of the build made for the worker's rate when no --shards are given: a worker's samples/s depends on the
@@ -108,9 +112,25 @@ def check_numbers(device: torch.device, precision: str) -> dict:
                                     if (found := c.largest(what)) is not None}} for c in checks]}
 
 
-def check_speed(device: torch.device, precision: str, shards: Path | None, steps: int, samples: int) -> dict:
+def open_shards(path: Path) -> ShardSet:
+    """The build at `path`, of either task (ShardSetError naming what is wrong)."""
     from luna_dist.data.streams import open_shard_set
     from luna_dist.shards import chunk_samples, seg_samples
+
+    try:
+        return open_shard_set(path, chunk_samples)
+    except ShardSetError as err:
+        try:
+            return open_shard_set(path, seg_samples)
+        except ShardSetError:
+            raise err from None
+
+
+def check_speed(device: torch.device, precision: str, shard_set: ShardSet | None, steps: int,
+                samples: int) -> dict:
+    """Check 4: each task's samples/s on the device, a data worker's on `shard_set` (None: a small build made
+    here), and from the two the workers and batch to use. A device that cannot train the shards' task at
+    --batch-size 32 (out of memory) fails the check saying so."""
     from luna_dist.shards.build import build
     from luna_dist.shards.options import BuildOptions
     from luna_dist.synthetic.generator import make_dataset
@@ -125,31 +145,30 @@ def check_speed(device: torch.device, precision: str, shards: Path | None, steps
                 rates[task][size] = speed.device_rate(task, device, size, steps, precision, channels_last)
             except torch.OutOfMemoryError:
                 break
+    built = str(shard_set.root) if shard_set is not None else f"a build of {SMALL_BUILD_CTS} synthetic CTs, removed"
     with tempfile.TemporaryDirectory(prefix="luna_dist-doctor-") as scratch:
-        if shards is None:
-            shards = Path(scratch) / "shards"
+        if shard_set is None:
             with contextlib.redirect_stdout(io.StringIO()):  # the scratch build's tables and counts: not the doctor's
                 make_dataset(Path(scratch) / "data", n_cts=SMALL_BUILD_CTS)
-                build(BuildOptions(data=Path(scratch) / "data", out=shards, workers=1, progress=False))
-        try:
-            shard_set = open_shard_set(shards, chunk_samples)
-        except ShardSetError as err:
-            try:
-                shard_set = open_shard_set(shards, seg_samples)
-            except ShardSetError:
-                raise err from None
+                build(BuildOptions(data=Path(scratch) / "data", out=Path(scratch) / "shards", workers=1,
+                                   progress=False))
+            shard_set = open_shards(Path(scratch) / "shards")
         worker = speed.worker_rate(shard_set, 32, samples)
     cores = machine.usable_cores()
     task = "seg" if shard_set.manifest.get("task") == "seg" else "cls"  # the task that trains on these shards
+    result = {"device_samples_per_s": rates, "worker_samples_per_s": worker, "shards": built,
+              "shards_task": task, "cores": cores}
+    if 32 not in rates[task]:
+        return {**result, "passed": False,
+                "problem": f"the device ran out of memory training --task {task} at --batch-size 32: train with a "
+                           "smaller --batch-size, or on a device with more memory"}
     advice = speed.recommend_workers(rates[task][32], worker, cores)
     batch = speed.recommend_batch(rates[task])
     at_batch = speed.recommend_workers(rates[task][batch], worker, cores)
-    built = f"a build of {SMALL_BUILD_CTS} synthetic CTs, removed" if shards.is_relative_to(scratch) else str(shards)
-    result = {"device_samples_per_s": rates, "worker_samples_per_s": worker, "shards": built,
-              "shards_task": task, "cores": cores,
-              "advice": advice.as_dict(), "batch_size": batch, "advice_at_batch": at_batch.as_dict(),
-              "per_task": {name: speed.recommend_workers(r[32], worker, cores).as_dict() for name, r in rates.items()
-                           if (name == "seg") == (task == "seg")}}  # the tasks that train on these shards
+    result.update({"advice": advice.as_dict(), "batch_size": batch, "advice_at_batch": at_batch.as_dict(),
+                   "per_task": {name: speed.recommend_workers(r[32], worker, cores).as_dict()
+                                for name, r in rates.items()  # the tasks that train on these shards, at batch 32
+                                if (name == "seg") == (task == "seg") and 32 in r}})
     starving = advice.waiting > speed.STARVED
     result["passed"] = not starving
     result["problem"] = (f"even {advice.workers} data worker(s), the most {cores} core(s) allow, leave the device "
@@ -215,9 +234,11 @@ def number_rows(found: dict) -> list[tuple[str, str]]:
 def speed_rows(found: dict) -> list[tuple[str, str]]:
     rows = [(f"{task} samples/s", ", ".join(f"{rate:,.0f} at batch {size}" for size, rate in rates.items()))
             for task, rates in found["device_samples_per_s"].items()]
+    rows.append(("a data worker", f"{found['worker_samples_per_s']:,.0f} samples/s ({found['shards']})"))
+    if "advice" not in found:  # the device could not train the shards' task at batch 32: the problem says so
+        return rows
     advice, batch = found["advice"], found["batch_size"]
-    rows += [("a data worker", f"{found['worker_samples_per_s']:,.0f} samples/s ({found['shards']})"),
-             ("advice", f"--task {found['shards_task']}: --num-workers {advice['workers']} at --batch-size 32: "
+    rows += [("advice", f"--task {found['shards_task']}: --num-workers {advice['workers']} at --batch-size 32: "
                         f"the device waits ~{advice['waiting_share']:.0%} of an epoch ({advice['reason']})")]
     if batch != 32:
         at = found["advice_at_batch"]
@@ -253,13 +274,14 @@ def main(argv: list[str] | None = None) -> int:
     cli.check_at_least(parser, args, {"steps": 1, "worker_samples": 64})
     device = _device(parser, args.device)
     precision = args.mixed_precision or machine.chosen_precision()
+    try:  # before the checks, which take a while: a wrong --shards fails at once
+        shard_set = open_shards(args.shards) if args.shards and not args.skip_speed else None
+    except ShardSetError as err:
+        return cli.fail(f"--shards: {err}")
     found = {"machine": check_machine(device, precision), "operations": check_operations(device, precision),
              "numbers": check_numbers(device, precision)}
     if not args.skip_speed:
-        try:
-            found["speed"] = check_speed(device, precision, args.shards, args.steps, args.worker_samples)
-        except ShardSetError as err:
-            return cli.fail(f"--shards: {err}")
+        found["speed"] = check_speed(device, precision, shard_set, args.steps, args.worker_samples)
     shared_memory_verdict(found)
     failed = [name for name in TITLES if name in found and not found[name]["passed"]]
     found["passed"], found["failed"] = not failed, failed

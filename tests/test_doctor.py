@@ -47,3 +47,25 @@ def test_a_device_whose_convolution_is_perturbed_fails_check_3_naming_the_layer(
     unet = [m for m in found["numbers"]["models"] if m["model"] == "UNet"][0]
     assert not unet["passed"] and unet["largest"]["output"]["value"] >= 0.1
     assert "3. the models against the CPU" in captured.out and "4. speed" in captured.out
+
+
+def test_a_wrong_shards_folder_fails_before_any_check(tmp_path, monkeypatch, capsys):
+    def checked(*args):
+        raise AssertionError("a check ran before --shards was opened")
+
+    monkeypatch.setattr(doctor, "check_machine", checked)
+    assert doctor.main(["--device", "cpu", "--shards", str(tmp_path / "none")]) == 1
+    assert capsys.readouterr().err.startswith(f"error: --shards: {tmp_path / 'none'}")
+
+
+def test_a_device_out_of_memory_at_batch_32_fails_check_4_saying_so(tiny_shards, monkeypatch):
+    def out_of_memory(task, device, size, *args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(doctor.speed, "device_rate", out_of_memory)
+    found = doctor.check_speed(torch.device("cpu"), "no", doctor.open_shards(tiny_shards), 1, 64)
+    assert not found["passed"] and found["shards_task"] == "cls"
+    assert found["problem"] == ("the device ran out of memory training --task cls at --batch-size 32: train with a "
+                                "smaller --batch-size, or on a device with more memory")
+    rows = dict(doctor.speed_rows(found))
+    assert rows["cls samples/s"] == "" and rows["a data worker"].endswith(f"samples/s ({tiny_shards})")
