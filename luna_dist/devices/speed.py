@@ -177,8 +177,6 @@ def recommend_batch(rates: dict[int, float]) -> int:
     return min(size for size, rate in rates.items() if rate >= NEAR_BEST * best)
 
 
-
-
 START_STEPS = 2
 """Training steps a run times its device on to choose its default --num-workers (after one to warm up)."""
 START_SAMPLES = 64
