@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -245,6 +246,20 @@ def test_bad_arguments(tables, tmp_path, capsys):
     assert "--series 889 is more than the 888 series" in capsys.readouterr().err
     assert main([str(tmp_path / "out"), "--tables", str(tables), "--series", "12", "--candidates", "8"]) == 1
     assert "--candidates 8 is fewer than the 9 nodules" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("uid", ["../../../victim", "/tmp/victim", "1.2,3", "1.2\n3"])
+def test_a_series_that_cannot_name_its_files_is_refused_before_anything_is_written(tables, tmp_path, capsys, uid):
+    """The uids of seriesuids.csv name the CTs' files: one holding a path, a comma or a line break is refused."""
+    hostile = tmp_path / "tables"
+    shutil.copytree(tables, hostile)
+    listed = hostile / "seriesuids.csv"
+    with open(listed, "w", newline="") as f:
+        csv.writer(f).writerows([[uid], *csv.reader(open(tables / "seriesuids.csv", newline=""))])
+    assert main([str(tmp_path / "out" / "luna"), "--tables", str(hostile), "--series", "2"]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {listed}: the series {uid!r} is not a uid that can name its "
+                                              "files (LUNA16's are digits and dots)")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "victim.mhd").exists()
 
 
 @pytest.mark.slow

@@ -62,6 +62,7 @@ from pathlib import Path
 import numpy as np
 
 from luna_dist.common.atomic import atomic_open
+from luna_dist.common.out_folder import file_name
 from luna_dist.synthetic.generator import CANDIDATES_HEADER, MIN_SHAPE, N_SUBSETS, write_ct
 from luna_dist.synthetic.phantom import Phantom, ScanGeometry, draw_nodule, draw_phantom, render, unit_ball
 from luna_dist.synthetic.placing import in_body
@@ -195,6 +196,11 @@ def read_series(tables: Path, n_series: int | None = None) -> list[Series]:
     nodules = _read_findings(tables / TABLES["annotations"])
     excluded = _read_findings(tables / TABLES["excluded"], excluded=True)
     rated = _read_findings(tables / TABLES["malignancy"])
+    for uid in uids[:n_series]:  # each names its files, as LUNA16's download does: it must name nothing else
+        if file_name(uid) != uid:
+            raise RehearsalError(f"{tables / TABLES['seriesuids']}: the series {uid!r} is not a uid that can name "
+                                 "its files (LUNA16's are digits and dots); --tables names the folder of the real "
+                                 "LUNA16 tables")
     series = []
     for k, uid in enumerate(uids[:n_series]):
         ours = _as_array(nodules[uid])
