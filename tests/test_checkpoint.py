@@ -78,11 +78,22 @@ def test_best_score_compares_entry_by_entry(score, best, better):
 
 
 def test_each_rank_takes_its_own_random_states():
-    saved = Progress(epoch=1, step=4, epoch_rngs=[{"rank": 0}, {"rank": 1}]).state_dict()
+    import random
+
+    from luna_dist.training.checkpoint import stream_random_states
+
+    states = []
+    for seed in (0, 1):
+        random.seed(seed)
+        states.append(stream_random_states())
+    layout = {"processes": 2, "batch_size": 4, "num_workers": 0}
+    saved = Progress(epoch=1, step=4, epoch_rngs=states, layout=layout).state_dict()
     for rank in (0, 1):
         progress = Progress(rank=rank)
         progress.load_state_dict(saved)
-        assert progress.epoch_rng == {"rank": rank}
+        assert progress.epoch_rng == states[rank]
+    with pytest.raises(ValueError, match=r"^epoch_rngs holds 1 rank\(s\)' random states, its layout"):
+        Progress().load_state_dict({**saved, "epoch_rngs": states[:1]})
 
 
 def test_a_state_comes_back_exactly_from_files_that_run_no_code(tmp_path, monkeypatch):

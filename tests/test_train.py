@@ -22,6 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from luna_dist import evaluate
 from luna_dist import train as train_command
 from luna_dist.evaluation.files import fold_findings, read_marks
+from luna_dist.training.checkpoint import stream_random_states
 
 RUN_TIMEOUT = 300
 SCALARS = ["loss/all", "loss/neg", "loss/pos", "correct/all", "correct/neg", "correct/pos",
@@ -742,7 +743,7 @@ def saved_run(tiny_shards, tmp_path_factory) -> Path:
         trainer.run()
         trainer.close()
         mid = _in_process([*_quick(tiny_shards, out, "--max-steps", "4"), "--run-name", "mid", "--num-workers", "0"])
-        mid.progress.epoch_rngs, mid.progress.layout = [{}], mid._layout()
+        mid.progress.epoch_rngs, mid.progress.layout = [stream_random_states()], mid._layout()
         mid.progress.step, mid.progress.samples_seen = 2, 8
         _save(mid, None)
         mid.close()
@@ -820,6 +821,25 @@ def test_a_resume_never_runs_code_planted_in_the_state(tiny_shards, saved_run, t
         assert code == 1 and len(errors) == 1, (name, errors)
         assert errors[0].startswith(f"error: --resume: {out / 'r' / 'state' / name}: "), errors[0]
         assert "weights_only" not in errors[0]
+
+
+@pytest.mark.parametrize(("entry", "said"), [
+    ({"python": [3, [1, 2], None], "torch": [1, 2, 3]}, "epoch_rngs[0] holds random states that do not load"),
+    ("seeds", "epoch_rngs[0] holds 'seeds', not a data stream's random states")])
+def test_a_mid_epoch_state_whose_stream_states_are_damaged_is_refused_when_read(tiny_shards, saved_run, tmp_path,
+                                                                              monkeypatch, capsys, entry, said):
+    """The random states a mid-epoch resume restarts its stream from are checked as the state is read: a damaged
+    entry is one line naming progress.json, not a traceback once training has begun."""
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    shutil.copytree(saved_run / "mid", tmp_path / "mid")
+    progress = tmp_path / "mid" / "state" / "progress.json"
+    saved = json.loads(progress.read_text())
+    progress.write_text(json.dumps({**saved, "epoch_rngs": [entry]}))
+    flags = [*_quick(tiny_shards, tmp_path, "--max-steps", "4"), "--run-name", "mid", "--num-workers", "0", "--resume"]
+    assert train_command.main(flags) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"error: --resume: {progress}: not as luna_dist writes it ({said}")
 
 
 def test_a_state_of_pickles_is_refused_with_a_way_on_that_works(tiny_shards, saved_run, tmp_path, monkeypatch,

@@ -100,6 +100,20 @@ def set_random_states(states: dict, device: torch.device) -> None:
         torch.get_device_module(device).set_rng_state(torch.tensor(states[device.type], dtype=torch.uint8), device)
 
 
+def check_stream_states(states: object) -> None:
+    """ValueError unless `states` is what `stream_random_states` gives: tried on this process's generators, which
+    are then put back as they were (a damaged entry fails here, when the state is read, not mid-resume)."""
+    if not isinstance(states, dict) or set(states) != {"python", "torch"}:
+        raise ValueError(f"holds {str(states)[:80]!r}, not a data stream's random states")
+    before = stream_random_states()
+    try:
+        set_random_states(states, torch.device("cpu"))
+    except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+        raise ValueError(f"holds random states that do not load ({err})") from None
+    finally:
+        set_random_states(before, torch.device("cpu"))
+
+
 @dataclass
 class Progress:
     """Where training stands; saved with every state so a resume never guesses from folder names."""
@@ -137,6 +151,15 @@ class Progress:
         for name, kind in self.SAVED.items():
             if not isinstance(state.get(name), kind):
                 raise ValueError(f"{name} is {state.get(name)!r}")
+        rngs, layout = state["epoch_rngs"], state["layout"]
+        if rngs is not None:
+            if layout is None or len(rngs) != layout.get("processes"):
+                raise ValueError(f"epoch_rngs holds {len(rngs)} rank(s)' random states, its layout {layout}")
+            for rank, entry in enumerate(rngs):
+                try:
+                    check_stream_states(entry)
+                except ValueError as err:
+                    raise ValueError(f"epoch_rngs[{rank}] {err}") from None
         for name in self.SAVED:
             setattr(self, name, state[name])
 
