@@ -87,11 +87,6 @@ def positions_sha256(xyz: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(xyz, dtype=np.float64).tobytes()).hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def produced_by(models: Models, mixed_precision: str, candidates_mode: bool, body_crop: bool) -> dict:
     """What every CT of this run shares in its `produced_by`; `ct_produced_by` adds the CT's own part."""
     return {"analysis_version": ANALYSIS_VERSION, "mode": "candidates" if candidates_mode else "segmentation",

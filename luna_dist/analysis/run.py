@@ -62,7 +62,6 @@ from luna_dist.analysis.groups import MIN_EXTENT
 from luna_dist.analysis.identity import (
     ANALYSIS_VERSION,
     ct_produced_by,
-    file_sha256,
     finished_result,
     known_unchanged,
     produced_by,
@@ -93,6 +92,7 @@ from luna_dist.imaging.geometry import LPS
 from luna_dist.models.classifier import LunaModel
 from luna_dist.models.unet import SegmentationModel
 from luna_dist.models.weights import WeightsError
+from luna_dist.shards.format import sha256_file
 from luna_dist.tables.candidates import Annotation
 
 log = get_logger("luna_dist.analyze")
@@ -366,7 +366,7 @@ def run_produced_by(args: argparse.Namespace, models: Models, shared: dict, seen
             "models": {name: {"path": str(paths[name]), "sha256": sha,
                               "provenance": seen[name].folds() if seen.get(name) else None} if sha else None
                        for name, sha in models.sha256.items()},
-            "candidates": {"path": str(args.candidates), "sha256": file_sha256(args.candidates)}
+            "candidates": {"path": str(args.candidates), "sha256": sha256_file(args.candidates)}
             if args.candidates else None,
             "seg_threshold": shared["seg_threshold"], "erosion_iterations": shared["erosion_iterations"],
             "body_crop": shared["body_crop"], "mixed_precision": shared["mixed_precision"]}

@@ -25,7 +25,7 @@ from luna_dist.common.atomic import atomic_open, write_json
 from luna_dist.cv.recipe import Recipe
 from luna_dist.cv.runner import read_record
 from luna_dist.cv.stages import Layout
-from luna_dist.models.provenance import file_sha256
+from luna_dist.shards.format import sha256_file
 
 PAGE, RECORD = "index.html", "protocol.json"
 
@@ -39,7 +39,7 @@ def produced(layout: Layout, recipe: Recipe, folds: list[int], launcher: str, st
     for task in ("cls", "seg"):
         manifest_path = layout.shards(task) / "manifest.json"
         manifest = json.loads(manifest_path.read_text())
-        builds[task] = {"path": str(layout.shards(task)), "manifest_sha256": file_sha256(manifest_path),
+        builds[task] = {"path": str(layout.shards(task)), "manifest_sha256": sha256_file(manifest_path),
                         "identity": manifest["identity"], "counts": manifest["counts"]}
     records = {name: read_record(layout.record(name)) or {} for name in stages}
     return {

@@ -34,6 +34,7 @@ from luna_dist.common.processes import killed_with_parent
 from luna_dist.cv.stages import TASKS, Layout, Stage
 from luna_dist.models import provenance
 from luna_dist.models.weights import WeightsError
+from luna_dist.shards.format import sha256_file
 from luna_dist.training import run_folder
 from luna_dist.training.checkpoint import newest_state
 
@@ -170,7 +171,7 @@ def check_unseen(stage: Stage, layout: Layout) -> None:
 def _output(path: Path | None) -> dict | None:
     if path is None or not path.is_file():
         return None
-    return {"path": str(path), "sha256": provenance.file_sha256(path)}
+    return {"path": str(path), "sha256": sha256_file(path)}
 
 
 def _now() -> str:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from luna_dist import __version__
 from luna_dist.cv.recipe import Recipe
-from luna_dist.models.provenance import file_sha256
+from luna_dist.shards.format import sha256_file
 
 TASKS = ("cls", "seg", "malignancy")
 KINDS = ("shards", "folds", "merge")
@@ -179,7 +179,7 @@ def _hashes(files: dict[str, Path]) -> Callable[[], dict | None]:
     def inputs() -> dict | None:
         if not all(path.is_file() for path in files.values()):
             return None
-        return {name: file_sha256(path) for name, path in files.items()}
+        return {name: sha256_file(path) for name, path in files.items()}
     return inputs
 
 

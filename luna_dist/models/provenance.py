@@ -22,7 +22,6 @@ strings and numbers: read by torch's weights-only loader, never unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from pathlib import Path
 
 from luna_dist.common.atomic import write_json
 from luna_dist.models.weights import WeightsError, load_tensors
+from luna_dist.shards.format import sha256_file
 
 STATE_FILE = "provenance.json"
 SIDECAR_SUFFIX = ".provenance.json"
@@ -161,7 +161,7 @@ def sidecar(predictions: Path) -> Path:
 def write_sidecar(predictions: Path, parts: list[Part]) -> None:
     """The sidecar of a predictions CSV already written: its parts and the CSV's sha256."""
     write_json(sidecar(predictions), {
-        "predictions_sha256": file_sha256(predictions),
+        "predictions_sha256": sha256_file(predictions),
         "parts": [{"series": sorted(part.series),
                    "models": None if part.models is None else
                    {name: None if record is None else record.to_json() for name, record in part.models.items()}}
@@ -183,18 +183,10 @@ def read_sidecar(predictions: Path) -> list[Part] | None:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"{path}: unreadable ({type(err).__name__}: {err}); remove it to score "
                          f"{Path(predictions).name} unchecked") from None
-    if recorded != file_sha256(predictions):
+    if recorded != sha256_file(predictions):
         raise ValueError(f"{path} was written for other contents of {predictions} (its sha256 differs): write both "
                          f"again with the command that made them, or remove {path.name} to score them unchecked")
     return parts
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _folds_json(folds: dict[int, tuple[str, ...]]) -> dict[str, list[str]]:
