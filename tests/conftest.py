@@ -16,7 +16,15 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import SEG_NEGATIVES, SHARD_MAX_SAMPLES, SHARD_WORKERS, SYNTH_CTS, SYNTH_SEED, TINY_NEGATIVES
+from helpers import (
+    SEG_NEGATIVES,
+    SHARD_MAX_SAMPLES,
+    SHARD_WORKERS,
+    SYNTH_CTS,
+    SYNTH_SEED,
+    TINY_NEGATIVES,
+    web_server,
+)
 
 from luna_dist.shards.build import build
 from luna_dist.shards.options import BuildOptions
@@ -137,8 +145,6 @@ def stalling_server(tmp_path):
     """(folder, URL, stall): a web server on 127.0.0.1 serving `folder`, in a thread of this process; a
     request for a file whose name ends with one of the suffixes in the set `stall` is accepted and never
     answered, as by a frozen server. Stopped after the test."""
-    import functools
-    import http.server
     import threading
 
     www = tmp_path / "frozen-www"
@@ -146,26 +152,17 @@ def stalling_server(tmp_path):
     stall: set[str] = set()
     stopped = threading.Event()
 
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def do_GET(self):
-            if any(self.path.endswith(suffix) for suffix in stall):
-                stopped.wait(60)  # holds the connection open, sending nothing
-                return
-            super().do_GET()
+    def answer(handler) -> bool:
+        if not any(handler.path.endswith(suffix) for suffix in stall):
+            return False
+        stopped.wait(60)  # holds the connection open, sending nothing
+        return True
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(www)))
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield www, f"http://127.0.0.1:{server.server_address[1]}", stall
-    finally:
-        stopped.set()
-        server.shutdown()
-        server.server_close()
+    with web_server(www, answer) as url:
+        try:
+            yield www, url, stall
+        finally:
+            stopped.set()
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import collections
 import contextlib
 import ctypes
 import gzip
+import http.server
 import io
 import locale
 import os
@@ -16,7 +17,9 @@ import shutil
 import signal
 import subprocess
 import tarfile
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -507,3 +510,27 @@ def on_a_broken_device(monkeypatch, **broken) -> None:
 
     monkeypatch.setattr(numbers, "device_pass", broken_pass)
     monkeypatch.setattr(start, "checked_at_start", lambda device: True)
+
+
+@contextlib.contextmanager
+def web_server(folder: Path, answer: Callable[[http.server.SimpleHTTPRequestHandler], bool]) -> Iterator[str]:
+    """A quiet web server on 127.0.0.1 serving `folder` from a thread of this process; each GET is first offered
+    to `answer` (with the request's handler), which returns True when it answered it itself. Yields its URL;
+    stopped when the block ends (within 0.05 s)."""
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            if not answer(self):
+                super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(folder)))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

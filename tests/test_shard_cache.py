@@ -4,9 +4,7 @@ process reads are evicted, a shard being written is never read, and processes an
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
-import http.server
 import json
 import os
 import shutil
@@ -20,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from helpers import open_cls, run_or_show_stacks
+from helpers import open_cls, run_or_show_stacks, web_server
 
 from luna_dist.common.cli import byte_size
 from luna_dist.shards.cache import ShardCache
@@ -203,23 +201,12 @@ def counting_server(tmp_path):
     www.mkdir()
     requests: Counter = Counter()
 
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def do_GET(self):
-            requests[self.path] += 1
-            super().do_GET()
+    def answer(handler) -> bool:
+        requests[handler.path] += 1
+        return False  # served from the folder
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(www)))
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield www, f"http://127.0.0.1:{server.server_address[1]}", requests
-    finally:
-        server.shutdown()
-        server.server_close()
+    with web_server(www, answer) as url:
+        yield www, url, requests
 
 
 @pytest.mark.slow

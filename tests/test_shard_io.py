@@ -15,7 +15,7 @@ from contextlib import suppress
 from pathlib import Path
 
 import pytest
-from helpers import CLS_BATCHES, POS_NEG
+from helpers import CLS_BATCHES, POS_NEG, web_server
 from helpers import open_cls as open_shard_set
 from webdataset.gopen import gopen
 
@@ -177,8 +177,6 @@ def odd_server(tmp_path):
     """(folder, URL, answers): a web server on 127.0.0.1 serving `folder`, in a thread of this process; a request
     for a path ending with a key of the dict `answers` is answered by its value, a function (handler, file, stop)
     that writes the whole answer (`stop`: set when the test ends). Stopped after the test."""
-    import functools
-    import http.server
     import threading
 
     www = tmp_path / "odd-www"
@@ -186,26 +184,19 @@ def odd_server(tmp_path):
     answers: dict = {}
     stop = threading.Event()
 
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def do_GET(self):
-            answer = next((value for key, value in answers.items() if self.path.endswith(key)), None)
-            if answer is None:
-                return super().do_GET()
-            with suppress(OSError):  # the reader hung up
-                answer(self, www / self.path.lstrip("/"), stop)
+    def answer(handler) -> bool:
+        odd = next((value for key, value in answers.items() if handler.path.endswith(key)), None)
+        if odd is None:
+            return False
+        with suppress(OSError):  # the reader hung up
+            odd(handler, www / handler.path.lstrip("/"), stop)
+        return True
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(www)))
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()  # shut down in 0.05 s
-    try:
-        yield www, f"http://127.0.0.1:{server.server_address[1]}", answers
-    finally:
-        stop.set()
-        server.shutdown()
-        server.server_close()
+    with web_server(www, answer) as url:
+        try:
+            yield www, url, answers
+        finally:
+            stop.set()
 
 
 def _head(handler, status: int = 200, **headers) -> None:
