@@ -26,7 +26,7 @@ from accelerate.utils import broadcast_object_list
 from luna_dist import __version__
 from luna_dist.common.atomic import write_json
 from luna_dist.training.checkpoint import BEST, OLD, PARTIAL, STATE, recover
-from luna_dist.training.run_log import logged_epoch
+from luna_dist.training.run_log import logged_epoch, raised_alike
 
 log = get_logger("luna_dist.train")
 
@@ -126,10 +126,7 @@ def run_path(args: argparse.Namespace, accelerator: Accelerator) -> Path:
 
 def agree(problem: str | None) -> None:
     """The main process's verdict on the run folder, raised on every rank alike (no rank left waiting)."""
-    verdict = [problem]
-    broadcast_object_list(verdict)
-    if verdict[0] is not None:
-        raise RunFolderError(verdict[0])
+    raised_alike(problem, RunFolderError)
 
 
 class RunFolder:

@@ -37,6 +37,15 @@ HISTOGRAM_BINS = np.linspace(0, 1, 51)
 log = get_logger("luna_dist.train")
 
 
+
+def raised_alike(problem: str | None, error: type[Exception]) -> None:
+    """The main process's `problem` (None: there is none), raised as `error` on every rank alike: no rank goes on
+    to a collective that the others never reach."""
+    verdict = [problem]
+    broadcast_object_list(verdict)
+    if verdict[0] is not None:
+        raise error(verdict[0])
+
 class LoggingError(Exception):
     """An epoch's logs could not be written after its state was saved (a resume writes them again), or a tracker
     of `--log-with` could not start its run."""
@@ -84,10 +93,7 @@ class RunLog:
             except Exception as err:  # each tracker raises its own (a server unreachable, a bad setting)
                 problem = (f"--log-with {names}: could not start the run ({_said(err)}): check the tracker's settings "
                            "(its environment variables, its server), or leave it out of --log-with")
-        verdict = [problem]
-        broadcast_object_list(verdict)
-        if verdict[0] is not None:
-            raise LoggingError(verdict[0])
+        raised_alike(problem, LoggingError)
 
     def print(self, epoch: int, mode: str, metrics: dict) -> None:
         if self.accelerator.is_main_process:
@@ -115,10 +121,7 @@ class RunLog:
                 problem = (f"epoch {epoch} is saved in {self.run / 'state'}, but its logs could not be written "
                            f"({err.filename or self.run}: {err.strerror}); free space and rerun the same command "
                            "with --resume: it writes them again, then goes on")
-        verdict = [problem]
-        broadcast_object_list(verdict)
-        if verdict[0] is not None:
-            raise LoggingError(verdict[0])
+        raised_alike(problem, LoggingError)
 
     def _track(self, epoch: int, step: int, scalars: dict) -> None:
         """Log `scalars` to each tracker of `--log-with`; one that fails is warned of and the run goes on: the run
